@@ -1,0 +1,1 @@
+"""Model cards and Hub push/pull for NPMs. Installed as npm_hf.hub_cards."""

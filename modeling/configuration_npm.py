@@ -1,0 +1,110 @@
+"""Configuration of a Nonparametric Masked Language Model (NPM, Min et al. 2022).
+
+This file travels to the Hub as remote code: it imports nothing from the rest of npm_hf.
+"""
+
+import math
+import posixpath
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+
+NPM_MODES = ("span", "single")
+SPAN_STOPWORD_RULES = ("none", "any", "edges")
+
+
+@strict(accept_kwargs=True)
+class NPMConfig(PreTrainedConfig):
+    r"""
+    Configuration of an [`NPMModel`]: an encoder whose last hidden states are matched against a reference corpus.
+
+    Args:
+        encoder (`PreTrainedConfig` or `dict`, *optional*):
+            Configuration of the wrapped encoder (any BERT/RoBERTa-family model that `AutoModel` builds).
+        mode (`str`, *optional*, defaults to `"span"`):
+            `"span"` (NPM: a masked span is two mask tokens, a start and an end query) or `"single"`
+            (NPM-single: one mask, one retrieved token).
+        k (`int`, *optional*, defaults to 4096):
+            Neighbours retrieved per query vector.
+        max_span_length (`int`, *optional*, defaults to 10):
+            Longest answer span, in tokens.
+        temperature (`float`, *optional*, defaults to 1.0):
+            Softmax temperature applied to the scaled inner products.
+        similarity_scale (`float`, *optional*):
+            Multiplier of the inner product; `None` means `1 / sqrt(hidden_size)`, as in the paper.
+        length_penalty_alpha (`float`, *optional*, defaults to 0.0):
+            A span answer `v` scores `S(v) * |v| ** alpha` (|v| in tokens).
+        span_stopwords (`str`, *optional*, defaults to `"none"`):
+            `"none"` keeps every span, `"any"` drops spans containing a stop word or punctuation (the official
+            open-set rule), `"edges"` drops spans that start or end with one.
+        index_subfolder (`str`, *optional*, defaults to `"index"`):
+            Where the reference-corpus index lives, relative to the model directory or Hub repo.
+        apply_temperature_twice (`bool`, *optional*, defaults to `False`):
+            Reproduce the official code's span-mode quirk that divides by the temperature twice (T²).
+
+    Example:
+    ```python
+    >>> from npm_hf import NPMConfig
+    >>> config = NPMConfig(encoder={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
+    ...                             "num_attention_heads": 2, "intermediate_size": 64}, mode="single")
+    >>> round(config.scale, 4)
+    0.1768
+    ```"""
+
+    model_type = "npm"
+    sub_configs_defaults = {"encoder": SubConfigSpec(config_class=AutoConfig, model_type="roberta")}
+
+    encoder: PreTrainedConfig | dict | None = None
+    mode: str = "span"
+    k: int = 4096
+    max_span_length: int = 10
+    temperature: float | int = 1.0
+    similarity_scale: float | int | None = None
+    length_penalty_alpha: float | int = 0.0
+    span_stopwords: str = "none"
+    index_subfolder: str = "index"
+    apply_temperature_twice: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.mode not in NPM_MODES:
+            raise ValueError(f"NPMConfig.mode={self.mode!r} is not supported; use one of {list(NPM_MODES)}.")
+        if self.span_stopwords not in SPAN_STOPWORD_RULES:
+            raise ValueError(
+                f"NPMConfig.span_stopwords={self.span_stopwords!r} is not supported; "
+                f"use one of {list(SPAN_STOPWORD_RULES)}."
+            )
+        for name in ("k", "max_span_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"NPMConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.temperature <= 0:
+            raise ValueError(f"NPMConfig.temperature must be > 0, got {self.temperature}.")
+        if self.similarity_scale is not None and self.similarity_scale <= 0:
+            raise ValueError(f"NPMConfig.similarity_scale must be > 0 or None, got {self.similarity_scale}.")
+        folder = posixpath.normpath(self.index_subfolder.replace("\\", "/"))
+        if posixpath.isabs(folder) or folder.startswith(".."):
+            raise ValueError(
+                f"NPMConfig.index_subfolder={self.index_subfolder!r} must be a path relative to the model "
+                "directory (e.g. 'index'), so that the model and its index travel together."
+            )
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.hidden_size
+
+    @property
+    def scale(self) -> float:
+        """Multiplier of query·key inner products: `similarity_scale`, or 1/sqrt(hidden size) (the paper)."""
+        if self.similarity_scale is not None:
+            return float(self.similarity_scale)
+        return 1.0 / math.sqrt(self.hidden_size)
+
+    @property
+    def span_temperature(self) -> float:
+        """Temperature of span-mode softmaxes: T, or T² with the official code's quirk."""
+        return self.temperature**2 if self.apply_temperature_twice else float(self.temperature)
+
+
+__all__ = ["NPMConfig"]

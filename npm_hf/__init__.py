@@ -1,0 +1,38 @@
+"""npm-hf: Nonparametric Masked Language Models (NPM, Min et al. 2022) as a 🤗 transformers plugin.
+
+`import npm_hf` registers the `npm` model type with AutoConfig / AutoModel / AutoModelForMaskedLM and routes
+`pipeline("fill-mask")` to NPM retrieval for NPM models (other models keep the stock pipeline).
+"""
+
+from .version import __version__
+from .modeling import NPMConfig, NPMModel, NPMOutput, NPMPreTrainedModel
+from .corpus import iter_documents
+from .index import IndexBuildArguments, IndexManifest, IndexMismatchError, NPMIndex, NPMIndexError
+from .pipeline import FillMaskDispatcher, NonparametricFillMaskPipeline
+from .retrieval import NPMPredictor
+from .api import build_index, convert_encoder, load_npm
+from .registration import register
+
+
+register()
+
+__all__ = [
+    "__version__",
+    "IndexBuildArguments",
+    "IndexManifest",
+    "IndexMismatchError",
+    "NPMConfig",
+    "NPMIndex",
+    "NPMIndexError",
+    "NPMModel",
+    "NPMOutput",
+    "NPMPredictor",
+    "NPMPreTrainedModel",
+    "NonparametricFillMaskPipeline",
+    "FillMaskDispatcher",
+    "build_index",
+    "convert_encoder",
+    "iter_documents",
+    "register",
+    "load_npm",
+]

@@ -1,0 +1,72 @@
+"""High-level functions behind the CLI: make an NPM directory from an encoder, load one, build its index."""
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from transformers import AutoConfig, AutoTokenizer
+from transformers.utils import logging
+
+from .index import IndexBuildArguments, NPMIndex
+from .modeling import NPMConfig, NPMModel
+
+
+logger = logging.get_logger(__name__)
+
+
+def convert_encoder(encoder_name_or_path: str, output_dir, overwrite: bool = False, **config_kwargs) -> NPMModel:
+    """Wrap a plain encoder (directory or Hub id) as an NPM and save model + tokenizer to `output_dir`.
+
+    `config_kwargs` are [`NPMConfig`] fields (`mode`, `k`, ...). The directory appears only once complete.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    model = NPMModel.from_encoder(encoder_name_or_path, **config_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(encoder_name_or_path)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return model
+
+
+def load_npm(name_or_path, **kwargs):
+    """Load `(model, tokenizer)` of an NPM directory or Hub repo; a clear error for plain encoders."""
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    if config.model_type != NPMConfig.model_type:
+        raise ValueError(
+            f"{name_or_path} holds a {config.model_type!r} model, not an NPM. Wrap it first: "
+            f"`npm-hf convert --encoder {name_or_path} --output NPM_DIR` (or NPMModel.from_encoder)."
+        )
+    model = NPMModel.from_pretrained(name_or_path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    return model, tokenizer
+
+
+def build_index(model, corpus, output_dir=None, args: IndexBuildArguments | None = None, tokenizer=None) -> NPMIndex:
+    """Build the reference-corpus index of an NPM.
+
+    Args:
+        model: an NPM directory (its index goes to `<dir>/<config.index_subfolder>` by default) or an `NPMModel`.
+        corpus: a list of strings or dicts, a `datasets.Dataset`, or a path to a .txt / .jsonl / saved dataset.
+        output_dir: where to write the index; required when `model` is an object.
+        args: [`IndexBuildArguments`] (block size, batch size, FAISS factory, overwrite, ...).
+        tokenizer: the model's tokenizer; loaded from the directory when `model` is a path.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        model_dir = Path(model)
+        model, loaded_tokenizer = load_npm(model_dir)
+        tokenizer = tokenizer or loaded_tokenizer
+        output_dir = output_dir or model_dir / model.config.index_subfolder
+    if output_dir is None or tokenizer is None:
+        raise ValueError("Pass output_dir= and tokenizer= when building an index for a model object.")
+    return NPMIndex.build(model, tokenizer, corpus, output_dir, args)

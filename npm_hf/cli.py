@@ -1,0 +1,142 @@
+"""`npm-hf` command line: a thin layer over npm_hf's library functions.
+
+    npm-hf convert --encoder PATH --output DIR [--mode span|single]
+    npm-hf build-index --model DIR --corpus FILE [--output DIR/index] [--block-size 256] [--batch-size N] [--faiss-factory Flat]
+    npm-hf fill-mask --model DIR [--top-k 5] [--json] "text with a [MASK]"
+    npm-hf demo [--corpus PATH] [--output DIR]
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+
+
+def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One `--dashed-name` option per dataclass field, with its type, default and help."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
+        else:
+            kind = {int: int, "int": int, float: float, "float": float}.get(f.type, str)
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"{help_text} (default: {f.default})")
+
+
+def _dataclass_from(cls, namespace: argparse.Namespace):
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)})
+
+
+def _convert(args) -> None:
+    from .api import convert_encoder
+
+    convert_encoder(args.encoder, args.output, overwrite=args.overwrite, mode=args.mode)
+    print(f"Saved an NPM ({args.mode} mode) wrapping {args.encoder} to {args.output}")
+
+
+def _build_index(args) -> None:
+    from .api import build_index
+    from .index import IndexBuildArguments
+
+    index = build_index(args.model, args.corpus, output_dir=args.output, args=_dataclass_from(IndexBuildArguments, args))
+    m = index.manifest
+    print(f"Indexed {m.num_indexed_tokens} tokens of {m.num_documents} documents "
+          f"({m.num_skipped_empty_documents} empty skipped) in {m.build_seconds:.1f}s -> {index.path}")
+
+
+def _fill_mask(args) -> None:
+    from transformers import pipeline
+
+    from .index import NPMIndex
+
+    extra = {}
+    if args.index:
+        extra["index"] = NPMIndex.load(args.index)
+    fill = pipeline("fill-mask", model=args.model, device=args.device, **extra)
+    call_kwargs = {"top_k": args.top_k}
+    if args.k:
+        call_kwargs["k"] = args.k
+    if args.targets:
+        call_kwargs["targets"] = args.targets
+    results = fill(args.text, **call_kwargs)
+    if args.json:
+        print(json.dumps(results, ensure_ascii=False, indent=2))
+        return
+    for answers in results if results and isinstance(results[0], list) else [results]:
+        for rank, answer in enumerate(answers, start=1):
+            print(f"{rank}. {answer['phrase']!r}  score={answer['score']:.4f}")
+            evidence = answer["evidence"]
+            if evidence:
+                context = evidence["text"]
+                start, end = evidence["start"], evidence["end"]
+                snippet = context[max(0, start - 60) : start] + "[" + context[start:end] + "]" + context[end : end + 60]
+                print(f"   from {evidence['title'] or evidence['doc_id']!r}: …{snippet}…")
+
+
+def _demo(args) -> None:
+    from .demo import DemoArguments, run_demo
+
+    for query, answers in run_demo(_dataclass_from(DemoArguments, args)):
+        print(f"\nQuery: {query}")
+        for rank, answer in enumerate(answers, start=1):
+            evidence = answer["evidence"]
+            context = evidence["text"]
+            start, end = evidence["start"], evidence["end"]
+            snippet = context[max(0, start - 50) : start] + "[" + context[start:end] + "]" + context[end : end + 50]
+            print(f"  {rank}. {answer['phrase']!r} ({answer['score']:.3f}) from {evidence['title']!r}: …{snippet}…")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import DemoArguments
+    from .index import IndexBuildArguments
+
+    parser = argparse.ArgumentParser(prog="npm-hf", description="Nonparametric Masked Language Models (NPM).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="Wrap a plain encoder checkpoint as an NPM directory.")
+    convert.add_argument("--encoder", required=True, help="Encoder directory or Hub id (BERT/RoBERTa family).")
+    convert.add_argument("--output", required=True, help="NPM directory to write.")
+    convert.add_argument("--mode", choices=["span", "single"], default="span", help="NPM (span) or NPM-single.")
+    convert.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
+    convert.set_defaults(handler=_convert)
+
+    build = commands.add_parser("build-index", help="Encode a reference corpus into the model's index.")
+    build.add_argument("--model", required=True, help="NPM directory.")
+    build.add_argument("--corpus", required=True, help=".txt (one document per line), .jsonl or a datasets dataset.")
+    build.add_argument("--output", default=None, help="Index directory (default: MODEL/index).")
+    _add_dataclass_arguments(build, IndexBuildArguments)
+    build.set_defaults(handler=_build_index)
+
+    fill = commands.add_parser("fill-mask", help="Fill the mask of a text from the reference corpus.")
+    fill.add_argument("--model", required=True, help="NPM directory or Hub id.")
+    fill.add_argument("--index", default=None, help="Index directory (default: the model's own).")
+    fill.add_argument("--top-k", dest="top_k", type=int, default=5, help="Answers to show.")
+    fill.add_argument("--k", type=int, default=None, help="Neighbours per query vector (default: config.k).")
+    fill.add_argument("--targets", nargs="+", default=None, help="Only score these answers.")
+    fill.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
+    fill.add_argument("--json", action="store_true", help="Print the pipeline output as JSON.")
+    fill.add_argument("text", help="Text with the tokenizer's mask token, e.g. [MASK] or <mask>.")
+    fill.set_defaults(handler=_fill_mask)
+
+    demo = commands.add_parser("demo", help="Index a few real articles with MiniLM and answer cloze queries.")
+    _add_dataclass_arguments(demo, DemoArguments)
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as error:
+        print(f"npm-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Reading a reference corpus and cutting it into NPM blocks.
+
+A corpus is a sequence of documents `{"id", "title", "text"}`. Each document is tokenized with its special tokens
+(`[CLS] … [SEP]` / `<s> … </s>`), the token streams are concatenated and cut into blocks of `block_size` tokens
+without overlap (the official recipe): a document that does not fit continues in the next block.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+WORD_START, WORD_END, SPECIAL = 1, 2, 4
+# One record per corpus token; memory-mappable, no Python objects (loads without pickle).
+TOKEN_DTYPE = np.dtype([("id", "<i4"), ("doc", "<i4"), ("start", "<i4"), ("end", "<i4"), ("flags", "u1")])
+
+
+@dataclass
+class CorpusStats:
+    num_documents: int = 0
+    num_skipped_empty: int = 0
+    num_tokens: int = 0
+
+
+def iter_documents(corpus, split: str = "train", text_column: str = "text") -> Iterator[dict]:
+    """Yield `{"id", "title", "text"}` dicts from any supported corpus.
+
+    `corpus` may be a list of strings or dicts, a `datasets.Dataset`, a `.txt` file (one document per line), a
+    `.jsonl` file (`text`, optional `id` and `title`), a directory saved with `Dataset.save_to_disk`, or a name
+    that `datasets.load_dataset` understands.
+    """
+    if isinstance(corpus, (str, os.PathLike)):
+        yield from _iter_path(os.fspath(corpus), split, text_column)
+        return
+    for number, item in enumerate(_as_iterable(corpus, split)):
+        yield _normalise(item, number, source="corpus", text_column=text_column)
+
+
+def _as_iterable(corpus, split: str) -> Iterable:
+    import datasets
+
+    if isinstance(corpus, datasets.DatasetDict):
+        if split not in corpus:
+            raise ValueError(f"The corpus DatasetDict has no split {split!r}; available: {sorted(corpus)}.")
+        return corpus[split]
+    if isinstance(corpus, (datasets.Dataset, list, tuple)):
+        return corpus
+    raise TypeError(
+        f"Unsupported corpus type {type(corpus).__name__}: pass a list of strings or dicts, a datasets.Dataset, "
+        "or a path to a .txt / .jsonl file or a saved dataset."
+    )
+
+
+def _iter_path(path: str, split: str, text_column: str) -> Iterator[dict]:
+    if os.path.isfile(path):
+        if path.endswith(".jsonl"):
+            for number, line in _read_utf8_lines(path):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+                yield _normalise(record, number - 1, source=f"{path}, line {number}", text_column=text_column)
+        elif path.endswith(".txt"):
+            for number, line in _read_utf8_lines(path):
+                yield {"id": str(number - 1), "title": "", "text": line.rstrip("\r\n")}
+        else:
+            raise ValueError(
+                f"Unsupported corpus file {path!r}: use a .txt file (one document per line), a .jsonl file with a "
+                "'text' field, or a datasets dataset directory."
+            )
+        return
+    import datasets
+
+    saved_markers = ("state.json", "dataset_dict.json")
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, name)) for name in saved_markers):
+        loaded = datasets.load_from_disk(path)
+    elif os.path.isdir(path) or not os.path.exists(path):
+        try:
+            loaded = datasets.load_dataset(path, split=split)
+        except Exception as error:  # datasets raises many types; all mean "cannot read this corpus"
+            raise ValueError(f"Cannot read the corpus {path!r} as a file or a datasets dataset: {error}") from error
+    else:
+        raise ValueError(f"Unsupported corpus path {path!r}.")
+    for number, item in enumerate(_as_iterable(loaded, split)):
+        yield _normalise(item, number, source=f"{path}[{number}]", text_column=text_column)
+
+
+def _read_utf8_lines(path: str) -> Iterator[tuple[int, str]]:
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path}, line {number}: not valid UTF-8 (byte {error.start}: {raw[error.start:error.start + 4]!r})."
+                    f" Convert the file to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 {path} > corpus.utf8.txt`."
+                ) from None
+
+
+def _normalise(item, number: int, source: str, text_column: str) -> dict:
+    if isinstance(item, str):
+        return {"id": str(number), "title": "", "text": item}
+    if not isinstance(item, dict) or not isinstance(item.get(text_column), str):
+        raise ValueError(
+            f"{source}: every document needs a string {text_column!r} field (optional 'id' and 'title'); "
+            f"got {type(item).__name__} {str(item)[:80]!r}."
+        )
+    doc_id = item.get("id")
+    title = item.get("title")
+    return {
+        "id": str(number) if doc_id is None else str(doc_id),
+        "title": "" if title is None else str(title),
+        "text": item[text_column],
+    }
+
+
+def tokenize_documents(documents: Iterable[dict], tokenizer, stats: CorpusStats, batch_size: int = 64):
+    """Yield `(document, token_records)` for every non-empty document, counting skipped ones in `stats`.
+
+    Word boundaries come from the fast tokenizer's word ids, which mark the pre-tokenizer's words generically:
+    WordPiece `##` continuations and BPE pieces without a leading `Ġ` are not word starts.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{type(tokenizer).__name__} is a slow tokenizer; NPM needs a fast (Rust) tokenizer for word "
+            "boundaries and character offsets. Load it with AutoTokenizer.from_pretrained(..., use_fast=True)."
+        )
+    batch = []
+    for document in documents:
+        if not document["text"].strip():
+            stats.num_skipped_empty += 1
+            continue
+        batch.append(document)
+        if len(batch) == batch_size:
+            yield from _tokenize_batch(batch, tokenizer, stats)
+            batch = []
+    if batch:
+        yield from _tokenize_batch(batch, tokenizer, stats)
+
+
+def _tokenize_batch(batch: list[dict], tokenizer, stats: CorpusStats):
+    encoded = tokenizer(
+        [document["text"] for document in batch],
+        add_special_tokens=True,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        verbose=False,
+    )
+    for i, document in enumerate(batch):
+        records = np.zeros(len(encoded["input_ids"][i]), dtype=TOKEN_DTYPE)
+        records["id"] = encoded["input_ids"][i]
+        offsets = np.asarray(encoded["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
+        records["start"], records["end"] = offsets[:, 0], offsets[:, 1]
+        records["flags"] = word_flags(encoded.word_ids(i), encoded["special_tokens_mask"][i], offsets)
+        stats.num_documents += 1
+        stats.num_tokens += len(records)
+        yield document, records
+
+
+def word_flags(word_ids: list, special_tokens_mask: list, offsets: np.ndarray) -> np.ndarray:
+    """WORD_START / WORD_END / SPECIAL bits per token from a fast tokenizer's word ids.
+
+    A word starts at its first and ends at its last token that covers text: a bare-space BPE piece ("Ġ" alone,
+    an empty offset) is never a boundary, so no span starts or ends with whitespace.
+    """
+    special = np.asarray(special_tokens_mask, dtype=bool) | np.array([w is None for w in word_ids], dtype=bool)
+    words = np.array([-1 if w is None else w for w in word_ids], dtype=np.int64)
+    covering = np.flatnonzero(~special & (offsets[:, 1] > offsets[:, 0]))
+    covered_words = words[covering]
+    flags = np.zeros(len(words), dtype=np.uint8)
+    flags[covering[covered_words != np.concatenate([[-2], covered_words[:-1]])]] |= WORD_START
+    flags[covering[covered_words != np.concatenate([covered_words[1:], [-2]])]] |= WORD_END
+    flags[special] = SPECIAL
+    return flags

@@ -1,0 +1,518 @@
+"""The reference-corpus index of an NPM: one float16 vector per corpus token, searched by inner product.
+
+Layout of an index directory (`<model>/index` by default); every file loads without pickle:
+
+    manifest.json          IndexManifest: counts, dims, fingerprints of encoder and tokenizer, file checksums
+    tokens.npy             one TOKEN_DTYPE record per corpus token (id, document, char offsets, boundary flags)
+    block_starts.npy       first token position of every block, plus the total token count
+    positions.npy          corpus position of every indexed (non-special) token = row of vectors.npy
+    vectors.npy            (num_indexed, hidden_size) float16 last hidden states, memory-mapped
+    index.faiss            FAISS inner-product index over the rows of vectors.npy
+    documents.jsonl        one {"id", "title", "text"} line per document
+    document_offsets.npy   byte offset of every line of documents.jsonl, plus the file size
+
+A build writes into a hidden temporary sibling directory and renames it into place at the end, so an
+interrupted build never leaves a directory that loads.
+"""
+
+import dataclasses
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from .corpus import SPECIAL, TOKEN_DTYPE, CorpusStats, iter_documents, tokenize_documents
+
+
+logger = logging.get_logger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TOKENS_FILE = "tokens.npy"
+BLOCKS_FILE = "block_starts.npy"
+POSITIONS_FILE = "positions.npy"
+VECTORS_FILE = "vectors.npy"
+FAISS_FILE = "index.faiss"
+DOCUMENTS_FILE = "documents.jsonl"
+DOCUMENT_OFFSETS_FILE = "document_offsets.npy"
+# verify="fast" hashes files up to this size on every load; larger ones are checked by size (all with "full").
+_FAST_VERIFY_MAX_BYTES = 64 << 20
+_FAISS_ADD_CHUNK = 65536
+
+
+class NPMIndexError(ValueError):
+    """An index directory is missing, incomplete, corrupted, or does not belong to the model."""
+
+
+class IndexMismatchError(NPMIndexError):
+    """The index was built with another encoder or tokenizer than the one it is used with."""
+
+
+@dataclass
+class IndexBuildArguments:
+    """How to build a reference-corpus index (`npm_hf.build_index`, `npm-hf build-index`)."""
+
+    block_size: int = field(default=256, metadata={"help": "Tokens per encoded block (the paper uses 256)."})
+    batch_size: int = field(default=16, metadata={"help": "Blocks encoded per forward pass."})
+    faiss_factory: str = field(
+        default="Flat",
+        metadata={"help": "FAISS index_factory string, always with inner product (e.g. Flat, HNSW32, IVF1024,PQ64)."},
+    )
+    train_sample_size: int = field(
+        default=1_000_000, metadata={"help": "Vectors sampled to train FAISS indexes that need training."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing index at the output path."})
+    show_progress_bar: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+    seed: int = field(default=0, metadata={"help": "Seed of the FAISS training sample."})
+
+    def __post_init__(self):
+        for name in ("block_size", "batch_size", "train_sample_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"IndexBuildArguments.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.block_size < 3:
+            raise ValueError(f"IndexBuildArguments.block_size must be >= 3 (room for special tokens), got {self.block_size}.")
+        if not self.faiss_factory.strip():
+            raise ValueError("IndexBuildArguments.faiss_factory must be a FAISS factory string such as 'Flat'.")
+
+
+@dataclass
+class IndexManifest:
+    """What an index holds and how it was built; saved as manifest.json."""
+
+    format_version: int
+    encoder_fingerprint: str
+    tokenizer_fingerprint: str
+    encoder_name_or_path: str
+    hidden_size: int
+    block_size: int
+    faiss_factory: str
+    num_documents: int
+    num_skipped_empty_documents: int
+    num_tokens: int
+    num_indexed_tokens: int
+    num_blocks: int
+    build_seconds: float
+    versions: dict
+    files: dict = field(default_factory=dict)
+    metric: str = "inner_product"
+    vector_dtype: str = "float16"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "IndexManifest":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning(f"Ignoring unknown index manifest keys {unknown}; upgrade npm_hf to use them.")
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def encoder_fingerprint(model) -> str:
+    """Identify encoder weights: names, shapes and a strided sample of every tensor, rounded to bfloat16 so that
+    fp32 and bf16 copies of the same weights agree."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        picks = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 4096)).long()
+        sample = flat[picks].to("cpu", torch.float32).to(torch.bfloat16).view(torch.int16).numpy()
+        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identify a tokenizer by its full backend definition (vocabulary, normaliser, pre-tokenizer, specials)."""
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    for transient in ("truncation", "padding"):  # runtime settings, changed by calls with truncation=True
+        definition.pop(transient, None)
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class DocumentStore:
+    """Random access to documents.jsonl through a memory map and the byte offsets of its lines."""
+
+    def __init__(self, path: Path, offsets: np.ndarray):
+        self._offsets = offsets
+        self._file = open(path, "rb")
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if offsets[-1] > 0 else b""
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        return json.loads(self._map[int(self._offsets[i]) : int(self._offsets[i + 1])])
+
+
+class NPMIndex:
+    """Token-level index over a reference corpus. Build with [`NPMIndex.build`], open with [`NPMIndex.load`] or
+    [`NPMIndex.from_pretrained`]."""
+
+    def __init__(self, path: Path, manifest: IndexManifest, tokens, block_starts, positions, vectors, faiss_index, documents):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.tokens = tokens
+        self.block_starts = block_starts
+        self.positions = positions
+        self.vectors = vectors
+        self.faiss_index = faiss_index
+        self.documents = documents
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"NPMIndex(path={str(self.path)!r}, documents={m.num_documents}, tokens={m.num_tokens}, "
+            f"indexed={m.num_indexed_tokens}, dim={m.hidden_size}, factory={m.faiss_factory!r})"
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.manifest.num_tokens
+
+    @property
+    def num_indexed(self) -> int:
+        return self.manifest.num_indexed_tokens
+
+    # ----------------------------------------------------------------------------------------------- building
+    @classmethod
+    def build(cls, model, tokenizer, corpus, output_dir, args: IndexBuildArguments | None = None) -> "NPMIndex":
+        """Encode `corpus` with `model` and write an index to `output_dir` (atomically). Returns the loaded index."""
+        args = args or IndexBuildArguments()
+        output_dir = Path(output_dir)
+        if output_dir.exists() and not args.overwrite:
+            raise FileExistsError(
+                f"{output_dir} already exists. Pass overwrite=True (CLI: --overwrite) to replace it, or choose "
+                "another output directory."
+            )
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+        staging.mkdir()
+        try:
+            started = time.perf_counter()
+            stats = _write_corpus(staging, corpus, tokenizer, args)
+            tokens = np.load(staging / TOKENS_FILE, mmap_mode="r")
+            positions = np.flatnonzero((tokens["flags"] & SPECIAL) == 0).astype(np.int64)
+            np.save(staging / POSITIONS_FILE, positions)
+            hidden_size = _encode_blocks(staging, model, tokens, positions, args)
+            _build_faiss(staging, hidden_size, args)
+            manifest = IndexManifest(
+                format_version=FORMAT_VERSION,
+                encoder_fingerprint=encoder_fingerprint(model),
+                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                encoder_name_or_path=str(getattr(model, "name_or_path", "")),
+                hidden_size=hidden_size,
+                block_size=args.block_size,
+                faiss_factory=args.faiss_factory,
+                num_documents=stats.num_documents,
+                num_skipped_empty_documents=stats.num_skipped_empty,
+                num_tokens=stats.num_tokens,
+                num_indexed_tokens=len(positions),
+                num_blocks=-(-stats.num_tokens // args.block_size),
+                build_seconds=round(time.perf_counter() - started, 3),
+                versions=_versions(),
+            )
+            del tokens
+            manifest.files = {
+                name: {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+                for name in sorted(os.listdir(staging))
+            }
+            (staging / MANIFEST_FILE).write_text(manifest.to_json())
+            _move_into_place(staging, output_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        logger.info(f"Built {manifest.num_indexed_tokens} token vectors from {manifest.num_documents} documents.")
+        return cls.load(output_dir)
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path, verify: str = "fast") -> "NPMIndex":
+        """Open an index directory. `verify`: "fast" checks every file's size and the checksums of files up to
+        64 MiB, "full" hashes every file, "none" only checks sizes."""
+        import faiss
+
+        path = Path(path)
+        if verify not in ("none", "fast", "full"):
+            raise ValueError(f"verify={verify!r}; use 'none', 'fast' or 'full'.")
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            hint = " It looks like an interrupted build; build it again." if path.name.startswith(".") else ""
+            raise NPMIndexError(
+                f"No NPM index at {path} (missing {MANIFEST_FILE}).{hint} Build one with "
+                "`npm-hf build-index --model DIR --corpus FILE` or `npm_hf.build_index(...)`."
+            )
+        try:
+            manifest = IndexManifest.from_dict(json.loads(manifest_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise NPMIndexError(f"{manifest_path} is corrupted ({error}); rebuild the index.") from None
+        if manifest.format_version > FORMAT_VERSION:
+            raise NPMIndexError(
+                f"{path} uses index format {manifest.format_version}, newer than this npm_hf supports "
+                f"({FORMAT_VERSION}); upgrade npm_hf."
+            )
+        _verify_files(path, manifest, verify)
+        try:
+            tokens = np.load(path / TOKENS_FILE, mmap_mode="r", allow_pickle=False)
+            block_starts = np.load(path / BLOCKS_FILE, allow_pickle=False)
+            positions = np.load(path / POSITIONS_FILE, mmap_mode="r", allow_pickle=False)
+            vectors = np.load(path / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
+            offsets = np.load(path / DOCUMENT_OFFSETS_FILE, allow_pickle=False)
+            faiss_index = faiss.read_index(str(path / FAISS_FILE))
+        except (ValueError, OSError, RuntimeError) as error:
+            raise NPMIndexError(f"Index files in {path} are corrupted ({error}); rebuild the index.") from None
+        expected = {
+            "tokens": (tokens.shape, (manifest.num_tokens,)),
+            "positions": (positions.shape, (manifest.num_indexed_tokens,)),
+            "vectors": (vectors.shape, (manifest.num_indexed_tokens, manifest.hidden_size)),
+            "faiss": ((faiss_index.ntotal, faiss_index.d), (manifest.num_indexed_tokens, manifest.hidden_size)),
+            "documents": ((len(offsets) - 1,), (manifest.num_documents,)),
+        }
+        for name, (got, want) in expected.items():
+            if tuple(got) != tuple(want):
+                raise NPMIndexError(f"{path}: {name} has shape {tuple(got)}, the manifest says {tuple(want)}; rebuild.")
+        return cls(path, manifest, tokens, block_starts, positions, vectors, faiss_index,
+                   DocumentStore(path / DOCUMENTS_FILE, offsets))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, subfolder: str = "index", verify: str = "fast", **hub_kwargs) -> "NPMIndex":
+        """Open the index of a model directory or Hub repo (`<name_or_path>/<subfolder>`).
+
+        `hub_kwargs` (`revision`, `cache_dir`, `token`, `local_files_only`) go to `huggingface_hub.snapshot_download`.
+        """
+        local = Path(name_or_path) / subfolder
+        if Path(name_or_path).is_dir():
+            return cls.load(local, verify=verify)
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(str(name_or_path), allow_patterns=[f"{subfolder}/*"], **hub_kwargs)
+        return cls.load(Path(snapshot) / subfolder, verify=verify)
+
+    def check_compatible(self, model, tokenizer=None) -> None:
+        """Raise IndexMismatchError unless this index was built with `model`'s weights (and `tokenizer`)."""
+        if encoder_fingerprint(model) != self.manifest.encoder_fingerprint:
+            raise IndexMismatchError(
+                f"The index at {self.path} was built with different encoder weights "
+                f"({self.manifest.encoder_name_or_path!r}) than the model in use ({model.name_or_path!r}). Its "
+                "vectors would not match the queries: rebuild the index with this model (`npm-hf build-index`). "
+                "Loading the same weights in another dtype (fp16) can also cause this."
+            )
+        if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.manifest.tokenizer_fingerprint:
+            raise IndexMismatchError(
+                f"The index at {self.path} was built with a different tokenizer than the one in use; its token ids "
+                "would be decoded wrongly. Use the model's own tokenizer or rebuild the index."
+            )
+
+    # ---------------------------------------------------------------------------------------------- searching
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k vector rows per query by inner product, re-scored exactly from the stored float16 vectors.
+
+        Returns `(scores, rows)` of shape (num_queries, min(k, num_indexed)), best first. Rows FAISS could not
+        fill (approximate indexes) are -1 with score -inf.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        rows = self.candidate_rows(queries, k)
+        found = rows >= 0
+        vectors = self.vectors_for_rows(np.where(found, rows, 0).reshape(-1)).reshape(*rows.shape, -1)
+        scores = np.einsum("qkd,qd->qk", vectors, queries)
+        scores[~found] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+    def candidate_rows(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """FAISS's top-k vector rows per query (approximate for compressed indexes; -1 where none was found)."""
+        _, rows = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), min(int(k), self.num_indexed))
+        return rows
+
+    def vectors_for_rows(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.vectors[np.asarray(rows)], dtype=np.float32)
+
+    def rows_for_positions(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vector rows of corpus positions, and whether each position is indexed at all."""
+        rows = np.searchsorted(self.positions, positions)
+        rows = np.minimum(rows, self.num_indexed - 1)
+        return rows, self.positions[rows] == positions
+
+    def block_of(self, positions: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.block_starts, positions, side="right") - 1
+
+    def evidence(self, start: int, end: int) -> dict:
+        """Where the tokens [start, end] (inclusive corpus positions) come from: their document and the text of the
+        block around them, with `text[start:end]` being the phrase itself."""
+        tokens = self.tokens
+        doc_index = int(tokens["doc"][start])
+        document = self.documents[doc_index]
+        block = int(self.block_of(np.array([start]))[0])
+        lo, hi = int(self.block_starts[block]), int(self.block_starts[block + 1])
+        window = tokens[lo:hi]
+        same_doc = (window["doc"] == doc_index) & ((window["flags"] & SPECIAL) == 0)
+        context_start = int(window["start"][same_doc].min())
+        context_end = int(window["end"][same_doc].max())
+        char_start, char_end = int(tokens["start"][start]), int(tokens["end"][end])
+        return {
+            "doc_id": document["id"],
+            "title": document["title"],
+            "start": char_start - context_start,
+            "end": char_end - context_start,
+            "text": document["text"][context_start:context_end],
+        }
+
+    def surface_text(self, start: int, end: int) -> str:
+        """The corpus text of tokens [start, end] (inclusive positions), as written in the document."""
+        document = self.documents[int(self.tokens["doc"][start])]
+        return document["text"][int(self.tokens["start"][start]) : int(self.tokens["end"][end])]
+
+
+# --------------------------------------------------------------------------------------------- build stages
+def _write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) -> CorpusStats:
+    """Tokenize every document; write documents.jsonl, its offsets, tokens.npy and block_starts.npy."""
+    from tqdm.auto import tqdm
+
+    stats = CorpusStats()
+    chunks, offsets = [], [0]
+    with open(staging / DOCUMENTS_FILE, "wb") as handle:
+        documents = tqdm(iter_documents(corpus), desc="Tokenizing corpus", unit="doc", disable=not args.show_progress_bar)
+        for document, records in tokenize_documents(documents, tokenizer, stats):
+            records["doc"] = stats.num_documents - 1
+            chunks.append(records)
+            line = json.dumps({"id": document["id"], "title": document["title"], "text": document["text"]},
+                              ensure_ascii=False).encode("utf-8") + b"\n"
+            handle.write(line)
+            offsets.append(offsets[-1] + len(line))
+    if stats.num_skipped_empty:
+        logger.warning(f"Skipped {stats.num_skipped_empty} empty or whitespace-only documents.")
+    if stats.num_documents == 0:
+        raise ValueError(
+            "The corpus has no non-empty document"
+            + (f" ({stats.num_skipped_empty} empty ones skipped)" if stats.num_skipped_empty else "")
+            + "; an index needs at least one document with text."
+        )
+    tokens = np.concatenate(chunks)
+    np.save(staging / TOKENS_FILE, tokens)
+    np.save(staging / BLOCKS_FILE, np.append(np.arange(0, len(tokens), args.block_size), len(tokens)).astype(np.int64))
+    np.save(staging / DOCUMENT_OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
+    return stats
+
+
+def _encode_blocks(staging: Path, model, tokens, positions: np.ndarray, args: IndexBuildArguments) -> int:
+    """Encode every block, streaming the float16 hidden states of non-special tokens into vectors.npy."""
+    from tqdm.auto import tqdm
+
+    hidden_size = model.config.hidden_size
+    vectors = np.lib.format.open_memmap(staging / VECTORS_FILE, mode="w+", dtype=np.float16,
+                                        shape=(len(positions), hidden_size))
+    ids, flags = np.asarray(tokens["id"]), np.asarray(tokens["flags"])
+    pad_id = _pad_token_id(model)
+    span = args.block_size * args.batch_size
+    device = model.device
+    was_training = model.training
+    model.eval()
+    row = 0
+    with torch.inference_mode(), tqdm(total=len(ids), desc="Encoding corpus", unit="tok",
+                                      disable=not args.show_progress_bar) as progress:
+        for lo in range(0, len(ids), span):
+            hi = min(lo + span, len(ids))
+            input_ids, attention = _pack_blocks(ids[lo:hi], args.block_size, pad_id)
+            hidden = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+            hidden = hidden[attention.to(device).bool()]
+            keep = torch.from_numpy((flags[lo:hi] & SPECIAL) == 0).to(device)
+            chosen = hidden[keep].to(torch.float16).cpu().numpy()
+            vectors[row : row + len(chosen)] = chosen
+            row += len(chosen)
+            progress.update(hi - lo)
+    model.train(was_training)
+    vectors.flush()
+    del vectors
+    return hidden_size
+
+
+def _pack_blocks(ids: np.ndarray, block_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    num_blocks = -(-len(ids) // block_size)
+    padded = np.full(num_blocks * block_size, pad_id, dtype=np.int64)
+    padded[: len(ids)] = ids
+    attention = np.zeros(num_blocks * block_size, dtype=np.int64)
+    attention[: len(ids)] = 1
+    return (torch.from_numpy(padded.reshape(num_blocks, block_size)),
+            torch.from_numpy(attention.reshape(num_blocks, block_size)))
+
+
+def _pad_token_id(model) -> int:
+    encoder_config = getattr(model.config, "encoder", model.config)
+    pad = getattr(encoder_config, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def _build_faiss(staging: Path, hidden_size: int, args: IndexBuildArguments) -> None:
+    import faiss
+
+    vectors = np.load(staging / VECTORS_FILE, mmap_mode="r")
+    try:
+        index = faiss.index_factory(hidden_size, args.faiss_factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise ValueError(f"Invalid FAISS factory string {args.faiss_factory!r}: {error}") from None
+    if not index.is_trained:
+        rng = np.random.default_rng(args.seed)
+        size = min(len(vectors), args.train_sample_size)
+        sample = np.sort(rng.choice(len(vectors), size=size, replace=False))
+        index.train(np.asarray(vectors[sample], dtype=np.float32))
+    for lo in range(0, len(vectors), _FAISS_ADD_CHUNK):
+        index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
+    faiss.write_index(index, str(staging / FAISS_FILE))
+
+
+def _move_into_place(staging: Path, output_dir: Path) -> None:
+    """Rename the finished build into place; an existing index is swapped out only after the new one is complete."""
+    retired = None
+    if output_dir.exists():
+        retired = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:12]}"
+        os.replace(output_dir, retired)
+    os.replace(staging, output_dir)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _verify_files(path: Path, manifest: IndexManifest, verify: str) -> None:
+    for name, expected in manifest.files.items():
+        if name == MANIFEST_FILE:
+            continue
+        file = path / name
+        if not file.is_file():
+            raise NPMIndexError(f"{path} is incomplete: {name} is missing; rebuild the index.")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise NPMIndexError(
+                f"{file} is {size} bytes, the manifest says {expected['bytes']} (truncated or modified); rebuild."
+            )
+        if verify == "full" or (verify == "fast" and size <= _FAST_VERIFY_MAX_BYTES):
+            if _sha256(file) != expected["sha256"]:
+                raise NPMIndexError(f"{file} is corrupted (checksum mismatch); rebuild the index.")
+    missing = {TOKENS_FILE, VECTORS_FILE, FAISS_FILE, POSITIONS_FILE, BLOCKS_FILE, DOCUMENTS_FILE} - set(manifest.files)
+    if missing:
+        raise NPMIndexError(f"The manifest of {path} lists no {sorted(missing)}; rebuild the index.")
+
+
+def _versions() -> dict:
+    import faiss
+    import transformers
+
+    from .version import __version__
+
+    return {"npm_hf": __version__, "transformers": transformers.__version__, "torch": torch.__version__,
+            "faiss": faiss.__version__, "numpy": np.__version__}

@@ -1,0 +1,232 @@
+"""`pipeline("fill-mask")` for NPM models: answers retrieved from the reference corpus, with evidence.
+
+`FillMaskDispatcher` replaces the "fill-mask" entry of the transformers pipeline registry: it builds a
+[`NonparametricFillMaskPipeline`] for NPM models and the stock `FillMaskPipeline`, untouched, for every other model.
+"""
+
+import torch
+from transformers import FillMaskPipeline, Pipeline
+from transformers.pipelines.base import PipelineException
+from transformers.utils import logging
+
+from .index import NPMIndex
+from .retrieval import NPMPredictor
+
+
+logger = logging.get_logger(__name__)
+
+NPM_MODEL_TYPE = "npm"
+
+
+class NonparametricFillMaskPipeline(Pipeline):
+    """Fill-mask by nearest-phrase retrieval (NPM). Same output schema as `FillMaskPipeline`, plus `phrase` (the
+    answer as written in the corpus) and `evidence` (`doc_id`, `title`, `text`, and `start`/`end` of the phrase in
+    `text`). In span mode `token` is the list of the phrase's token ids.
+
+    Args:
+        index (`NPMIndex`, *optional*): the reference-corpus index; by default `<model dir>/<config.index_subfolder>`.
+        k (`int`, *optional*): neighbours per query vector, overriding `config.k` (also accepted per call).
+    """
+
+    _load_tokenizer = True
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __init__(self, model, tokenizer=None, index: NPMIndex | None = None, **kwargs):
+        super().__init__(model, tokenizer=tokenizer, **kwargs)
+        if self.tokenizer is None or self.tokenizer.mask_token_id is None:
+            raise PipelineException("fill-mask", NPM_MODEL_TYPE, "The tokenizer does not define a `mask_token`.")
+        if index is None:
+            index = NPMIndex.from_pretrained(self.model.name_or_path, subfolder=self.model.config.index_subfolder)
+        index.check_compatible(self.model, self.tokenizer)
+        self.index = index
+        self.predictor = NPMPredictor(self.model.config, self.tokenizer, index)
+
+    def _sanitize_parameters(self, top_k=None, targets=None, k=None, tokenizer_kwargs=None):
+        preprocess_params = {"tokenizer_kwargs": tokenizer_kwargs} if tokenizer_kwargs else {}
+        postprocess_params = {}
+        if top_k is not None:
+            if not isinstance(top_k, int) or top_k <= 0:
+                raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+            postprocess_params["top_k"] = top_k
+        if k is not None:
+            if not isinstance(k, int) or k <= 0:
+                raise ValueError(f"k must be a positive integer, got {k!r}.")
+            postprocess_params["k"] = k
+        if targets is not None:
+            targets = [targets] if isinstance(targets, str) else list(targets)
+            if not targets:
+                raise ValueError("At least one target must be provided when passed.")
+            postprocess_params["targets"] = targets
+        return preprocess_params, {}, postprocess_params
+
+    # -------------------------------------------------------------------------------------------- preprocess
+    def preprocess(self, inputs, tokenizer_kwargs=None):
+        input_ids = self.tokenizer(inputs, **(tokenizer_kwargs or {}))["input_ids"]
+        mask_id = self.tokenizer.mask_token_id
+        runs = _mask_runs(input_ids, mask_id)
+        if not runs:
+            raise PipelineException(
+                "fill-mask", NPM_MODEL_TYPE, f"No mask_token ({self.tokenizer.mask_token}) found on the input"
+            )
+        input_ids, runs = self._truncate(input_ids, runs)
+        model_ids, queries = self._query_layout(input_ids, runs)
+        model_inputs = {
+            "input_ids": torch.tensor([model_ids]),
+            "attention_mask": torch.ones(1, len(model_ids), dtype=torch.long),
+        }
+        return {"model_inputs": model_inputs, "queries": queries, "input_ids": input_ids, "runs": runs}
+
+    def _query_layout(self, input_ids: list[int], runs: list[tuple[int, int]]):
+        """The ids the encoder sees and, per answer, the positions of its query vectors.
+
+        Span mode: a single mask is duplicated into the (start, end) pair; two adjacent masks already are one.
+        """
+        mask_id = self.tokenizer.mask_token_id
+        if self.model.config.mode == "single":
+            return input_ids, [(i,) for start, length in runs for i in range(start, start + length)]
+        too_long = [length for _, length in runs if length > 2]
+        if too_long:
+            raise ValueError(
+                f"Span-mode NPM reads one masked span as one {self.tokenizer.mask_token} (or two adjacent ones: "
+                f"start and end); got a run of {max(too_long)} adjacent masks. Use one mask per answer phrase."
+            )
+        model_ids, queries, cursor = [], [], 0
+        for start, length in runs:
+            model_ids.extend(input_ids[cursor:start])
+            queries.append((len(model_ids), len(model_ids) + 1))
+            model_ids.extend([mask_id, mask_id])
+            cursor = start + length
+        model_ids.extend(input_ids[cursor:])
+        return model_ids, queries
+
+    def _truncate(self, input_ids: list[int], runs: list[tuple[int, int]]):
+        """Keep a window of the encoder's length around the masks (with a warning) when the input is too long."""
+        extra = sum(1 for _, length in runs if length == 1) if self.model.config.mode == "span" else 0
+        limit = _max_input_length(self.model.config, self.tokenizer) - extra
+        if len(input_ids) <= limit:
+            return input_ids, runs
+        first, last = runs[0][0], runs[-1][0] + runs[-1][1]
+        if last - first > limit:
+            raise ValueError(
+                f"The masks are {last - first} tokens apart, more than the encoder's limit of {limit}; split the "
+                "input so that each piece has its masks within that distance."
+            )
+        lo = max(0, min(first - (limit - (last - first)) // 2, len(input_ids) - limit))
+        logger.warning(
+            f"Input of {len(input_ids)} tokens is longer than the encoder's limit ({limit}); keeping tokens "
+            f"{lo}..{lo + limit} around the mask."
+        )
+        return input_ids[lo : lo + limit], [(start - lo, length) for start, length in runs]
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def _forward(self, inputs):
+        hidden = self.model(**inputs["model_inputs"]).last_hidden_state[0]
+        query_vectors = [hidden[list(positions)].detach().float().cpu().numpy() for positions in inputs["queries"]]
+        return {"query_vectors": query_vectors, "input_ids": inputs["input_ids"], "runs": inputs["runs"]}
+
+    # ------------------------------------------------------------------------------------------- postprocess
+    def postprocess(self, outputs, top_k=5, targets=None, k=None):
+        single_mode = self.model.config.mode == "single"
+        target_ids = self._single_target_ids(targets) if single_mode and targets is not None else None
+        answer_slots = _answer_slots(outputs["runs"], single_mode)
+        results = []
+        for vectors, (start, length) in zip(outputs["query_vectors"], answer_slots):
+            if single_mode:
+                answers = self.predictor.predict_single(vectors[0], top_k, target_ids=target_ids, k=k)
+            else:
+                answers = self.predictor.predict_span(vectors[0], vectors[1], top_k, targets=targets, k=k)
+            for answer in answers:
+                answer["sequence"] = self._fill(outputs["input_ids"], start, length, answer.pop("token_ids"),
+                                                single=len(answer_slots) == 1)
+            results.append([_ordered(answer) for answer in answers])
+        return results[0] if len(results) == 1 else results
+
+    def _fill(self, input_ids: list[int], start: int, length: int, answer_ids: list[int], single: bool) -> str:
+        ids = input_ids[:start] + answer_ids + input_ids[start + length :]
+        ids = [i for i in ids if i != self.tokenizer.pad_token_id]
+        return self.tokenizer.decode(ids, skip_special_tokens=single)
+
+    def _single_target_ids(self, targets: list[str]) -> list[int]:
+        ids = []
+        for target in targets:
+            pieces = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+            if not pieces:
+                raise ValueError(f"The target {target!r} tokenizes to nothing; pass a word of the vocabulary.")
+            if len(pieces) > 1:
+                logger.warning(
+                    f"NPM-single answers single tokens; the target {target!r} is several tokens, scoring its first "
+                    f"({self.tokenizer.convert_ids_to_tokens(pieces[0])!r})."
+                )
+            if pieces[0] not in ids:
+                ids.append(pieces[0])
+        return ids
+
+    def __call__(self, inputs, **kwargs):
+        outputs = super().__call__(inputs, **kwargs)
+        if isinstance(inputs, list) and len(inputs) == 1:
+            return outputs[0]
+        return outputs
+
+
+class FillMaskDispatcher:
+    """The "fill-mask" task's implementation once npm_hf is imported: NPM models get
+    [`NonparametricFillMaskPipeline`], every other model the stock `FillMaskPipeline`, unchanged."""
+
+    _load_tokenizer = FillMaskPipeline._load_tokenizer
+    _load_processor = FillMaskPipeline._load_processor
+    _load_image_processor = FillMaskPipeline._load_image_processor
+    _load_feature_extractor = FillMaskPipeline._load_feature_extractor
+    _load_video_processor = getattr(FillMaskPipeline, "_load_video_processor", False)
+
+    def __new__(cls, model, *args, **kwargs):
+        if is_npm_model(model):
+            return NonparametricFillMaskPipeline(model, *args, **kwargs)
+        if kwargs.get("index") is not None:
+            raise ValueError(
+                f"index= was passed to pipeline('fill-mask') with a {type(model).__name__}, which is not an NPM "
+                "model; load an NPM model (config.model_type == 'npm') to retrieve from an index."
+            )
+        kwargs.pop("index", None)
+        return FillMaskPipeline(model, *args, **kwargs)
+
+
+def is_npm_model(model) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == NPM_MODEL_TYPE
+
+
+def _mask_runs(input_ids: list[int], mask_id: int) -> list[tuple[int, int]]:
+    """(start, length) of every run of adjacent mask tokens."""
+    runs = []
+    for i, token in enumerate(input_ids):
+        if token != mask_id:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def _answer_slots(runs: list[tuple[int, int]], single_mode: bool) -> list[tuple[int, int]]:
+    """Which input tokens each answer replaces: one mask in single mode, a whole run in span mode."""
+    if single_mode:
+        return [(i, 1) for start, length in runs for i in range(start, start + length)]
+    return runs
+
+
+def _max_input_length(config, tokenizer) -> int:
+    encoder = config.encoder
+    limit = getattr(encoder, "max_position_embeddings", None) or 512
+    if "roberta" in encoder.model_type or encoder.model_type in ("camembert", "longformer"):
+        limit -= (encoder.pad_token_id or 0) + 1  # positions start after the padding index
+    if tokenizer.model_max_length and tokenizer.model_max_length < 1_000_000:
+        limit = min(limit, tokenizer.model_max_length)
+    return limit
+
+
+def _ordered(answer: dict) -> dict:
+    keys = ("score", "token", "token_str", "sequence", "phrase", "evidence")
+    return {key: answer[key] for key in keys}

@@ -1,0 +1,22 @@
+"""Registration of NPM with transformers' Auto classes and pipeline registry, done once on `import npm_hf`."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .modeling import NPMConfig, NPMModel
+from .pipeline import FillMaskDispatcher
+
+
+def register() -> None:
+    """Register `npm` with AutoConfig/AutoModel/AutoModelForMaskedLM and dispatch "fill-mask" by model type.
+
+    Idempotent. The "fill-mask" entry keeps its default model and Auto class; only its implementation becomes
+    [`FillMaskDispatcher`], which hands non-NPM models to the stock `FillMaskPipeline`.
+    """
+    AutoConfig.register(NPMConfig.model_type, NPMConfig, exist_ok=True)
+    AutoModel.register(NPMConfig, NPMModel, exist_ok=True)
+    AutoModelForMaskedLM.register(NPMConfig, NPMModel, exist_ok=True)
+    task = PIPELINE_REGISTRY.supported_tasks["fill-mask"]
+    if task["impl"] is not FillMaskDispatcher:
+        # A new dict, assigned without register_pipeline: that would warn "Overwriting pipeline" on every import.
+        PIPELINE_REGISTRY.supported_tasks["fill-mask"] = {**task, "impl": FillMaskDispatcher}

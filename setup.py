@@ -1,0 +1,45 @@
+"""npm-hf packaging. The root folders modeling/, trainer/ and hub_cards/ install as npm_hf.modeling,
+npm_hf.trainer and npm_hf.hub_cards (never as top-level packages)."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+ROOT = Path(__file__).parent
+MAPPED_ROOTS = ("modeling", "trainer", "hub_cards")
+nested = find_packages(include=[f"{root}*" for root in MAPPED_ROOTS])
+version = re.search(r'__version__ = "([^"]+)"', (ROOT / "npm_hf" / "version.py").read_text()).group(1)
+
+setup(
+    name="npm-hf",
+    version=version,
+    description="Nonparametric Masked Language Models (NPM) as a Hugging Face transformers plugin",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=["npm_hf", *(f"npm_hf.{name}" for name in nested)],
+    package_dir={"npm_hf": "npm_hf", **{f"npm_hf.{root}": root for root in MAPPED_ROOTS}},
+    package_data={"npm_hf.hub_cards": ["*.md", "*.jinja"]},
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.24,<6",
+        "huggingface-hub>=1.31,<3",
+        "tokenizers>=0.22",
+        "safetensors",
+        "numpy>=1.26",
+        "faiss-cpu>=1.8",
+        "datasets>=3",
+        "accelerate>=1.1",
+        "evaluate>=0.4",
+        "tqdm",
+    ],
+    extras_require={
+        "train": [],
+        "demo": [],
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["npm-hf=npm_hf.cli:main"]},
+)

@@ -1,0 +1,129 @@
+"""NPM scores against a brute-force NumPy computation over every indexed token (k >= N makes NPM exact)."""
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer, pipeline
+
+from npm_hf import NPMIndex, NPMModel
+from npm_hf.corpus import WORD_END, WORD_START
+from npm_hf.pipeline import NonparametricFillMaskPipeline
+from npm_hf.retrieval import STOPWORDS
+
+
+def make_pipeline(npm_dir, **config_overrides):
+    model = NPMModel.from_pretrained(npm_dir)
+    for key, value in config_overrides.items():
+        setattr(model.config, key, value)
+    tokenizer = AutoTokenizer.from_pretrained(npm_dir)
+    return NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=NPMIndex.load(npm_dir / "index"))
+
+
+def query_vectors(fill, text):
+    return fill._forward(fill.preprocess(text))["query_vectors"]
+
+
+def as_scores(answers):
+    return {answer["token_str"]: answer["score"] for answer in answers}
+
+
+def assert_same_scores(got: dict, want: dict):
+    assert set(got) == set(want)
+    for text, value in want.items():
+        assert got[text] == pytest.approx(value, abs=1e-5), text
+
+
+@pytest.mark.parametrize("temperature", [1.0, 5.0])
+def test_single_mode_matches_brute_force(npm_dir, mask, brute_force, temperature):
+    fill = make_pipeline(npm_dir, mode="single", temperature=temperature)
+    text = f"Abraham Lincoln was born in {mask}, Kentucky."
+    answers = fill(text, top_k=10_000)
+    (query,) = query_vectors(fill, text)
+    want = brute_force.single(fill.index, query[0], fill.model.config.scale, temperature)
+    assert {a["token"]: a["score"] for a in answers} == pytest.approx(want, abs=1e-5)
+    assert sum(a["score"] for a in answers) == pytest.approx(1.0, abs=1e-6)
+    assert [a["score"] for a in answers] == sorted((a["score"] for a in answers), reverse=True)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_span_mode_matches_brute_force(npm_dir, mask, brute_force, alpha):
+    fill = make_pipeline(npm_dir, length_penalty_alpha=alpha)
+    text = f"The Rio Grande flows through {mask} and Texas."
+    answers = fill(text, top_k=100_000)
+    (vectors,) = query_vectors(fill, text)
+    config = fill.model.config
+    want = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale, config.temperature,
+                             config.max_span_length, alpha=alpha)
+    assert_same_scores(as_scores(answers), want)
+    assert len(want) > 20  # multi-token phrases are among the candidates
+    assert any(len(answer["token"]) > 2 for answer in answers)
+
+
+def test_temperature_quirk_divides_twice(npm_dir, mask, brute_force):
+    fill = make_pipeline(npm_dir, temperature=3.0, apply_temperature_twice=True)
+    text = f"Hagios Demetrios is located in {mask}."
+    (vectors,) = query_vectors(fill, text)
+    config = fill.model.config
+    want = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale, 9.0,
+                             config.max_span_length)
+    assert_same_scores(as_scores(fill(text, top_k=100_000)), want)
+    plain = make_pipeline(npm_dir, temperature=3.0)
+    assert as_scores(plain(text, top_k=3)) != pytest.approx(as_scores(fill(text, top_k=3)))
+
+
+@pytest.mark.parametrize("rule", ["any", "edges"])
+def test_span_stopword_rules(npm_dir, mask, brute_force, rule):
+    fill = make_pipeline(npm_dir, span_stopwords=rule)
+    tokens = fill.index.tokens
+
+    def is_stop(position):
+        whole = tokens["flags"][position] & (WORD_START | WORD_END) == (WORD_START | WORD_END)
+        return bool(whole) and fill.tokenizer.decode([int(tokens["id"][position])]).strip().lower() in STOPWORDS
+
+    def keep(s, e):
+        if rule == "edges":
+            return not (is_stop(s) or is_stop(e))
+        return not any(is_stop(p) for p in range(s, e + 1))
+
+    text = f"The church of {mask} is in Thessaloniki."
+    (vectors,) = query_vectors(fill, text)
+    config = fill.model.config
+    want = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale, config.temperature,
+                             config.max_span_length, stopwords=keep)
+    got = as_scores(fill(text, top_k=100_000))
+    assert_same_scores(got, want)
+    assert "the" not in got and "." not in got
+
+
+def test_small_k_uses_only_retrieved_candidates(npm_dir, mask):
+    fill = make_pipeline(npm_dir)
+    text = f"New Mexico is hot and {mask} in the summer."
+    exact = fill(text, top_k=100_000)
+    approximate = fill(text, top_k=100_000, k=4)
+    assert 0 < len(approximate) < len(exact)
+    assert sum(a["score"] for a in approximate) == pytest.approx(1.0)
+    exact_phrases = {a["token_str"] for a in exact}
+    assert {a["token_str"] for a in approximate} <= exact_phrases
+
+
+def test_spans_respect_boundaries_and_blocks(npm_dir, mask):
+    fill = make_pipeline(npm_dir, max_span_length=4)
+    index = fill.index
+    starts, ends = fill.predictor.enumerate_spans(index.positions, index.positions)
+    flags = index.tokens["flags"]
+    assert len(starts) > 0
+    assert np.all(flags[starts] & WORD_START) and np.all(flags[ends] & WORD_END)
+    assert np.all(ends - starts < 4) and np.all(ends >= starts)
+    assert np.all(index.block_of(starts) == index.block_of(ends))
+    assert len(set(zip(starts.tolist(), ends.tolist()))) == len(starts)  # each (s, e) once
+
+
+def test_exact_search_scores_match_numpy(npm_dir):
+    index = NPMIndex.load(npm_dir / "index")
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(3, index.manifest.hidden_size)).astype(np.float32)
+    scores, rows = index.search(queries, k=7)
+    full = np.asarray(index.vectors, dtype=np.float64) @ queries.T.astype(np.float64)
+    for q in range(3):
+        expected_rows = np.argsort(-full[:, q])[:7]
+        assert rows[q].tolist() == expected_rows.tolist()
+        np.testing.assert_allclose(scores[q], full[expected_rows, q], atol=1e-5)
