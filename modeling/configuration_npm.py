@@ -95,6 +95,14 @@ class NPMConfig(PreTrainedConfig):
         return self.encoder.hidden_size
 
     @property
+    def max_input_length(self) -> int:
+        """Longest token sequence the encoder accepts (RoBERTa-style positions start after the padding index)."""
+        limit = getattr(self.encoder, "max_position_embeddings", None) or 512
+        if "roberta" in self.encoder.model_type or self.encoder.model_type in ("camembert", "longformer"):
+            limit -= (self.encoder.pad_token_id or 0) + 1
+        return limit
+
+    @property
     def scale(self) -> float:
         """Multiplier of query·key inner products: `similarity_scale`, or 1/sqrt(hidden size) (the paper)."""
         if self.similarity_scale is not None:

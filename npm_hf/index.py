@@ -196,6 +196,12 @@ class NPMIndex:
     def build(cls, model, tokenizer, corpus, output_dir, args: IndexBuildArguments | None = None) -> "NPMIndex":
         """Encode `corpus` with `model` and write an index to `output_dir` (atomically). Returns the loaded index."""
         args = args or IndexBuildArguments()
+        limit = getattr(model.config, "max_input_length", None)
+        if limit is not None and args.block_size > limit:
+            raise ValueError(
+                f"block_size={args.block_size} is longer than the encoder accepts ({limit} tokens); "
+                f"use block_size <= {limit} (CLI: --block-size {limit})."
+            )
         output_dir = Path(output_dir)
         if output_dir.exists() and not args.overwrite:
             raise FileExistsError(

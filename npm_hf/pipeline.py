@@ -218,10 +218,7 @@ def _answer_slots(runs: list[tuple[int, int]], single_mode: bool) -> list[tuple[
 
 
 def _max_input_length(config, tokenizer) -> int:
-    encoder = config.encoder
-    limit = getattr(encoder, "max_position_embeddings", None) or 512
-    if "roberta" in encoder.model_type or encoder.model_type in ("camembert", "longformer"):
-        limit -= (encoder.pad_token_id or 0) + 1  # positions start after the padding index
+    limit = config.max_input_length
     if tokenizer.model_max_length and tokenizer.model_max_length < 1_000_000:
         limit = min(limit, tokenizer.model_max_length)
     return limit

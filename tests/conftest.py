@@ -75,6 +75,11 @@ def npm_dir(encoder_dir, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def corpus():
+    return CORPUS
+
+
 @pytest.fixture
 def mask(npm_dir):
     from transformers import AutoTokenizer

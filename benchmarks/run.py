@@ -1,0 +1,324 @@
+"""Performance figures of npm_hf, each a ratio measured side by side in one run (the machine may be noisy).
+
+    python benchmarks/run.py [--quick]
+
+Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"}`; progress goes to stderr.
+
+    P2  index-build tokens/s (the whole NPMIndex.build: tokenization, encoding, FAISS, manifest, reload)
+        / bare encoder forward tokens/s over exactly the same blocks and batch size.          goal >= 0.9
+    P1  fill-mask pipeline seconds per query / (bare encoder forward of the same query with the mask duplicated,
+        as span mode does, + raw FAISS search of its 2 query vectors with the same k).         goal <= 1.2
+    B   bytes of the index directory per indexed token, with a per-file breakdown.             report
+
+Encoder: the offline MiniLM (`npm_hf.demo.minilm_path()`), wrapped with `npm_hf.convert_encoder`. Text: the
+Wikipedia sample at <repo>/../shared/offline_data/enwiki_sample/enwiki_sample.jsonl. Baseline and candidate are
+measured alternately; P2 takes the median over rounds, P1 the median per query over rounds.
+"""
+
+import argparse
+import gc
+import json
+import logging
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "offline_data" / "enwiki_sample" / "enwiki_sample.jsonl"
+
+# (P2 tokens per build, P2 rounds, P1 index tokens or None for the whole sample, P1 queries, P1 rounds)
+SETTINGS = {
+    "quick": {"p2_tokens": 32_000, "p2_rounds": 3, "p1_tokens": 100_000, "p1_queries": 20, "p1_rounds": 5},
+    "full": {"p2_tokens": 150_000, "p2_rounds": 3, "p1_tokens": None, "p1_queries": 20, "p1_rounds": 7},
+}
+BLOCK_SIZE = 256
+BATCH_SIZE = 16
+
+log = logging.getLogger("npm_hf.benchmarks")
+
+
+def emit(figure: str, value: float, goal: str, detail: str) -> None:
+    print(json.dumps({"figure": figure, "value": round(float(value), 4), "goal": goal, "detail": detail}), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+def quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+        datasets.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def load_corpus() -> list[dict]:
+    if not CORPUS.is_file():
+        raise SystemExit(
+            f"error: the benchmark corpus {CORPUS} is missing. It is expected in shared/offline_data/enwiki_sample/ "
+            "next to the repository (a JSONL file of {id, title, text} Wikipedia articles)."
+        )
+    with open(CORPUS, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def make_model(workdir: Path):
+    """The MiniLM encoder wrapped as an NPM directory, loaded back as (model, tokenizer)."""
+    import npm_hf
+    from npm_hf.demo import minilm_path
+
+    model_dir = workdir / "npm-minilm"
+    npm_hf.convert_encoder(minilm_path(), model_dir)
+    model, tokenizer = npm_hf.load_npm(model_dir)
+    model.eval()
+    return model, tokenizer
+
+
+def token_counts(documents: list[dict], tokenizer) -> list[int]:
+    encoded = tokenizer([d["text"] for d in documents], add_special_tokens=True, return_attention_mask=False,
+                        return_token_type_ids=False, verbose=False)
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+def take_documents(documents: list[dict], counts: list[int], target: int | None) -> list[dict]:
+    """Whole documents from the start of the corpus until at least `target` tokens (all of them for None)."""
+    if target is None:
+        return list(documents)
+    chosen, total = [], 0
+    for document, count in zip(documents, counts):
+        if not document["text"].strip():
+            continue
+        chosen.append(document)
+        total += count
+        if total >= target:
+            break
+    return chosen
+
+
+def cloze_queries(documents: list[dict], mask_token: str, count: int) -> list[str]:
+    """Real sentences of the indexed documents with one capitalised word (not the first) replaced by the mask,
+    taken round-robin over the documents."""
+    per_document = []
+    for document in documents:
+        found = []
+        for sentence in re.split(r"(?<=[.!?])\s+", document["text"]):
+            words = sentence.split()
+            if not 8 <= len(words) <= 30 or any("|" in w or w.startswith("*") for w in words):
+                continue
+            candidates = [i for i, w in enumerate(words[1:], start=1) if re.fullmatch(r"[A-Z][a-z]{3,}", w)]
+            if candidates:
+                words[candidates[len(candidates) // 2]] = mask_token
+                found.append(" ".join(words))
+        per_document.append(found)
+    queries, depth = [], 0
+    while len(queries) < count and any(len(f) > depth for f in per_document):
+        for found in per_document:
+            if depth < len(found) and len(queries) < count:
+                queries.append(found[depth])
+        depth += 1
+    if not queries:
+        raise RuntimeError("No cloze query could be made from the benchmark corpus.")
+    return queries
+
+
+def directory_bytes(path: Path) -> dict[str, int]:
+    return {p.relative_to(path).as_posix(): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------------------- P2
+def pack_batches(ids: np.ndarray, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The blocks NPMIndex.build encodes: token ids cut into BLOCK_SIZE blocks, BATCH_SIZE blocks per forward."""
+    span = BLOCK_SIZE * BATCH_SIZE
+    batches = []
+    for lo in range(0, len(ids), span):
+        chunk = ids[lo : lo + span]
+        blocks = -(-len(chunk) // BLOCK_SIZE)
+        padded = np.full(blocks * BLOCK_SIZE, pad_id, dtype=np.int64)
+        padded[: len(chunk)] = chunk
+        attention = np.zeros(blocks * BLOCK_SIZE, dtype=np.int64)
+        attention[: len(chunk)] = 1
+        batches.append((torch.from_numpy(padded.reshape(blocks, BLOCK_SIZE)),
+                        torch.from_numpy(attention.reshape(blocks, BLOCK_SIZE))))
+    return batches
+
+
+def bare_forward_seconds(model, batches) -> float:
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for input_ids, attention_mask in batches:
+            model(input_ids=input_ids, attention_mask=attention_mask)
+    return time.perf_counter() - started
+
+
+def build_seconds(model, tokenizer, documents, out_dir: Path):
+    from npm_hf import IndexBuildArguments, NPMIndex
+
+    args = IndexBuildArguments(block_size=BLOCK_SIZE, batch_size=BATCH_SIZE, show_progress_bar=False, overwrite=True)
+    gc.collect()
+    started = time.perf_counter()
+    index = NPMIndex.build(model, tokenizer, documents, out_dir, args)
+    return time.perf_counter() - started, index
+
+
+def figure_p2(model, tokenizer, documents, workdir: Path, rounds: int) -> None:
+    pad_id = model.config.encoder.pad_token_id or 0
+    # Round 0 builds once to learn the exact token ids (and warms everything up); it is not counted.
+    _, index = build_seconds(model, tokenizer, documents, workdir / "p2-warmup")
+    num_tokens = index.manifest.num_tokens
+    batches = pack_batches(np.asarray(index.tokens["id"], dtype=np.int64), pad_id)
+    del index
+    shutil.rmtree(workdir / "p2-warmup", ignore_errors=True)
+    bare_forward_seconds(model, batches[:1])
+    build_times, bare_times = [], []
+    for r in range(rounds):
+        out_dir = workdir / f"p2-{r}"
+        order = ("build", "bare") if r % 2 == 0 else ("bare", "build")
+        for what in order:
+            if what == "build":
+                seconds, index = build_seconds(model, tokenizer, documents, out_dir)
+                assert index.manifest.num_tokens == num_tokens
+                del index
+                shutil.rmtree(out_dir, ignore_errors=True)
+                build_times.append(seconds)
+            else:
+                gc.collect()
+                bare_times.append(bare_forward_seconds(model, batches))
+        log.info(f"P2 round {r}: build {build_times[-1]:.2f}s, bare forward {bare_times[-1]:.2f}s")
+    build_tps = num_tokens / statistics.median(build_times)
+    bare_tps = num_tokens / statistics.median(bare_times)
+    emit("P2", build_tps / bare_tps, ">= 0.9",
+         f"{num_tokens} tokens, {len(documents)} docs, {len(batches)} batches of {BATCH_SIZE}x{BLOCK_SIZE}; "
+         f"median of {rounds} alternating rounds: build {build_tps:.0f} tok/s ({statistics.median(build_times):.2f}s), "
+         f"bare forward {bare_tps:.0f} tok/s ({statistics.median(bare_times):.2f}s); "
+         f"build s {[round(t, 2) for t in build_times]}, bare s {[round(t, 2) for t in bare_times]}; "
+         f"best-of ratio {min(bare_times) / min(build_times):.3f}")
+
+
+# ------------------------------------------------------------------------------------------------------- P1
+def baseline_inputs(tokenizer, queries: list[str]):
+    """Per query: encoder ids with the single mask duplicated (span mode) and the positions of the 2 queries."""
+    mask_id = tokenizer.mask_token_id
+    prepared = []
+    for query in queries:
+        ids = tokenizer(query)["input_ids"]
+        at = ids.index(mask_id)
+        ids = ids[:at] + [mask_id] + ids[at:]
+        input_ids = torch.tensor([ids])
+        prepared.append((input_ids, torch.ones_like(input_ids), [at, at + 1]))
+    return prepared
+
+
+def bare_query_seconds(model, faiss_index, k: int, prepared) -> float:
+    input_ids, attention_mask, positions = prepared
+    started = time.perf_counter()
+    with torch.inference_mode():
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[0]
+        vectors = np.ascontiguousarray(hidden[positions].float().numpy())
+    faiss_index.search(vectors, k)
+    return time.perf_counter() - started
+
+
+def pipeline_seconds(fill, query: str) -> float:
+    started = time.perf_counter()
+    answers = fill(query)
+    seconds = time.perf_counter() - started
+    assert answers is not None
+    return seconds
+
+
+def figure_p1(model, tokenizer, index, queries: list[str], rounds: int) -> None:
+    from npm_hf import NonparametricFillMaskPipeline
+
+    assert model.config.mode == "span", "P1's baseline models span mode (2 query vectors per mask)"
+    fill = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index)
+    k = min(int(model.config.k), index.num_indexed)
+    prepared = baseline_inputs(tokenizer, queries)
+    for query, inputs in list(zip(queries, prepared))[:3]:  # warm-up (lazy tables, allocator, page cache)
+        pipeline_seconds(fill, query)
+        bare_query_seconds(model, index.faiss_index, k, inputs)
+    pipe = np.zeros((rounds, len(queries)))
+    bare = np.zeros((rounds, len(queries)))
+    for r in range(rounds):
+        gc.collect()
+        for q, (query, inputs) in enumerate(zip(queries, prepared)):
+            if (r + q) % 2 == 0:
+                pipe[r, q] = pipeline_seconds(fill, query)
+                bare[r, q] = bare_query_seconds(model, index.faiss_index, k, inputs)
+            else:
+                bare[r, q] = bare_query_seconds(model, index.faiss_index, k, inputs)
+                pipe[r, q] = pipeline_seconds(fill, query)
+        log.info(f"P1 round {r}: pipeline {pipe[r].mean() * 1e3:.1f} ms/query, baseline {bare[r].mean() * 1e3:.1f} ms/query")
+    pipe_median = np.median(pipe, axis=0).mean()
+    bare_median = np.median(bare, axis=0).mean()
+    pipe_best = pipe.min(axis=0).mean()
+    bare_best = bare.min(axis=0).mean()
+    lengths = [int(p[0].shape[1]) for p in prepared]
+    m = index.manifest
+    emit("P1", pipe_median / bare_median, "<= 1.2",
+         f"index {m.num_tokens} tokens ({m.num_indexed_tokens} indexed, {m.num_documents} docs, {m.faiss_factory}), "
+         f"k={k}, mode={model.config.mode}, {len(queries)} queries of {min(lengths)}-{max(lengths)} encoder tokens, "
+         f"{rounds} alternating rounds; per-query medians: pipeline {pipe_median * 1e3:.1f} ms, "
+         f"forward+search {bare_median * 1e3:.1f} ms; best-of-{rounds}: pipeline {pipe_best * 1e3:.1f} ms, "
+         f"forward+search {bare_best * 1e3:.1f} ms (ratio {pipe_best / bare_best:.3f})")
+
+
+# -------------------------------------------------------------------------------------------------------- B
+def figure_bytes(index) -> None:
+    files = directory_bytes(index.path)
+    indexed = index.manifest.num_indexed_tokens
+    total = sum(files.values())
+    per_file = ", ".join(f"{name} {size / indexed:.2f}" for name, size in sorted(files.items(), key=lambda x: -x[1]))
+    emit("B", total / indexed, "report",
+         f"{total} bytes / {indexed} indexed tokens ({index.manifest.num_tokens} tokens, hidden "
+         f"{index.manifest.hidden_size}, {index.manifest.faiss_factory}); bytes/token per file: {per_file}")
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Smaller corpora and fewer rounds (< 5 minutes).")
+    args = parser.parse_args(argv)
+    settings = SETTINGS["quick" if args.quick else "full"]
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    quiet_libraries()
+
+    started = time.perf_counter()
+    documents = load_corpus()
+    with tempfile.TemporaryDirectory(prefix="npm_hf-bench-") as tmp:
+        workdir = Path(tmp)
+        model, tokenizer = make_model(workdir)
+        counts = token_counts(documents, tokenizer)
+        log.info(f"Corpus: {len(documents)} documents, {sum(counts)} tokens; torch threads {torch.get_num_threads()}")
+
+        figure_p2(model, tokenizer, take_documents(documents, counts, settings["p2_tokens"]), workdir,
+                  settings["p2_rounds"])
+
+        p1_documents = take_documents(documents, counts, settings["p1_tokens"])
+        seconds, index = build_seconds(model, tokenizer, p1_documents, workdir / "p1-index")
+        log.info(f"P1 index: {index.manifest.num_tokens} tokens built in {seconds:.1f}s")
+        queries = cloze_queries(p1_documents, tokenizer.mask_token, settings["p1_queries"])
+        figure_p1(model, tokenizer, index, queries, settings["p1_rounds"])
+        figure_bytes(index)
+        del index
+        gc.collect()
+    log.info(f"Done in {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Corpus readers and word-boundary flags for WordPiece and byte-level BPE tokenizers."""
+
+import json
+
+import datasets
+import pytest
+from transformers import AutoTokenizer
+
+from npm_hf.corpus import SPECIAL, WORD_END, WORD_START, CorpusStats, iter_documents, tokenize_documents
+
+
+def flags_by_token(tokenizer, text):
+    stats = CorpusStats()
+    ((_, records),) = list(tokenize_documents([{"id": "0", "title": "", "text": text}], tokenizer, stats))
+    tokens = tokenizer.convert_ids_to_tokens(records["id"].tolist())
+    return [(token, int(flag)) for token, flag in zip(tokens, records["flags"])], records
+
+
+def test_wordpiece_continuations_are_not_boundaries(encoder_dir):
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    text = "Hodgenville is in New Mexico."
+    flagged, records = flags_by_token(tokenizer, text)
+    assert flagged[0][1] == SPECIAL and flagged[-1][1] == SPECIAL
+    words = []
+    for (token, flag), (start, end) in zip(flagged, zip(records["start"], records["end"])):
+        if flag & WORD_START:
+            words.append([start, end])
+        elif not flag & SPECIAL and end > start:
+            assert words, token
+            words[-1][1] = end
+        if flag & WORD_END:
+            assert words[-1][1] == end
+    # Boundaries group the pieces back into exactly the words of the text.
+    assert [text[s:e] for s, e in words] == ["Hodgenville", "is", "in", "New", "Mexico", "."]
+    continuation = [flag for token, flag in flagged if token.startswith("##")]
+    assert all(not flag & WORD_START for flag in continuation)
+
+
+def test_bpe_space_pieces_are_never_boundaries(encoder_dir):
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    flagged, records = flags_by_token(tokenizer, "Thessaloniki is hot and Zzyzx dry.")
+    for (token, flag), start, end in zip(flagged, records["start"], records["end"]):
+        if end == start and not flag & SPECIAL:  # a bare "Ġ" piece
+            assert flag == 0, token
+        if token.startswith("Ġ") and len(token) > 1:
+            assert flag & WORD_START, token
+    starts = [records["start"][i] for i, (_, f) in enumerate(flagged) if f & WORD_START]
+    assert starts == [0, 13, 16, 20, 24, 30, 33]
+
+
+def test_readers_agree_on_every_format(tmp_path):
+    rows = [{"id": "a", "title": "A", "text": "first text"}, {"text": "second text"}]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    txt = tmp_path / "c.txt"
+    txt.write_text("first text\nsecond text\n", encoding="utf-8")
+    dataset = datasets.Dataset.from_list([{"id": "a", "title": "A", "text": "first text"},
+                                          {"id": None, "title": None, "text": "second text"}])
+    dataset.save_to_disk(tmp_path / "saved")
+    expected = [{"id": "a", "title": "A", "text": "first text"}, {"id": "1", "title": "", "text": "second text"}]
+    assert list(iter_documents(str(jsonl))) == expected
+    assert list(iter_documents(dataset)) == expected
+    assert list(iter_documents(str(tmp_path / "saved"))) == expected
+    assert list(iter_documents(datasets.DatasetDict({"train": dataset}))) == expected
+    assert [d["text"] for d in iter_documents(str(txt))] == ["first text", "second text"]
+    assert [d["text"] for d in iter_documents(["first text", "second text"])] == ["first text", "second text"]
+
+
+def test_non_utf8_file_names_the_line(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("fine\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"line 2: not valid UTF-8.*iconv"):
+        list(iter_documents(str(path)))
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "ok"}\n{not json}\n', "line 2: not valid JSON"),
+    ('{"body": "no text field"}\n', "line 1: every document needs a string 'text' field"),
+])
+def test_bad_jsonl_is_reported_with_its_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        list(iter_documents(str(path)))
+
+
+def test_unsupported_inputs(tmp_path):
+    (tmp_path / "corpus.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="Unsupported corpus file"):
+        list(iter_documents(str(tmp_path / "corpus.csv")))
+    with pytest.raises(TypeError, match="Unsupported corpus type int"):
+        list(iter_documents(42))
+    with pytest.raises(ValueError, match="has no split 'train'"):
+        list(iter_documents(datasets.DatasetDict({"test": datasets.Dataset.from_list([{"text": "x"}])})))
+
+
+def test_slow_tokenizers_are_rejected():
+    class Slow:
+        is_fast = False
+
+    with pytest.raises(ValueError, match="needs a fast"):
+        list(tokenize_documents([{"id": "0", "title": "", "text": "x"}], Slow(), CorpusStats()))
+
+
+def test_empty_documents_are_counted_not_tokenized(encoder_dir):
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    stats = CorpusStats()
+    docs = [{"id": str(i), "title": "", "text": t} for i, t in enumerate(["Texas", " \n\t", "", "New Mexico"])]
+    kept = [doc["id"] for doc, _ in tokenize_documents(docs, tokenizer, stats)]
+    assert kept == ["0", "3"] and stats.num_skipped_empty == 2 and stats.num_documents == 2
+    assert stats.num_tokens == len(tokenizer("Texas")["input_ids"]) + len(tokenizer("New Mexico")["input_ids"])

@@ -1,0 +1,225 @@
+"""Index build, storage format, integrity checks and atomic writes."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from npm_hf import IndexBuildArguments, IndexMismatchError, NPMIndex, NPMIndexError, NPMModel, build_index
+from npm_hf.corpus import SPECIAL
+from npm_hf.index import VECTORS_FILE
+
+
+QUIET = dict(show_progress_bar=False, block_size=32)
+
+
+@pytest.fixture
+def model_and_tokenizer(npm_dir):
+    return NPMModel.from_pretrained(npm_dir), AutoTokenizer.from_pretrained(npm_dir)
+
+
+def test_layout_counts_and_manifest(npm_dir):
+    index = NPMIndex.load(npm_dir / "index")
+    m = index.manifest
+    assert m.num_documents == 4 and m.num_skipped_empty_documents == 1
+    assert m.num_tokens == len(index.tokens) and m.num_indexed_tokens == len(index.positions)
+    specials = (np.asarray(index.tokens["flags"]) & SPECIAL) != 0
+    assert specials.sum() == 2 * m.num_documents  # one [CLS]/<s> and one [SEP]/</s> per document
+    assert m.num_indexed_tokens == m.num_tokens - specials.sum()
+    assert not specials[index.positions].any()
+    assert m.num_blocks == -(-m.num_tokens // 16) and index.block_starts.tolist()[-1] == m.num_tokens
+    assert index.vectors.dtype == np.float16 and index.vectors.shape == (m.num_indexed_tokens, m.hidden_size)
+    assert index.faiss_index.ntotal == m.num_indexed_tokens and m.metric == "inner_product"
+    assert set(m.versions) >= {"npm_hf", "transformers", "torch", "faiss"}
+    assert [index.documents[i]["id"] for i in range(4)] == ["lincoln", "desert", "hagios", "rivers"]
+
+
+def test_vectors_are_the_encoder_states_of_unmasked_blocks(npm_dir, model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    index = NPMIndex.load(npm_dir / "index")
+    ids = np.asarray(index.tokens["id"])
+    for block in (0, 3, len(index.block_starts) - 2):  # the last block is shorter than 16 and padded
+        lo, hi = int(index.block_starts[block]), int(index.block_starts[block + 1])
+        with torch.no_grad():
+            hidden = model(torch.tensor([ids[lo:hi]])).last_hidden_state[0].numpy()
+        rows, indexed = index.rows_for_positions(np.arange(lo, hi))
+        np.testing.assert_allclose(index.vectors_for_rows(rows[indexed]), hidden[indexed], atol=2e-3, rtol=2e-3)
+
+
+def test_evidence_points_at_the_phrase(npm_dir, corpus):
+    index = NPMIndex.load(npm_dir / "index")
+    text = corpus[1]["text"]
+    start_char = text.index("New Mexico")
+    doc_tokens = np.flatnonzero(np.asarray(index.tokens["doc"]) == 1)
+    starts = [p for p in doc_tokens if index.tokens["start"][p] == start_char]
+    ends = [p for p in doc_tokens if index.tokens["end"][p] == start_char + len("New Mexico")]
+    evidence = index.evidence(starts[0], ends[0])
+    assert evidence["doc_id"] == "desert" and evidence["title"] == "Chihuahuan Desert"
+    assert evidence["text"][evidence["start"] : evidence["end"]] == "New Mexico"
+    assert evidence["text"] in text
+    assert index.surface_text(starts[0], ends[0]) == "New Mexico"
+
+
+def test_empty_corpus_is_an_error_and_leaves_nothing(tmp_path, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(ValueError, match=r"no non-empty document \(2 empty ones skipped\)"):
+        NPMIndex.build(model, tokenizer, ["", "  "], tmp_path / "index", IndexBuildArguments(**QUIET))
+    with pytest.raises(ValueError, match="no non-empty document"):
+        NPMIndex.build(model, tokenizer, [], tmp_path / "index", IndexBuildArguments(**QUIET))
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_build_leaves_no_index(tmp_path, model_and_tokenizer, monkeypatch, corpus):
+    model, tokenizer = model_and_tokenizer
+    calls = {"n": 0}
+    original = model.forward
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        NPMIndex.build(model, tokenizer, corpus, tmp_path / "index", IndexBuildArguments(batch_size=1, **{**QUIET, "block_size": 8}))
+    assert os.listdir(tmp_path) == []
+
+
+def test_staging_directory_of_a_killed_build_never_loads(tmp_path, npm_dir):
+    staging = tmp_path / ".index.tmp-123"
+    shutil.copytree(npm_dir / "index", staging)
+    os.remove(staging / "manifest.json")  # a build killed before its last step has no manifest yet
+    with pytest.raises(NPMIndexError, match="missing manifest.json.*interrupted build"):
+        NPMIndex.load(staging)
+
+
+def test_existing_output_needs_overwrite(tmp_path, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    first = NPMIndex.build(model, tokenizer, ["Texas is big."], tmp_path / "index", IndexBuildArguments(**QUIET))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        NPMIndex.build(model, tokenizer, ["Texas is big."], tmp_path / "index", IndexBuildArguments(**QUIET))
+    second = NPMIndex.build(model, tokenizer, ["Ohio River.", "Kentucky."], tmp_path / "index",
+                            IndexBuildArguments(overwrite=True, **QUIET))
+    assert first.manifest.num_documents == 1 and second.manifest.num_documents == 2
+    assert NPMIndex.load(tmp_path / "index").manifest.num_documents == 2
+    assert sorted(os.listdir(tmp_path)) == ["index"]
+
+
+@pytest.fixture
+def index_copy(tmp_path, npm_dir):
+    copy = tmp_path / "index"
+    shutil.copytree(npm_dir / "index", copy)
+    return copy
+
+
+def test_truncated_vectors_are_detected(index_copy):
+    with open(index_copy / VECTORS_FILE, "r+b") as handle:
+        handle.truncate(os.path.getsize(index_copy / VECTORS_FILE) - 64)
+    with pytest.raises(NPMIndexError, match="vectors.npy is .* bytes, the manifest says"):
+        NPMIndex.load(index_copy)
+
+
+@pytest.mark.parametrize("name", ["tokens.npy", "index.faiss", "documents.jsonl"])
+def test_corrupted_files_are_detected(index_copy, name):
+    data = bytearray((index_copy / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (index_copy / name).write_bytes(bytes(data))
+    with pytest.raises(NPMIndexError, match=f"{name} is corrupted"):
+        NPMIndex.load(index_copy)
+
+
+def test_full_verification_hashes_vectors(index_copy):
+    data = bytearray((index_copy / VECTORS_FILE).read_bytes())
+    data[-3] ^= 0xFF
+    (index_copy / VECTORS_FILE).write_bytes(bytes(data))
+    with pytest.raises(NPMIndexError, match="vectors.npy is corrupted"):
+        NPMIndex.load(index_copy, verify="full")
+
+
+def test_missing_file_and_corrupted_manifest(index_copy):
+    manifest = json.loads((index_copy / "manifest.json").read_text())
+    (index_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(NPMIndexError, match="manifest.json is corrupted"):
+        NPMIndex.load(index_copy)
+    (index_copy / "manifest.json").write_text(json.dumps(manifest))
+    os.remove(index_copy / "positions.npy")
+    with pytest.raises(NPMIndexError, match="positions.npy is missing"):
+        NPMIndex.load(index_copy)
+
+
+def test_newer_format_asks_for_an_upgrade(index_copy):
+    manifest = json.loads((index_copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (index_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(NPMIndexError, match="upgrade npm_hf"):
+        NPMIndex.load(index_copy)
+
+
+def test_missing_index_says_how_to_build_one(tmp_path):
+    with pytest.raises(NPMIndexError, match="npm-hf build-index"):
+        NPMIndex.load(tmp_path / "nowhere")
+
+
+def test_fingerprints_catch_other_weights_and_tokenizers(npm_dir, model_and_tokenizer, encoder_dir):
+    model, tokenizer = model_and_tokenizer
+    index = NPMIndex.load(npm_dir / "index")
+    index.check_compatible(model, tokenizer)
+    index.check_compatible(model.to(torch.bfloat16).to(torch.float32), tokenizer)  # precision round trip
+    other = NPMModel.from_pretrained(npm_dir)
+    with torch.no_grad():
+        other.encoder.get_input_embeddings().weight[7] += 0.5
+    with pytest.raises(IndexMismatchError, match="different encoder weights"):
+        index.check_compatible(other, tokenizer)
+    changed = AutoTokenizer.from_pretrained(npm_dir)
+    changed.add_tokens(["zzyzx"])
+    with pytest.raises(IndexMismatchError, match="different tokenizer"):
+        index.check_compatible(model, changed)
+
+
+def test_build_index_from_a_directory_and_its_errors(tmp_path, npm_dir, encoder_dir):
+    index = build_index(npm_dir, ["Texas is big."], output_dir=tmp_path / "idx", args=IndexBuildArguments(**QUIET))
+    assert index.manifest.num_documents == 1
+    with pytest.raises(ValueError, match="not an NPM.*npm-hf convert"):
+        build_index(encoder_dir, ["Texas."], output_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="Pass output_dir= and tokenizer="):
+        build_index(NPMModel.from_pretrained(npm_dir), ["Texas."])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"block_size": 2}, "block_size must be >= 3"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"faiss_factory": " "}, "faiss_factory must be"),
+])
+def test_build_arguments_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        IndexBuildArguments(**kwargs)
+
+
+def test_invalid_faiss_factory(tmp_path, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(ValueError, match="Invalid FAISS factory string 'Nonsense'"):
+        NPMIndex.build(model, tokenizer, ["Texas."], tmp_path / "i", IndexBuildArguments(faiss_factory="Nonsense", **QUIET))
+    assert os.listdir(tmp_path) == []
+
+
+def test_approximate_factory_is_rescored_exactly(tmp_path, model_and_tokenizer, corpus):
+    model, tokenizer = model_and_tokenizer
+    index = NPMIndex.build(model, tokenizer, corpus, tmp_path / "i", IndexBuildArguments(faiss_factory="HNSW8", **QUIET))
+    query = np.asarray(index.vectors[5], dtype=np.float32)[None]
+    scores, rows = index.search(query, 5)
+    expected = np.asarray(index.vectors, dtype=np.float32)[rows[0]] @ query[0]
+    np.testing.assert_allclose(scores[0], expected, rtol=1e-5)
+    assert rows[0][0] == 5 or scores[0][0] >= float(query[0] @ query[0]) - 1e-3
+
+
+def test_blocks_longer_than_the_encoder_are_refused(tmp_path, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    limit = model.config.max_input_length
+    with pytest.raises(ValueError, match=f"use block_size <= {limit}"):
+        NPMIndex.build(model, tokenizer, ["Texas."], tmp_path / "i", IndexBuildArguments(block_size=limit + 1))
+    assert os.listdir(tmp_path) == []
