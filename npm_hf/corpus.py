@@ -161,21 +161,22 @@ def _tokenize_batch(batch: list[dict], tokenizer, stats: CorpusStats):
         records["id"] = encoded["input_ids"][i]
         offsets = np.asarray(encoded["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
         records["start"], records["end"] = offsets[:, 0], offsets[:, 1]
-        records["flags"] = word_flags(encoded.word_ids(i), encoded["special_tokens_mask"][i], offsets)
+        records["flags"] = word_flags(encoded.word_ids(i), encoded["special_tokens_mask"][i], offsets, document["text"])
         stats.num_documents += 1
         stats.num_tokens += len(records)
         yield document, records
 
 
-def word_flags(word_ids: list, special_tokens_mask: list, offsets: np.ndarray) -> np.ndarray:
+def word_flags(word_ids: list, special_tokens_mask: list, offsets: np.ndarray, text: str) -> np.ndarray:
     """WORD_START / WORD_END / SPECIAL bits per token from a fast tokenizer's word ids.
 
-    A word starts at its first and ends at its last token that covers text: a bare-space BPE piece ("Ġ" alone,
-    an empty offset) is never a boundary, so no span starts or ends with whitespace.
+    A word starts at its first and ends at its last token that covers visible text: whitespace-only pieces
+    (a bare BPE "Ġ", a newline token) are never boundaries, so no span starts or ends with whitespace.
     """
     special = np.asarray(special_tokens_mask, dtype=bool) | np.array([w is None for w in word_ids], dtype=bool)
     words = np.array([-1 if w is None else w for w in word_ids], dtype=np.int64)
-    covering = np.flatnonzero(~special & (offsets[:, 1] > offsets[:, 0]))
+    visible = np.array([not text[start:end].isspace() and end > start for start, end in offsets.tolist()], dtype=bool)
+    covering = np.flatnonzero(~special & visible)
     covered_words = words[covering]
     flags = np.zeros(len(words), dtype=np.uint8)
     flags[covering[covered_words != np.concatenate([[-2], covered_words[:-1]])]] |= WORD_START

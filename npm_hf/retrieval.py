@@ -38,7 +38,7 @@ class NPMPredictor:
         self.tokenizer = tokenizer
         self.index = index
         self._stopword_ids = None
-        self._canonical_ids = None
+        self._pieces = None
 
     # -------------------------------------------------------------------------------------------- NPM-single
     def predict_single(self, query: np.ndarray, top_k: int, target_ids=None, k: int | None = None) -> list[dict]:
@@ -137,29 +137,26 @@ class NPMPredictor:
         return self._stopword_ids[records["id"]] & whole_word
 
     def _rank_spans(self, span_starts, span_ends, span_scores, top_k: int, targets) -> list[dict]:
-        """Sum span scores per phrase, apply |v|^alpha, normalise over all phrases, keep the best `top_k`.
+        """Sum span scores per phrase (decoded string), apply |v|^alpha, normalise over all phrases, keep `top_k`.
 
-        Phrases are grouped by token ids, with a leading-space variant of the first token ("Ġnew" vs "new")
-        counted as the same token: for WordPiece and byte-level BPE this is grouping by the stripped decoded
-        string, without decoding every candidate (only the answers returned are decoded).
+        Only the returned answers are decoded: spans are grouped by a hash of their decoded text, built from
+        per-token pieces (see `_piece_hashes`), so "ĠTexas" and "Tex"+"as" count as the same phrase.
         """
         lengths = span_ends - span_starts + 1
         offsets = np.arange(self.config.max_span_length)
         inside = offsets < lengths[:, None]
         grid = np.where(inside, span_starts[:, None] + offsets, span_starts[:, None])
-        ids = np.where(inside, self.index.tokens["id"][grid], -1).astype(np.int32)
-        keys = ids.copy()
-        keys[:, 0] = self.canonical_ids[ids[:, 0]]
-        key_bytes = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.shape[1] * keys.itemsize))).ravel()
-        unique_keys, group_of_span = np.unique(key_bytes, return_inverse=True)
+        ids = np.where(inside, self.index.tokens["id"][grid], -1).astype(np.int64)
+        keys = self._phrase_hashes(ids, inside)
+        unique_keys, group_of_span = np.unique(keys, return_inverse=True)
         group_of_span = group_of_span.reshape(-1)
         totals = np.bincount(group_of_span, weights=span_scores, minlength=len(unique_keys))
         best_span = _argmax_per_group(span_scores, group_of_span, len(unique_keys))
         totals = totals * lengths[best_span].astype(np.float64) ** self.config.length_penalty_alpha
         totals = totals / totals.sum()
         if targets is not None:
-            lookup = {key.tobytes(): group for group, key in enumerate(unique_keys)}
-            chosen = [(target, lookup.get(self._target_key(target, keys.shape[1]))) for target in targets]
+            lookup = dict(zip(unique_keys.tolist(), range(len(unique_keys))))
+            chosen = [(target, lookup.get(_text_hash(self.normalise_target(target)))) for target in targets]
         else:
             chosen = [(None, g) for g in np.argsort(-totals, kind="stable")[:top_k]]
         answers = []
@@ -175,31 +172,35 @@ class NPMPredictor:
         answers.sort(key=lambda answer: -answer["score"])
         return answers[:top_k]
 
-    @property
-    def canonical_ids(self) -> np.ndarray:
-        """Per vocabulary id, the id of the same token without surrounding whitespace when the vocabulary has one."""
-        if self._canonical_ids is None:
-            size = max(len(self.tokenizer), max(self.tokenizer.get_vocab().values()) + 1)
-            texts = self.tokenizer.batch_decode([[i] for i in range(size)])
-            exact = {}
-            for i, text in enumerate(texts):
-                if text == text.strip():
-                    exact.setdefault(text, i)
-            canonical = np.arange(size, dtype=np.int32)
-            for i, text in enumerate(texts):
-                if text != text.strip() and text.strip() in exact:
-                    canonical[i] = exact[text.strip()]
-            self._canonical_ids = canonical
-        return self._canonical_ids
+    def _phrase_hashes(self, ids: np.ndarray, inside: np.ndarray) -> np.ndarray:
+        """Polynomial hash of each span's decoded, stripped text, combined from per-token piece hashes."""
+        first_hash, first_power, next_hash, next_power = self._piece_hashes
+        keys = first_hash[ids[:, 0]].copy()
+        with np.errstate(over="ignore"):  # uint64 arithmetic is meant to wrap (hash modulo 2**64)
+            for offset in range(1, ids.shape[1]):
+                token = np.where(inside[:, offset], ids[:, offset], 0)
+                combined = keys * next_power[token] + next_hash[token]
+                keys = np.where(inside[:, offset], combined, keys)
+        return keys
 
-    def _target_key(self, target: str, width: int) -> bytes | None:
-        ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
-        if not ids or len(ids) > width:
-            return None
-        key = np.full(width, -1, dtype=np.int32)
-        key[: len(ids)] = ids
-        key[0] = self.canonical_ids[ids[0]]
-        return key.tobytes()
+    @property
+    def _piece_hashes(self):
+        """Per vocabulary id: hash and base power of its text as a span's first token (left-stripped) and as a
+        following token (with the space decode puts before it), read off `decode([anchor, id])`."""
+        if self._pieces is None:
+            size = max(len(self.tokenizer), max(self.tokenizer.get_vocab().values()) + 1)
+            anchor = self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize("a"))[0]
+            prefix = self.tokenizer.decode([anchor])
+            pairs = self.tokenizer.batch_decode([[anchor, i] for i in range(size)])
+            tables = [np.zeros(size, dtype=np.uint64) for _ in range(4)]
+            for i, text in enumerate(pairs):
+                piece = text[len(prefix):] if text.startswith(prefix) and "\ufffd" not in text else None
+                if piece is None:  # partial UTF-8 bytes or odd decoders: such tokens only match themselves
+                    piece = f"\x00<{i}>"
+                for column, variant in ((0, piece.lstrip()), (2, piece)):
+                    tables[column][i], tables[column + 1][i] = _text_hash(variant), _power(variant)
+            self._pieces = tuple(tables)
+        return self._pieces
 
     def normalise_target(self, target: str) -> str:
         """The decoded form a target string takes in the corpus (lower-cased by uncased tokenizers, etc.)."""
@@ -225,3 +226,15 @@ def _argmax_per_group(values: np.ndarray, groups: np.ndarray, num_groups: int) -
     best = np.empty(num_groups, dtype=np.int64)
     best[groups[order][first]] = order[first]
     return best
+
+
+def _text_hash(text: str) -> int:
+    """Polynomial hash of UTF-8 bytes modulo 2**64 (the span hash extends it token by token)."""
+    value = 0
+    for byte in text.encode("utf-8"):
+        value = (value * 1_000_003 + byte + 1) % (1 << 64)
+    return value
+
+
+def _power(text: str) -> int:
+    return pow(1_000_003, len(text.encode("utf-8")), 1 << 64)

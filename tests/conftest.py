@@ -23,6 +23,7 @@ CORPUS = [
     {"id": "hagios", "title": "Hagios Demetrios", "text": "Hagios Demetrios is located in Thessaloniki. The church "
      "of Hagios Demetrios is the main sanctuary of Thessaloniki."},
     {"id": "blank", "title": "", "text": "   "},
+    {"id": "texas", "title": "Texas", "text": "Texas borders New Mexico. Thessaloniki is far from Texas."},
     {"id": "rivers", "title": "Rivers", "text": "The Rio Grande flows through New Mexico and Texas to the Gulf of "
      "Mexico. The Ohio River borders Kentucky."},
 ]

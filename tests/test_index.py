@@ -25,7 +25,7 @@ def model_and_tokenizer(npm_dir):
 def test_layout_counts_and_manifest(npm_dir):
     index = NPMIndex.load(npm_dir / "index")
     m = index.manifest
-    assert m.num_documents == 4 and m.num_skipped_empty_documents == 1
+    assert m.num_documents == 5 and m.num_skipped_empty_documents == 1
     assert m.num_tokens == len(index.tokens) and m.num_indexed_tokens == len(index.positions)
     specials = (np.asarray(index.tokens["flags"]) & SPECIAL) != 0
     assert specials.sum() == 2 * m.num_documents  # one [CLS]/<s> and one [SEP]/</s> per document
@@ -35,7 +35,7 @@ def test_layout_counts_and_manifest(npm_dir):
     assert index.vectors.dtype == np.float16 and index.vectors.shape == (m.num_indexed_tokens, m.hidden_size)
     assert index.faiss_index.ntotal == m.num_indexed_tokens and m.metric == "inner_product"
     assert set(m.versions) >= {"npm_hf", "transformers", "torch", "faiss"}
-    assert [index.documents[i]["id"] for i in range(4)] == ["lincoln", "desert", "hagios", "rivers"]
+    assert [index.documents[i]["id"] for i in range(5)] == ["lincoln", "desert", "hagios", "texas", "rivers"]
 
 
 def test_vectors_are_the_encoder_states_of_unmasked_blocks(npm_dir, model_and_tokenizer):
@@ -45,7 +45,7 @@ def test_vectors_are_the_encoder_states_of_unmasked_blocks(npm_dir, model_and_to
     for block in (0, 3, len(index.block_starts) - 2):  # the last block is shorter than 16 and padded
         lo, hi = int(index.block_starts[block]), int(index.block_starts[block + 1])
         with torch.no_grad():
-            hidden = model(torch.tensor([ids[lo:hi]])).last_hidden_state[0].numpy()
+            hidden = model(torch.from_numpy(ids[None, lo:hi].astype(np.int64))).last_hidden_state[0].numpy()
         rows, indexed = index.rows_for_positions(np.arange(lo, hi))
         np.testing.assert_allclose(index.vectors_for_rows(rows[indexed]), hidden[indexed], atol=2e-3, rtol=2e-3)
 

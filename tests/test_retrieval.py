@@ -127,3 +127,24 @@ def test_exact_search_scores_match_numpy(npm_dir):
         expected_rows = np.argsort(-full[:, q])[:7]
         assert rows[q].tolist() == expected_rows.tolist()
         np.testing.assert_allclose(scores[q], full[expected_rows, q], atol=1e-5)
+
+
+def test_spellings_of_one_phrase_are_summed(npm_dir, mask, brute_force):
+    """BPE tokenizes "Texas" at a document start ("Tex"+"as") unlike mid-text ("ĠTexas"): one phrase, one score."""
+    fill = make_pipeline(npm_dir)
+    index, tokenizer = fill.index, fill.tokenizer
+    spellings = set()
+    for doc_start in np.flatnonzero(np.asarray(index.tokens["doc"]) == 3):
+        for length in (1, 2):
+            ids = [int(i) for i in index.tokens["id"][doc_start : doc_start + length]]
+            if tokenizer.decode(ids).strip().lower() == "texas":
+                spellings.add(tuple(ids))
+    if tokenizer.convert_ids_to_tokens(0) == "<s>":
+        assert len(spellings) == 2  # the byte-level BPE case this test is about
+    text = f"The Rio Grande flows to {mask}."
+    answers = [a for a in fill(text, top_k=100_000) if a["token_str"].lower() == "texas"]
+    (vectors,) = query_vectors(fill, text)
+    config = fill.model.config
+    want = brute_force.spans(index, tokenizer, vectors[0], vectors[1], config.scale, config.temperature,
+                             config.max_span_length)
+    assert len(answers) == 1 and answers[0]["score"] == pytest.approx(want[answers[0]["token_str"]], abs=1e-6)

@@ -1,0 +1,158 @@
+"""pipeline("fill-mask"): NPM answers with evidence for NPM models, stock behaviour for every other model."""
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, FillMaskPipeline, pipeline
+from transformers.pipelines.base import PipelineException
+
+from npm_hf import IndexBuildArguments, NonparametricFillMaskPipeline, NPMIndex, NPMIndexError, NPMModel, build_index, convert_encoder
+
+
+KEYS = ["score", "token", "token_str", "sequence", "phrase", "evidence"]
+
+
+@pytest.fixture(scope="module")
+def fill(npm_dir):
+    return pipeline("fill-mask", model=str(npm_dir))
+
+
+def test_npm_directory_gets_the_npm_pipeline(fill, mask):
+    assert type(fill) is NonparametricFillMaskPipeline
+    answers = fill(f"Hagios Demetrios is located in {mask}.", top_k=5)
+    assert len(answers) == 5 and all(list(answer) == KEYS for answer in answers)
+    for answer in answers:
+        evidence = answer["evidence"]
+        assert set(evidence) == {"doc_id", "title", "start", "end", "text"}
+        assert evidence["text"][evidence["start"] : evidence["end"]] == answer["phrase"]
+        assert answer["phrase"].lower().replace(" ", "") == answer["token_str"].lower().replace(" ", "")
+        assert isinstance(answer["token"], list) and answer["token_str"] in answer["sequence"]
+        assert mask not in answer["sequence"]
+    assert [a["score"] for a in answers] == sorted((a["score"] for a in answers), reverse=True)
+
+
+def test_scores_are_normalised_over_all_candidates(fill, mask):
+    answers = fill(f"The Ohio River borders {mask}.", top_k=100_000)
+    assert sum(a["score"] for a in answers) == pytest.approx(1.0)
+    assert len({a["token_str"] for a in answers}) == len(answers)
+
+
+def test_several_masks_and_batches(fill, mask):
+    two = fill(f"{mask} was born in {mask}.", top_k=2)
+    assert len(two) == 2 and all(len(answers) == 2 for answers in two)
+    assert all(answer["sequence"].count(mask) == 1 for answers in two for answer in answers)
+    batch = fill([f"New Mexico is {mask}.", f"Lincoln moved to {mask}."], top_k=3)
+    assert len(batch) == 2 and all(len(answers) == 3 for answers in batch)
+    assert batch[1] == fill(f"Lincoln moved to {mask}.", top_k=3)
+
+
+def test_two_adjacent_masks_are_one_span(fill, mask):
+    assert fill(f"Lincoln moved to {mask}{mask}.", top_k=4) == fill(f"Lincoln moved to {mask}.", top_k=4)
+    with pytest.raises(ValueError, match="run of 3 adjacent masks"):
+        fill(f"Lincoln moved to {mask}{mask}{mask}.")
+
+
+def test_bad_calls(fill, mask):
+    with pytest.raises(PipelineException, match="No mask_token"):
+        fill("There is no mask here.")
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="top_k must be a positive integer"):
+            fill(f"Texas is {mask}.", top_k=bad)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        fill(f"Texas is {mask}.", k=0)
+
+
+def test_targets_score_given_phrases(fill, mask):
+    free = {a["token_str"]: a["score"] for a in fill(f"The desert covers {mask}.", top_k=100_000)}
+    targeted = fill(f"The desert covers {mask}.", targets=["New Mexico", "Texas", "Atlantis"])
+    assert len(targeted) == 3
+    by_text = {a["token_str"].lower(): a for a in targeted}
+    for phrase in ("new mexico", "texas"):
+        assert by_text[phrase]["score"] == pytest.approx(free[next(k for k in free if k.lower() == phrase)])
+        assert by_text[phrase]["evidence"] is not None
+    assert by_text["atlantis"]["score"] == 0.0 and by_text["atlantis"]["evidence"] is None
+    assert [a["score"] for a in targeted] == sorted((a["score"] for a in targeted), reverse=True)
+
+
+def test_long_inputs_are_cut_around_the_mask(fill, mask, caplog):
+    limit = fill.model.config.max_input_length
+    text = "Texas is big. " * limit + f"Lincoln moved to {mask}." + " New Mexico is hot." * limit
+    with caplog.at_level(logging.WARNING):
+        answers = fill(text, top_k=2)
+    assert len(answers) == 2
+    assert any("longer than the encoder's limit" in record.getMessage() for record in caplog.records)
+    with pytest.raises(ValueError, match="masks are .* tokens apart"):
+        fill(f"{mask} " + "Texas is big. " * limit + f"{mask}.")
+
+
+def test_model_object_with_explicit_index(npm_dir, mask):
+    model = NPMModel.from_pretrained(npm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(npm_dir)
+    index = NPMIndex.load(npm_dir / "index")
+    fill = pipeline("fill-mask", model=model, tokenizer=tokenizer, index=index)
+    assert type(fill) is NonparametricFillMaskPipeline and fill.index is index
+    assert fill(f"Texas is {mask}.", top_k=2) == pipeline("fill-mask", model=str(npm_dir))(f"Texas is {mask}.", top_k=2)
+
+
+def test_missing_index_is_a_clear_error(tmp_path, encoder_dir):
+    convert_encoder(str(encoder_dir), tmp_path / "npm")
+    with pytest.raises(NPMIndexError, match="No NPM index at .*npm-hf build-index"):
+        pipeline("fill-mask", model=str(tmp_path / "npm"))
+
+
+def test_index_of_another_model_is_refused(tmp_path, npm_dir, encoder_dir):
+    convert_encoder(str(encoder_dir), tmp_path / "npm")
+    other = NPMModel.from_pretrained(tmp_path / "npm")
+    with torch.no_grad():
+        other.encoder.get_input_embeddings().weight.mul_(2)
+    other.save_pretrained(tmp_path / "npm")
+    with pytest.raises(NPMIndexError, match="different encoder weights"):
+        pipeline("fill-mask", model=str(tmp_path / "npm"), index=NPMIndex.load(npm_dir / "index"))
+
+
+def test_single_mode(tmp_path, encoder_dir, mask):
+    convert_encoder(str(encoder_dir), tmp_path / "single", mode="single")
+    build_index(tmp_path / "single", ["Lincoln moved to Illinois.", "Texas is big and hot."],
+                args=IndexBuildArguments(block_size=32, show_progress_bar=False))
+    fill = pipeline("fill-mask", model=str(tmp_path / "single"))
+    answers = fill(f"Texas is {mask}.", top_k=3)
+    assert len(answers) == 3 and all(isinstance(a["token"], int) for a in answers)
+    assert all(a["evidence"]["text"][a["evidence"]["start"] : a["evidence"]["end"]] == a["phrase"] for a in answers)
+    two = fill(f"{mask} {mask} is big.", top_k=2)  # NPM-single: every mask is its own token query
+    assert len(two) == 2
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "single")
+    texas = tokenizer("Texas", add_special_tokens=False)["input_ids"][0]
+    targeted = fill(f"{mask} is big.", targets=["Texas"])
+    assert [a["token"] for a in targeted] == [texas] and targeted[0]["score"] > 0
+
+
+@pytest.fixture(scope="module")
+def stock_mlm(tmp_path_factory):
+    """A tiny BertForMaskedLM with the MiniLM-free WordPiece vocabulary of the test corpus."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizer
+
+    trainer = BertWordPieceTokenizer(lowercase=True)
+    trainer.train_from_iterator(["paris is the capital of france"] * 3, vocab_size=60,
+                                special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tokenizer = BertTokenizer(vocab=trainer.get_vocab())
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=64)).eval()
+    folder = tmp_path_factory.mktemp("stock-bert")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_other_models_keep_the_stock_pipeline(stock_mlm):
+    fill = pipeline("fill-mask", model=str(stock_mlm))
+    assert type(fill) is FillMaskPipeline
+    stock = FillMaskPipeline(model=fill.model, tokenizer=fill.tokenizer)
+    for text, kwargs in [("paris is the [MASK] of france.", {"top_k": 4}),
+                         ("[MASK] is the [MASK] of france.", {}),
+                         ("paris is the [MASK] of france.", {"targets": ["capital", "paris"]})]:
+        assert fill(text, **kwargs) == stock(text, **kwargs)
+    with pytest.raises(ValueError, match="not an NPM model"):
+        pipeline("fill-mask", model=str(stock_mlm), index=object())
