@@ -38,8 +38,8 @@ setup(
     ],
     extras_require={
         "train": [],
-        "demo": [],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "demo": ["gensim>=4.3"],  # ships the Wikipedia sample the demo indexes by default
+        "dev": ["pytest>=8", "gensim>=4.3"],
     },
     entry_points={"console_scripts": ["npm-hf=npm_hf.cli:main"]},
 )

