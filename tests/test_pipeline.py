@@ -1,5 +1,6 @@
 """pipeline("fill-mask"): NPM answers with evidence for NPM models, stock behaviour for every other model."""
 
+import json
 import logging
 
 import pytest
@@ -156,3 +157,27 @@ def test_other_models_keep_the_stock_pipeline(stock_mlm):
         assert fill(text, **kwargs) == stock(text, **kwargs)
     with pytest.raises(ValueError, match="not an NPM model"):
         pipeline("fill-mask", model=str(stock_mlm), index=object())
+
+
+def test_hub_repo_id_pulls_weights_and_index_from_the_cache(tmp_path, npm_dir, mask):
+    """pipeline("fill-mask", model="org/name") finds the index in the Hub cache (offline fake cache, §4.4)."""
+    import shutil
+    import subprocess
+    import sys
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--npm-org--npm-tiny"
+    shutil.copytree(npm_dir, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    script = (
+        "import json, npm_hf\n"
+        "from transformers import pipeline\n"
+        "fill = pipeline('fill-mask', model='npm-org/npm-tiny')\n"
+        f"print(json.dumps(fill({f'Texas borders {mask}.'!r}, top_k=2)))\n"
+    )
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    local = pipeline("fill-mask", model=str(npm_dir))(f"Texas borders {mask}.", top_k=2)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == json.loads(json.dumps(local))
