@@ -34,11 +34,13 @@ import torch
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "offline_data" / "enwiki_sample" / "enwiki_sample.jsonl"
 
-# Token ranges (min, max) of the P2 corpus and the P1 index (None: the whole sample), rounds and queries.
+# Token ranges (min, max) of the P2 corpus and the P1 index (None: the whole sample), number of P1 queries, and
+# rounds per figure: (min, max, seconds) = at least min rounds, then more until the seconds are spent, at most max.
 SETTINGS = {
-    "quick": {"p2_tokens": (30_000, 40_000), "p2_rounds": 5, "p1_tokens": (100_000, 130_000), "p1_queries": 20,
-              "p1_rounds": 7},
-    "full": {"p2_tokens": (150_000, 200_000), "p2_rounds": 5, "p1_tokens": None, "p1_queries": 20, "p1_rounds": 9},
+    "quick": {"p2_tokens": (30_000, 40_000), "p2_rounds": (3, 8, 75), "p1_tokens": (100_000, 130_000),
+              "p1_queries": 20, "p1_rounds": (3, 10, 45)},
+    "full": {"p2_tokens": (150_000, 200_000), "p2_rounds": (3, 8, 300), "p1_tokens": None, "p1_queries": 20,
+             "p1_rounds": (5, 12, 120)},
 }
 BLOCK_SIZE = 256
 BATCH_SIZE = 16
@@ -175,22 +177,34 @@ def build_seconds(model, tokenizer, documents, out_dir: Path):
     return time.perf_counter() - started, index
 
 
-def figure_p2(model, tokenizer, documents, workdir: Path, rounds: int) -> None:
+def round_numbers(rounds: tuple[int, int, float]):
+    """0, 1, 2, ...: at least `rounds[0]`, then more while under `rounds[2]` seconds, at most `rounds[1]`."""
+    low, high, seconds = rounds
+    started = time.perf_counter()
+    r = 0
+    while r < high and (r < low or time.perf_counter() - started < seconds):
+        yield r
+        r += 1
+
+
+def figure_p2(model, tokenizer, documents, workdir: Path, rounds: tuple[int, int, float]) -> None:
+    import faiss  # noqa: F401  (imported by the build; import it outside the timed region)
+
     pad_id = model.config.encoder.pad_token_id or 0
-    # Round 0 builds once to learn the exact token ids (and warms everything up); it is not counted.
-    _, index = build_seconds(model, tokenizer, documents, workdir / "p2-warmup")
-    num_tokens = index.manifest.num_tokens
-    batches = pack_batches(np.asarray(index.tokens["id"], dtype=np.int64), pad_id)
-    del index
-    shutil.rmtree(workdir / "p2-warmup", ignore_errors=True)
-    bare_forward_seconds(model, batches[:1])
+    warmup = torch.full((BATCH_SIZE, BLOCK_SIZE), tokenizer.unk_token_id or 100, dtype=torch.long)
+    bare_forward_seconds(model, [(warmup, torch.ones_like(warmup))])
+    # Round 0 builds first; its index gives the exact token ids that the bare forward packs into blocks.
+    batches, num_tokens = None, None
     build_times, bare_times = [], []
-    for r in range(rounds):
+    for r in round_numbers(rounds):
         out_dir = workdir / f"p2-{r}"
         order = ("build", "bare") if r % 2 == 0 else ("bare", "build")
         for what in order:
             if what == "build":
                 seconds, index = build_seconds(model, tokenizer, documents, out_dir)
+                if batches is None:
+                    num_tokens = index.manifest.num_tokens
+                    batches = pack_batches(np.asarray(index.tokens["id"], dtype=np.int64), pad_id)
                 assert index.manifest.num_tokens == num_tokens
                 del index
                 shutil.rmtree(out_dir, ignore_errors=True)
@@ -204,7 +218,7 @@ def figure_p2(model, tokenizer, documents, workdir: Path, rounds: int) -> None:
     median_ratio = statistics.median(bare_times) / statistics.median(build_times)
     emit("P2", build_tps / bare_tps, ">= 0.9",
          f"{num_tokens} tokens, {len(documents)} docs, {len(batches)} batches of {BATCH_SIZE}x{BLOCK_SIZE}; "
-         f"best of {rounds} alternating rounds: build {build_tps:.0f} tok/s ({min(build_times):.2f}s), "
+         f"best of {len(build_times)} alternating rounds: build {build_tps:.0f} tok/s ({min(build_times):.2f}s), "
          f"bare forward {bare_tps:.0f} tok/s ({min(bare_times):.2f}s); median ratio {median_ratio:.3f}; "
          f"build s {[round(t, 2) for t in build_times]}, bare s {[round(t, 2) for t in bare_times]}")
 
@@ -241,7 +255,7 @@ def pipeline_seconds(fill, query: str) -> float:
     return seconds
 
 
-def figure_p1(model, tokenizer, index, queries: list[str], rounds: int) -> None:
+def figure_p1(model, tokenizer, index, queries: list[str], rounds: tuple[int, int, float]) -> None:
     from npm_hf import NonparametricFillMaskPipeline
 
     assert model.config.mode == "span", "P1's baseline models span mode (2 query vectors per mask)"
@@ -251,18 +265,25 @@ def figure_p1(model, tokenizer, index, queries: list[str], rounds: int) -> None:
     for query, inputs in list(zip(queries, prepared))[:3]:  # warm-up (lazy tables, allocator, page cache)
         pipeline_seconds(fill, query)
         bare_query_seconds(model, index.faiss_index, k, inputs)
-    pipe = np.zeros((rounds, len(queries)))
-    bare = np.zeros((rounds, len(queries)))
-    for r in range(rounds):
-        gc.collect()
-        for q, (query, inputs) in enumerate(zip(queries, prepared)):
-            if (r + q) % 2 == 0:
-                pipe[r, q] = pipeline_seconds(fill, query)
-                bare[r, q] = bare_query_seconds(model, index.faiss_index, k, inputs)
-            else:
-                bare[r, q] = bare_query_seconds(model, index.faiss_index, k, inputs)
-                pipe[r, q] = pipeline_seconds(fill, query)
+    pipe = np.zeros((rounds[1], len(queries)))
+    bare = np.zeros((rounds[1], len(queries)))
+    # Each round times every query through one path, then through the other (the order alternates between rounds),
+    # back to back as in real use, after a short pause: a path's after-effects (e.g. BLAS worker threads still
+    # spinning after the pipeline's numpy matmuls, which compete for the 2 cores) then slow only that path's own
+    # next queries, never the other path's measurements.
+    done = 0
+    for r in round_numbers(rounds):
+        for path in (("pipeline", "bare") if r % 2 == 0 else ("bare", "pipeline")):
+            gc.collect()
+            time.sleep(0.2)
+            for q, (query, inputs) in enumerate(zip(queries, prepared)):
+                if path == "pipeline":
+                    pipe[r, q] = pipeline_seconds(fill, query)
+                else:
+                    bare[r, q] = bare_query_seconds(model, index.faiss_index, k, inputs)
+        done = r + 1
         log.info(f"P1 round {r}: pipeline {pipe[r].mean() * 1e3:.1f} ms/query, baseline {bare[r].mean() * 1e3:.1f} ms/query")
+    pipe, bare = pipe[:done], bare[:done]
     pipe_median = np.median(pipe, axis=0).mean()
     bare_median = np.median(bare, axis=0).mean()
     pipe_best = pipe.min(axis=0).mean()
@@ -271,11 +292,14 @@ def figure_p1(model, tokenizer, index, queries: list[str], rounds: int) -> None:
     m = index.manifest
     # Per query best-of-N (noise only adds time), averaged over queries; medians in the detail.
     emit("P1", pipe_best / bare_best, "<= 1.2",
-         f"index {m.num_tokens} tokens ({m.num_indexed_tokens} indexed, {m.num_documents} docs, {m.faiss_factory}), "
+         f"index {m.num_tokens} tokens ({m.num_indexed_tokens} indexed, {m.num_documents} docs, {m.faiss_factory}, "
+         f"{sum(directory_bytes(index.path).values()) / 2**20:.0f} MiB), "
          f"k={k}, mode={model.config.mode}, {len(queries)} queries of {min(lengths)}-{max(lengths)} encoder tokens, "
-         f"{rounds} alternating rounds; per-query best-of-{rounds}: pipeline {pipe_best * 1e3:.1f} ms, "
+         f"{done} alternating rounds; per-query best-of-{done}: pipeline {pipe_best * 1e3:.1f} ms, "
          f"forward+search {bare_best * 1e3:.1f} ms; per-query medians: pipeline {pipe_median * 1e3:.1f} ms, "
-         f"forward+search {bare_median * 1e3:.1f} ms (ratio {pipe_median / bare_median:.3f})")
+         f"forward+search {bare_median * 1e3:.1f} ms (ratio {pipe_median / bare_median:.3f}); round means ms: "
+         f"pipeline {[round(x * 1e3) for x in pipe.mean(axis=1)]}, forward+search "
+         f"{[round(x * 1e3) for x in bare.mean(axis=1)]}")
 
 
 # -------------------------------------------------------------------------------------------------------- B

@@ -66,9 +66,12 @@ class NPMConfig(PreTrainedConfig):
     span_stopwords: str = "none"
     index_subfolder: str = "index"
     apply_temperature_twice: bool = False
+    pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.pad_token_id is None:
+            self.pad_token_id = getattr(self.encoder, "pad_token_id", None)
         if self.mode not in NPM_MODES:
             raise ValueError(f"NPMConfig.mode={self.mode!r} is not supported; use one of {list(NPM_MODES)}.")
         if self.span_stopwords not in SPAN_STOPWORD_RULES:

@@ -6,7 +6,7 @@
 
 from .version import __version__
 from .modeling import NPMConfig, NPMModel, NPMOutput, NPMPreTrainedModel
-from .corpus import iter_documents
+from .corpus import iter_documents, prepare_training_blocks
 from .index import IndexBuildArguments, IndexManifest, IndexMismatchError, NPMIndex, NPMIndexError
 from .pipeline import FillMaskDispatcher, NonparametricFillMaskPipeline
 from .retrieval import NPMPredictor
@@ -16,11 +16,27 @@ from .registration import register
 
 register()
 
+# Training pulls in Trainer/accelerate: imported on first use, not by `import npm_hf`.
+_TRAINING_NAMES = ("NPMContrastiveLoss", "NPMSpanCollator", "NPMTrainer", "NPMTrainingArguments")
+
+
+def __getattr__(name):
+    if name in _TRAINING_NAMES:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'npm_hf' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "IndexBuildArguments",
     "IndexManifest",
     "IndexMismatchError",
+    "NPMContrastiveLoss",
+    "NPMSpanCollator",
+    "NPMTrainer",
+    "NPMTrainingArguments",
     "NPMConfig",
     "NPMIndex",
     "NPMIndexError",
@@ -35,4 +51,5 @@ __all__ = [
     "iter_documents",
     "register",
     "load_npm",
+    "prepare_training_blocks",
 ]

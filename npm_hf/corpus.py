@@ -183,3 +183,39 @@ def word_flags(word_ids: list, special_tokens_mask: list, offsets: np.ndarray, t
     flags[covering[covered_words != np.concatenate([covered_words[1:], [-2]])]] |= WORD_END
     flags[special] = SPECIAL
     return flags
+
+
+def prepare_training_blocks(corpus, tokenizer, block_size: int = 256, group_size: int = 16,
+                            text_column: str = "text"):
+    """Cut a corpus into NPM training blocks, in groups of consecutive blocks that form one contrastive batch.
+
+    Documents are tokenized and concatenated in order and cut into blocks of `block_size` tokens, as for the
+    index. `group_size` consecutive blocks (same or neighbouring documents, so that their spans co-occur) share a
+    `group` id; a trailing incomplete group is dropped. Returns a `datasets.Dataset` with columns `input_ids`,
+    `word_start`, `word_end` (0/1 per token) and `group`.
+    """
+    import datasets
+
+    if block_size < 3 or group_size < 2:
+        raise ValueError(f"Need block_size >= 3 and group_size >= 2 (in-batch positives), got {block_size}, {group_size}.")
+    stats = CorpusStats()
+    chunks = [records for _, records in tokenize_documents(iter_documents(corpus, text_column=text_column),
+                                                           tokenizer, stats)]
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=TOKEN_DTYPE)
+    num_groups = len(tokens) // block_size // group_size
+    if num_groups == 0:
+        raise ValueError(
+            f"The corpus has {len(tokens)} tokens ({stats.num_documents} documents), fewer than one group of "
+            f"{group_size} blocks of {block_size} tokens ({group_size * block_size} tokens); add text or lower "
+            "group_size / block_size."
+        )
+    usable = num_groups * group_size * block_size
+    if usable < len(tokens):
+        logger.info(f"Dropping the last {len(tokens) - usable} tokens, which do not fill a whole group.")
+    blocks = tokens[:usable].reshape(-1, block_size)
+    return datasets.Dataset.from_dict({
+        "input_ids": blocks["id"].tolist(),
+        "word_start": ((blocks["flags"] & WORD_START) != 0).astype(np.int8).tolist(),
+        "word_end": ((blocks["flags"] & WORD_END) != 0).astype(np.int8).tolist(),
+        "group": np.repeat(np.arange(num_groups), group_size).tolist(),
+    })

@@ -1,0 +1,310 @@
+"""Training: group batches, span masking, the contrastive loss, NPMTrainer, DDP equivalence, learning."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import BertWordPieceTokenizer
+from transformers import AutoModel, BertConfig, BertModel, BertTokenizer, Trainer, TrainingArguments
+
+import npm_hf
+from npm_hf import NPMModel, NPMSpanCollator, NPMTrainer, NPMTrainingArguments, prepare_training_blocks
+from npm_hf.trainer import GroupSampler, NPMContrastiveLoss
+
+
+SCRIPTS = Path(__file__).parent / "scripts"
+PEOPLE = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "oscar", "peggy"]
+CITIES = ["paris", "rome", "oslo", "lima", "cairo", "tokyo", "delhi", "quito", "dakar", "hanoi", "sofia", "riga"]
+TEMPLATES = ["{p} was born in {c} .", "{c} is the birthplace of {p} .", "{p} grew up in {c} .",
+             "the home town of {p} is {c} ."]
+
+
+def fact_documents(count: int, seed: int) -> list[str]:
+    """Documents restating the same birthplace facts: spans co-occur across the sequences of a group."""
+    rng = random.Random(seed)
+    facts = list(zip(PEOPLE, CITIES))
+    documents = []
+    for _ in range(count):
+        picks = [rng.choice(facts) for _ in range(6)]
+        documents.append(" ".join(rng.choice(TEMPLATES).format(p=p, c=c) for p, c in picks))
+    return documents
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    trainer = BertWordPieceTokenizer(lowercase=True)
+    trainer.train_from_iterator(fact_documents(50, seed=1), vocab_size=200,
+                                special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    return BertTokenizer(vocab=trainer.get_vocab())
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    folder = tmp_path_factory.mktemp("train-npm")
+    encoder.save_pretrained(folder / "encoder")
+    tokenizer.save_pretrained(folder / "encoder")
+    npm_hf.convert_encoder(str(folder / "encoder"), folder / "npm")
+    return folder / "npm"
+
+
+@pytest.fixture(scope="module")
+def blocks(tokenizer):
+    return prepare_training_blocks(fact_documents(200, seed=2), tokenizer, block_size=32, group_size=4)
+
+
+def quiet_args(tmp_path, **overrides):
+    defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, use_cpu=True, report_to="none",
+                    save_strategy="no", disable_tqdm=True, seed=0, warmup_steps=0)
+    return NPMTrainingArguments(**{**defaults, **overrides})
+
+
+# ------------------------------------------------------------------------------------------------ data and groups
+def test_blocks_come_in_whole_groups(blocks, tokenizer):
+    groups = np.asarray(blocks["group"])
+    assert len(blocks) % 4 == 0 and np.all(np.bincount(groups) == 4)
+    assert all(len(ids) == 32 for ids in blocks["input_ids"])
+    with pytest.raises(ValueError, match="fewer than one group of 4 blocks of 32 tokens"):
+        prepare_training_blocks(["alice was born in paris ."], tokenizer, block_size=32, group_size=4)
+
+
+def test_group_sampler_never_splits_groups():
+    sampler = GroupSampler([0, 0, 1, 1, 2, 2, 3, 3], shuffle=True, seed=5)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(8))
+        assert all(order[i] // 2 == order[i + 1] // 2 for i in range(0, 8, 2))  # pairs stay together
+        orders.append(order)
+    assert len({tuple(o) for o in orders}) > 1  # reshuffled per epoch
+    assert list(GroupSampler([0, 0, 1, 1, 2, 2, 3, 3], shuffle=True, seed=5)) == orders[0]  # same on every process
+
+
+# ---------------------------------------------------------------------------------------------------- collator
+def test_collator_masks_co_occurring_spans_deterministically(blocks, tokenizer):
+    collator = NPMSpanCollator(tokenizer)
+    features = [blocks[i] for i in range(8)]  # two groups
+    batch = collator(features)
+    alone = collator(features[4:])  # the second group by itself
+    second = batch["query_sequence"] >= 4
+    assert torch.equal(batch["query_ids"][second], alone["query_ids"])
+    assert torch.equal(batch["input_ids"][4:, : alone["input_ids"].shape[1]], alone["input_ids"])
+    mask_id = tokenizer.mask_token_id
+    for row in range(len(batch["query_sequence"])):
+        seq = int(batch["query_sequence"][row])
+        span = batch["query_ids"][row][: batch["query_length"][row]].tolist()
+        start, end = int(batch["query_start"][row]), int(batch["query_end"][row])
+        assert end == start + 1 and batch["input_ids"][seq, start] == mask_id == batch["input_ids"][seq, end]
+        group = range(seq // 4 * 4, seq // 4 * 4 + 4)
+        others = [features[j]["input_ids"] for j in group if j != seq]
+        n = len(span)
+        assert any(other[m : m + n] == span for other in others for m in range(len(other) - n + 1))
+        assert tokenizer.mask_token_id not in span and not set(span) & set(tokenizer.all_special_ids)
+    assert torch.equal(batch["key_input_ids"], torch.tensor([f["input_ids"] for f in features]))
+    masked_tokens = int(batch["query_length"][:].sum())
+    real = sum(len(f["input_ids"]) for f in features)
+    assert 0.05 * real <= masked_tokens <= 0.15 * real + 2 * 10
+
+
+def test_collator_respects_word_boundaries(blocks, tokenizer):
+    batch = NPMSpanCollator(tokenizer, mode="single")(blocks[:4] and [blocks[i] for i in range(4)])
+    assert torch.all(batch["query_start"] == batch["query_end"]) and batch["query_ids"].shape[1] == 1
+    for seq, position in zip(batch["query_sequence"].tolist(), batch["query_start"].tolist()):
+        assert batch["input_ids"][seq, position] == tokenizer.mask_token_id
+    span_batch = NPMSpanCollator(tokenizer)([blocks[i] for i in range(4)])
+    for row in range(len(span_batch["query_sequence"])):
+        seq = int(span_batch["query_sequence"][row])
+        pieces = tokenizer.convert_ids_to_tokens(span_batch["query_ids"][row][: span_batch["query_length"][row]])
+        assert not pieces[0].startswith("##")
+        # The span ends at a word end: the token after it in the original block is not a continuation.
+        original = blocks[seq]["input_ids"]
+        n = len(pieces)
+        starts = [m for m in range(len(original) - n + 1)
+                  if tokenizer.convert_ids_to_tokens(original[m : m + n]) == pieces and blocks[seq]["word_start"][m]
+                  and blocks[seq]["word_end"][m + n - 1]]
+        assert starts
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mask_ratio": 1.5}, "mask_ratio must be in"),
+    ({"geometric_p": 0.0}, "geometric_p must be in"),
+    ({"max_span_length": 0}, "max_span_length must be >= 1"),
+    ({"mode": "phrase"}, "use 'span' or 'single'"),
+])
+def test_collator_validation(tokenizer, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NPMSpanCollator(tokenizer, **kwargs)
+
+
+def test_tokenizer_without_mask_token_is_refused(tokenizer):
+    import copy
+
+    unmasked = copy.deepcopy(tokenizer)
+    unmasked.mask_token = None
+    with pytest.raises(ValueError, match="has no mask token"):
+        NPMSpanCollator(unmasked)
+
+
+def test_too_few_spans_still_give_a_valid_batch(tokenizer):
+    features = [{"input_ids": tokenizer(t)["input_ids"], "word_start": [1] * 6, "word_end": [1] * 6, "group": 0}
+                for t in ("alice rome", "bob oslo", "carol lima", "dave cairo")]
+    for feature in features:
+        n = len(feature["input_ids"])
+        feature["word_start"], feature["word_end"] = [1] * n, [1] * n
+    batch = NPMSpanCollator(tokenizer)(features)
+    assert batch["query_ids"].shape == (0, 10) and batch["input_ids"].shape[0] == 4
+
+
+# -------------------------------------------------------------------------------------------------------- loss
+def test_loss_matches_a_naive_computation(model_dir, blocks, tokenizer):
+    model = NPMModel.from_pretrained(model_dir)
+    batch = NPMSpanCollator(tokenizer)([blocks[i] for i in range(8)])
+    loss_module = NPMContrastiveLoss(model)
+    loss = loss_module(model, batch)
+    with torch.no_grad():
+        queries = model(batch["input_ids"], batch["attention_mask"]).last_hidden_state
+        keys = model(batch["key_input_ids"], batch["key_attention_mask"]).last_hidden_state
+    scale = model.config.scale
+    totals = {"start": [], "end": []}
+    key_ids = batch["key_input_ids"].tolist()
+    for row in range(len(batch["query_sequence"])):
+        seq = int(batch["query_sequence"][row])
+        span = batch["query_ids"][row][: batch["query_length"][row]].tolist()
+        for side, position in (("start", batch["query_start"][row]), ("end", batch["query_end"][row])):
+            q = queries[seq, position]
+            scores, positive = [], []
+            for other in range(8):
+                if other == seq:
+                    continue
+                for m in range(32):
+                    if not batch["key_attention_mask"][other, m]:
+                        continue
+                    scores.append(float(q @ keys[other, m]) * scale)
+                    first = m if side == "start" else m - len(span) + 1
+                    positive.append(first >= 0 and key_ids[other][first : first + len(span)] == span)
+            scores = np.array(scores)
+            positive = np.array(positive)
+            if positive.any():
+                totals[side].append(np.logaddexp.reduce(scores) - np.logaddexp.reduce(scores[positive]))
+    expected = np.mean(totals["start"]) + np.mean(totals["end"])
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
+    assert loss_module.last_stats["queries"] == len(batch["query_sequence"])
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_batch_without_positives_gives_a_connected_zero(model_dir, tokenizer):
+    model = NPMModel.from_pretrained(model_dir)
+    features = [{"input_ids": tokenizer(t)["input_ids"], "group": 0} for t in ("alice", "bob", "carol", "dave")]
+    for feature in features:
+        feature["word_start"] = feature["word_end"] = [1] * len(feature["input_ids"])
+    batch = NPMSpanCollator(tokenizer)(features)
+    loss = NPMContrastiveLoss(model)(model, batch)
+    assert float(loss) == 0.0 and loss.requires_grad
+    loss.backward()
+
+
+# ----------------------------------------------------------------------------------------------------- trainer
+def test_trainer_trains_logs_and_saves_a_usable_npm(model_dir, blocks, tokenizer, tmp_path):
+    args = quiet_args(tmp_path, max_steps=3, logging_steps=1, learning_rate=1e-3)
+    trainer = NPMTrainer(model=NPMModel.from_pretrained(model_dir), args=args, train_dataset=blocks)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3 and all(entry["spans_per_batch"] > 0 for entry in logs)
+    assert all(0 <= entry["span_accuracy"] <= 1 and entry["queries_with_positives"] == 1.0 for entry in logs)
+    trainer.save_model(tmp_path / "trained")
+    reloaded = AutoModel.from_pretrained(tmp_path / "trained")
+    assert type(reloaded) is NPMModel
+    index = npm_hf.build_index(tmp_path / "trained", fact_documents(3, seed=9),
+                               args=npm_hf.IndexBuildArguments(block_size=32, show_progress_bar=False))
+    assert index.manifest.num_documents == 3
+
+
+def test_trainer_rejects_bad_setups(model_dir, blocks, tmp_path, tokenizer):
+    model = NPMModel.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="needs NPMTrainingArguments"):
+        NPMTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path)), train_dataset=blocks)
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        NPMTrainer(model=model, args=quiet_args(tmp_path, per_device_train_batch_size=6), train_dataset=blocks)
+    with pytest.raises(ValueError, match="lacks the columns \\['word_start', 'word_end', 'group'\\]"):
+        NPMTrainer(model=model, args=quiet_args(tmp_path), train_dataset=blocks.select_columns(["input_ids"]))
+    with pytest.raises(ValueError, match="wrap your encoder"):
+        NPMTrainer(model=BertModel(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1,
+                                              num_attention_heads=1, intermediate_size=8)), train_dataset=blocks)
+    long_blocks = prepare_training_blocks(fact_documents(40, seed=3), tokenizer, block_size=70, group_size=4)
+    with pytest.raises(ValueError, match="more than the encoder accepts \\(64\\)"):
+        NPMTrainer(model=model, args=quiet_args(tmp_path), train_dataset=long_blocks)
+    with pytest.raises(ValueError, match="mask_ratio must be in"):
+        quiet_args(tmp_path, mask_ratio=0.0)
+
+
+def _parameters(folder) -> dict:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def _one_step(model_dir, dataset_dir, output_dir, groups_per_process, processes=1) -> dict:
+    script = [str(SCRIPTS / "train_one_step.py"), str(model_dir), str(dataset_dir), str(output_dir),
+              str(groups_per_process)]
+    if processes == 1:
+        command = [sys.executable, *script]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", str(29500 + os.getpid() % 1000), *script]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _parameters(output_dir)
+
+
+def test_gradient_accumulation_averages_micro_batches(model_dir, blocks, tmp_path):
+    two_groups = blocks.filter(lambda row: row["group"] in (0, 1))
+    for name, dataset in (("both", two_groups), ("first", two_groups.filter(lambda r: r["group"] == 0)),
+                          ("second", two_groups.filter(lambda r: r["group"] == 1))):
+        args = quiet_args(tmp_path / name, max_steps=1, optim="sgd", learning_rate=0.5, weight_decay=0.0,
+                          max_grad_norm=0.0, lr_scheduler_type="constant", shuffle_groups=False,
+                          gradient_accumulation_steps=2 if name == "both" else 1)
+        trainer = NPMTrainer(model=NPMModel.from_pretrained(model_dir), args=args, train_dataset=dataset)
+        trainer.train()
+        trainer.save_model(tmp_path / name)
+    both, first, second = (_parameters(tmp_path / n) for n in ("both", "first", "second"))
+    for key in both:
+        torch.testing.assert_close(both[key], (first[key] + second[key]) / 2, atol=1e-5, rtol=1e-5)
+
+
+def test_ddp_step_equals_one_process_over_the_global_batch(model_dir, blocks, tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo): one SGD step matches one process holding both groups."""
+    dataset_dir = tmp_path / "blocks"
+    blocks.filter(lambda row: row["group"] in (0, 1)).save_to_disk(dataset_dir)
+    single = _one_step(model_dir, dataset_dir, tmp_path / "single", groups_per_process=2)
+    ddp = _one_step(model_dir, dataset_dir, tmp_path / "ddp", groups_per_process=1, processes=2)
+    start = _parameters(model_dir)
+    moved = max(float((single[k] - start[k]).abs().max()) for k in single)
+    assert moved > 1e-3  # the step did change the weights
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_training_learns_to_retrieve_held_out_spans(model_dir, blocks, tokenizer, tmp_path):
+    held_out = prepare_training_blocks(fact_documents(64, seed=7), tokenizer, block_size=32, group_size=4)
+    args = quiet_args(tmp_path, max_steps=40, per_device_train_batch_size=8, per_device_eval_batch_size=8,
+                      learning_rate=2e-3, logging_steps=10)
+    trainer = NPMTrainer(model=NPMModel.from_pretrained(model_dir), args=args, train_dataset=blocks,
+                         eval_dataset=held_out)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_loss"] < before["eval_loss"] - 0.2
+    assert after["eval_span_accuracy"] > before["eval_span_accuracy"] + 0.01
+    train_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert train_losses[-1] < train_losses[0]

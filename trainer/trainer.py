@@ -1,0 +1,134 @@
+"""NPMTrainer: a thin Trainer whose loss is NPM's in-batch contrastive objective."""
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, Trainer
+from transformers.utils import logging
+
+from .data_collator import NPMSpanCollator
+from .loss import NPMContrastiveLoss
+from .training_args import NPMTrainingArguments
+
+
+logger = logging.get_logger(__name__)
+
+REQUIRED_COLUMNS = ("input_ids", "word_start", "word_end", "group")
+
+
+class GroupSampler(torch.utils.data.Sampler):
+    """Yields example indices group by group (a group is never split), in a seeded order reshuffled per epoch.
+
+    Every process computes the same order; accelerate then hands each process whole batches, hence whole groups.
+    """
+
+    def __init__(self, groups: list[int], shuffle: bool = True, seed: int = 0):
+        self.members = defaultdict(list)
+        for index, group in enumerate(groups):
+            self.members[int(group)].append(index)
+        self.order = list(self.members)
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(len(members) for members in self.members.values())
+
+    def __iter__(self):
+        order = self.order
+        if self.shuffle:
+            order = [order[i] for i in np.random.default_rng(self.seed + self.epoch).permutation(len(order))]
+        for group in order:
+            yield from self.members[group]
+
+
+class NPMTrainer(Trainer):
+    """Trains an `NPMModel` with NPM's contrastive loss; everything else is the stock `Trainer`.
+
+    Args:
+        model: an `NPMModel` (e.g. `NPMModel.from_encoder("roberta-base")`).
+        args: [`NPMTrainingArguments`].
+        train_dataset / eval_dataset: from `npm_hf.prepare_training_blocks` (columns input_ids, word_start,
+            word_end, group).
+        processing_class: the tokenizer (loaded from the model's name_or_path when omitted).
+        data_collator: defaults to an `NPMSpanCollator` configured from `args` and the model.
+        loss: defaults to `NPMContrastiveLoss(model)`.
+
+    Logs, besides the loss, `spans_per_batch` (queries per batch), `queries_with_positives` (their share) and
+    `span_accuracy` (share of those whose best-scoring in-batch key is a positive); with an `eval_` prefix in
+    evaluation.
+    """
+
+    loss_is_scaled_for_ga = False  # the loss is a per-batch mean: Trainer divides by accumulation steps
+
+    def __init__(self, model=None, args: NPMTrainingArguments | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, data_collator=None, loss: NPMContrastiveLoss | None = None, **kwargs):
+        if getattr(getattr(model, "config", None), "model_type", None) != "npm":
+            raise ValueError("NPMTrainer trains NPM models: wrap your encoder with NPMModel.from_encoder(...) first.")
+        if args is None:
+            args = NPMTrainingArguments(output_dir="npm-output")
+        if not isinstance(args, NPMTrainingArguments):
+            raise ValueError(
+                f"NPMTrainer needs NPMTrainingArguments, got {type(args).__name__}; convert it with "
+                "NPMTrainingArguments(**args.to_dict())."
+            )
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.name_or_path)
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if dataset is not None:
+                _check_dataset(name, dataset, args, model.config.max_input_length)
+        if data_collator is None:
+            data_collator = NPMSpanCollator(
+                processing_class, mode=model.config.mode, mask_ratio=args.mask_ratio, geometric_p=args.geometric_p,
+                max_span_length=args.max_masked_span_length, max_spans_per_sequence=args.max_spans_per_sequence,
+                max_ngram_uses=args.max_ngram_uses, max_length=model.config.max_input_length, seed=args.masking_seed,
+            )
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, data_collator=data_collator, **kwargs)
+        self.loss = loss if loss is not None else NPMContrastiveLoss(model)
+        self._span_stats = defaultdict(float)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = self.loss(model, inputs)
+        for key, value in self.loss.last_stats.items():
+            self._span_stats[key] += value
+        self._span_stats["batches"] += 1
+        return (loss, {}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        stats, self._span_stats = self._span_stats, defaultdict(float)
+        if stats["batches"]:
+            prefix = "eval_" if any(key.startswith("eval_") for key in logs) else ""
+            logs[f"{prefix}spans_per_batch"] = round(stats["queries"] / stats["batches"], 2)
+            logs[f"{prefix}queries_with_positives"] = round(stats["queries_with_positives"] / max(stats["queries"], 1), 4)
+            logs[f"{prefix}span_accuracy"] = round(stats["correct_top1"] / max(stats["queries_with_positives"], 1), 4)
+        super().log(logs, start_time)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return GroupSampler(dataset["group"], shuffle=self.args.shuffle_groups, seed=self.args.seed)
+
+
+def _check_dataset(name: str, dataset, args: NPMTrainingArguments, max_length: int) -> None:
+    missing = [column for column in REQUIRED_COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{name} lacks the columns {missing}; build it with npm_hf.prepare_training_blocks(corpus, tokenizer)."
+        )
+    groups = np.asarray(dataset["group"])
+    sizes = np.unique(np.unique(groups, return_counts=True)[1])
+    batch = args.per_device_train_batch_size if name == "train_dataset" else args.per_device_eval_batch_size
+    if len(sizes) != 1 or batch % int(sizes[0]):
+        raise ValueError(
+            f"{name} has groups of {sizes.tolist()} sequences; a batch of {batch} per device must hold whole groups. "
+            f"Set per_device_{'train' if name == 'train_dataset' else 'eval'}_batch_size to a multiple of the "
+            "group size."
+        )
+    longest = max(len(ids) for ids in dataset[:64]["input_ids"])
+    if longest > max_length:
+        raise ValueError(
+            f"{name} has sequences of {longest} tokens, more than the encoder accepts ({max_length}); prepare the "
+            f"blocks with block_size <= {max_length} (masking a span of one token adds one more)."
+        )

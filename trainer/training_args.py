@@ -1,0 +1,63 @@
+"""Training arguments of NPMTrainer: TrainingArguments with NPM's defaults and span-masking knobs."""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class NPMTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus NPM's span masking. Defaults follow the paper where they fit any run size
+    (lr 3e-5, weight decay 0.01, gradient clipping 2.0); the warm-up stays yours to set (the paper: 4000 steps).
+
+    A batch is made of whole groups (consecutive blocks, see `npm_hf.prepare_training_blocks`), so
+    `per_device_train_batch_size` must be a multiple of the dataset's group size.
+    """
+
+    learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (paper: 3e-5)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)."})
+    max_grad_norm: float = field(default=2.0, metadata={"help": "Gradient clipping norm (paper: 2.0)."})
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "Sequences per process and step: a multiple of the group size (paper: 16)."}
+    )
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Like per_device_train_batch_size."})
+    mask_ratio: float = field(default=0.15, metadata={"help": "Share of real tokens masked per group."})
+    geometric_p: float = field(default=0.5, metadata={"help": "Span length ~ Geometric(p) (paper: 0.5)."})
+    max_masked_span_length: int = field(default=10, metadata={"help": "Longest masked span in tokens (paper: 10)."})
+    max_spans_per_sequence: int = field(default=64, metadata={"help": "Masked spans per sequence at most."})
+    max_ngram_uses: int = field(default=10, metadata={"help": "Masks of one n-gram per group at most."})
+    masking_seed: int = field(default=2022, metadata={"help": "Seed of the span masking (plus the group id)."})
+    shuffle_groups: bool = field(default=True, metadata={"help": "Shuffle the order of groups every epoch."})
+    # Required by NPM training; set here so that the defaults need no correction (a different value warns).
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator needs "
+                                                                          "word_start / word_end / group."})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "Must stay True: processes gather keys "
+                                                                         "of equal shape."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "False: both passes use "
+                                                                                      "every parameter."})
+    prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation reports the NPM loss."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.mask_ratio <= 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1], got {self.mask_ratio}.")
+        if not 0.0 < self.geometric_p <= 1.0:
+            raise ValueError(f"geometric_p must be in (0, 1], got {self.geometric_p}.")
+        for name in ("max_masked_span_length", "max_spans_per_sequence", "max_ngram_uses"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        forced = {
+            "remove_unused_columns": False,  # the collator needs word_start / word_end / group
+            "dataloader_drop_last": True,  # every process gathers keys of the same shape
+            "ddp_find_unused_parameters": False,  # both passes use every parameter
+            "prediction_loss_only": True,
+            "label_names": ["query_ids"],  # evaluation then goes through compute_loss
+        }
+        for name, value in forced.items():
+            if getattr(self, name) != value and not (name == "label_names" and getattr(self, name) is None):
+                logger.warning(f"NPMTrainingArguments needs {name}={value}; ignoring {getattr(self, name)}.")
+            setattr(self, name, value)
