@@ -10,7 +10,7 @@ from .corpus import iter_documents, prepare_training_blocks
 from .index import IndexBuildArguments, IndexManifest, IndexMismatchError, NPMIndex, NPMIndexError
 from .pipeline import FillMaskDispatcher, NonparametricFillMaskPipeline
 from .retrieval import NPMPredictor
-from .api import build_index, convert_encoder, load_npm
+from .api import TrainDataArguments, build_index, convert_encoder, load_npm, train
 from .registration import register
 
 
@@ -51,5 +51,7 @@ __all__ = [
     "iter_documents",
     "register",
     "load_npm",
+    "train",
+    "TrainDataArguments",
     "prepare_training_blocks",
 ]

@@ -1,8 +1,9 @@
-"""High-level functions behind the CLI: make an NPM directory from an encoder, load one, build its index."""
+"""High-level functions behind the CLI: make an NPM directory from an encoder, load one, build its index, train."""
 
 import os
 import shutil
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
@@ -70,3 +71,52 @@ def build_index(model, corpus, output_dir=None, args: IndexBuildArguments | None
     if output_dir is None or tokenizer is None:
         raise ValueError("Pass output_dir= and tokenizer= when building an index for a model object.")
     return NPMIndex.build(model, tokenizer, corpus, output_dir, args)
+
+
+@dataclass
+class TrainDataArguments:
+    """What `npm-hf train` trains on and where it saves (the Trainer's own flags are NPMTrainingArguments)."""
+
+    model: str = field(metadata={"help": "Encoder (directory or Hub id) to wrap, or an NPM directory to continue."})
+    corpus: str = field(metadata={"help": "Training corpus: .txt, .jsonl or a datasets dataset."})
+    output: str = field(metadata={"help": "Directory of the trained NPM (also the Trainer's output_dir)."})
+    mode: str = field(default="span", metadata={"help": "'span' (NPM) or 'single' (NPM-single), for new NPMs."})
+    block_size: int = field(default=256, metadata={"help": "Tokens per training sequence (paper: 256)."})
+    group_size: int = field(default=16, metadata={"help": "Consecutive blocks per contrastive batch (paper: 16)."})
+    eval_corpus: str | None = field(default=None, metadata={"help": "Optional held-out corpus for evaluation."})
+
+    def __post_init__(self):
+        if self.mode not in ("span", "single"):
+            raise ValueError(f"mode={self.mode!r}; use 'span' or 'single'.")
+
+
+def train(data_args: TrainDataArguments, training_args):
+    """Train an NPM on a corpus with NPMTrainer and save it (weights + tokenizer) to `data_args.output`.
+
+    `training_args` is an `NPMTrainingArguments`; its `resume_from_checkpoint` may be a checkpoint path or
+    "true"/"last" for the newest checkpoint in the output directory. Returns the trainer.
+    """
+    from .corpus import prepare_training_blocks
+    from .trainer import NPMTrainer, last_complete_checkpoint, save_final_model
+
+    config = AutoConfig.from_pretrained(data_args.model)
+    if config.model_type == NPMConfig.model_type:
+        model = NPMModel.from_pretrained(data_args.model)
+    else:
+        model = NPMModel.from_encoder(data_args.model, mode=data_args.mode)
+    tokenizer = AutoTokenizer.from_pretrained(data_args.model)
+    blocks = {
+        name: prepare_training_blocks(corpus, tokenizer, block_size=data_args.block_size,
+                                      group_size=data_args.group_size)
+        for name, corpus in (("train", data_args.corpus), ("eval", data_args.eval_corpus)) if corpus is not None
+    }
+    trainer = NPMTrainer(model=model, args=training_args, train_dataset=blocks["train"],
+                         eval_dataset=blocks.get("eval"), processing_class=tokenizer)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = last_complete_checkpoint(training_args.output_dir)
+        if resume is None:
+            logger.warning(f"No complete checkpoint in {training_args.output_dir}; training from the start.")
+    trainer.train(resume_from_checkpoint=resume)
+    save_final_model(trainer, data_args.output)
+    return trainer

@@ -3,7 +3,10 @@
     npm-hf convert --encoder PATH --output DIR [--mode span|single]
     npm-hf build-index --model DIR --corpus FILE [--output DIR/index] [--block-size 256] [--batch-size N] [--faiss-factory Flat]
     npm-hf fill-mask --model DIR [--top-k 5] [--json] "text with a [MASK]"
+    npm-hf train --model ENCODER --corpus FILE --output DIR [any TrainingArguments flag, e.g. --max_steps 200]
     npm-hf demo [--corpus PATH] [--output DIR]
+
+Under several processes: `torchrun --nproc_per_node N -m npm_hf.cli train ...` or `accelerate launch -m npm_hf.cli train ...`.
 """
 
 import argparse
@@ -22,6 +25,8 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[s
         if f.type in (bool, "bool"):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_text)
+        elif f.default is dataclasses.MISSING:
+            parser.add_argument(flag, dest=f.name, required=True, help=help_text)
         else:
             kind = {int: int, "int": int, float: float, "float": float}.get(f.type, str)
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"{help_text} (default: {f.default})")
@@ -77,6 +82,20 @@ def _fill_mask(args) -> None:
                 print(f"   from {evidence['title'] or evidence['doc_id']!r}: …{snippet}…")
 
 
+def _train(args, remaining: list[str]) -> None:
+    from transformers import HfArgumentParser
+
+    from .api import TrainDataArguments, train
+    from .trainer import NPMTrainingArguments
+
+    (training_args,) = HfArgumentParser(NPMTrainingArguments).parse_args_into_dataclasses(
+        args=[*remaining, "--output_dir", args.output]
+    )
+    trainer = train(_dataclass_from(TrainDataArguments, args), training_args)
+    if trainer.is_world_process_zero():
+        print(f"Trained for {trainer.state.global_step} steps; saved the NPM to {args.output}")
+
+
 def _demo(args) -> None:
     from .demo import DemoArguments, run_demo
 
@@ -91,6 +110,7 @@ def _demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .api import TrainDataArguments
     from .demo import DemoArguments
     from .index import IndexBuildArguments
 
@@ -122,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("text", help="Text with the tokenizer's mask token, e.g. [MASK] or <mask>.")
     fill.set_defaults(handler=_fill_mask)
 
+    train = commands.add_parser(
+        "train", help="Train an NPM with NPMTrainer; any TrainingArguments flag (e.g. --max_steps 200) is accepted.")
+    _add_dataclass_arguments(train, TrainDataArguments)
+    train.set_defaults(handler=_train, takes_remaining=True)
+
     demo = commands.add_parser("demo", help="Index a few real articles with MiniLM and answer cloze queries.")
     _add_dataclass_arguments(demo, DemoArguments)
     demo.set_defaults(handler=_demo)
@@ -129,9 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, remaining = parser.parse_known_args(argv)
+    if remaining and not getattr(args, "takes_remaining", False):
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
     try:
-        args.handler(args)
+        args.handler(args, remaining) if getattr(args, "takes_remaining", False) else args.handler(args)
     except (ValueError, FileExistsError, FileNotFoundError, ImportError) as error:
         print(f"npm-hf {args.command}: error: {error}", file=sys.stderr)
         return 2

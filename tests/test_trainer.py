@@ -1,7 +1,9 @@
 """Training: group batches, span masking, the contrastive loss, NPMTrainer, DDP equivalence, learning."""
 
+import json
 import os
 import random
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ from transformers import AutoModel, BertConfig, BertModel, BertTokenizer, Traine
 
 import npm_hf
 from npm_hf import NPMModel, NPMSpanCollator, NPMTrainer, NPMTrainingArguments, prepare_training_blocks
-from npm_hf.trainer import GroupSampler, NPMContrastiveLoss
+from npm_hf.trainer import GroupSampler, NPMContrastiveLoss, last_complete_checkpoint
 
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -308,3 +310,39 @@ def test_training_learns_to_retrieve_held_out_spans(model_dir, blocks, tokenizer
     assert after["eval_span_accuracy"] > before["eval_span_accuracy"] + 0.01
     train_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert train_losses[-1] < train_losses[0]
+
+
+def _train_command(model, corpus, output, *flags):
+    return [str(Path(sys.executable).parent / "npm-hf"), "train", "--model", str(model), "--corpus", str(corpus),
+            "--output", str(output), "--block-size", "32", "--group-size", "4", "--per_device_train_batch_size", "4",
+            "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", *flags]
+
+
+def test_cli_train_is_killed_then_resumes_from_its_checkpoint(model_dir, tmp_path):
+    corpus = tmp_path / "facts.txt"
+    corpus.write_text("\n".join(fact_documents(60, seed=4)) + "\n", encoding="utf-8")
+    output = tmp_path / "trained"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = _train_command(model_dir, corpus, output, "--max_steps", "400", "--save_steps", "2",
+                             "--learning_rate", "1e-3")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while last_complete_checkpoint(output) is None:
+        assert process.poll() is None and time.time() < deadline, process.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    assert not (output / "config.json").exists()  # killed before the final save
+    done = int(last_complete_checkpoint(output).rsplit("-", 1)[1])
+    (output / f"checkpoint-{done + 2}").mkdir(exist_ok=True)  # as if killed while writing the next checkpoint
+    resumed = subprocess.run(_train_command(model_dir, corpus, output, "--max_steps", str(done + 4), "--save_steps",
+                                            "2", "--learning_rate", "1e-3", "--resume_from_checkpoint", "true"),
+                             env={**env, "TRANSFORMERS_VERBOSITY": "info"}, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Trained for {done + 4} steps" in resumed.stdout
+    assert "Skipping the incomplete checkpoint" in resumed.stderr
+    assert f"Resuming training from checkpoint with epoch 0 and global step {done}" in resumed.stderr
+    state = json.loads((output / f"checkpoint-{done + 4}" / "trainer_state.json").read_text())
+    assert state["global_step"] == done + 4
+    assert type(AutoModel.from_pretrained(output)) is NPMModel

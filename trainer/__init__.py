@@ -2,9 +2,9 @@
 
 from .data_collator import NPMSpanCollator
 from .loss import NPMContrastiveLoss, gather, gather_with_grad
-from .trainer import GroupSampler, NPMTrainer
+from .trainer import GroupSampler, NPMTrainer, last_complete_checkpoint, save_final_model
 from .training_args import NPMTrainingArguments
 
 
 __all__ = ["GroupSampler", "NPMContrastiveLoss", "NPMSpanCollator", "NPMTrainer", "NPMTrainingArguments", "gather",
-           "gather_with_grad"]
+           "gather_with_grad", "last_complete_checkpoint", "save_final_model"]

@@ -2,6 +2,12 @@
 
 from collections import defaultdict
 
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
 import numpy as np
 import torch
 from transformers import AutoTokenizer, Trainer
@@ -132,3 +138,34 @@ def _check_dataset(name: str, dataset, args: NPMTrainingArguments, max_length: i
             f"{name} has sequences of {longest} tokens, more than the encoder accepts ({max_length}); prepare the "
             f"blocks with block_size <= {max_length} (masking a span of one token adds one more)."
         )
+
+
+def last_complete_checkpoint(output_dir) -> str | None:
+    """The newest `checkpoint-N` folder whose trainer_state.json (written last by Trainer) is complete.
+
+    A run killed while saving leaves a partial checkpoint; resuming from it would fail, so it is skipped.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    for step, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, json.JSONDecodeError):
+            logger.warning(f"Skipping the incomplete checkpoint {path} (interrupted while saving).")
+    return None
+
+
+def save_final_model(trainer: Trainer, output_dir) -> None:
+    """`trainer.save_model(output_dir)` without a window in which a kill leaves a half-written model there:
+    files are written to a staging folder and moved in, config.json last."""
+    output_dir = Path(output_dir)
+    staging = output_dir / ".final-model.tmp"
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        names = sorted(os.listdir(staging), key=lambda name: name == "config.json")
+        for name in names:
+            os.replace(staging / name, output_dir / name)
+        shutil.rmtree(staging, ignore_errors=True)
