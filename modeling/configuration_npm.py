@@ -43,6 +43,9 @@ class NPMConfig(PreTrainedConfig):
             Where the reference-corpus index lives, relative to the model directory or Hub repo.
         apply_temperature_twice (`bool`, *optional*, defaults to `False`):
             Reproduce the official code's span-mode quirk that divides by the temperature twice (T²).
+        expand_span_candidates (`bool`, *optional*, defaults to `False`):
+            Span mode: also score the tokens that complete a span from a retrieved start or end token (the official
+            code's candidate expansion). Finds spans with only one retrieved end, at several times the cost.
 
     Example:
     ```python
@@ -66,6 +69,7 @@ class NPMConfig(PreTrainedConfig):
     span_stopwords: str = "none"
     index_subfolder: str = "index"
     apply_temperature_twice: bool = False
+    expand_span_candidates: bool = False
     pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs):

@@ -3,8 +3,10 @@
 Layout of an index directory (`<model>/index` by default); every file loads without pickle:
 
     manifest.json          IndexManifest: counts, dims, fingerprints of encoder and tokenizer, file checksums
-    tokens.npy             one TOKEN_DTYPE record per corpus token (id, document, char offsets, boundary flags)
-    block_starts.npy       first token position of every block, plus the total token count
+    token_ids.npy          token id of every corpus token (blocks are consecutive runs of block_size tokens)
+    token_flags.npy        WORD_START / WORD_END / SPECIAL bits per token
+    token_docs.npy         document of every token
+    token_offsets.npy      (start, end) character offsets of every token in its document's text
     positions.npy          corpus position of every indexed (non-special) token = row of vectors.npy
     vectors.npy            (num_indexed, hidden_size) float16 last hidden states, memory-mapped
     index.faiss            FAISS inner-product index over the rows of vectors.npy
@@ -30,15 +32,15 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .corpus import SPECIAL, TOKEN_DTYPE, CorpusStats, iter_documents, tokenize_documents
+from .corpus import SPECIAL, CorpusStats, iter_documents, tokenize_documents
 
 
 logger = logging.get_logger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-TOKENS_FILE = "tokens.npy"
-BLOCKS_FILE = "block_starts.npy"
+TOKEN_FILES = {"token_ids": "token_ids.npy", "token_flags": "token_flags.npy", "token_docs": "token_docs.npy",
+               "token_offsets": "token_offsets.npy"}
 POSITIONS_FILE = "positions.npy"
 VECTORS_FILE = "vectors.npy"
 FAISS_FILE = "index.faiss"
@@ -166,15 +168,22 @@ class NPMIndex:
     """Token-level index over a reference corpus. Build with [`NPMIndex.build`], open with [`NPMIndex.load`] or
     [`NPMIndex.from_pretrained`]."""
 
-    def __init__(self, path: Path, manifest: IndexManifest, tokens, block_starts, positions, vectors, faiss_index, documents):
+    def __init__(self, path: Path, manifest: IndexManifest, token_arrays: dict, positions, vectors, faiss_index,
+                 documents):
         self.path = Path(path)
         self.manifest = manifest
-        self.tokens = tokens
-        self.block_starts = block_starts
+        self.token_ids = token_arrays["token_ids"]
+        self.token_flags = token_arrays["token_flags"]
+        self.token_docs = token_arrays["token_docs"]
+        self.token_offsets = token_arrays["token_offsets"]
+        self.block_size = manifest.block_size
         self.positions = positions
         self.vectors = vectors
         self.faiss_index = faiss_index
         self.documents = documents
+        import faiss
+
+        self.exact_search = isinstance(faiss.downcast_index(faiss_index), faiss.IndexFlat)
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -214,10 +223,11 @@ class NPMIndex:
         try:
             started = time.perf_counter()
             stats = _write_corpus(staging, corpus, tokenizer, args)
-            tokens = np.load(staging / TOKENS_FILE, mmap_mode="r")
-            positions = np.flatnonzero((tokens["flags"] & SPECIAL) == 0).astype(np.int64)
+            ids = np.load(staging / TOKEN_FILES["token_ids"], mmap_mode="r")
+            flags = np.load(staging / TOKEN_FILES["token_flags"], mmap_mode="r")
+            positions = np.flatnonzero((flags & SPECIAL) == 0).astype(np.int64)
             np.save(staging / POSITIONS_FILE, positions)
-            hidden_size = _encode_blocks(staging, model, tokens, positions, args)
+            hidden_size = _encode_blocks(staging, model, ids, flags, positions, args)
             _build_faiss(staging, hidden_size, args)
             manifest = IndexManifest(
                 format_version=FORMAT_VERSION,
@@ -235,7 +245,7 @@ class NPMIndex:
                 build_seconds=round(time.perf_counter() - started, 3),
                 versions=_versions(),
             )
-            del tokens
+            del ids, flags
             manifest.files = {
                 name: {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
                 for name in sorted(os.listdir(staging))
@@ -246,7 +256,7 @@ class NPMIndex:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         logger.info(f"Built {manifest.num_indexed_tokens} token vectors from {manifest.num_documents} documents.")
-        return cls.load(output_dir)
+        return cls.load(output_dir, verify="none")  # just written and hashed
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -276,8 +286,8 @@ class NPMIndex:
             )
         _verify_files(path, manifest, verify)
         try:
-            tokens = np.load(path / TOKENS_FILE, mmap_mode="r", allow_pickle=False)
-            block_starts = np.load(path / BLOCKS_FILE, allow_pickle=False)
+            token_arrays = {name: np.load(path / file, mmap_mode="r", allow_pickle=False)
+                            for name, file in TOKEN_FILES.items()}
             positions = np.load(path / POSITIONS_FILE, mmap_mode="r", allow_pickle=False)
             vectors = np.load(path / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
             offsets = np.load(path / DOCUMENT_OFFSETS_FILE, allow_pickle=False)
@@ -285,7 +295,7 @@ class NPMIndex:
         except (ValueError, OSError, RuntimeError) as error:
             raise NPMIndexError(f"Index files in {path} are corrupted ({error}); rebuild the index.") from None
         expected = {
-            "tokens": (tokens.shape, (manifest.num_tokens,)),
+            **{name: (array.shape[:1], (manifest.num_tokens,)) for name, array in token_arrays.items()},
             "positions": (positions.shape, (manifest.num_indexed_tokens,)),
             "vectors": (vectors.shape, (manifest.num_indexed_tokens, manifest.hidden_size)),
             "faiss": ((faiss_index.ntotal, faiss_index.d), (manifest.num_indexed_tokens, manifest.hidden_size)),
@@ -294,7 +304,7 @@ class NPMIndex:
         for name, (got, want) in expected.items():
             if tuple(got) != tuple(want):
                 raise NPMIndexError(f"{path}: {name} has shape {tuple(got)}, the manifest says {tuple(want)}; rebuild.")
-        return cls(path, manifest, tokens, block_starts, positions, vectors, faiss_index,
+        return cls(path, manifest, token_arrays, positions, vectors, faiss_index,
                    DocumentStore(path / DOCUMENTS_FILE, offsets))
 
     @classmethod
@@ -328,12 +338,15 @@ class NPMIndex:
 
     # ---------------------------------------------------------------------------------------------- searching
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k vector rows per query by inner product, re-scored exactly from the stored float16 vectors.
+        """Top-k vector rows per query by inner product, re-scored exactly from the stored float16 vectors
+        (a flat index's own scores are exact already: it holds those vectors in float32).
 
         Returns `(scores, rows)` of shape (num_queries, min(k, num_indexed)), best first. Rows FAISS could not
         fill (approximate indexes) are -1 with score -inf.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.exact_search:  # a flat index holds the stored vectors themselves: its scores are already exact
+            return self.faiss_index.search(queries, min(int(k), self.num_indexed))
         rows = self.candidate_rows(queries, k)
         found = rows >= 0
         vectors = self.vectors_for_rows(np.where(found, rows, 0).reshape(-1)).reshape(*rows.shape, -1)
@@ -357,21 +370,21 @@ class NPMIndex:
         return rows, self.positions[rows] == positions
 
     def block_of(self, positions: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.block_starts, positions, side="right") - 1
+        return positions // self.block_size
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        return block * self.block_size, min((block + 1) * self.block_size, self.num_tokens)
 
     def evidence(self, start: int, end: int) -> dict:
         """Where the tokens [start, end] (inclusive corpus positions) come from: their document and the text of the
         block around them, with `text[start:end]` being the phrase itself."""
-        tokens = self.tokens
-        doc_index = int(tokens["doc"][start])
+        doc_index = int(self.token_docs[start])
         document = self.documents[doc_index]
-        block = int(self.block_of(np.array([start]))[0])
-        lo, hi = int(self.block_starts[block]), int(self.block_starts[block + 1])
-        window = tokens[lo:hi]
-        same_doc = (window["doc"] == doc_index) & ((window["flags"] & SPECIAL) == 0)
-        context_start = int(window["start"][same_doc].min())
-        context_end = int(window["end"][same_doc].max())
-        char_start, char_end = int(tokens["start"][start]), int(tokens["end"][end])
+        lo, hi = self.block_range(int(start) // self.block_size)
+        same_doc = (self.token_docs[lo:hi] == doc_index) & ((self.token_flags[lo:hi] & SPECIAL) == 0)
+        window = self.token_offsets[lo:hi][same_doc]
+        context_start, context_end = int(window[:, 0].min()), int(window[:, 1].max())
+        char_start, char_end = int(self.token_offsets[start, 0]), int(self.token_offsets[end, 1])
         return {
             "doc_id": document["id"],
             "title": document["title"],
@@ -382,13 +395,13 @@ class NPMIndex:
 
     def surface_text(self, start: int, end: int) -> str:
         """The corpus text of tokens [start, end] (inclusive positions), as written in the document."""
-        document = self.documents[int(self.tokens["doc"][start])]
-        return document["text"][int(self.tokens["start"][start]) : int(self.tokens["end"][end])]
+        document = self.documents[int(self.token_docs[start])]
+        return document["text"][int(self.token_offsets[start, 0]) : int(self.token_offsets[end, 1])]
 
 
 # --------------------------------------------------------------------------------------------- build stages
 def _write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) -> CorpusStats:
-    """Tokenize every document; write documents.jsonl, its offsets, tokens.npy and block_starts.npy."""
+    """Tokenize every document; write documents.jsonl, its offsets and the per-token arrays."""
     from tqdm.auto import tqdm
 
     stats = CorpusStats()
@@ -411,20 +424,22 @@ def _write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) -
             + "; an index needs at least one document with text."
         )
     tokens = np.concatenate(chunks)
-    np.save(staging / TOKENS_FILE, tokens)
-    np.save(staging / BLOCKS_FILE, np.append(np.arange(0, len(tokens), args.block_size), len(tokens)).astype(np.int64))
+    np.save(staging / TOKEN_FILES["token_ids"], tokens["id"])
+    np.save(staging / TOKEN_FILES["token_flags"], tokens["flags"])
+    np.save(staging / TOKEN_FILES["token_docs"], tokens["doc"])
+    np.save(staging / TOKEN_FILES["token_offsets"], np.stack([tokens["start"], tokens["end"]], axis=1))
     np.save(staging / DOCUMENT_OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
     return stats
 
 
-def _encode_blocks(staging: Path, model, tokens, positions: np.ndarray, args: IndexBuildArguments) -> int:
+def _encode_blocks(staging: Path, model, ids, flags, positions: np.ndarray, args: IndexBuildArguments) -> int:
     """Encode every block, streaming the float16 hidden states of non-special tokens into vectors.npy."""
     from tqdm.auto import tqdm
 
     hidden_size = model.config.hidden_size
     vectors = np.lib.format.open_memmap(staging / VECTORS_FILE, mode="w+", dtype=np.float16,
                                         shape=(len(positions), hidden_size))
-    ids, flags = np.asarray(tokens["id"]), np.asarray(tokens["flags"])
+    ids, flags = np.asarray(ids), np.asarray(flags)
     pad_id = _pad_token_id(model)
     span = args.block_size * args.batch_size
     device = model.device
@@ -509,7 +524,7 @@ def _verify_files(path: Path, manifest: IndexManifest, verify: str) -> None:
         if verify == "full" or (verify == "fast" and size <= _FAST_VERIFY_MAX_BYTES):
             if _sha256(file) != expected["sha256"]:
                 raise NPMIndexError(f"{file} is corrupted (checksum mismatch); rebuild the index.")
-    missing = {TOKENS_FILE, VECTORS_FILE, FAISS_FILE, POSITIONS_FILE, BLOCKS_FILE, DOCUMENTS_FILE} - set(manifest.files)
+    missing = {*TOKEN_FILES.values(), VECTORS_FILE, FAISS_FILE, POSITIONS_FILE, DOCUMENTS_FILE} - set(manifest.files)
     if missing:
         raise NPMIndexError(f"The manifest of {path} lists no {sorted(missing)}; rebuild the index.")
 

@@ -1,14 +1,17 @@
 """NPM inference over an index (method §3): token distributions (NPM-single) and span scores (NPM).
 
 NPM-single: p = softmax(s · h_i · scale / T) over the k retrieved tokens, summed per vocabulary id.
-NPM span:   P_s and P_e are softmaxes of the start and end queries over the candidate tokens (both top-k sets and
-            the tokens that complete spans from them); a span (s, e) in one block, s a word start, e a word end,
+NPM span:   P_s and P_e are softmaxes of the start and end queries over their top-k tokens; a span (s, e) with s
+            among the start and e among the end candidates, in one block, s a word start, e a word end,
             at most `max_span_length` tokens and no special token, scores P_s(s) + P_e(e); spans are summed per
-            decoded string v, multiplied by |v|^alpha and normalised over all candidates.
-With k >= the number of indexed tokens both are exact.
+            decoded string v, multiplied by |v|^alpha and normalised over all candidates. With
+            `expand_span_candidates`, as in the official code, the candidates also include every token that
+            completes a span from a retrieved one (both softmaxes then run over that larger set).
+With k >= the number of indexed tokens all of these are exact.
 """
 
 import numpy as np
+import torch
 
 from .corpus import SPECIAL, WORD_END, WORD_START
 
@@ -47,7 +50,7 @@ class NPMPredictor:
         rows = rows[0][found]
         probs = softmax(scores[0][found] * self.config.scale / self.config.temperature)
         positions = self.index.positions[rows]
-        ids = np.asarray(self.index.tokens["id"][positions])
+        ids = np.asarray(self.index.token_ids[positions])
         unique_ids, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
         totals = np.bincount(inverse, weights=probs)
         if target_ids is not None:
@@ -68,46 +71,64 @@ class NPMPredictor:
     # ---------------------------------------------------------------------------------------------- NPM span
     def predict_span(self, q_start: np.ndarray, q_end: np.ndarray, top_k: int, targets=None,
                      k: int | None = None) -> list[dict]:
-        rows = self.index.candidate_rows(np.stack([q_start, q_end]), k or self.config.k)  # re-scored below
-        starts = self.index.positions[rows[0][rows[0] >= 0]]
-        ends = self.index.positions[rows[1][rows[1] >= 0]]
-        span_starts, span_ends = self.enumerate_spans(starts, ends)
+        scores, rows = self.index.search(np.stack([q_start, q_end]), k or self.config.k)
+        found = rows >= 0
+        starts, ends = self.index.positions[rows[0][found[0]]], self.index.positions[rows[1][found[1]]]
+        factor = self.config.scale / self.config.span_temperature
+        if self.config.expand_span_candidates:
+            span_starts, span_ends = self.enumerate_spans(starts, ends, expand=True)
+            candidates = np.unique(np.concatenate([starts, ends, span_starts, span_ends]))
+            cand_rows, _ = self.index.rows_for_positions(candidates)
+            vectors = torch.from_numpy(self.index.vectors_for_rows(cand_rows))
+            logits = (vectors @ torch.from_numpy(np.stack([q_start, q_end]).T.copy())).numpy() * factor
+            start_table = end_table = candidates
+            p_start, p_end = softmax(logits[:, 0]), softmax(logits[:, 1])
+        else:
+            span_starts, span_ends = self.enumerate_spans(starts, ends, expand=False)
+            start_table, p_start = _sorted_table(starts, softmax(scores[0][found[0]] * factor))
+            end_table, p_end = _sorted_table(ends, softmax(scores[1][found[1]] * factor))
         if len(span_starts) == 0:
             return [] if targets is None else [self._missing(t) for t in targets][:top_k]
-        candidates = np.unique(np.concatenate([starts, ends, span_starts, span_ends]))
-        cand_rows, _ = self.index.rows_for_positions(candidates)
-        vectors = self.index.vectors_for_rows(cand_rows)
-        divisor = self.config.span_temperature
-        p_start = softmax(vectors @ q_start * (self.config.scale / divisor))
-        p_end = softmax(vectors @ q_end * (self.config.scale / divisor))
-        span_scores = (p_start[np.searchsorted(candidates, span_starts)]
-                       + p_end[np.searchsorted(candidates, span_ends)])
+        span_scores = (p_start[np.searchsorted(start_table, span_starts)]
+                       + p_end[np.searchsorted(end_table, span_ends)])
         return self._rank_spans(span_starts, span_ends, span_scores, top_k, targets)
 
-    def enumerate_spans(self, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Every valid span that begins at one of `starts` or finishes at one of `ends`, each counted once."""
-        flags = self.index.tokens["flags"]
-        n = self.index.num_tokens
-        found_s, found_e = [], []
-        for anchors, step in ((np.unique(starts), 1), (np.unique(ends), -1)):
-            anchor_flags = np.asarray(flags[anchors])
-            alive = (anchor_flags & SPECIAL) == 0
-            anchor_block = self.index.block_of(anchors)
-            for offset in range(self.config.max_span_length):
-                other = anchors + step * offset
-                alive &= (other >= 0) & (other < n)
-                other = np.where(alive, other, anchors)
-                other_flags = np.asarray(flags[other])
-                alive &= ((other_flags & SPECIAL) == 0) & (self.index.block_of(other) == anchor_block)
-                s, e = (anchors, other) if step == 1 else (other, anchors)
-                start_flags, end_flags = (anchor_flags, other_flags) if step == 1 else (other_flags, anchor_flags)
-                ok = alive & ((start_flags & WORD_START) != 0) & ((end_flags & WORD_END) != 0)
-                found_s.append(s[ok])
-                found_e.append(e[ok])
-        span_starts, span_ends = np.concatenate(found_s), np.concatenate(found_e)
-        keys = np.unique(span_starts.astype(np.int64) * n + span_ends)
-        span_starts, span_ends = keys // n, keys % n
-        return self._filter_stopwords(span_starts, span_ends)
+    def enumerate_spans(self, starts: np.ndarray, ends: np.ndarray, expand: bool = False):
+        """Valid spans (s, e), each once: s in `starts` and e in `ends`, or with `expand` every span that begins at
+        one of `starts` or finishes at one of `ends` (the official code's candidate expansion)."""
+        ends = np.unique(ends)
+        found_s, found_e = self._walk(np.unique(starts), step=1)
+        if expand:
+            back_s, back_e = self._walk(ends, step=-1)
+            found_s, found_e = np.concatenate([found_s, back_s]), np.concatenate([found_e, back_e])
+            keys = np.unique(found_s * self.index.num_tokens + found_e)
+            found_s, found_e = keys // self.index.num_tokens, keys % self.index.num_tokens
+        else:
+            inside = np.isin(found_e, ends, assume_unique=False)
+            found_s, found_e = found_s[inside], found_e[inside]
+        return self._filter_stopwords(found_s, found_e)
+
+    def _walk(self, anchors: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """From each anchor, walk up to max_span_length tokens (forward or backward) inside its block without
+        crossing a special token; return (anchor, other end) pairs that form word-bounded spans."""
+        flags, n = self.index.token_flags, self.index.num_tokens
+        anchor_flags = np.asarray(flags[anchors])
+        need_anchor, need_other = (WORD_START, WORD_END) if step == 1 else (WORD_END, WORD_START)
+        alive = (anchor_flags & SPECIAL) == 0
+        anchor_ok = (anchor_flags & need_anchor) != 0
+        anchor_block = anchors // self.index.block_size
+        found_anchor, found_other = [], []
+        for offset in range(self.config.max_span_length):
+            other = anchors + step * offset
+            alive &= (other >= 0) & (other < n)
+            other = np.where(alive, other, anchors)
+            other_flags = np.asarray(flags[other])
+            alive &= ((other_flags & SPECIAL) == 0) & (other // self.index.block_size == anchor_block)
+            ok = alive & anchor_ok & ((other_flags & need_other) != 0)
+            found_anchor.append(anchors[ok])
+            found_other.append(other[ok])
+        anchors_out, others_out = np.concatenate(found_anchor), np.concatenate(found_other)
+        return (anchors_out, others_out) if step == 1 else (others_out, anchors_out)
 
     def _filter_stopwords(self, span_starts: np.ndarray, span_ends: np.ndarray):
         rule = self.config.span_stopwords
@@ -132,9 +153,9 @@ class NPMPredictor:
             table = np.zeros(max(ids.max() + 1, len(self.tokenizer)), dtype=bool)
             table[ids] = [word.strip().lower() in STOPWORDS for word in words]
             self._stopword_ids = table
-        records = self.index.tokens[positions]
-        whole_word = (records["flags"] & (WORD_START | WORD_END)) == (WORD_START | WORD_END)
-        return self._stopword_ids[records["id"]] & whole_word
+        flags = np.asarray(self.index.token_flags[positions])
+        whole_word = (flags & (WORD_START | WORD_END)) == (WORD_START | WORD_END)
+        return self._stopword_ids[np.asarray(self.index.token_ids[positions])] & whole_word
 
     def _rank_spans(self, span_starts, span_ends, span_scores, top_k: int, targets) -> list[dict]:
         """Sum span scores per phrase (decoded string), apply |v|^alpha, normalise over all phrases, keep `top_k`.
@@ -146,7 +167,7 @@ class NPMPredictor:
         offsets = np.arange(self.config.max_span_length)
         inside = offsets < lengths[:, None]
         grid = np.where(inside, span_starts[:, None] + offsets, span_starts[:, None])
-        ids = np.where(inside, self.index.tokens["id"][grid], -1).astype(np.int64)
+        ids = np.where(inside, self.index.token_ids[grid], -1).astype(np.int64)
         keys = self._phrase_hashes(ids, inside)
         unique_keys, group_of_span = np.unique(keys, return_inverse=True)
         group_of_span = group_of_span.reshape(-1)
@@ -220,12 +241,17 @@ class NPMPredictor:
 
 def _argmax_per_group(values: np.ndarray, groups: np.ndarray, num_groups: int) -> np.ndarray:
     """Index of the largest value within each group."""
-    order = np.lexsort((-values, groups))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = groups[order][1:] != groups[order][:-1]
+    order = np.argsort(-values, kind="stable")
+    _, first = np.unique(groups[order], return_index=True)
     best = np.empty(num_groups, dtype=np.int64)
     best[groups[order][first]] = order[first]
     return best
+
+
+def _sorted_table(positions: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions sorted ascending with their probabilities, for lookups with np.searchsorted."""
+    order = np.argsort(positions, kind="stable")
+    return positions[order], probabilities[order]
 
 
 def _text_hash(text: str) -> int:

@@ -108,7 +108,7 @@ def brute_force():
             probs = softmax(cls.logits(index, query, scale) / temperature)
             totals = defaultdict(float)
             for row, position in enumerate(index.positions):
-                totals[int(index.tokens["id"][position])] += probs[row]
+                totals[int(index.token_ids[position])] += probs[row]
             return dict(totals)
 
         @classmethod
@@ -116,20 +116,20 @@ def brute_force():
             p_start = softmax(cls.logits(index, q_start, scale) / temperature)
             p_end = softmax(cls.logits(index, q_end, scale) / temperature)
             row_of = {int(p): r for r, p in enumerate(index.positions)}
-            tokens, n = index.tokens, index.num_tokens
-            block = np.searchsorted(index.block_starts, np.arange(n), side="right") - 1
+            flags, ids, n = np.asarray(index.token_flags), np.asarray(index.token_ids), index.num_tokens
+            block = np.arange(n) // index.manifest.block_size  # blocks: consecutive runs of block_size tokens
             totals, lengths = defaultdict(float), {}
             for s in range(n):
-                if tokens["flags"][s] & SPECIAL or not tokens["flags"][s] & WORD_START:
+                if flags[s] & SPECIAL or not flags[s] & WORD_START:
                     continue
                 for e in range(s, min(s + max_len, n)):
-                    if tokens["flags"][e] & SPECIAL or block[e] != block[s]:
+                    if flags[e] & SPECIAL or block[e] != block[s]:
                         break
-                    if not tokens["flags"][e] & WORD_END:
+                    if not flags[e] & WORD_END:
                         continue
                     if stopwords is not None and not stopwords(s, e):
                         continue
-                    text = tokenizer.decode([int(i) for i in tokens["id"][s : e + 1]]).strip()
+                    text = tokenizer.decode([int(i) for i in ids[s : e + 1]]).strip()
                     totals[text] += p_start[row_of[s]] + p_end[row_of[e]]
                     lengths[text] = e - s + 1
             scored = {text: value * lengths[text] ** alpha for text, value in totals.items()}

@@ -26,12 +26,13 @@ def test_layout_counts_and_manifest(npm_dir):
     index = NPMIndex.load(npm_dir / "index")
     m = index.manifest
     assert m.num_documents == 5 and m.num_skipped_empty_documents == 1
-    assert m.num_tokens == len(index.tokens) and m.num_indexed_tokens == len(index.positions)
-    specials = (np.asarray(index.tokens["flags"]) & SPECIAL) != 0
+    assert m.num_tokens == len(index.token_ids) == len(index.token_offsets) == len(index.token_docs)
+    assert m.num_indexed_tokens == len(index.positions)
+    specials = (np.asarray(index.token_flags) & SPECIAL) != 0
     assert specials.sum() == 2 * m.num_documents  # one [CLS]/<s> and one [SEP]/</s> per document
     assert m.num_indexed_tokens == m.num_tokens - specials.sum()
     assert not specials[index.positions].any()
-    assert m.num_blocks == -(-m.num_tokens // 16) and index.block_starts.tolist()[-1] == m.num_tokens
+    assert m.num_blocks == -(-m.num_tokens // 16) and index.block_range(m.num_blocks - 1)[1] == m.num_tokens
     assert index.vectors.dtype == np.float16 and index.vectors.shape == (m.num_indexed_tokens, m.hidden_size)
     assert index.faiss_index.ntotal == m.num_indexed_tokens and m.metric == "inner_product"
     assert set(m.versions) >= {"npm_hf", "transformers", "torch", "faiss"}
@@ -41,9 +42,9 @@ def test_layout_counts_and_manifest(npm_dir):
 def test_vectors_are_the_encoder_states_of_unmasked_blocks(npm_dir, model_and_tokenizer):
     model, _ = model_and_tokenizer
     index = NPMIndex.load(npm_dir / "index")
-    ids = np.asarray(index.tokens["id"])
-    for block in (0, 3, len(index.block_starts) - 2):  # the last block is shorter than 16 and padded
-        lo, hi = int(index.block_starts[block]), int(index.block_starts[block + 1])
+    ids = np.asarray(index.token_ids)
+    for block in (0, 3, index.manifest.num_blocks - 1):  # the last block is shorter than 16 and padded
+        lo, hi = index.block_range(block)
         with torch.no_grad():
             hidden = model(torch.from_numpy(ids[None, lo:hi].astype(np.int64))).last_hidden_state[0].numpy()
         rows, indexed = index.rows_for_positions(np.arange(lo, hi))
@@ -54,9 +55,9 @@ def test_evidence_points_at_the_phrase(npm_dir, corpus):
     index = NPMIndex.load(npm_dir / "index")
     text = corpus[1]["text"]
     start_char = text.index("New Mexico")
-    doc_tokens = np.flatnonzero(np.asarray(index.tokens["doc"]) == 1)
-    starts = [p for p in doc_tokens if index.tokens["start"][p] == start_char]
-    ends = [p for p in doc_tokens if index.tokens["end"][p] == start_char + len("New Mexico")]
+    doc_tokens = np.flatnonzero(np.asarray(index.token_docs) == 1)
+    starts = [p for p in doc_tokens if index.token_offsets[p, 0] == start_char]
+    ends = [p for p in doc_tokens if index.token_offsets[p, 1] == start_char + len("New Mexico")]
     evidence = index.evidence(starts[0], ends[0])
     assert evidence["doc_id"] == "desert" and evidence["title"] == "Chihuahuan Desert"
     assert evidence["text"][evidence["start"] : evidence["end"]] == "New Mexico"
@@ -124,7 +125,7 @@ def test_truncated_vectors_are_detected(index_copy):
         NPMIndex.load(index_copy)
 
 
-@pytest.mark.parametrize("name", ["tokens.npy", "index.faiss", "documents.jsonl"])
+@pytest.mark.parametrize("name", ["token_ids.npy", "token_offsets.npy", "index.faiss", "documents.jsonl"])
 def test_corrupted_files_are_detected(index_copy, name):
     data = bytearray((index_copy / name).read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -50,8 +50,8 @@ def test_minilm_index_facts(minilm_npm):
     assert m.hidden_size == 384 and m.block_size == 256 and m.num_documents == 3
     assert m.num_tokens > 20_000 and m.num_indexed_tokens == m.num_tokens - 2 * m.num_documents
     tokenizer = npm_hf.load_npm(minilm_npm)[1]
-    starts = np.flatnonzero(np.asarray(index.tokens["flags"]) & WORD_START)
-    pieces = tokenizer.convert_ids_to_tokens(np.asarray(index.tokens["id"])[starts[:5000]].tolist())
+    starts = np.flatnonzero(np.asarray(index.token_flags) & WORD_START)
+    pieces = tokenizer.convert_ids_to_tokens(np.asarray(index.token_ids)[starts[:5000]].tolist())
     assert not [piece for piece in pieces if piece.startswith("##")]
 
 

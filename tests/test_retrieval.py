@@ -44,9 +44,9 @@ def test_single_mode_matches_brute_force(npm_dir, mask, brute_force, temperature
     assert [a["score"] for a in answers] == sorted((a["score"] for a in answers), reverse=True)
 
 
-@pytest.mark.parametrize("alpha", [0.0, 1.0])
-def test_span_mode_matches_brute_force(npm_dir, mask, brute_force, alpha):
-    fill = make_pipeline(npm_dir, length_penalty_alpha=alpha)
+@pytest.mark.parametrize("alpha, expand", [(0.0, False), (1.0, False), (0.0, True)])
+def test_span_mode_matches_brute_force(npm_dir, mask, brute_force, alpha, expand):
+    fill = make_pipeline(npm_dir, length_penalty_alpha=alpha, expand_span_candidates=expand)
     text = f"The Rio Grande flows through {mask} and Texas."
     answers = fill(text, top_k=100_000)
     (vectors,) = query_vectors(fill, text)
@@ -73,11 +73,11 @@ def test_temperature_quirk_divides_twice(npm_dir, mask, brute_force):
 @pytest.mark.parametrize("rule", ["any", "edges"])
 def test_span_stopword_rules(npm_dir, mask, brute_force, rule):
     fill = make_pipeline(npm_dir, span_stopwords=rule)
-    tokens = fill.index.tokens
+    flags, ids = fill.index.token_flags, fill.index.token_ids
 
     def is_stop(position):
-        whole = tokens["flags"][position] & (WORD_START | WORD_END) == (WORD_START | WORD_END)
-        return bool(whole) and fill.tokenizer.decode([int(tokens["id"][position])]).strip().lower() in STOPWORDS
+        whole = flags[position] & (WORD_START | WORD_END) == (WORD_START | WORD_END)
+        return bool(whole) and fill.tokenizer.decode([int(ids[position])]).strip().lower() in STOPWORDS
 
     def keep(s, e):
         if rule == "edges":
@@ -98,22 +98,30 @@ def test_small_k_uses_only_retrieved_candidates(npm_dir, mask):
     fill = make_pipeline(npm_dir)
     text = f"New Mexico is hot and {mask} in the summer."
     exact = fill(text, top_k=100_000)
-    approximate = fill(text, top_k=100_000, k=4)
+    approximate = fill(text, top_k=100_000, k=40)
     assert 0 < len(approximate) < len(exact)
     assert sum(a["score"] for a in approximate) == pytest.approx(1.0)
     exact_phrases = {a["token_str"] for a in exact}
     assert {a["token_str"] for a in approximate} <= exact_phrases
+    (vectors,) = query_vectors(fill, text)
+    _, rows = fill.index.search(np.stack([vectors[0], vectors[1]]), 40)
+    retrieved_starts, retrieved_ends = set(fill.index.positions[rows[0]]), set(fill.index.positions[rows[1]])
+    expanded = make_pipeline(npm_dir, expand_span_candidates=True)(text, top_k=100_000, k=40)
+    assert {a["token_str"] for a in approximate} <= {a["token_str"] for a in expanded} <= exact_phrases
+    assert len(expanded) > len(approximate)
+    starts, ends = fill.predictor.enumerate_spans(np.array(sorted(retrieved_starts)), np.array(sorted(retrieved_ends)))
+    assert set(starts.tolist()) <= retrieved_starts and set(ends.tolist()) <= retrieved_ends
 
 
 def test_spans_respect_boundaries_and_blocks(npm_dir, mask):
     fill = make_pipeline(npm_dir, max_span_length=4)
     index = fill.index
     starts, ends = fill.predictor.enumerate_spans(index.positions, index.positions)
-    flags = index.tokens["flags"]
+    flags = index.token_flags
     assert len(starts) > 0
     assert np.all(flags[starts] & WORD_START) and np.all(flags[ends] & WORD_END)
     assert np.all(ends - starts < 4) and np.all(ends >= starts)
-    assert np.all(index.block_of(starts) == index.block_of(ends))
+    assert np.all(starts // index.block_size == ends // index.block_size)
     assert len(set(zip(starts.tolist(), ends.tolist()))) == len(starts)  # each (s, e) once
 
 
@@ -134,9 +142,9 @@ def test_spellings_of_one_phrase_are_summed(npm_dir, mask, brute_force):
     fill = make_pipeline(npm_dir)
     index, tokenizer = fill.index, fill.tokenizer
     spellings = set()
-    for doc_start in np.flatnonzero(np.asarray(index.tokens["doc"]) == 3):
+    for doc_start in np.flatnonzero(np.asarray(index.token_docs) == 3):
         for length in (1, 2):
-            ids = [int(i) for i in index.tokens["id"][doc_start : doc_start + length]]
+            ids = [int(i) for i in index.token_ids[doc_start : doc_start + length]]
             if tokenizer.decode(ids).strip().lower() == "texas":
                 spellings.add(tuple(ids))
     if tokenizer.convert_ids_to_tokens(0) == "<s>":
