@@ -234,7 +234,7 @@ def figure_p2(model, tokenizer, documents, workdir: Path, rounds: tuple[int, int
                 build_load.append(load.cores())
                 if batches is None:
                     num_tokens = index.manifest.num_tokens
-                    batches = pack_batches(np.asarray(index.tokens["id"], dtype=np.int64), pad_id)
+                    batches = pack_batches(np.asarray(index.token_ids, dtype=np.int64), pad_id)
                 assert index.manifest.num_tokens == num_tokens
                 del index
                 shutil.rmtree(out_dir, ignore_errors=True)

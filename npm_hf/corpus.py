@@ -5,6 +5,7 @@ A corpus is a sequence of documents `{"id", "title", "text"}`. Each document is 
 without overlap (the official recipe): a document that does not fit continues in the next block.
 """
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -167,6 +168,11 @@ def _tokenize_batch(batch: list[dict], tokenizer, stats: CorpusStats):
         yield document, records
 
 
+@functools.cache
+def _whitespace_codepoints() -> np.ndarray:
+    return np.array([c for c in range(0x3100) if chr(c).isspace()], dtype=np.uint32)  # none above U+3000
+
+
 def word_flags(word_ids: list, special_tokens_mask: list, offsets: np.ndarray, text: str) -> np.ndarray:
     """WORD_START / WORD_END / SPECIAL bits per token from a fast tokenizer's word ids.
 
@@ -175,7 +181,10 @@ def word_flags(word_ids: list, special_tokens_mask: list, offsets: np.ndarray, t
     """
     special = np.asarray(special_tokens_mask, dtype=bool) | np.array([w is None for w in word_ids], dtype=bool)
     words = np.array([-1 if w is None else w for w in word_ids], dtype=np.int64)
-    visible = np.array([not text[start:end].isspace() and end > start for start, end in offsets.tolist()], dtype=bool)
+    # A token is visible when its character range holds a non-space character (prefix counts, vectorised).
+    codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    non_space = np.concatenate([[0], np.cumsum(~np.isin(codepoints, _whitespace_codepoints()))])
+    visible = non_space[offsets[:, 1]] > non_space[offsets[:, 0]]
     covering = np.flatnonzero(~special & visible)
     covered_words = words[covering]
     flags = np.zeros(len(words), dtype=np.uint8)

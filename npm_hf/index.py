@@ -152,16 +152,24 @@ def _sha256(path: Path) -> str:
 class DocumentStore:
     """Random access to documents.jsonl through a memory map and the byte offsets of its lines."""
 
+    _CACHE_SIZE = 64  # parsed documents kept: one answer list cites a handful, often the same ones
+
     def __init__(self, path: Path, offsets: np.ndarray):
         self._offsets = offsets
         self._file = open(path, "rb")
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if offsets[-1] > 0 else b""
+        self._cache: dict[int, dict] = {}
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
 
     def __getitem__(self, i: int) -> dict:
-        return json.loads(self._map[int(self._offsets[i]) : int(self._offsets[i + 1])])
+        i = int(i)
+        if i not in self._cache:
+            if len(self._cache) >= self._CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[i] = json.loads(self._map[int(self._offsets[i]) : int(self._offsets[i + 1])])
+        return self._cache[i]
 
 
 class NPMIndex:
@@ -227,8 +235,12 @@ class NPMIndex:
             flags = np.load(staging / TOKEN_FILES["token_flags"], mmap_mode="r")
             positions = np.flatnonzero((flags & SPECIAL) == 0).astype(np.int64)
             np.save(staging / POSITIONS_FILE, positions)
-            hidden_size = _encode_blocks(staging, model, ids, flags, positions, args)
-            _build_faiss(staging, hidden_size, args)
+            hidden_size = model.config.hidden_size
+            faiss_index = _new_faiss_index(hidden_size, args.faiss_factory)
+            # Indexes that need no training (Flat, HNSW) take each batch as it is encoded: no second pass.
+            _encode_blocks(staging, model, ids, flags, positions, args,
+                           on_vectors=faiss_index.add if faiss_index.is_trained else None)
+            _finish_faiss(staging, faiss_index, args)
             manifest = IndexManifest(
                 format_version=FORMAT_VERSION,
                 encoder_fingerprint=encoder_fingerprint(model),
@@ -286,10 +298,11 @@ class NPMIndex:
             )
         _verify_files(path, manifest, verify)
         try:
-            token_arrays = {name: np.load(path / file, mmap_mode="r", allow_pickle=False)
+            # np.asarray: plain ndarray views of the maps (no copy); np.memmap's indexing is much slower.
+            token_arrays = {name: np.asarray(np.load(path / file, mmap_mode="r", allow_pickle=False))
                             for name, file in TOKEN_FILES.items()}
-            positions = np.load(path / POSITIONS_FILE, mmap_mode="r", allow_pickle=False)
-            vectors = np.load(path / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
+            positions = np.asarray(np.load(path / POSITIONS_FILE, mmap_mode="r", allow_pickle=False))
+            vectors = np.asarray(np.load(path / VECTORS_FILE, mmap_mode="r", allow_pickle=False))
             offsets = np.load(path / DOCUMENT_OFFSETS_FILE, allow_pickle=False)
             faiss_index = faiss.read_index(str(path / FAISS_FILE))
         except (ValueError, OSError, RuntimeError) as error:
@@ -432,13 +445,14 @@ def _write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) -
     return stats
 
 
-def _encode_blocks(staging: Path, model, ids, flags, positions: np.ndarray, args: IndexBuildArguments) -> int:
-    """Encode every block, streaming the float16 hidden states of non-special tokens into vectors.npy."""
+def _encode_blocks(staging: Path, model, ids, flags, positions: np.ndarray, args: IndexBuildArguments,
+                   on_vectors=None) -> None:
+    """Encode every block, streaming the float16 hidden states of non-special tokens into vectors.npy (and, as
+    float32 copies of exactly those values, to `on_vectors`)."""
     from tqdm.auto import tqdm
 
-    hidden_size = model.config.hidden_size
     vectors = np.lib.format.open_memmap(staging / VECTORS_FILE, mode="w+", dtype=np.float16,
-                                        shape=(len(positions), hidden_size))
+                                        shape=(len(positions), model.config.hidden_size))
     ids, flags = np.asarray(ids), np.asarray(flags)
     pad_id = _pad_token_id(model)
     span = args.block_size * args.batch_size
@@ -454,14 +468,15 @@ def _encode_blocks(staging: Path, model, ids, flags, positions: np.ndarray, args
             hidden = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
             hidden = hidden[attention.to(device).bool()]
             keep = torch.from_numpy((flags[lo:hi] & SPECIAL) == 0).to(device)
-            chosen = hidden[keep].to(torch.float16).cpu().numpy()
-            vectors[row : row + len(chosen)] = chosen
+            chosen = hidden[keep].to(torch.float16)
+            vectors[row : row + len(chosen)] = chosen.cpu().numpy()
+            if on_vectors is not None:
+                on_vectors(chosen.float().cpu().numpy())
             row += len(chosen)
             progress.update(hi - lo)
     model.train(was_training)
     vectors.flush()
     del vectors
-    return hidden_size
 
 
 def _pack_blocks(ids: np.ndarray, block_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -480,21 +495,28 @@ def _pad_token_id(model) -> int:
     return 0 if pad is None else int(pad)
 
 
-def _build_faiss(staging: Path, hidden_size: int, args: IndexBuildArguments) -> None:
+def _new_faiss_index(hidden_size: int, factory: str):
     import faiss
 
-    vectors = np.load(staging / VECTORS_FILE, mmap_mode="r")
     try:
-        index = faiss.index_factory(hidden_size, args.faiss_factory, faiss.METRIC_INNER_PRODUCT)
+        return faiss.index_factory(hidden_size, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
-        raise ValueError(f"Invalid FAISS factory string {args.faiss_factory!r}: {error}") from None
+        raise ValueError(f"Invalid FAISS factory string {factory!r}: {error}") from None
+
+
+def _finish_faiss(staging: Path, index, args: IndexBuildArguments) -> None:
+    """Train (on a sample of at most train_sample_size vectors) and fill an index that could not take vectors
+    during encoding, then write it."""
+    import faiss
+
     if not index.is_trained:
+        vectors = np.load(staging / VECTORS_FILE, mmap_mode="r")
         rng = np.random.default_rng(args.seed)
         size = min(len(vectors), args.train_sample_size)
         sample = np.sort(rng.choice(len(vectors), size=size, replace=False))
         index.train(np.asarray(vectors[sample], dtype=np.float32))
-    for lo in range(0, len(vectors), _FAISS_ADD_CHUNK):
-        index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
+        for lo in range(0, len(vectors), _FAISS_ADD_CHUNK):
+            index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
     faiss.write_index(index, str(staging / FAISS_FILE))
 
 

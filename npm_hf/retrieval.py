@@ -57,8 +57,7 @@ class NPMPredictor:
             lookup = dict(zip(unique_ids.tolist(), range(len(unique_ids))))
             chosen = [(tid, lookup.get(tid)) for tid in target_ids]
         else:
-            order = np.argsort(-totals, kind="stable")[:top_k]
-            chosen = [(int(unique_ids[g]), g) for g in order]
+            chosen = [(int(unique_ids[g]), g) for g in _top_indices(totals, top_k)]
         answers = []
         for token_id, group in chosen:
             best = None if group is None else int(positions[first[group]])  # rows are sorted best first
@@ -81,59 +80,67 @@ class NPMPredictor:
             cand_rows, _ = self.index.rows_for_positions(candidates)
             vectors = torch.from_numpy(self.index.vectors_for_rows(cand_rows))
             logits = (vectors @ torch.from_numpy(np.stack([q_start, q_end]).T.copy())).numpy() * factor
-            start_table = end_table = candidates
             p_start, p_end = softmax(logits[:, 0]), softmax(logits[:, 1])
+            span_scores = (p_start[np.searchsorted(candidates, span_starts)]
+                           + p_end[np.searchsorted(candidates, span_ends)])
         else:
-            span_starts, span_ends = self.enumerate_spans(starts, ends, expand=False)
-            start_table, p_start = _sorted_table(starts, softmax(scores[0][found[0]] * factor))
-            end_table, p_end = _sorted_table(ends, softmax(scores[1][found[1]] * factor))
+            p_start = softmax(scores[0][found[0]] * factor)
+            end_order = np.argsort(ends)
+            p_end, ends = softmax(scores[1][found[1]] * factor)[end_order], ends[end_order]
+            start_index, span_ends = self._walk(starts, step=1)
+            retrieved = np.isin(span_ends, ends)  # before searchsorted, which is slow on many unsorted needles
+            start_index, end_index = start_index[retrieved], np.searchsorted(ends, span_ends[retrieved])
+            span_starts, span_ends = starts[start_index], ends[end_index]
+            keep = self._stopword_filter(span_starts, span_ends)
+            span_starts, span_ends = span_starts[keep], span_ends[keep]
+            span_scores = p_start[start_index[keep]] + p_end[end_index[keep]]
         if len(span_starts) == 0:
             return [] if targets is None else [self._missing(t) for t in targets][:top_k]
-        span_scores = (p_start[np.searchsorted(start_table, span_starts)]
-                       + p_end[np.searchsorted(end_table, span_ends)])
         return self._rank_spans(span_starts, span_ends, span_scores, top_k, targets)
 
     def enumerate_spans(self, starts: np.ndarray, ends: np.ndarray, expand: bool = False):
         """Valid spans (s, e), each once: s in `starts` and e in `ends`, or with `expand` every span that begins at
         one of `starts` or finishes at one of `ends` (the official code's candidate expansion)."""
-        ends = np.unique(ends)
-        found_s, found_e = self._walk(np.unique(starts), step=1)
+        starts, ends = np.unique(starts), np.unique(ends)
+        start_index, found_e = self._walk(starts, step=1)
+        found_s = starts[start_index]
         if expand:
-            back_s, back_e = self._walk(ends, step=-1)
-            found_s, found_e = np.concatenate([found_s, back_s]), np.concatenate([found_e, back_e])
+            end_index, back_s = self._walk(ends, step=-1)
+            found_s, found_e = np.concatenate([found_s, back_s]), np.concatenate([found_e, ends[end_index]])
             keys = np.unique(found_s * self.index.num_tokens + found_e)
             found_s, found_e = keys // self.index.num_tokens, keys % self.index.num_tokens
         else:
-            inside = np.isin(found_e, ends, assume_unique=False)
+            inside = np.isin(found_e, ends)
             found_s, found_e = found_s[inside], found_e[inside]
-        return self._filter_stopwords(found_s, found_e)
+        keep = self._stopword_filter(found_s, found_e)
+        return found_s[keep], found_e[keep]
 
     def _walk(self, anchors: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
         """From each anchor, walk up to max_span_length tokens (forward or backward) inside its block without
-        crossing a special token; return (anchor, other end) pairs that form word-bounded spans."""
+        crossing a special token. Returns, per word-bounded span found, the anchor's index and the other end."""
         flags, n = self.index.token_flags, self.index.num_tokens
-        anchor_flags = np.asarray(flags[anchors])
+        anchor_flags = flags[anchors]
         need_anchor, need_other = (WORD_START, WORD_END) if step == 1 else (WORD_END, WORD_START)
         alive = (anchor_flags & SPECIAL) == 0
         anchor_ok = (anchor_flags & need_anchor) != 0
         anchor_block = anchors // self.index.block_size
-        found_anchor, found_other = [], []
+        found_index, found_other = [], []
         for offset in range(self.config.max_span_length):
             other = anchors + step * offset
             alive &= (other >= 0) & (other < n)
             other = np.where(alive, other, anchors)
-            other_flags = np.asarray(flags[other])
+            other_flags = flags[other]
             alive &= ((other_flags & SPECIAL) == 0) & (other // self.index.block_size == anchor_block)
-            ok = alive & anchor_ok & ((other_flags & need_other) != 0)
-            found_anchor.append(anchors[ok])
+            ok = np.flatnonzero(alive & anchor_ok & ((other_flags & need_other) != 0))
+            found_index.append(ok)
             found_other.append(other[ok])
-        anchors_out, others_out = np.concatenate(found_anchor), np.concatenate(found_other)
-        return (anchors_out, others_out) if step == 1 else (others_out, anchors_out)
+        return np.concatenate(found_index), np.concatenate(found_other)
 
-    def _filter_stopwords(self, span_starts: np.ndarray, span_ends: np.ndarray):
+    def _stopword_filter(self, span_starts: np.ndarray, span_ends: np.ndarray) -> np.ndarray | slice:
+        """Which spans `config.span_stopwords` keeps (a boolean mask, or a slice keeping all)."""
         rule = self.config.span_stopwords
         if rule == "none" or len(span_starts) == 0:
-            return span_starts, span_ends
+            return slice(None)
         is_stop = self._stopword_positions
         if rule == "edges":
             keep = ~(is_stop(span_starts) | is_stop(span_ends))
@@ -142,7 +149,7 @@ class NPMPredictor:
             for offset in range(self.config.max_span_length):
                 inside = span_starts + offset <= span_ends
                 keep &= ~(inside & is_stop(np.where(inside, span_starts + offset, span_starts)))
-        return span_starts[keep], span_ends[keep]
+        return keep
 
     def _stopword_positions(self, positions: np.ndarray) -> np.ndarray:
         """Whether each corpus position is a whole-word stop word or punctuation token."""
@@ -169,23 +176,24 @@ class NPMPredictor:
         grid = np.where(inside, span_starts[:, None] + offsets, span_starts[:, None])
         ids = np.where(inside, self.index.token_ids[grid], -1).astype(np.int64)
         keys = self._phrase_hashes(ids, inside)
-        unique_keys, group_of_span = np.unique(keys, return_inverse=True)
+        unique_keys, first_span, group_of_span = np.unique(keys, return_index=True, return_inverse=True)
         group_of_span = group_of_span.reshape(-1)
         totals = np.bincount(group_of_span, weights=span_scores, minlength=len(unique_keys))
-        best_span = _argmax_per_group(span_scores, group_of_span, len(unique_keys))
-        totals = totals * lengths[best_span].astype(np.float64) ** self.config.length_penalty_alpha
+        if self.config.length_penalty_alpha:  # |v| in tokens (spellings of one phrase rarely differ in length)
+            totals = totals * lengths[first_span].astype(np.float64) ** self.config.length_penalty_alpha
         totals = totals / totals.sum()
         if targets is not None:
             lookup = dict(zip(unique_keys.tolist(), range(len(unique_keys))))
             chosen = [(target, lookup.get(_text_hash(self.normalise_target(target)))) for target in targets]
         else:
-            chosen = [(None, g) for g in np.argsort(-totals, kind="stable")[:top_k]]
+            chosen = [(None, g) for g in _top_indices(totals, top_k)]
         answers = []
         for target, group in chosen:
             if group is None:
                 answers.append(self._missing(target))
                 continue
-            span = int(best_span[group])
+            members = np.flatnonzero(group_of_span == group)
+            span = int(members[np.argmax(span_scores[members])])  # the best-scoring occurrence is the evidence
             token_ids = ids[span][ids[span] >= 0].tolist()
             answers.append(self._answer(score=float(totals[group]), token=token_ids, token_ids=token_ids,
                                         token_str=self.tokenizer.decode(token_ids).strip(),
@@ -239,19 +247,15 @@ class NPMPredictor:
                 "evidence": evidence, "token_ids": token_ids}
 
 
-def _argmax_per_group(values: np.ndarray, groups: np.ndarray, num_groups: int) -> np.ndarray:
-    """Index of the largest value within each group."""
-    order = np.argsort(-values, kind="stable")
-    _, first = np.unique(groups[order], return_index=True)
-    best = np.empty(num_groups, dtype=np.int64)
-    best[groups[order][first]] = order[first]
-    return best
-
-
-def _sorted_table(positions: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions sorted ascending with their probabilities, for lookups with np.searchsorted."""
-    order = np.argsort(positions, kind="stable")
-    return positions[order], probabilities[order]
+def _top_indices(values: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` largest values, largest first (ties: lower index first)."""
+    if count < len(values):
+        candidates = np.argpartition(-values, count - 1)[:count]
+        cutoff = values[candidates].min()
+        candidates = np.flatnonzero(values >= cutoff)  # all ties at the cut, so the order below is stable
+    else:
+        candidates = np.arange(len(values))
+    return candidates[np.argsort(-values[candidates], kind="stable")][:count]
 
 
 def _text_hash(text: str) -> int:
