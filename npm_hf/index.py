@@ -9,7 +9,8 @@ Layout of an index directory (`<model>/index` by default); every file loads with
     token_offsets.npy      (start, end) character offsets of every token in its document's text
     positions.npy          corpus position of every indexed (non-special) token = row of vectors.npy
     vectors.npy            (num_indexed, hidden_size) float16 last hidden states, memory-mapped
-    index.faiss            FAISS inner-product index over the rows of vectors.npy
+    index.faiss            FAISS inner-product index over the rows of vectors.npy (a flat one is stored empty and
+                           filled from vectors.npy when loaded: the same values, without a float32 copy on disk)
     documents.jsonl        one {"id", "title", "text"} line per document
     document_offsets.npy   byte offset of every line of documents.jsonl, plus the file size
 
@@ -237,9 +238,10 @@ class NPMIndex:
             np.save(staging / POSITIONS_FILE, positions)
             hidden_size = model.config.hidden_size
             faiss_index = _new_faiss_index(hidden_size, args.faiss_factory)
-            # Indexes that need no training (Flat, HNSW) take each batch as it is encoded: no second pass.
-            _encode_blocks(staging, model, ids, flags, positions, args,
-                           on_vectors=faiss_index.add if faiss_index.is_trained else None)
+            # A flat index is saved empty and filled from vectors.npy on load (same values, half the disk);
+            # other indexes that need no training (HNSW) take each batch as it is encoded: no second pass.
+            on_vectors = faiss_index.add if faiss_index.is_trained and not _is_flat(faiss_index) else None
+            _encode_blocks(staging, model, ids, flags, positions, args, on_vectors=on_vectors)
             _finish_faiss(staging, faiss_index, args)
             manifest = IndexManifest(
                 format_version=FORMAT_VERSION,
@@ -307,6 +309,8 @@ class NPMIndex:
             faiss_index = faiss.read_index(str(path / FAISS_FILE))
         except (ValueError, OSError, RuntimeError) as error:
             raise NPMIndexError(f"Index files in {path} are corrupted ({error}); rebuild the index.") from None
+        if _is_flat(faiss_index) and faiss_index.ntotal == 0 and faiss_index.d == vectors.shape[1]:
+            _fill_flat_from_vectors(faiss_index, vectors)  # flat indexes are stored empty (see build)
         expected = {
             **{name: (array.shape[:1], (manifest.num_tokens,)) for name, array in token_arrays.items()},
             "positions": (positions.shape, (manifest.num_indexed_tokens,)),
@@ -495,6 +499,17 @@ def _pad_token_id(model) -> int:
     return 0 if pad is None else int(pad)
 
 
+def _is_flat(index) -> bool:
+    import faiss
+
+    return isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+
+
+def _fill_flat_from_vectors(index, vectors: np.ndarray) -> None:
+    for lo in range(0, len(vectors), _FAISS_ADD_CHUNK):
+        index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
+
+
 def _new_faiss_index(hidden_size: int, factory: str):
     import faiss
 
@@ -509,7 +524,7 @@ def _finish_faiss(staging: Path, index, args: IndexBuildArguments) -> None:
     during encoding, then write it."""
     import faiss
 
-    if not index.is_trained:
+    if not index.is_trained and not _is_flat(index):
         vectors = np.load(staging / VECTORS_FILE, mmap_mode="r")
         rng = np.random.default_rng(args.seed)
         size = min(len(vectors), args.train_sample_size)
