@@ -20,9 +20,13 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     (summed over the processes that used it). A single process gets `tensor` itself."""
     if _world()[1] == 1:
         return tensor
-    import torch.distributed.nn.functional as distributed_functional
+    try:  # torch >= 2.6 deprecates torch.distributed.nn's gather for this (private but supported) one
+        from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    except ImportError:
+        import torch.distributed.nn.functional as distributed_functional
 
-    return torch.cat(distributed_functional.all_gather(tensor), dim=0)
+        return torch.cat(distributed_functional.all_gather(tensor), dim=0)
+    return all_gather_tensor_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:
