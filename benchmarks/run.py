@@ -9,6 +9,9 @@ Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"
     P1  fill-mask pipeline seconds per query / (bare encoder forward of the same query with the mask duplicated,
         as span mode does, + raw FAISS search of its 2 query vectors with the same k).         goal <= 1.2
     B   bytes of the index directory per indexed token, with a per-file breakdown.             report
+    P5  NPMTrainer tokens/s / stock Trainer + DataCollatorForLanguageModeling + AutoModelForMaskedLM of the same
+        encoder, batch and length (median step times, first step skipped).                     goal >= 0.5
+    P5c NPMSpanCollator seconds per batch / NPMTrainer seconds per step.                        goal <= 0.05
 
 Encoder: the offline MiniLM (`npm_hf.demo.minilm_path()`), wrapped with `npm_hf.convert_encoder`. Text: the
 Wikipedia sample at <repo>/../shared/offline_data/enwiki_sample/enwiki_sample.jsonl. Baseline and candidate are
@@ -40,9 +43,10 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "offline_data" / "enwi
 # rounds per figure: (min, max, seconds) = at least min rounds, then more until the seconds are spent, at most max.
 SETTINGS = {
     "quick": {"p2_tokens": (30_000, 40_000), "p2_rounds": (3, 8, 75), "p1_tokens": (100_000, 130_000),
-              "p1_queries": 20, "p1_rounds": (3, 10, 45)},
+              "p1_queries": 20, "p1_rounds": (3, 10, 45), "p5_block": 128, "p5_group": 8, "p5_steps": 4,
+              "p5_rounds": 2},
     "full": {"p2_tokens": (150_000, 200_000), "p2_rounds": (3, 8, 300), "p1_tokens": None, "p1_queries": 20,
-             "p1_rounds": (5, 12, 120)},
+             "p1_rounds": (5, 12, 120), "p5_block": 256, "p5_group": 16, "p5_steps": 5, "p5_rounds": 3},
 }
 BLOCK_SIZE = 256
 BATCH_SIZE = 16
@@ -352,6 +356,76 @@ def figure_bytes(index) -> None:
          f"{index.manifest.hidden_size}, {index.manifest.faiss_factory}); bytes/token per file: {per_file}")
 
 
+# ------------------------------------------------------------------------------------------------------- P5
+def step_seconds(trainer) -> list[float]:
+    """Train and return the wall time of every optimisation step but the first (warm-up)."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.began = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.began)
+
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    for printer in (PrinterCallback, ProgressCallback):  # stdout carries the JSON lines only
+        trainer.remove_callback(printer)
+    gc.collect()
+    trainer.train()
+    return timer.times[1:]
+
+
+def figure_p5(documents, workdir: Path, settings: dict) -> None:
+    from transformers import (AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
+                              TrainingArguments)
+
+    from npm_hf import NPMModel, NPMTrainer, NPMTrainingArguments, prepare_training_blocks
+    from npm_hf.demo import minilm_path
+
+    encoder = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+    block, group, steps = settings["p5_block"], settings["p5_group"], settings["p5_steps"]
+    blocks = prepare_training_blocks(documents, tokenizer, block_size=block, group_size=group)
+    common = dict(max_steps=steps, per_device_train_batch_size=group, use_cpu=True, report_to="none",
+                  save_strategy="no", disable_tqdm=True, logging_steps=10_000, seed=0)
+    npm_times, stock_times = [], []
+    for r in range(settings["p5_rounds"]):
+        npm = NPMTrainer(model=NPMModel.from_encoder(encoder), train_dataset=blocks, processing_class=tokenizer,
+                         args=NPMTrainingArguments(output_dir=str(workdir / "p5-npm"), **common))
+        npm_times += step_seconds(npm)
+        stock = Trainer(model=AutoModelForMaskedLM.from_pretrained(encoder),
+                        train_dataset=blocks.select_columns(["input_ids"]),
+                        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
+                        args=TrainingArguments(output_dir=str(workdir / "p5-stock"), **common))
+        stock_times += step_seconds(stock)
+        log.info(f"P5 round {r}: NPM step {statistics.median(npm_times):.2f}s, "
+                 f"stock {statistics.median(stock_times):.2f}s")
+    npm_step, stock_step = statistics.median(npm_times), statistics.median(stock_times)
+    tokens = group * block
+    emit("P5", stock_step / npm_step, ">= 0.5",
+         f"MiniLM, batch {group} x {block} tokens, {len(npm_times)} NPM and {len(stock_times)} stock steps (first of "
+         f"each run skipped); median step NPM {npm_step:.2f}s ({tokens / npm_step:.0f} tok/s), stock MLM "
+         f"{stock_step:.2f}s ({tokens / stock_step:.0f} tok/s); NPM runs two encoder passes (masked queries and "
+         f"unmasked keys, both with gradients)")
+    collator = npm.data_collator
+    features = [blocks[i] for i in range(group)]
+    collate_times = []
+    for _ in range(10):
+        started = time.perf_counter()
+        collator(features)
+        collate_times.append(time.perf_counter() - started)
+    collate = statistics.median(collate_times)
+    emit("P5c", collate / npm_step, "<= 0.05",
+         f"NPMSpanCollator {collate * 1e3:.1f} ms per batch of {group} x {block} (median of 10) / NPM step "
+         f"{npm_step:.2f}s")
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -385,6 +459,7 @@ def main(argv=None) -> None:
         figure_bytes(index)
         del index
         gc.collect()
+        figure_p5(take_documents(documents, counts, settings["p2_tokens"]), workdir, settings)
     log.info(f"Done in {time.perf_counter() - started:.0f}s")
 
 
