@@ -87,13 +87,9 @@ class NPMPredictor:
             p_start = softmax(scores[0][found[0]] * factor)
             end_order = np.argsort(ends)
             p_end, ends = softmax(scores[1][found[1]] * factor)[end_order], ends[end_order]
-            start_index, span_ends = self._walk(starts, step=1)
-            retrieved = np.isin(span_ends, ends)  # before searchsorted, which is slow on many unsorted needles
-            start_index, end_index = start_index[retrieved], np.searchsorted(ends, span_ends[retrieved])
+            start_index, end_index = self._spans_between(starts, ends)
             span_starts, span_ends = starts[start_index], ends[end_index]
-            keep = self._stopword_filter(span_starts, span_ends)
-            span_starts, span_ends = span_starts[keep], span_ends[keep]
-            span_scores = p_start[start_index[keep]] + p_end[end_index[keep]]
+            span_scores = p_start[start_index] + p_end[end_index]
         if len(span_starts) == 0:
             return [] if targets is None else [self._missing(t) for t in targets][:top_k]
         return self._rank_spans(span_starts, span_ends, span_scores, top_k, targets)
@@ -102,18 +98,25 @@ class NPMPredictor:
         """Valid spans (s, e), each once: s in `starts` and e in `ends`, or with `expand` every span that begins at
         one of `starts` or finishes at one of `ends` (the official code's candidate expansion)."""
         starts, ends = np.unique(starts), np.unique(ends)
-        start_index, found_e = self._walk(starts, step=1)
-        found_s = starts[start_index]
-        if expand:
-            end_index, back_s = self._walk(ends, step=-1)
-            found_s, found_e = np.concatenate([found_s, back_s]), np.concatenate([found_e, ends[end_index]])
-            keys = np.unique(found_s * self.index.num_tokens + found_e)
-            found_s, found_e = keys // self.index.num_tokens, keys % self.index.num_tokens
-        else:
-            inside = np.isin(found_e, ends)
-            found_s, found_e = found_s[inside], found_e[inside]
+        if not expand:
+            start_index, end_index = self._spans_between(starts, ends)
+            return starts[start_index], ends[end_index]
+        start_index, forward_e = self._walk(starts, step=1)
+        end_index, backward_s = self._walk(ends, step=-1)
+        found_s = np.concatenate([starts[start_index], backward_s])
+        found_e = np.concatenate([forward_e, ends[end_index]])
+        keys = np.unique(found_s * self.index.num_tokens + found_e)
+        found_s, found_e = keys // self.index.num_tokens, keys % self.index.num_tokens
         keep = self._stopword_filter(found_s, found_e)
         return found_s[keep], found_e[keep]
+
+    def _spans_between(self, starts: np.ndarray, sorted_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Valid spans from one of `starts` to one of `sorted_ends`, as (index into starts, index into ends)."""
+        start_index, span_ends = self._walk(starts, step=1)
+        retrieved = np.isin(span_ends, sorted_ends)  # filter first: searchsorted is slow on many unsorted needles
+        start_index, end_index = start_index[retrieved], np.searchsorted(sorted_ends, span_ends[retrieved])
+        keep = self._stopword_filter(starts[start_index], sorted_ends[end_index])
+        return start_index[keep], end_index[keep]
 
     def _walk(self, anchors: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
         """From each anchor, walk up to max_span_length tokens (forward or backward) inside its block without

@@ -199,7 +199,7 @@ def test_loss_matches_a_naive_computation(model_dir, blocks, tokenizer):
             if positive.any():
                 totals[side].append(np.logaddexp.reduce(scores) - np.logaddexp.reduce(scores[positive]))
     expected = np.mean(totals["start"]) + np.mean(totals["end"])
-    assert float(loss) == pytest.approx(expected, rel=1e-4)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
     assert loss_module.last_stats["queries"] == len(batch["query_sequence"])
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
@@ -212,7 +212,7 @@ def test_batch_without_positives_gives_a_connected_zero(model_dir, tokenizer):
         feature["word_start"] = feature["word_end"] = [1] * len(feature["input_ids"])
     batch = NPMSpanCollator(tokenizer)(features)
     loss = NPMContrastiveLoss(model)(model, batch)
-    assert float(loss) == 0.0 and loss.requires_grad
+    assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
 
 
