@@ -6,6 +6,7 @@ answers are mostly wrong): the demo shows the mechanics (retrieval, phrases, evi
 """
 
 import importlib.resources
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,12 +102,17 @@ def run_demo(args: DemoArguments) -> list[tuple[str, list[dict]]]:
                 break
     output = Path(args.output)
     index_dir = output / "index"
-    if not (index_dir / "manifest.json").exists():
+    # Reuse an earlier run's model and index only when they were built from the same articles.
+    recipe = {"corpus": args.corpus, "document_ids": [document["id"] for document in documents]}
+    recipe_file = output / "demo_recipe.json"
+    if not (index_dir / "manifest.json").exists() or not recipe_file.exists() or \
+            json.loads(recipe_file.read_text()) != recipe:
         convert_encoder(minilm_path(), output, overwrite=True)
         model = NPMModel.from_pretrained(output)
         tokenizer = AutoTokenizer.from_pretrained(output)
         NPMIndex.build(model, tokenizer, documents, index_dir,
                        IndexBuildArguments(show_progress_bar=args.show_progress_bar, overwrite=True))
+        recipe_file.write_text(json.dumps(recipe))
     model = NPMModel.from_pretrained(output)
     tokenizer = AutoTokenizer.from_pretrained(output)
     fill = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=NPMIndex.load(index_dir))

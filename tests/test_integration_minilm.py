@@ -65,6 +65,12 @@ def test_demo_with_a_named_corpus(tmp_path, shared_dir):
         assert "[MASK]" in query and len(answers) == 3
         assert all(a["evidence"]["text"][a["evidence"]["start"] : a["evidence"]["end"]] == a["phrase"] for a in answers)
     assert (tmp_path / "demo" / "index" / "manifest.json").exists()
+    built = (tmp_path / "demo" / "index" / "manifest.json").stat().st_mtime_ns
+    assert npm_hf.demo.run_demo(args) == results  # a second run reuses the model and index
+    assert (tmp_path / "demo" / "index" / "manifest.json").stat().st_mtime_ns == built
+    other = npm_hf.demo.DemoArguments(**{**args.__dict__, "num_documents": 1})
+    npm_hf.demo.run_demo(other)  # other articles: rebuilt
+    assert npm_hf.NPMIndex.load(tmp_path / "demo" / "index").manifest.num_documents == 1
 
 
 def test_demo_default_corpus_ships_with_gensim(tmp_path):
