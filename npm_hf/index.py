@@ -231,13 +231,13 @@ class NPMIndex:
         staging.mkdir()
         try:
             started = time.perf_counter()
+            hidden_size = model.config.hidden_size
+            faiss_index = _new_faiss_index(hidden_size, args.faiss_factory)  # a bad factory fails before any work
             stats = _write_corpus(staging, corpus, tokenizer, args)
             ids = np.load(staging / TOKEN_FILES["token_ids"], mmap_mode="r")
             flags = np.load(staging / TOKEN_FILES["token_flags"], mmap_mode="r")
             positions = np.flatnonzero((flags & SPECIAL) == 0).astype(np.int64)
             np.save(staging / POSITIONS_FILE, positions)
-            hidden_size = model.config.hidden_size
-            faiss_index = _new_faiss_index(hidden_size, args.faiss_factory)
             # A flat index is saved empty and filled from vectors.npy on load (same values, half the disk);
             # other indexes that need no training (HNSW) take each batch as it is encoded: no second pass.
             on_vectors = faiss_index.add if faiss_index.is_trained and not _is_flat(faiss_index) else None
