@@ -8,7 +8,8 @@ from .pipeline import FillMaskDispatcher
 
 
 def register() -> None:
-    """Register `npm` with AutoConfig/AutoModel/AutoModelForMaskedLM and dispatch "fill-mask" by model type.
+    """Register `npm` with AutoConfig/AutoModel/AutoModelForMaskedLM (also as remote code in saved models) and
+    dispatch "fill-mask" by model type.
 
     Idempotent. The "fill-mask" entry keeps its default model and Auto class; only its implementation becomes
     [`FillMaskDispatcher`], which hands non-NPM models to the stock `FillMaskPipeline`.
@@ -16,6 +17,10 @@ def register() -> None:
     AutoConfig.register(NPMConfig.model_type, NPMConfig, exist_ok=True)
     AutoModel.register(NPMConfig, NPMModel, exist_ok=True)
     AutoModelForMaskedLM.register(NPMConfig, NPMModel, exist_ok=True)
+    # Saved NPMs carry configuration_npm.py / modeling_npm.py and an auto_map, so that
+    # AutoModel.from_pretrained(..., trust_remote_code=True) loads them where npm_hf is not installed.
+    NPMConfig.register_for_auto_class()
+    NPMModel.register_for_auto_class("AutoModel")
     task = PIPELINE_REGISTRY.supported_tasks["fill-mask"]
     if task["impl"] is not FillMaskDispatcher:
         # A new dict, assigned without register_pipeline: that would warn "Overwriting pipeline" on every import.

@@ -1,6 +1,10 @@
 """NPMConfig / NPMModel: validation, Auto registration, save/load round trips, wrapping plain encoders."""
 
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -90,3 +94,29 @@ def test_from_encoder_rejects_npm_checkpoints(tmp_path):
     NPMModel(NPMConfig(encoder=TINY_BERT)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="already an NPM model"):
         NPMModel.from_encoder(str(tmp_path))
+
+
+def test_saved_npm_loads_as_remote_code_without_npm_hf(tmp_path):
+    """A saved NPM carries its config/model code: a process that cannot import npm_hf loads it with
+    trust_remote_code=True and gets identical hidden states."""
+    model = NPMModel(NPMConfig(encoder=TINY_BERT, mode="single", k=5)).eval()
+    model.save_pretrained(tmp_path)
+    assert {"configuration_npm.py", "modeling_npm.py"} <= {p.name for p in tmp_path.iterdir()}
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "configuration_npm.NPMConfig", "AutoModel": "modeling_npm.NPMModel"}
+    ids = torch.arange(5, 14).reshape(1, 9)
+    script = (
+        "import sys, json, torch\n"
+        "sys.modules['npm_hf'] = None  # as if npm_hf were not installed\n"
+        "from transformers import AutoModel\n"
+        f"model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()\n"
+        "assert not type(model).__module__.startswith('npm_hf'), type(model).__module__\n"
+        f"hidden = model(torch.tensor({ids.tolist()})).last_hidden_state.tolist()\n"
+        "print(json.dumps([type(model).__name__, model.config.mode, hidden]))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    name, mode, hidden = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (name, mode) == ("NPMModel", "single")
+    torch.testing.assert_close(torch.tensor(hidden), model(ids).last_hidden_state, atol=1e-6, rtol=1e-6)
