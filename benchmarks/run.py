@@ -324,7 +324,8 @@ def figure_p1(model, tokenizer, index, queries: list[str], rounds: tuple[int, in
                     bare[r, q] = bare_query_seconds(model, index.faiss_index, k, inputs)
             loads[path].append(load.cores())
         done = r + 1
-        log.info(f"P1 round {r}: pipeline {pipe[r].mean() * 1e3:.1f} ms/query, baseline {bare[r].mean() * 1e3:.1f} ms/query")
+        log.info(f"P1 round {r}: pipeline {pipe[r].mean() * 1e3:.1f} ms/query, "
+                 f"baseline {bare[r].mean() * 1e3:.1f} ms/query")
     pipe, bare = pipe[:done], bare[:done]
     pipe_median = np.median(pipe, axis=0).mean()
     bare_median = np.median(bare, axis=0).mean()

@@ -1,12 +1,13 @@
 """`npm-hf` command line: a thin layer over npm_hf's library functions.
 
     npm-hf convert --encoder PATH --output DIR [--mode span|single]
-    npm-hf build-index --model DIR --corpus FILE [--output DIR/index] [--block-size 256] [--batch-size N] [--faiss-factory Flat]
+    npm-hf build-index --model DIR --corpus FILE [--output DIR/index] [--block-size 256] [--batch-size N]
+                       [--faiss-factory Flat]
     npm-hf fill-mask --model DIR [--top-k 5] [--json] "text with a [MASK]"
     npm-hf train --model ENCODER --corpus FILE --output DIR [any TrainingArguments flag, e.g. --max_steps 200]
     npm-hf demo [--corpus PATH] [--output DIR]
 
-Under several processes: `torchrun --nproc_per_node N -m npm_hf.cli train ...` or `accelerate launch -m npm_hf.cli train ...`.
+Under several processes: `torchrun --nproc_per_node N -m npm_hf.cli train ...` (or `accelerate launch`).
 """
 
 import argparse
@@ -29,7 +30,8 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[s
             parser.add_argument(flag, dest=f.name, required=True, help=help_text)
         else:
             kind = {int: int, "int": int, float: float, "float": float}.get(f.type, str)
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"{help_text} (default: {f.default})")
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default,
+                                help=f"{help_text} (default: {f.default})")
 
 
 def _dataclass_from(cls, namespace: argparse.Namespace):
@@ -47,7 +49,8 @@ def _build_index(args) -> None:
     from .api import build_index
     from .index import IndexBuildArguments
 
-    index = build_index(args.model, args.corpus, output_dir=args.output, args=_dataclass_from(IndexBuildArguments, args))
+    build_args = _dataclass_from(IndexBuildArguments, args)
+    index = build_index(args.model, args.corpus, output_dir=args.output, args=build_args)
     m = index.manifest
     print(f"Indexed {m.num_indexed_tokens} tokens of {m.num_documents} documents "
           f"({m.num_skipped_empty_documents} empty skipped) in {m.build_seconds:.1f}s -> {index.path}")

@@ -101,7 +101,8 @@ def _read_utf8_lines(path: str) -> Iterator[tuple[int, str]]:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise ValueError(
-                    f"{path}, line {number}: not valid UTF-8 (byte {error.start}: {raw[error.start:error.start + 4]!r})."
+                    f"{path}, line {number}: not valid UTF-8 (byte {error.start}: "
+                    f"{raw[error.start:error.start + 4]!r})."
                     f" Convert the file to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 {path} > corpus.utf8.txt`."
                 ) from None
 
@@ -206,7 +207,9 @@ def prepare_training_blocks(corpus, tokenizer, block_size: int = 256, group_size
     import datasets
 
     if block_size < 3 or group_size < 2:
-        raise ValueError(f"Need block_size >= 3 and group_size >= 2 (in-batch positives), got {block_size}, {group_size}.")
+        raise ValueError(
+            f"Need block_size >= 3 and group_size >= 2 (in-batch positives), got {block_size}, {group_size}."
+        )
     stats = CorpusStats()
     chunks = [records for _, records in tokenize_documents(iter_documents(corpus, text_column=text_column),
                                                            tokenizer, stats)]

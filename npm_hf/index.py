@@ -82,7 +82,9 @@ class IndexBuildArguments:
             if getattr(self, name) < 1:
                 raise ValueError(f"IndexBuildArguments.{name} must be >= 1, got {getattr(self, name)}.")
         if self.block_size < 3:
-            raise ValueError(f"IndexBuildArguments.block_size must be >= 3 (room for special tokens), got {self.block_size}.")
+            raise ValueError(
+                f"IndexBuildArguments.block_size must be >= 3 (room for special tokens), got {self.block_size}."
+            )
         if not self.faiss_factory.strip():
             raise ValueError("IndexBuildArguments.faiss_factory must be a FAISS factory string such as 'Flat'.")
 
@@ -374,7 +376,8 @@ class NPMIndex:
 
     def candidate_rows(self, queries: np.ndarray, k: int) -> np.ndarray:
         """FAISS's top-k vector rows per query (approximate for compressed indexes; -1 where none was found)."""
-        _, rows = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), min(int(k), self.num_indexed))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        _, rows = self.faiss_index.search(queries, min(int(k), self.num_indexed))
         return rows
 
     def vectors_for_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -424,7 +427,8 @@ def _write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) -
     stats = CorpusStats()
     chunks, offsets = [], [0]
     with open(staging / DOCUMENTS_FILE, "wb") as handle:
-        documents = tqdm(iter_documents(corpus), desc="Tokenizing corpus", unit="doc", disable=not args.show_progress_bar)
+        documents = tqdm(iter_documents(corpus), desc="Tokenizing corpus", unit="doc",
+                         disable=not args.show_progress_bar)
         for document, records in tokenize_documents(documents, tokenizer, stats):
             records["doc"] = stats.num_documents - 1
             chunks.append(records)

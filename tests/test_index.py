@@ -87,7 +87,8 @@ def test_interrupted_build_leaves_no_index(tmp_path, model_and_tokenizer, monkey
 
     monkeypatch.setattr(model, "forward", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        NPMIndex.build(model, tokenizer, corpus, tmp_path / "index", IndexBuildArguments(batch_size=1, **{**QUIET, "block_size": 8}))
+        NPMIndex.build(model, tokenizer, corpus, tmp_path / "index",
+                       IndexBuildArguments(batch_size=1, **{**QUIET, "block_size": 8}))
     assert os.listdir(tmp_path) == []
 
 
@@ -204,13 +205,15 @@ def test_build_arguments_are_validated(kwargs, message):
 def test_invalid_faiss_factory(tmp_path, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     with pytest.raises(ValueError, match="Invalid FAISS factory string 'Nonsense'"):
-        NPMIndex.build(model, tokenizer, ["Texas."], tmp_path / "i", IndexBuildArguments(faiss_factory="Nonsense", **QUIET))
+        NPMIndex.build(model, tokenizer, ["Texas."], tmp_path / "i",
+                       IndexBuildArguments(faiss_factory="Nonsense", **QUIET))
     assert os.listdir(tmp_path) == []
 
 
 def test_approximate_factory_is_rescored_exactly(tmp_path, model_and_tokenizer, corpus):
     model, tokenizer = model_and_tokenizer
-    index = NPMIndex.build(model, tokenizer, corpus, tmp_path / "i", IndexBuildArguments(faiss_factory="HNSW8", **QUIET))
+    index = NPMIndex.build(model, tokenizer, corpus, tmp_path / "i",
+                           IndexBuildArguments(faiss_factory="HNSW8", **QUIET))
     query = np.asarray(index.vectors[5], dtype=np.float32)[None]
     scores, rows = index.search(query, 5)
     expected = np.asarray(index.vectors, dtype=np.float32)[rows[0]] @ query[0]

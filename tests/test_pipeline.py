@@ -8,7 +8,8 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, FillMaskPipeline, pipeline
 from transformers.pipelines.base import PipelineException
 
-from npm_hf import IndexBuildArguments, NonparametricFillMaskPipeline, NPMIndex, NPMIndexError, NPMModel, build_index, convert_encoder
+from npm_hf import (IndexBuildArguments, NonparametricFillMaskPipeline, NPMIndex, NPMIndexError, NPMModel,
+                    build_index, convert_encoder)
 
 
 KEYS = ["score", "token", "token_str", "sequence", "phrase", "evidence"]

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer, pipeline
+from transformers import AutoTokenizer
 
 from npm_hf import NPMIndex, NPMModel
 from npm_hf.corpus import WORD_END, WORD_START

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import BertWordPieceTokenizer
-from transformers import AutoModel, BertConfig, BertModel, BertTokenizer, Trainer, TrainingArguments
+from transformers import AutoModel, BertConfig, BertModel, BertTokenizer, TrainingArguments
 
 import npm_hf
 from npm_hf import NPMModel, NPMSpanCollator, NPMTrainer, NPMTrainingArguments, prepare_training_blocks

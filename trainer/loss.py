@@ -118,7 +118,8 @@ class NPMContrastiveLoss(nn.Module):
             match = (windows[None] == query_ids[chosen, None, None, :n]).all(dim=-1)
             starts[chosen, :, : length - n + 1] = match
             ends[chosen, :, n - 1 :] = match
-        return starts.reshape(len(query_ids), num_sequences * length), ends.reshape(len(query_ids), num_sequences * length)
+        shape = (len(query_ids), num_sequences * length)
+        return starts.reshape(shape), ends.reshape(shape)
 
     def get_config_dict(self) -> dict:
         return {"mode": self.model.config.mode, "scale": self.model.config.scale}

@@ -108,7 +108,8 @@ class NPMTrainer(Trainer):
         if stats["batches"]:
             prefix = "eval_" if any(key.startswith("eval_") for key in logs) else ""
             logs[f"{prefix}spans_per_batch"] = round(stats["queries"] / stats["batches"], 2)
-            logs[f"{prefix}queries_with_positives"] = round(stats["queries_with_positives"] / max(stats["queries"], 1), 4)
+            share = stats["queries_with_positives"] / max(stats["queries"], 1)
+            logs[f"{prefix}queries_with_positives"] = round(share, 4)
             logs[f"{prefix}span_accuracy"] = round(stats["correct_top1"] / max(stats["queries_with_positives"], 1), 4)
         super().log(logs, start_time)
 
