@@ -48,14 +48,10 @@ class NPMSpanCollator:
             )
         if self.mode not in ("span", "single"):
             raise ValueError(f"mode={self.mode!r}; use 'span' or 'single'.")
-        for name in ("mask_ratio", "punctuation_keep_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
-        if not 0.0 < self.geometric_p <= 1.0:
-            raise ValueError(f"geometric_p must be in (0, 1], got {self.geometric_p}.")
-        for name in ("max_span_length", "max_spans_per_sequence", "max_ngram_uses"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.punctuation_keep_prob <= 1.0:
+            raise ValueError(f"punctuation_keep_prob must be in [0, 1], got {self.punctuation_keep_prob}.")
+        check_masking(mask_ratio=self.mask_ratio, geometric_p=self.geometric_p, max_span_length=self.max_span_length,
+                      max_spans_per_sequence=self.max_spans_per_sequence, max_ngram_uses=self.max_ngram_uses)
         pad = self.tokenizer.pad_token_id
         self._pad_id = 0 if pad is None else pad
         self._special_ids = frozenset(self.tokenizer.all_special_ids)
@@ -175,6 +171,17 @@ class NPMSpanCollator:
         batch["query_ids"] = query_ids
         batch["query_length"] = torch.tensor([len(q[3]) for q in queries], dtype=torch.long)
         return batch
+
+
+def check_masking(**settings) -> None:
+    """Validate span-masking settings (shared by NPMSpanCollator and NPMTrainingArguments)."""
+    if not 0.0 < settings["mask_ratio"] <= 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1], got {settings['mask_ratio']}.")
+    if not 0.0 < settings["geometric_p"] <= 1.0:
+        raise ValueError(f"geometric_p must be in (0, 1], got {settings['geometric_p']}.")
+    for name in ("max_span_length", "max_spans_per_sequence", "max_ngram_uses"):
+        if settings[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {settings[name]}.")
 
 
 def _groups(features: list[dict]):

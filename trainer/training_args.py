@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from .data_collator import check_masking
+
 
 logger = logging.get_logger(__name__)
 
@@ -43,13 +45,9 @@ class NPMTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 < self.mask_ratio <= 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1], got {self.mask_ratio}.")
-        if not 0.0 < self.geometric_p <= 1.0:
-            raise ValueError(f"geometric_p must be in (0, 1], got {self.geometric_p}.")
-        for name in ("max_masked_span_length", "max_spans_per_sequence", "max_ngram_uses"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        check_masking(mask_ratio=self.mask_ratio, geometric_p=self.geometric_p,
+                      max_span_length=self.max_masked_span_length, max_spans_per_sequence=self.max_spans_per_sequence,
+                      max_ngram_uses=self.max_ngram_uses)
         forced = {
             "remove_unused_columns": False,  # the collator needs word_start / word_end / group
             "dataloader_drop_last": True,  # every process gathers keys of the same shape
