@@ -10,23 +10,12 @@ from .corpus import iter_documents, prepare_training_blocks
 from .index import IndexBuildArguments, IndexManifest, IndexMismatchError, NPMIndex, NPMIndexError
 from .pipeline import FillMaskDispatcher, NonparametricFillMaskPipeline
 from .retrieval import NPMPredictor
+from .trainer import NPMContrastiveLoss, NPMSpanCollator, NPMTrainer, NPMTrainingArguments
 from .api import TrainDataArguments, build_index, convert_encoder, load_npm, train
 from .registration import register
 
 
 register()
-
-# Training pulls in Trainer/accelerate: imported on first use, not by `import npm_hf`.
-_TRAINING_NAMES = ("NPMContrastiveLoss", "NPMSpanCollator", "NPMTrainer", "NPMTrainingArguments")
-
-
-def __getattr__(name):
-    if name in _TRAINING_NAMES:
-        from . import trainer
-
-        return getattr(trainer, name)
-    raise AttributeError(f"module 'npm_hf' has no attribute {name!r}")
-
 
 __all__ = [
     "__version__",

@@ -9,8 +9,10 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging
 
+from .hub_cards import update_model_card
 from .index import IndexBuildArguments, NPMIndex
 from .modeling import NPMConfig, NPMModel
+from .version import __version__
 
 
 logger = logging.get_logger(__name__)
@@ -31,6 +33,9 @@ def convert_encoder(encoder_name_or_path: str, output_dir, overwrite: bool = Fal
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        update_model_card(staging, model_id=str(output_dir), base_model=encoder_name_or_path,
+                          mode=model.config.mode, example=f"Hagios Demetrios is located in {tokenizer.mask_token}.",
+                          versions={"npm_hf": __version__})
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)
@@ -63,6 +68,7 @@ def build_index(model, corpus, output_dir=None, args: IndexBuildArguments | None
         args: [`IndexBuildArguments`] (block size, batch size, FAISS factory, overwrite, ...).
         tokenizer: the model's tokenizer; loaded from the directory when `model` is a path.
     """
+    model_dir = None
     if isinstance(model, (str, os.PathLike)):
         model_dir = Path(model)
         model, loaded_tokenizer = load_npm(model_dir)
@@ -70,7 +76,18 @@ def build_index(model, corpus, output_dir=None, args: IndexBuildArguments | None
         output_dir = output_dir or model_dir / model.config.index_subfolder
     if output_dir is None or tokenizer is None:
         raise ValueError("Pass output_dir= and tokenizer= when building an index for a model object.")
-    return NPMIndex.build(model, tokenizer, corpus, output_dir, args)
+    index = NPMIndex.build(model, tokenizer, corpus, output_dir, args)
+    if model_dir is not None and Path(output_dir).resolve() == (model_dir / model.config.index_subfolder).resolve():
+        update_model_card(model_dir, index=_index_card_facts(index))  # the model's own index: describe it
+    return index
+
+
+def _index_card_facts(index: NPMIndex) -> dict:
+    m = index.manifest
+    total = sum(entry["bytes"] for entry in m.files.values())
+    return {"num_documents": m.num_documents, "num_tokens": m.num_tokens, "num_indexed_tokens": m.num_indexed_tokens,
+            "block_size": m.block_size, "faiss_factory": m.faiss_factory, "build_seconds": m.build_seconds,
+            "bytes_per_token": round(total / max(m.num_indexed_tokens, 1), 1)}
 
 
 @dataclass

@@ -3,8 +3,10 @@
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .hub_cards import NPMModelCardCallback
 from .modeling import NPMConfig, NPMModel
 from .pipeline import FillMaskDispatcher
+from .trainer import NPMTrainer
 
 
 def register() -> None:
@@ -21,6 +23,8 @@ def register() -> None:
     # AutoModel.from_pretrained(..., trust_remote_code=True) loads them where npm_hf is not installed.
     NPMConfig.register_for_auto_class()
     NPMModel.register_for_auto_class("AutoModel")
+    if NPMModelCardCallback not in NPMTrainer.default_callbacks:
+        NPMTrainer.default_callbacks.append(NPMModelCardCallback)  # trainings write their card
     task = PIPELINE_REGISTRY.supported_tasks["fill-mask"]
     if task["impl"] is not FillMaskDispatcher:
         # A new dict, assigned without register_pipeline: that would warn "Overwriting pipeline" on every import.

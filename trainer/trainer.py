@@ -68,6 +68,8 @@ class NPMTrainer(Trainer):
     """
 
     loss_is_scaled_for_ga = False  # the loss is a per-batch mean: Trainer divides by accumulation steps
+    # Callback classes every NPMTrainer adds; `import npm_hf` puts the model-card callback here.
+    default_callbacks: list = []
 
     def __init__(self, model=None, args: NPMTrainingArguments | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, data_collator=None, loss: NPMContrastiveLoss | None = None, **kwargs):
@@ -93,6 +95,8 @@ class NPMTrainer(Trainer):
             )
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=data_collator, **kwargs)
+        for callback in self.default_callbacks:
+            self.add_callback(callback())
         self.loss = loss if loss is not None else NPMContrastiveLoss(model)
         self._span_stats = defaultdict(float)
 

@@ -1,0 +1,66 @@
+"""Model cards built from data: convert, index build, training and evaluation facts; user edits survive."""
+
+import json
+import logging
+import re
+
+from huggingface_hub import ModelCard
+
+import npm_hf
+from npm_hf import IndexBuildArguments, NPMModel, NPMTrainer, NPMTrainingArguments, prepare_training_blocks
+from npm_hf.hub_cards import update_model_card
+
+
+def test_card_follows_convert_and_index_build(tmp_path, encoder_dir, corpus):
+    model_dir = tmp_path / "npm"
+    npm_hf.convert_encoder(str(encoder_dir), model_dir)
+    card = ModelCard.load(model_dir / "README.md")
+    header = card.data.to_dict()
+    assert header["library_name"] == "transformers" and header["pipeline_tag"] == "fill-mask"
+    assert "npm" in header["tags"] and header["base_model"] == str(encoder_dir)
+    assert "No index was built yet" in card.text
+    npm_hf.build_index(model_dir, corpus, args=IndexBuildArguments(block_size=32, show_progress_bar=False))
+    text = (model_dir / "README.md").read_text()
+    assert "| 5 | " in text and "Flat (inner product)" in text and "No index was built yet" not in text
+    snippet = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
+    namespace = {}
+    exec(snippet, namespace)  # the usage snippet runs as written
+    example = re.search(r'fill\("(.*?)"', snippet).group(1)
+    answers = namespace["fill"](example, top_k=3)
+    assert len(answers) == 3 and answers[0]["evidence"]["doc_id"]
+
+
+def test_existing_readme_is_updated_not_overwritten(tmp_path):
+    (tmp_path / "README.md").write_text("---\nlicense: mit\ntags:\n- mine\n---\n# My model\n\nHand-written intro.\n")
+    assert update_model_card(tmp_path, model_id="org/x", mode="single")
+    assert update_model_card(tmp_path, eval_results=[{"task": "sst2", "dataset": "sst2", "metric": "accuracy",
+                                                      "value": 0.61}])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.license == "mit" and {"mine", "npm"} <= set(card.data.tags)
+    assert card.text.startswith("# My model\n\nHand-written intro.")
+    assert card.text.count("<!-- npm-hf:start -->") == 1 and "NPM-single" in card.text
+    assert card.data.eval_results[0].metric_value == 0.61 and "| sst2 | sst2 | accuracy | 0.61 |" in card.text
+
+
+def test_card_problems_are_logged_not_raised(tmp_path, caplog):
+    (tmp_path / "npm_card.json").write_text("{broken")
+    with caplog.at_level(logging.WARNING):
+        assert update_model_card(tmp_path, mode="span") is False
+    assert any("Could not write the model card" in record.getMessage() for record in caplog.records)
+    assert not (tmp_path / "README.md").exists()
+
+
+def test_training_writes_its_section(tmp_path, encoder_dir, corpus):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    blocks = prepare_training_blocks(corpus * 4, tokenizer, block_size=16, group_size=2)
+    args = NPMTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                                logging_steps=1, learning_rate=1e-3, use_cpu=True, report_to="none",
+                                save_strategy="no", disable_tqdm=True)
+    NPMTrainer(model=NPMModel.from_encoder(str(encoder_dir)), args=args, train_dataset=blocks,
+               processing_class=tokenizer).train()
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "for 2 steps" in text and "Training loss:" in text and "| learning_rate | 0.001 |" in text
+    facts = json.loads((tmp_path / "out" / "npm_card.json").read_text())
+    assert facts["training"]["steps"] == 2 and facts["base_model"] == str(encoder_dir)
