@@ -98,6 +98,8 @@ class NPMModel(NPMPreTrainedModel):
 
         Accepts bare encoders (`BertModel`, `RobertaModel`, ...) and checkpoints with an MLM head such as the
         released `facebook/npm` (`RobertaForMaskedLM`): heads are dropped quietly, since NPM never uses them.
+        Without an explicit `mode`, names containing "npm-single" (the released `facebook/npm-single`) give
+        NPM-single and all others span mode.
 
         Args:
             encoder_name_or_path: local directory or Hub model id of the encoder.
@@ -111,6 +113,8 @@ class NPMModel(NPMPreTrainedModel):
         """
         config_fields = set(NPMConfig.__dataclass_fields__) - set(PreTrainedConfig.__dataclass_fields__) - {"encoder"}
         npm_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in config_fields}
+        # The released facebook/npm-single is NPM-single; every other encoder starts as an NPM (span mode).
+        npm_kwargs.setdefault("mode", "single" if "npm-single" in str(encoder_name_or_path).rstrip("/") else "span")
         encoder, info = _load_encoder_quietly(encoder_name_or_path, **kwargs)
         if encoder.config.model_type == NPMConfig.model_type:
             raise ValueError(

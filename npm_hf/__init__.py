@@ -11,7 +11,7 @@ from .index import IndexBuildArguments, IndexManifest, IndexMismatchError, NPMIn
 from .pipeline import FillMaskDispatcher, NonparametricFillMaskPipeline
 from .retrieval import NPMPredictor
 from .trainer import NPMContrastiveLoss, NPMSpanCollator, NPMTrainer, NPMTrainingArguments
-from .api import TrainDataArguments, build_index, convert_encoder, load_npm, train
+from .api import TrainDataArguments, build_index, convert_encoder, convert_lightning_checkpoint, load_npm, train
 from .registration import register
 
 
@@ -37,6 +37,7 @@ __all__ = [
     "FillMaskDispatcher",
     "build_index",
     "convert_encoder",
+    "convert_lightning_checkpoint",
     "iter_documents",
     "register",
     "load_npm",

@@ -45,6 +45,67 @@ def convert_encoder(encoder_name_or_path: str, output_dir, overwrite: bool = Fal
     return model
 
 
+LIGHTNING_PREFIX = "encoder.transformer."
+
+
+def convert_lightning_checkpoint(checkpoint, base_model: str, output_dir, overwrite: bool = False,
+                                 **config_kwargs) -> NPMModel:
+    """Convert an original NPM training checkpoint (PyTorch Lightning `.ckpt`, or `.safetensors`, with keys
+    `encoder.transformer.<Hugging Face key>`) into an NPM directory.
+
+    `base_model` (directory or Hub id, e.g. `roberta-large`) gives the architecture and tokenizer. A `.ckpt` is read
+    with `torch.load(weights_only=True)`, which accepts tensors and plain containers only; the mode defaults to
+    NPM-single for files named like `npm-single.ckpt`, else span.
+    """
+    import tempfile
+
+    from transformers import AutoModelForMaskedLM
+
+    state = _read_checkpoint(Path(checkpoint))
+    weights = {key[len(LIGHTNING_PREFIX):]: value for key, value in state.items() if key.startswith(LIGHTNING_PREFIX)}
+    if not weights:
+        raise ValueError(
+            f"{checkpoint} has no '{LIGHTNING_PREFIX}*' weights, so it is not an NPM training checkpoint; plain "
+            "Hugging Face checkpoints convert with `npm-hf convert --encoder`."
+        )
+    source = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(base_model))
+    missing, unexpected = source.load_state_dict(weights, strict=False)
+    missing = [key for key in missing if "lm_head" not in key and "pooler" not in key]
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint} does not fit the architecture of {base_model!r}: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}. Pass the base model the checkpoint was trained from (--base)."
+        )
+    config_kwargs.setdefault("mode", "single" if "npm-single" in Path(checkpoint).name else "span")
+    with tempfile.TemporaryDirectory() as folder:
+        source.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(base_model).save_pretrained(folder)
+        model = convert_encoder(folder, output_dir, overwrite=overwrite, **config_kwargs)
+    update_model_card(output_dir, base_model=base_model)
+    return model
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The tensors of a checkpoint file, without unpickling arbitrary objects."""
+    import pickle
+
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds Python objects besides tensors, which npm_hf does not unpickle ({str(error)[:200]}). In an "
+            "environment you trust, extract its weights: `from safetensors.torch import save_file; save_file(torch."
+            "load(path, weights_only=False)['state_dict'], 'npm.safetensors')`, then convert that file."
+        ) from None
+    return state.get("state_dict", state)
+
+
 def load_npm(name_or_path, **kwargs):
     """Load `(model, tokenizer)` of an NPM directory or Hub repo; a clear error for plain encoders."""
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)

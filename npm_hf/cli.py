@@ -1,6 +1,7 @@
 """`npm-hf` command line: a thin layer over npm_hf's library functions.
 
     npm-hf convert --encoder PATH --output DIR [--mode span|single]
+    npm-hf convert --checkpoint npm.ckpt --base roberta-large --output DIR
     npm-hf build-index --model DIR --corpus FILE [--output DIR/index] [--block-size 256] [--batch-size N]
                        [--faiss-factory Flat]
     npm-hf fill-mask --model DIR [--top-k 5] [--json] "text with a [MASK]"
@@ -39,10 +40,19 @@ def _dataclass_from(cls, namespace: argparse.Namespace):
 
 
 def _convert(args) -> None:
-    from .api import convert_encoder
+    from .api import convert_encoder, convert_lightning_checkpoint
 
-    convert_encoder(args.encoder, args.output, overwrite=args.overwrite, mode=args.mode)
-    print(f"Saved an NPM ({args.mode} mode) wrapping {args.encoder} to {args.output}")
+    mode = {"mode": args.mode} if args.mode else {}
+    if args.checkpoint:
+        if not args.base:
+            raise ValueError("--checkpoint needs --base, the model it was trained from (e.g. roberta-large).")
+        model = convert_lightning_checkpoint(args.checkpoint, args.base, args.output, overwrite=args.overwrite, **mode)
+    elif args.encoder:
+        model = convert_encoder(args.encoder, args.output, overwrite=args.overwrite, **mode)
+    else:
+        raise ValueError("Pass --encoder (a Hugging Face encoder) or --checkpoint with --base (an NPM training "
+                         "checkpoint).")
+    print(f"Saved an NPM ({model.config.mode} mode) to {args.output}")
 
 
 def _build_index(args) -> None:
@@ -121,9 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="Wrap a plain encoder checkpoint as an NPM directory.")
-    convert.add_argument("--encoder", required=True, help="Encoder directory or Hub id (BERT/RoBERTa family).")
+    convert.add_argument("--encoder", help="Encoder directory or Hub id (BERT/RoBERTa family, facebook/npm).")
+    convert.add_argument("--checkpoint", help="Original NPM training checkpoint (.ckpt or .safetensors).")
+    convert.add_argument("--base", help="With --checkpoint: the model it was trained from (e.g. roberta-large).")
     convert.add_argument("--output", required=True, help="NPM directory to write.")
-    convert.add_argument("--mode", choices=["span", "single"], default="span", help="NPM (span) or NPM-single.")
+    convert.add_argument("--mode", choices=["span", "single"], default=None,
+                         help="NPM (span) or NPM-single (default: single for npm-single checkpoints, else span).")
     convert.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
     convert.set_defaults(handler=_convert)
 

@@ -120,3 +120,69 @@ def test_saved_npm_loads_as_remote_code_without_npm_hf(tmp_path):
     name, mode, hidden = json.loads(result.stdout.strip().splitlines()[-1])
     assert (name, mode) == ("NPMModel", "single")
     torch.testing.assert_close(torch.tensor(hidden), model(ids).last_hidden_state, atol=1e-6, rtol=1e-6)
+
+
+def _tiny_released_npm(folder):
+    """A RobertaForMaskedLM with a byte-level BPE tokenizer: the format of facebook/npm(-single)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaTokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["Texas borders New Mexico."] * 5, vocab_size=280,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    folder.mkdir(parents=True)
+    bpe.save_model(str(folder))
+    tokenizer = RobertaTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    torch.manual_seed(1)
+    model = RobertaForMaskedLM(RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64, max_position_embeddings=40,
+                                             pad_token_id=1)).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def test_released_npm_single_name_gives_single_mode(tmp_path):
+    _tiny_released_npm(tmp_path / "facebook" / "npm-single")
+    _tiny_released_npm(tmp_path / "facebook" / "npm")
+    assert NPMModel.from_encoder(str(tmp_path / "facebook" / "npm-single")).config.mode == "single"
+    assert NPMModel.from_encoder(str(tmp_path / "facebook" / "npm")).config.mode == "span"
+    assert NPMModel.from_encoder(str(tmp_path / "facebook" / "npm-single"), mode="span").config.mode == "span"
+
+
+@pytest.mark.parametrize("file_name", ["npm.ckpt", "npm-single.ckpt", "npm.safetensors"])
+def test_lightning_checkpoints_convert_with_identical_states(tmp_path, file_name):
+    import npm_hf
+    from safetensors.torch import save_file
+
+    source = _tiny_released_npm(tmp_path / "base")
+    weights = {f"encoder.transformer.{key}": value.clone() for key, value in source.state_dict().items()}
+    checkpoint = tmp_path / file_name
+    if file_name.endswith(".ckpt"):
+        torch.save({"state_dict": weights, "epoch": 3, "global_step": 10_000}, checkpoint)
+    else:
+        save_file({k: v.contiguous() for k, v in weights.items() if "decoder" not in k}, str(checkpoint))
+    model = npm_hf.convert_lightning_checkpoint(checkpoint, str(tmp_path / "base"), tmp_path / "npm")
+    assert model.config.mode == ("single" if "single" in file_name else "span")
+    ids = torch.randint(3, 60, (1, 10))
+    loaded = NPMModel.from_pretrained(tmp_path / "npm")
+    expected = source(ids, output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(loaded(ids).last_hidden_state, expected)
+
+
+class _Hyperparameters:  # stands for the custom objects Lightning pickles next to the weights
+    def __init__(self):
+        self.lr = 3e-5
+
+
+def test_checkpoints_with_python_objects_are_not_unpickled(tmp_path):
+    import npm_hf
+
+    _tiny_released_npm(tmp_path / "base")
+    torch.save({"state_dict": {}, "hyper_parameters": _Hyperparameters()}, tmp_path / "odd.ckpt")
+    with pytest.raises(ValueError, match="does not unpickle"):
+        npm_hf.convert_lightning_checkpoint(tmp_path / "odd.ckpt", str(tmp_path / "base"), tmp_path / "npm")
+    torch.save({"state_dict": {"model.w": torch.zeros(1)}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not an NPM training checkpoint"):
+        npm_hf.convert_lightning_checkpoint(tmp_path / "other.ckpt", str(tmp_path / "base"), tmp_path / "npm")
+    assert not (tmp_path / "npm").exists()
