@@ -43,6 +43,10 @@ class NPMConfig(PreTrainedConfig):
             Where the reference-corpus index lives, relative to the model directory or Hub repo.
         apply_temperature_twice (`bool`, *optional*, defaults to `False`):
             Reproduce the official code's span-mode quirk that divides by the temperature twice (T²).
+        index_repo_id (`str`, *optional*):
+            A Hub dataset repo holding the index (very large indexes live apart from the weights).
+        index_revision (`str`, *optional*):
+            The commit of `index_repo_id` the index was uploaded at (pinned, so weights and index stay matched).
         expand_span_candidates (`bool`, *optional*, defaults to `False`):
             Span mode: also score the tokens that complete a span from a retrieved start or end token (the official
             code's candidate expansion). Finds spans with only one retrieved end, at several times the cost.
@@ -68,6 +72,8 @@ class NPMConfig(PreTrainedConfig):
     length_penalty_alpha: float | int = 0.0
     span_stopwords: str = "none"
     index_subfolder: str = "index"
+    index_repo_id: str | None = None
+    index_revision: str | None = None
     apply_temperature_twice: bool = False
     expand_span_candidates: bool = False
     pad_token_id: int | None = None

@@ -6,6 +6,7 @@
                        [--faiss-factory Flat]
     npm-hf fill-mask --model DIR [--top-k 5] [--json] "text with a [MASK]"
     npm-hf train --model ENCODER --corpus FILE --output DIR [any TrainingArguments flag, e.g. --max_steps 200]
+    npm-hf push --model DIR --repo-id ORG/NAME [--private] [--revision R] [--create-pr] [--index-repo-id ORG/IDX]
     npm-hf demo [--corpus PATH] [--output DIR]
 
 Under several processes: `torchrun --nproc_per_node N -m npm_hf.cli train ...` (or `accelerate launch`).
@@ -109,6 +110,14 @@ def _train(args, remaining: list[str]) -> None:
         print(f"Trained for {trainer.state.global_step} steps; saved the NPM to {args.output}")
 
 
+def _push(args) -> None:
+    from .hub_cards import push_to_hub
+
+    commit = push_to_hub(args.model, args.repo_id, private=args.private, revision=args.revision,
+                         create_pr=args.create_pr, index_repo_id=args.index_repo_id)
+    print(f"Pushed {args.model} to {getattr(commit, 'commit_url', args.repo_id)}")
+
+
 def _demo(args) -> None:
     from .demo import DemoArguments, run_demo
 
@@ -157,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--json", action="store_true", help="Print the pipeline output as JSON.")
     fill.add_argument("text", help="Text with the tokenizer's mask token, e.g. [MASK] or <mask>.")
     fill.set_defaults(handler=_fill_mask)
+
+    push = commands.add_parser("push", help="Upload an NPM directory (weights, tokenizer, card, index) to the Hub.")
+    push.add_argument("--model", required=True, help="NPM directory with its index.")
+    push.add_argument("--repo-id", dest="repo_id", required=True, help="Hub model repo, ORG/NAME.")
+    push.add_argument("--private", action="store_true", default=None, help="Create the repo as private.")
+    push.add_argument("--revision", default=None, help="Branch to push to.")
+    push.add_argument("--create-pr", dest="create_pr", action="store_true", help="Open a pull request instead.")
+    push.add_argument("--index-repo-id", dest="index_repo_id", default=None,
+                      help="Put the index in this dataset repo (for very large indexes); the config records it.")
+    push.set_defaults(handler=_push)
 
     train = commands.add_parser(
         "train", help="Train an NPM with NPMTrainer; any TrainingArguments flag (e.g. --max_steps 200) is accepted.")

@@ -340,6 +340,19 @@ class NPMIndex:
         snapshot = snapshot_download(str(name_or_path), allow_patterns=[f"{subfolder}/*"], **hub_kwargs)
         return cls.load(Path(snapshot) / subfolder, verify=verify)
 
+    @classmethod
+    def for_model(cls, model, verify: str = "fast", **hub_kwargs) -> "NPMIndex":
+        """The index that belongs to `model`: in its directory, in its Hub repo at the very commit its weights came
+        from, or in the dataset repo and commit its config names (`index_repo_id`, `index_revision`)."""
+        config = model.config
+        if config.index_repo_id:
+            return cls.from_pretrained(config.index_repo_id, subfolder=config.index_subfolder, verify=verify,
+                                       repo_type="dataset", revision=config.index_revision, **hub_kwargs)
+        commit = getattr(config, "_commit_hash", None)
+        if commit and not Path(model.name_or_path).is_dir():
+            hub_kwargs.setdefault("revision", commit)
+        return cls.from_pretrained(model.name_or_path, subfolder=config.index_subfolder, verify=verify, **hub_kwargs)
+
     def check_compatible(self, model, tokenizer=None) -> None:
         """Raise IndexMismatchError unless this index was built with `model`'s weights (and `tokenizer`)."""
         if encoder_fingerprint(model) != self.manifest.encoder_fingerprint:

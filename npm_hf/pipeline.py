@@ -24,7 +24,9 @@ class NonparametricFillMaskPipeline(Pipeline):
     `text`). In span mode `token` is the list of the phrase's token ids.
 
     Args:
-        index (`NPMIndex`, *optional*): the reference-corpus index; by default `<model dir>/<config.index_subfolder>`.
+        index (`NPMIndex`, *optional*): the reference-corpus index; by default the model's own (its directory's or
+            Hub repo's `config.index_subfolder`, at the same commit as the weights, or `config.index_repo_id`).
+        index_kwargs (`dict`, *optional*): Hub options for that download (`cache_dir`, `token`, `local_files_only`).
         k (`int`, *optional*): neighbours per query vector, overriding `config.k` (also accepted per call).
     """
 
@@ -34,12 +36,13 @@ class NonparametricFillMaskPipeline(Pipeline):
     _load_feature_extractor = False
     _load_video_processor = False
 
-    def __init__(self, model, tokenizer=None, index: NPMIndex | None = None, **kwargs):
+    def __init__(self, model, tokenizer=None, index: NPMIndex | None = None, index_kwargs: dict | None = None,
+                 **kwargs):
         super().__init__(model, tokenizer=tokenizer, **kwargs)
         if self.tokenizer is None or self.tokenizer.mask_token_id is None:
             raise PipelineException("fill-mask", NPM_MODEL_TYPE, "The tokenizer does not define a `mask_token`.")
         if index is None:
-            index = NPMIndex.from_pretrained(self.model.name_or_path, subfolder=self.model.config.index_subfolder)
+            index = NPMIndex.for_model(self.model, **(index_kwargs or {}))
         index.check_compatible(self.model, self.tokenizer)
         self.index = index
         self.predictor = NPMPredictor(self.model.config, self.tokenizer, index)

@@ -1,0 +1,114 @@
+"""Hub round trip, offline: uploads against a mocked HfApi, downloads through a fake local Hub cache."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+from huggingface_hub.utils import filter_repo_objects
+
+from npm_hf.hub_cards import push_to_hub
+
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+INDEX_SHA = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+@pytest.fixture
+def model_copy(tmp_path, npm_dir):
+    folder = tmp_path / "npm"
+    shutil.copytree(npm_dir, folder)
+    (folder / "training_args.bin").write_bytes(b"pickle")  # what Trainer leaves behind: never uploaded
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2" / "model.safetensors").write_bytes(b"x")
+    return folder
+
+
+def uploaded_files(call) -> set[str]:
+    folder = call.kwargs["folder_path"]
+    files = [os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+             for root, _, names in os.walk(folder) for name in names]
+    prefix = call.kwargs.get("path_in_repo") or ""
+    kept = filter_repo_objects(files, ignore_patterns=call.kwargs.get("ignore_patterns"))
+    return {f"{prefix}/{name}" if prefix else name for name in kept}
+
+
+def fake_api():
+    api = mock.MagicMock()
+    api.upload_folder.side_effect = lambda **kwargs: SimpleNamespace(
+        oid=INDEX_SHA if kwargs.get("repo_type") == "dataset" else SHA, commit_url="https://hf.co/commit")
+    return api
+
+
+def test_push_uploads_weights_code_card_and_index_in_one_commit(model_copy):
+    api = fake_api()
+    push_to_hub(model_copy, "org/npm-tiny", private=True, revision="dev", create_pr=True, api=api)
+    api.create_repo.assert_called_once_with("org/npm-tiny", private=True, exist_ok=True)
+    (call,) = api.upload_folder.call_args_list
+    assert (call.kwargs["repo_id"], call.kwargs["revision"], call.kwargs["create_pr"]) == ("org/npm-tiny", "dev", True)
+    index_files = {f"index/{name}" for name in os.listdir(model_copy / "index")}
+    expected = {"config.json", "model.safetensors", "configuration_npm.py", "modeling_npm.py", "tokenizer.json",
+                "tokenizer_config.json", "README.md", "npm_card.json"} | index_files
+    assert uploaded_files(call) == expected
+    assert 'model="org/npm-tiny"' in (model_copy / "README.md").read_text()
+
+
+def test_large_index_goes_to_a_pinned_dataset_repo(model_copy):
+    api = fake_api()
+    push_to_hub(model_copy, "org/npm-tiny", index_repo_id="org/npm-tiny-index", api=api)
+    index_call, model_call = api.upload_folder.call_args_list
+    assert (index_call.kwargs["repo_id"], index_call.kwargs["repo_type"]) == ("org/npm-tiny-index", "dataset")
+    assert uploaded_files(index_call) == {f"index/{name}" for name in os.listdir(model_copy / "index")}
+    assert not [name for name in uploaded_files(model_call) if name.startswith("index")]
+    config = json.loads((model_copy / "config.json").read_text())
+    assert (config["index_repo_id"], config["index_revision"]) == ("org/npm-tiny-index", INDEX_SHA)
+
+
+def test_push_without_index_is_refused(model_copy):
+    shutil.rmtree(model_copy / "index")
+    with pytest.raises(ValueError, match="has no index in index/; build one"):
+        push_to_hub(model_copy, "org/npm-tiny", api=fake_api())
+
+
+def _fake_cache(cache, repo_type, repo_id, sha, source):
+    root = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    shutil.copytree(source, root / "snapshots" / sha)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(sha)
+    return root / "snapshots" / sha
+
+
+def test_pull_from_a_dataset_repo_named_in_the_config(tmp_path, model_copy, mask):
+    """A model repo without index whose config pins a dataset repo: the pipeline pulls that index, offline."""
+    push_to_hub(model_copy, "org/npm-tiny", index_repo_id="org/npm-tiny-index", api=fake_api())
+    index_source = tmp_path / "index-repo"
+    shutil.copytree(model_copy / "index", index_source / "index")
+    shutil.rmtree(model_copy / "index")
+    cache = tmp_path / "hub"
+    _fake_cache(cache, "model", "org/npm-tiny", SHA, model_copy)
+    _fake_cache(cache, "dataset", "org/npm-tiny-index", INDEX_SHA, index_source)
+    script = (
+        "import json, npm_hf\n"
+        "from transformers import pipeline\n"
+        "fill = pipeline('fill-mask', model='org/npm-tiny')\n"
+        f"print(json.dumps([str(fill.index.path), fill({f'Texas borders {mask}.'!r}, top_k=1)]))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    path, answers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert f"datasets--org--npm-tiny-index/snapshots/{INDEX_SHA}/index" in path and len(answers) == 1
+
+
+def test_cli_push(model_copy, capsys):
+    from npm_hf.cli import main
+
+    api = fake_api()
+    with mock.patch("npm_hf.hub_cards.hub.HfApi", return_value=api):
+        assert main(["push", "--model", str(model_copy), "--repo-id", "org/npm-tiny", "--private"]) == 0
+    api.create_repo.assert_called_once_with("org/npm-tiny", private=True, exist_ok=True)
+    assert "Pushed" in capsys.readouterr().out
