@@ -80,6 +80,11 @@ class NPMConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        pipelines = getattr(self, "custom_pipelines", None) or {}
+        if __name__.startswith("npm_hf.") and "fill-mask" in pipelines:
+            # npm_hf itself serves "fill-mask" for NPM models; the repo's copy of its pipeline is for processes without
+            # npm_hf, and kept here it would make transformers demand trust_remote_code even where npm_hf is installed.
+            self.custom_pipelines = {task: spec for task, spec in pipelines.items() if task != "fill-mask"}
         if self.pad_token_id is None:
             self.pad_token_id = getattr(self.encoder, "pad_token_id", None)
         if self.mode not in NPM_MODES:

@@ -11,7 +11,8 @@ from .index import IndexBuildArguments, IndexManifest, IndexMismatchError, NPMIn
 from .pipeline import FillMaskDispatcher, NonparametricFillMaskPipeline
 from .retrieval import NPMPredictor
 from .trainer import NPMContrastiveLoss, NPMSpanCollator, NPMTrainer, NPMTrainingArguments
-from .api import TrainDataArguments, build_index, convert_encoder, convert_lightning_checkpoint, load_npm, train
+from .api import (TrainDataArguments, build_index, convert_encoder, convert_lightning_checkpoint, load_npm,
+                  push_to_hub, train)
 from .registration import register
 
 
@@ -44,4 +45,5 @@ __all__ = [
     "train",
     "TrainDataArguments",
     "prepare_training_blocks",
+    "push_to_hub",
 ]

@@ -12,6 +12,7 @@ from transformers.utils import logging
 from .hub_cards import update_model_card
 from .index import IndexBuildArguments, NPMIndex
 from .modeling import NPMConfig, NPMModel
+from .pipeline import add_remote_pipeline
 from .version import __version__
 
 
@@ -33,6 +34,7 @@ def convert_encoder(encoder_name_or_path: str, output_dir, overwrite: bool = Fal
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        add_remote_pipeline(staging)
         update_model_card(staging, model_id=str(output_dir), base_model=encoder_name_or_path,
                           mode=model.config.mode, example=f"Hagios Demetrios is located in {tokenizer.mask_token}.",
                           versions={"npm_hf": __version__})
@@ -104,6 +106,15 @@ def _read_checkpoint(path: Path) -> dict:
             "load(path, weights_only=False)['state_dict'], 'npm.safetensors')`, then convert that file."
         ) from None
     return state.get("state_dict", state)
+
+
+def push_to_hub(model_dir, repo_id: str, **kwargs):
+    """Upload an NPM directory to the Hub with its index, card and remote code (model and fill-mask pipeline).
+    Keyword arguments as `npm_hf.hub_cards.push_to_hub` (private, revision, create_pr, token, index_repo_id)."""
+    from .hub_cards import push_to_hub as upload
+
+    add_remote_pipeline(model_dir)
+    return upload(model_dir, repo_id, **kwargs)
 
 
 def load_npm(name_or_path, **kwargs):

@@ -111,7 +111,7 @@ def _train(args, remaining: list[str]) -> None:
 
 
 def _push(args) -> None:
-    from .hub_cards import push_to_hub
+    from .api import push_to_hub
 
     commit = push_to_hub(args.model, args.repo_id, private=args.private, revision=args.revision,
                          create_pr=args.create_pr, index_repo_id=args.index_repo_id)

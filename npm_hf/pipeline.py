@@ -196,6 +196,29 @@ class FillMaskDispatcher:
         return FillMaskPipeline(model, *args, **kwargs)
 
 
+REMOTE_FILL_MASK = {"impl": "pipeline.NonparametricFillMaskPipeline", "pt": ["AutoModel"], "type": "text"}
+
+
+def add_remote_pipeline(model_dir) -> None:
+    """Copy this pipeline's code (and the flat modules it imports) into an NPM directory and declare it as the
+    repo's "fill-mask" pipeline, so that a process without npm_hf runs
+    `pipeline("fill-mask", model=..., trust_remote_code=True)` (with faiss installed)."""
+    import json
+    import os
+
+    from transformers.dynamic_module_utils import custom_object_save
+
+    custom_object_save(NonparametricFillMaskPipeline, model_dir)
+    path = os.path.join(model_dir, "config.json")
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    config["custom_pipelines"] = {**config.get("custom_pipelines", {}), "fill-mask": REMOTE_FILL_MASK}
+    staging = f"{path}.tmp"
+    with open(staging, "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+    os.replace(staging, path)
+
+
 def is_npm_model(model) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) == NPM_MODEL_TYPE
 

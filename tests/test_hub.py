@@ -51,8 +51,10 @@ def test_push_uploads_weights_code_card_and_index_in_one_commit(model_copy):
     (call,) = api.upload_folder.call_args_list
     assert (call.kwargs["repo_id"], call.kwargs["revision"], call.kwargs["create_pr"]) == ("org/npm-tiny", "dev", True)
     index_files = {f"index/{name}" for name in os.listdir(model_copy / "index")}
-    expected = {"config.json", "model.safetensors", "configuration_npm.py", "modeling_npm.py", "tokenizer.json",
-                "tokenizer_config.json", "README.md", "npm_card.json"} | index_files
+    remote_code = {"configuration_npm.py", "modeling_npm.py", "pipeline.py", "index.py", "retrieval.py", "corpus.py",
+                   "version.py"}
+    expected = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
+                "npm_card.json"} | remote_code | index_files
     assert uploaded_files(call) == expected
     assert 'model="org/npm-tiny"' in (model_copy / "README.md").read_text()
 
@@ -63,7 +65,7 @@ def test_large_index_goes_to_a_pinned_dataset_repo(model_copy):
     index_call, model_call = api.upload_folder.call_args_list
     assert (index_call.kwargs["repo_id"], index_call.kwargs["repo_type"]) == ("org/npm-tiny-index", "dataset")
     assert uploaded_files(index_call) == {f"index/{name}" for name in os.listdir(model_copy / "index")}
-    assert not [name for name in uploaded_files(model_call) if name.startswith("index")]
+    assert not [name for name in uploaded_files(model_call) if name.startswith("index/")]
     config = json.loads((model_copy / "config.json").read_text())
     assert (config["index_repo_id"], config["index_revision"]) == ("org/npm-tiny-index", INDEX_SHA)
 

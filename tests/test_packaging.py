@@ -35,7 +35,7 @@ def test_modeling_imports_nothing_else_from_the_project():
     """modeling/ travels to the Hub as remote code: only relative imports of its own flat files."""
     for path in (ROOT / "modeling").glob("*.py"):
         text = path.read_text()
-        assert "npm_hf" not in re.sub(r'""".*?"""', "", text, flags=re.S), path.name
+        assert not re.search(r"^\s*(from|import)\s+(npm_hf|trainer|hub_cards)\b", text, flags=re.M), path.name
         for module in re.findall(r"^from \.(\w*)", text, flags=re.M):
             assert (ROOT / "modeling" / f"{module}.py").exists(), (path.name, module)
 

@@ -182,3 +182,33 @@ def test_hub_repo_id_pulls_weights_and_index_from_the_cache(tmp_path, npm_dir, m
     assert result.returncode == 0, result.stderr[-2000:]
     local = pipeline("fill-mask", model=str(npm_dir))(f"Texas borders {mask}.", top_k=2)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == json.loads(json.dumps(local))
+
+
+def test_pipeline_runs_as_remote_code_without_npm_hf(tmp_path, npm_dir, mask):
+    """The directory carries the pipeline's code: a process that cannot import npm_hf answers with
+    trust_remote_code=True exactly as npm_hf does; with npm_hf imported no flag is needed."""
+    import shutil
+    import subprocess
+    import sys
+
+    config = json.loads((npm_dir / "config.json").read_text())
+    assert config["custom_pipelines"]["fill-mask"]["impl"] == "pipeline.NonparametricFillMaskPipeline"
+    assert {"pipeline.py", "index.py", "retrieval.py", "corpus.py"} <= {p.name for p in npm_dir.iterdir()}
+    folder = tmp_path / "npm"
+    shutil.copytree(npm_dir, folder)
+    text = f"Texas borders {mask}."
+    script = (
+        "import json, sys\n"
+        "sys.modules['npm_hf'] = None  # as if npm_hf were not installed\n"
+        "from transformers import pipeline\n"
+        f"fill = pipeline('fill-mask', model={str(folder)!r}, trust_remote_code=True)\n"
+        "assert not type(fill).__module__.startswith('npm_hf'), type(fill).__module__\n"
+        f"print(json.dumps(fill({text!r}, top_k=3)))\n"
+    )
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    local = pipeline("fill-mask", model=str(folder))  # npm_hf imported: no trust_remote_code needed
+    assert type(local) is NonparametricFillMaskPipeline
+    assert remote == json.loads(json.dumps(local(text, top_k=3)))
