@@ -212,3 +212,18 @@ def test_pipeline_runs_as_remote_code_without_npm_hf(tmp_path, npm_dir, mask):
     local = pipeline("fill-mask", model=str(folder))  # npm_hf imported: no trust_remote_code needed
     assert type(local) is NonparametricFillMaskPipeline
     assert remote == json.loads(json.dumps(local(text, top_k=3)))
+
+
+def test_remote_pipeline_needs_trust(tmp_path, npm_dir):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "sys.modules['npm_hf'] = None\n"
+        "from transformers import pipeline\n"
+        f"pipeline('fill-mask', model={str(npm_dir)!r})\n"
+    )
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode != 0 and "trust_remote_code=True" in result.stderr
