@@ -154,7 +154,7 @@ def last_complete_checkpoint(output_dir) -> str | None:
     if not folder.is_dir():
         return None
     steps = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
-    for step, path in reversed(steps):
+    for _, path in reversed(steps):
         try:
             json.loads((path / "trainer_state.json").read_text())
             return str(path)
