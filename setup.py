@@ -20,7 +20,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=["npm_hf", *(f"npm_hf.{name}" for name in nested)],
+    packages=[*find_packages(include=["npm_hf", "npm_hf.*"]), *(f"npm_hf.{name}" for name in nested)],
     package_dir={"npm_hf": "npm_hf", **{f"npm_hf.{root}": root for root in MAPPED_ROOTS}},
     package_data={"npm_hf.hub_cards": ["*.md", "*.jinja"]},
     install_requires=[
@@ -35,6 +35,7 @@ setup(
         "accelerate>=1.1",
         "evaluate>=0.4",
         "tqdm",
+        "bm25s>=0.2",  # the BM25 passage pre-filter (pure Python + NumPy)
     ],
     extras_require={
         "train": [],

@@ -13,6 +13,7 @@ from .retrieval import NPMPredictor
 from .trainer import NPMContrastiveLoss, NPMSpanCollator, NPMTrainer, NPMTrainingArguments
 from .api import (TrainDataArguments, build_index, convert_encoder, convert_lightning_checkpoint, load_npm,
                   push_to_hub, train)
+from .evaluation import EvaluationArguments, evaluate
 from .registration import register
 
 
@@ -20,6 +21,8 @@ register()
 
 __all__ = [
     "__version__",
+    "EvaluationArguments",
+    "evaluate",
     "IndexBuildArguments",
     "IndexManifest",
     "IndexMismatchError",

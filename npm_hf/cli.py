@@ -8,6 +8,8 @@
     npm-hf train --model ENCODER --corpus FILE --output DIR [any TrainingArguments flag, e.g. --max_steps 200]
     npm-hf push --model DIR --repo-id ORG/NAME [--private] [--revision R] [--create-pr] [--index-repo-id ORG/IDX]
     npm-hf demo [--corpus PATH] [--output DIR]
+    npm-hf evaluate --model DIR --task sst2 [--data PATH] [--corpus PATH | --index DIR | --evidence-corpus]
+                    [--max-examples 3000] [--seed 0] [--output results.json] [--paper-protocol]
 
 Under several processes: `torchrun --nproc_per_node N -m npm_hf.cli train ...` (or `accelerate launch`).
 """
@@ -25,13 +27,13 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[s
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
-        if f.type in (bool, "bool"):
+        if f.type in (bool, "bool", bool | None):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_text)
         elif f.default is dataclasses.MISSING:
             parser.add_argument(flag, dest=f.name, required=True, help=help_text)
         else:
-            kind = {int: int, "int": int, float: float, "float": float}.get(f.type, str)
+            kind = next((t for t in (int, float) if f.type in (t, t.__name__, t | None)), str)
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default,
                                 help=f"{help_text} (default: {f.default})")
 
@@ -131,9 +133,22 @@ def _demo(args) -> None:
             print(f"  {rank}. {answer['phrase']!r} ({answer['score']:.3f}) from {evidence['title']!r}: …{snippet}…")
 
 
+def _evaluate(args) -> None:
+    from .evaluation import EvaluationArguments, evaluate, results_to_markdown, save_results
+
+    results = evaluate(args.model, _dataclass_from(EvaluationArguments, args), index=args.index, corpus=args.corpus)
+    if args.output:
+        save_results(results, args.output)
+    print(results_to_markdown([results]))
+    if "buckets" in results:
+        print("Exact match per answer length (tokens): " + ", ".join(
+            f"{name}: {100 * b['exact_match']:.1f} (n={b['count']})" for name, b in results["buckets"].items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .api import TrainDataArguments
     from .demo import DemoArguments
+    from .evaluation import EvaluationArguments
     from .index import IndexBuildArguments
 
     parser = argparse.ArgumentParser(prog="npm-hf", description="Nonparametric Masked Language Models (NPM).")
@@ -185,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="Index a few real articles with MiniLM and answer cloze queries.")
     _add_dataclass_arguments(demo, DemoArguments)
     demo.set_defaults(handler=_demo)
+
+    evaluate = commands.add_parser("evaluate", help="Zero-shot accuracy / exact match on the paper's tasks.")
+    evaluate.add_argument("--model", required=True, help="NPM directory or Hub id, or any masked LM (baseline).")
+    evaluate.add_argument("--corpus", default=None, help="Build a temporary index over this corpus and use it.")
+    evaluate.add_argument("--index", default=None, help="Index directory (default: the model's own).")
+    evaluate.add_argument("--output", default=None, help="Write the results as JSON here.")
+    _add_dataclass_arguments(evaluate, EvaluationArguments)
+    evaluate.set_defaults(handler=_evaluate)
     return parser
 
 

@@ -94,6 +94,61 @@ class NPMPredictor:
             return [] if targets is None else [self._missing(t) for t in targets][:top_k]
         return self._rank_spans(span_starts, span_ends, span_scores, top_k, targets)
 
+    def predict_span_among(self, q_start: np.ndarray, q_end: np.ndarray, positions: np.ndarray, top_k: int,
+                           targets=None) -> list[dict]:
+        """Span prediction scored exactly over given candidate positions (e.g. every token of BM25's top blocks,
+        the paper's restricted open-set mode): P_s and P_e are softmaxes over those tokens only."""
+        rows, indexed = self.index.rows_for_positions(np.unique(np.asarray(positions, dtype=np.int64)))
+        rows = rows[indexed]
+        candidates = self.index.positions[rows]
+        if len(candidates) == 0:
+            return [] if targets is None else [self._missing(t) for t in targets][:top_k]
+        vectors = torch.from_numpy(self.index.vectors_for_rows(rows))
+        queries = torch.from_numpy(np.stack([q_start, q_end]).T.astype(np.float32, copy=True))
+        logits = (vectors @ queries).numpy() * (self.config.scale / self.config.span_temperature)
+        p_start, p_end = softmax(logits[:, 0]), softmax(logits[:, 1])
+        start_index, end_index = self._spans_between(candidates, candidates)
+        if len(start_index) == 0:
+            return [] if targets is None else [self._missing(t) for t in targets][:top_k]
+        return self._rank_spans(candidates[start_index], candidates[end_index],
+                                p_start[start_index] + p_end[end_index], top_k, targets)
+
+    # ---------------------------------------------------------------------------------- closed-set scoring
+    def phrase_probabilities(self, queries: np.ndarray, phrases: list[list[int]], k: int | None = None,
+                             hits: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """NPM probability of each phrase (a list of token ids) at the masked slot, for closed-set tasks (§3.2).
+
+        The top-k hits of the query vectors (start and end in span mode, the one query in single mode) share one
+        softmax. A phrase collects the mass of start hits where an occurrence of it begins and of end hits where
+        one ends (single mode: where one begins). For one-token phrases this is the official per-token sum; longer
+        phrases, which the official code refuses, follow the same rule. `hits`: the `index.search` result for these
+        queries, when the caller searched many queries at once.
+        """
+        queries = np.atleast_2d(queries)
+        scores, rows = hits if hits is not None else self.index.search(queries, k or self.config.k)
+        found = rows >= 0
+        temperature = self.config.temperature if self.config.mode == "single" else self.config.span_temperature
+        probs = softmax(scores[found] * (self.config.scale / temperature))
+        which_query = np.broadcast_to(np.arange(len(queries))[:, None], rows.shape)[found]
+        positions = self.index.positions[rows[found]]
+        anchored_at_end = which_query == 1  # the end query's hits match where a phrase finishes
+        totals = np.zeros(len(phrases))
+        for j, phrase in enumerate(phrases):
+            totals[j] = probs[self._phrase_at(positions, phrase, anchored_at_end)].sum()
+        return totals
+
+    def _phrase_at(self, positions: np.ndarray, phrase: list[int], anchored_at_end: np.ndarray) -> np.ndarray:
+        """Whether `phrase` occurs in one block starting at each position (or ending there, where anchored_at_end)."""
+        length = len(phrase)
+        first = np.where(anchored_at_end, positions - (length - 1), positions)
+        last = first + length - 1
+        ok = (first >= 0) & (last < self.index.num_tokens)
+        first, last = np.where(ok, first, 0), np.where(ok, last, 0)
+        ok &= self.index.block_of(first) == self.index.block_of(last)
+        for offset, token in enumerate(phrase):
+            ok &= np.asarray(self.index.token_ids[np.minimum(first + offset, self.index.num_tokens - 1)]) == token
+        return ok
+
     def enumerate_spans(self, starts: np.ndarray, ends: np.ndarray, expand: bool = False):
         """Valid spans (s, e), each once: s in `starts` and e in `ends`, or with `expand` every span that begins at
         one of `starts` or finishes at one of `ends` (the official code's candidate expansion)."""

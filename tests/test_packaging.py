@@ -23,7 +23,7 @@ def test_root_folders_are_not_top_level_packages():
 
 def test_no_bare_imports_of_root_folders():
     offenders = []
-    for path in [*ROOT.glob("npm_hf/*.py"), *ROOT.glob("modeling/*.py"), *ROOT.glob("trainer/*.py"),
+    for path in [*ROOT.glob("npm_hf/**/*.py"), *ROOT.glob("modeling/*.py"), *ROOT.glob("trainer/*.py"),
                  *ROOT.glob("hub_cards/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")]:
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             if re.match(r"\s*(from|import) (modeling|trainer|hub_cards)\b", line):

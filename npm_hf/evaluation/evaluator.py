@@ -1,0 +1,420 @@
+"""`npm_hf.evaluate`: zero-shot closed-set classification and open-set knowledge probing (method §3.2, §3.3).
+
+An NPM is scored by retrieval from its index; any other masked LM (`AutoModelForMaskedLM`) goes through the stock
+fill-mask pipeline on the same examples, so a model and its base can be compared in one harness.
+"""
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..version import __version__
+from . import metrics
+from .tasks import Task, get_task, load_examples
+
+
+logger = logging.get_logger(__name__)
+
+PAPER_K = 4096
+PAPER_CLOSED_TEMPERATURE = 5.0
+PAPER_PREFILTER_BLOCKS = 3
+SEARCH_BATCH = 64  # texts whose query vectors go to FAISS in one call
+
+
+@dataclass
+class EvaluationArguments:
+    """What to evaluate and how (`npm_hf.evaluate`, `npm-hf evaluate`)."""
+
+    task: str = field(metadata={"help": "sst2, mr, rt, cr, amazon, subj, agn, yahoo, rte, lama-trex or lama-google-re."})
+    data: str | None = field(default=None, metadata={"help": "Data file, folder, or Hub dataset id."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Folder with the offline copies of the task data (default: $NPM_HF_DATA_DIR)."}
+    )
+    max_examples: int = field(default=3000, metadata={"help": "Closed-set examples sampled (the paper: 3000)."})
+    max_examples_per_bucket: int = field(
+        default=1000, metadata={"help": "Open-set examples sampled per answer-length bucket (the paper: 1000)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the example sample."})
+    batch_size: int = field(default=16, metadata={"help": "Inputs encoded per forward pass."})
+    k: int | None = field(default=None, metadata={"help": "Neighbours per query vector (default: config.k)."})
+    temperature: float | None = field(default=None, metadata={"help": "Softmax temperature (default: config)."})
+    apply_temperature_twice: bool | None = field(
+        default=None, metadata={"help": "The official closed-set T^2 quirk (default: config)."}
+    )
+    span_stopwords: str | None = field(
+        default=None, metadata={"help": "Open-set span filter: none, any (the paper) or edges (default: config)."}
+    )
+    fuzzy_verbalizer: bool = field(
+        default=False, metadata={"help": "Score each label by a list of synonyms (closed-set tasks that have one)."}
+    )
+    retrieval: str = field(
+        default="dense", metadata={"help": "Open-set candidates: 'dense' (FAISS top-k) or 'bm25' (top blocks)."}
+    )
+    prefilter_blocks: int = field(default=PAPER_PREFILTER_BLOCKS, metadata={"help": "Blocks kept by BM25."})
+    evidence_corpus: bool = field(
+        default=False,
+        metadata={"help": "LAMA tasks: retrieve from an index over the evaluated facts' own evidence sentences "
+                          "(the oracle setting), built in a temporary folder."},
+    )
+    paper_protocol: bool = field(
+        default=False,
+        metadata={"help": "The paper's settings: k=4096; closed set T=5 with the T^2 quirk and fuzzy verbalisers; "
+                          "open set T=1, spans without stop words, BM25 top-3 pre-filter."},
+    )
+    show_progress_bar: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+
+    def __post_init__(self):
+        self.task = get_task(self.task).name  # fails early on unknown tasks
+        for name in ("max_examples", "max_examples_per_bucket", "batch_size", "prefilter_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvaluationArguments.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"EvaluationArguments.k must be >= 1, got {self.k}.")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"EvaluationArguments.temperature must be > 0, got {self.temperature}.")
+        if self.span_stopwords not in (None, "none", "any", "edges"):
+            raise ValueError(f"EvaluationArguments.span_stopwords must be none, any or edges, got "
+                             f"{self.span_stopwords!r}.")
+        if self.retrieval not in ("dense", "bm25"):
+            raise ValueError(f"EvaluationArguments.retrieval must be 'dense' or 'bm25', got {self.retrieval!r}.")
+        if self.evidence_corpus and get_task(self.task).evidence is None:
+            raise ValueError(f"Task {self.task!r} has no evidence sentences; evidence_corpus is for the LAMA tasks.")
+        if self.paper_protocol:
+            self._apply_paper_protocol()
+
+    def _apply_paper_protocol(self) -> None:
+        self.k = PAPER_K
+        if get_task(self.task).kind == "closed":
+            self.temperature, self.apply_temperature_twice = PAPER_CLOSED_TEMPERATURE, True
+            self.fuzzy_verbalizer = get_task(self.task).fuzzy_words is not None
+        else:
+            self.temperature, self.apply_temperature_twice, self.span_stopwords = 1.0, False, "any"
+            self.retrieval, self.prefilter_blocks = "bm25", PAPER_PREFILTER_BLOCKS
+
+
+def evaluate(model, args: EvaluationArguments, tokenizer=None, index=None, corpus=None) -> dict:
+    """Evaluate `model` (an NPM or any masked LM: a loaded model, a directory or a Hub id) on `args.task`.
+
+    An NPM retrieves from `index` (an `NPMIndex`), else from an index built over `corpus` (any corpus
+    `npm_hf.build_index` takes, in a temporary folder), else from its own index. Returns a JSON-serialisable dict
+    (see `results_to_markdown`).
+    """
+    task = get_task(args.task)
+    examples, source = load_examples(task, args.data, args.data_dir)
+    model, tokenizer = _load(model, tokenizer)
+    if task.kind == "closed":
+        examples, buckets = _sample(examples, args.max_examples, args.seed), None
+    else:
+        examples, buckets = _sample_per_bucket(examples, tokenizer, args)
+    if args.evidence_corpus:
+        if index is not None or corpus is not None:
+            raise ValueError("evidence_corpus builds its own index; do not also pass an index or a corpus.")
+        corpus = evidence_documents(task, examples)
+    with tempfile.TemporaryDirectory(prefix="npm-eval-index-") as scratch, _config_overrides(model, args):
+        scorer = _scorer(model, tokenizer, args, index, corpus, scratch)
+        started = time.perf_counter()
+        if task.kind == "closed":
+            results = _evaluate_closed(task, examples, scorer, args)
+        else:
+            results = _evaluate_open(task, examples, buckets, scorer, args)
+        seconds = time.perf_counter() - started
+        settings = {**asdict(args), **scorer.settings()}  # the effective values, before the config is restored
+    results.update({
+        "task": task.name, "model": _model_name(model), "model_type": scorer.kind, "data": source,
+        "paper_corpus": task.paper_corpus, "settings": settings,
+        "seconds": round(seconds, 3), "npm_hf_version": __version__,
+    })
+    return results
+
+
+# --------------------------------------------------------------------------------------------- closed set
+def _evaluate_closed(task: Task, examples: list[dict], scorer, args: EvaluationArguments) -> dict:
+    words = task.fuzzy_words if args.fuzzy_verbalizer and task.fuzzy_words else task.label_words
+    shortest = min(len(group) for group in words)  # as the official loader: every label gets as many words
+    words = tuple(group[:shortest] for group in words)
+    texts = [task.template(example, scorer.mask_token) for example in examples]
+    scores = scorer.label_scores(texts, words, args)
+    predictions = scores.argmax(axis=1).tolist()
+    references = [example["label"] for example in examples]
+    majority = int(np.bincount(references, minlength=task.num_labels).argmax())
+    return {
+        "metric": "accuracy",
+        "score": metrics.accuracy(predictions, references),
+        "majority_baseline": metrics.accuracy([majority] * len(references), references),
+        "num_examples": len(examples),
+        "label_words": [list(group) for group in words],
+        "predictions": predictions,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- open set
+def _evaluate_open(task: Task, examples: list[dict], buckets: list[str], scorer, args: EvaluationArguments) -> dict:
+    texts = [task.template(example, scorer.mask_token) for example in examples]
+    predictions = scorer.predict_answers(texts, args)
+    references = [example["answer"] for example in examples]
+    result = metrics.bucketed_exact_match(predictions, references, buckets)
+    return {"metric": "macro_exact_match", "score": result.pop("macro_exact_match"), **result,
+            "num_examples": len(examples), "predictions": predictions}
+
+
+def _sample_per_bucket(examples: list[dict], tokenizer, args: EvaluationArguments) -> tuple[list[dict], list[str]]:
+    """Up to `max_examples_per_bucket` examples per answer-length bucket (in the model's tokens), as the paper."""
+    lengths = [len(tokenizer(e["answer"], add_special_tokens=False)["input_ids"]) for e in examples]
+    buckets = [metrics.length_bucket(n) for n in lengths]
+    rng, chosen = np.random.default_rng(args.seed), []
+    for bucket in metrics.LENGTH_BUCKETS:
+        members = [i for i, b in enumerate(buckets) if b == bucket]
+        if len(members) > args.max_examples_per_bucket:
+            members = rng.choice(members, size=args.max_examples_per_bucket, replace=False).tolist()
+        chosen.extend(members)
+    chosen.sort()
+    return [examples[i] for i in chosen], [buckets[i] for i in chosen]
+
+
+def evidence_documents(task: Task, examples: list[dict]) -> list[dict]:
+    """The evidence sentences of the given examples as a corpus (each distinct text once)."""
+    texts = dict.fromkeys(text for example in examples for text in task.evidence(example))
+    return [{"id": f"{task.name}-evidence-{i}", "title": "", "text": text} for i, text in enumerate(texts)]
+
+
+def _sample(examples: list[dict], limit: int, seed: int) -> list[dict]:
+    if len(examples) <= limit:
+        return examples
+    chosen = np.sort(np.random.default_rng(seed).choice(len(examples), size=limit, replace=False))
+    return [examples[i] for i in chosen]
+
+
+# ------------------------------------------------------------------------------------------------ scorers
+class NPMScorer:
+    """Scores inputs with an NPM: batched encoding, then retrieval from its index."""
+
+    kind = "npm"
+
+    def __init__(self, pipe, show_progress_bar: bool = True):
+        self.pipe = pipe
+        self.mask_token = pipe.tokenizer.mask_token
+        self.show_progress_bar = show_progress_bar
+        self._bm25 = None
+
+    def settings(self) -> dict:
+        config, manifest = self.pipe.model.config, self.pipe.index.manifest
+        return {"mode": config.mode, "k": config.k, "temperature": config.temperature,
+                "apply_temperature_twice": config.apply_temperature_twice, "span_stopwords": config.span_stopwords,
+                "index_tokens": manifest.num_tokens, "index_documents": manifest.num_documents,
+                "faiss_factory": manifest.faiss_factory}
+
+    def query_vectors(self, texts: list[str], batch_size: int) -> list[np.ndarray]:
+        """Per text, its query vectors (start and end in span mode); one mask per text."""
+        prepared = [self.pipe.preprocess(text) for text in texts]
+        for text, item in zip(texts, prepared):
+            if len(item["queries"]) != 1:
+                raise ValueError(f"Evaluation inputs need exactly one mask; got {len(item['queries'])} in {text!r}.")
+        pad_id = self.pipe.tokenizer.pad_token_id or 0
+        vectors = []
+        for lo in tqdm(range(0, len(prepared), batch_size), desc="Encoding queries", unit="batch",
+                       disable=not self.show_progress_bar):
+            batch = prepared[lo : lo + batch_size]
+            ids = [item["model_inputs"]["input_ids"][0] for item in batch]
+            width = max(len(row) for row in ids)
+            input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(ids), width), dtype=torch.long)
+            for row, sequence in enumerate(ids):
+                input_ids[row, : len(sequence)], attention[row, : len(sequence)] = sequence, 1
+            input_ids, attention = input_ids.to(self.pipe.device), attention.to(self.pipe.device)
+            with torch.inference_mode():
+                hidden = self.pipe.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            for row, item in enumerate(batch):
+                vectors.append(hidden[row, list(item["queries"][0])].float().cpu().numpy())
+        return vectors
+
+    def label_scores(self, texts: list[str], words, args: EvaluationArguments) -> np.ndarray:
+        phrases = [[self._phrase_ids(word) for word in group] for group in words]
+        flat = [phrase for group in phrases for phrase in group]
+        owner = np.repeat(np.arange(len(phrases)), [len(group) for group in phrases])
+        scores = np.zeros((len(texts), len(phrases)))
+        vectors = self.query_vectors(texts, args.batch_size)
+        predictor, k = self.pipe.predictor, self.pipe.model.config.k
+        for lo in tqdm(range(0, len(vectors), SEARCH_BATCH), desc="Scoring labels", unit="batch",
+                       disable=not self.show_progress_bar):
+            chunk = vectors[lo : lo + SEARCH_BATCH]
+            found_scores, found_rows = self.pipe.index.search(np.concatenate(chunk), k)  # one FAISS call per chunk
+            per_text = len(chunk[0])
+            for offset, queries in enumerate(chunk):
+                rows = slice(offset * per_text, (offset + 1) * per_text)
+                hits = (found_scores[rows], found_rows[rows])
+                scores[lo + offset] = np.bincount(owner, weights=predictor.phrase_probabilities(queries, flat, hits=hits),
+                                                  minlength=len(phrases))
+        return scores
+
+    def predict_answers(self, texts: list[str], args: EvaluationArguments) -> list[str]:
+        if self.pipe.model.config.mode != "span":
+            raise ValueError("Open-set tasks need a span-mode NPM (NPM-single answers single tokens only, as in the "
+                             "paper); set config.mode='span'.")
+        vectors = self.query_vectors(texts, args.batch_size)
+        blocks = self._prefilter(texts, args) if args.retrieval == "bm25" else [None] * len(texts)
+        predictor, answers = self.pipe.predictor, []
+        for queries, top in tqdm(zip(vectors, blocks), total=len(texts), desc="Predicting spans",
+                                 disable=not self.show_progress_bar):
+            if top is None:
+                found = predictor.predict_span(queries[0], queries[1], top_k=1)
+            else:
+                from ..prefilter import block_positions
+
+                found = predictor.predict_span_among(queries[0], queries[1], block_positions(self.pipe.index, top), 1)
+            answers.append(found[0]["phrase"] if found else "")
+        return answers
+
+    def _prefilter(self, texts: list[str], args: EvaluationArguments) -> list[np.ndarray]:
+        from ..prefilter import BM25BlockRetriever, bm25_query
+
+        if self._bm25 is None:
+            self._bm25 = BM25BlockRetriever(self.pipe.index)
+        return self._bm25.top_blocks([bm25_query(text, self.mask_token) for text in texts], args.prefilter_blocks)
+
+    def _phrase_ids(self, word: str) -> list[int]:
+        ids = self.pipe.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"The label word {word!r} tokenizes to nothing with this tokenizer; choose another word.")
+        return ids
+
+
+class MaskedLMScorer:
+    """The parametric baseline: any masked LM through the stock `FillMaskPipeline` (single-token answers)."""
+
+    kind = "masked-lm"
+
+    def __init__(self, pipe, show_progress_bar: bool = True):
+        self.pipe = pipe
+        self.mask_token = pipe.tokenizer.mask_token
+        self.show_progress_bar = show_progress_bar
+
+    def settings(self) -> dict:
+        return {"mode": "parametric"}
+
+    def label_scores(self, texts: list[str], words, args: EvaluationArguments) -> np.ndarray:
+        first_ids = {}  # the stock pipeline scores a word by its first token (it warns about longer ones)
+        for group in words:
+            for word in group:
+                ids = self.pipe.tokenizer(word, add_special_tokens=False)["input_ids"]
+                if not ids:
+                    raise ValueError(f"The label word {word!r} tokenizes to nothing with this tokenizer.")
+                first_ids[word] = ids[0]
+        targets = list(dict.fromkeys(self.pipe.tokenizer.convert_ids_to_tokens(list(first_ids.values()))))
+        scores = np.zeros((len(texts), len(words)))
+        outputs = self.pipe(texts, targets=targets, top_k=len(targets), batch_size=args.batch_size)
+        for row, answers in enumerate(tqdm(outputs, total=len(texts), desc="Scoring labels",
+                                           disable=not self.show_progress_bar)):
+            answers = answers if isinstance(answers, list) else [answers]
+            by_token = {answer["token"]: answer["score"] for answer in answers}
+            for label, group in enumerate(words):
+                scores[row, label] = sum(by_token.get(first_ids[word], 0.0) for word in group)
+        return scores
+
+    def predict_answers(self, texts: list[str], args: EvaluationArguments) -> list[str]:
+        outputs = self.pipe(texts, top_k=1, batch_size=args.batch_size)
+        answers = []
+        for output in tqdm(outputs, total=len(texts), desc="Predicting", disable=not self.show_progress_bar):
+            output = output[0] if isinstance(output, list) else output
+            answers.append(output["token_str"].strip())
+        return answers
+
+
+@contextlib.contextmanager
+def _config_overrides(model, args: EvaluationArguments):
+    """Apply the run's k / temperature / T^2 settings to an NPM's config, and restore the config afterwards."""
+    names = [n for n in ("k", "temperature", "apply_temperature_twice", "span_stopwords")
+             if getattr(args, n) is not None and hasattr(model.config, n) and model.config.model_type == "npm"]
+    saved = {n: getattr(model.config, n) for n in names}
+    try:
+        for name in names:
+            setattr(model.config, name, getattr(args, name))
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(model.config, name, value)
+
+
+def _load(model, tokenizer):
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+
+    if isinstance(model, (str, os.PathLike)):
+        name = str(model)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(name)
+        if AutoConfig.from_pretrained(name).model_type == "npm":
+            from transformers import AutoModel
+
+            model = AutoModel.from_pretrained(name)
+        else:
+            model = AutoModelForMaskedLM.from_pretrained(name)
+    elif tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    if tokenizer.mask_token is None:
+        raise ValueError("The tokenizer has no mask token; evaluation needs a masked language model's tokenizer.")
+    return model.eval(), tokenizer
+
+
+def _scorer(model, tokenizer, args: EvaluationArguments, index, corpus, scratch: str):
+    from transformers import FillMaskPipeline
+
+    from ..index import NPMIndex
+    from ..pipeline import NonparametricFillMaskPipeline, is_npm_model
+
+    if not is_npm_model(model):
+        if index is not None or corpus is not None:
+            raise ValueError("An index or corpus was given for a model that is not an NPM: parametric masked LMs "
+                             "do not retrieve. Convert it first (npm-hf convert) to evaluate it as an NPM.")
+        return MaskedLMScorer(FillMaskPipeline(model=model, tokenizer=tokenizer), args.show_progress_bar)
+    if index is None and corpus is not None:
+        from ..api import build_index
+        from ..index import IndexBuildArguments
+
+        index = build_index(model, corpus, output_dir=Path(scratch) / "index", tokenizer=tokenizer,
+                            args=IndexBuildArguments(block_size=min(256, model.config.max_input_length),
+                                                     show_progress_bar=args.show_progress_bar))
+    if index is None:
+        try:
+            index = NPMIndex.for_model(model)
+        except (OSError, ValueError) as error:  # no index folder / not on the Hub / not a valid index
+            raise ValueError(f"The model has no index ({error}); pass a corpus (--corpus) or an index (--index) "
+                             "to evaluate it.") from None
+    elif not isinstance(index, NPMIndex):
+        index = NPMIndex.load(index)
+    pipe = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index)
+    return NPMScorer(pipe, args.show_progress_bar)
+
+
+def _model_name(model) -> str:
+    return str(getattr(model, "name_or_path", "") or type(model).__name__)
+
+
+# ------------------------------------------------------------------------------------------------- output
+def save_results(results: dict | list[dict], path) -> Path:
+    """Write results as JSON atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+    return path
+
+
+def results_to_markdown(results: list[dict]) -> str:
+    """A Markdown table of evaluation results (one row per result)."""
+    lines = ["| Task | Model | Retrieval | Metric | Score | Majority | Examples |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        majority = f"{100 * r['majority_baseline']:.1f}" if "majority_baseline" in r else "–"
+        retrieval = r["settings"].get("retrieval", "") if r["model_type"] == "npm" else "parametric"
+        lines.append(f"| {r['task']} | {r['model']} | {retrieval} | {r['metric']} | {100 * r['score']:.1f} | "
+                     f"{majority} | {r['num_examples']} |")
+    return "\n".join(lines)
