@@ -38,16 +38,17 @@ def main(argv=None) -> int:
                       max_examples_per_bucket=args.max_examples_per_bucket, show_progress_bar=False)
         settings = [{}]
         if task in OPEN and is_npm:
-            settings = [{}, {"evidence_corpus": True}, {"evidence_corpus": True, "retrieval": "bm25"}]
+            settings = [{}, {"evidence_corpus": True}, {"evidence_corpus": True, "prefilter": "bm25"},
+                        {"evidence_corpus": True, "prefilter": "dense"}]
         for extra in settings:
             index = args.index if is_npm and not extra.get("evidence_corpus") else None
             result = npm_hf.evaluate(args.model, EvaluationArguments(**common, **extra), index=index)
-            result["settings"]["retrieval"] += " (evidence)" if extra.get("evidence_corpus") else ""
             result.pop("predictions")
             runs.append(result)
             print(json.dumps({k: result[k] for k in ("task", "metric", "score", "num_examples")}
                              | {"majority": result.get("majority_baseline"), "seconds": result["seconds"],
-                                "retrieval": result["settings"]["retrieval"]}), flush=True)
+                                "prefilter": result["settings"]["prefilter"],
+                                "evidence": bool(extra.get("evidence_corpus"))}), flush=True)
     if args.output:
         save_results(runs, args.output)
     print(results_to_markdown(runs))

@@ -13,6 +13,9 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 NPM_MODES = ("span", "single")
 SPAN_STOPWORD_RULES = ("none", "any", "edges")
+SPAN_SCORINGS = ("sum", "product")
+PHRASE_AGGREGATIONS = ("sum", "max")
+PREFILTERS = ("none", "bm25", "dense")
 
 
 @strict(accept_kwargs=True)
@@ -50,6 +53,17 @@ class NPMConfig(PreTrainedConfig):
         expand_span_candidates (`bool`, *optional*, defaults to `False`):
             Span mode: also score the tokens that complete a span from a retrieved start or end token (the official
             code's candidate expansion). Finds spans with only one retrieved end, at several times the cost.
+        span_scoring (`str`, *optional*, defaults to `"sum"`):
+            A span scores `P_s(s) + P_e(e)` (`"sum"`, the paper) or `P_s(s) * P_e(e)` (`"product"`: a span needs
+            both ends, so one-word fragments of a phrase no longer win on their start alone).
+        phrase_aggregation (`str`, *optional*, defaults to `"sum"`):
+            A phrase scores the sum of its spans' scores (`"sum"`, the paper: frequent strings gain) or the best one
+            (`"max"`).
+        prefilter (`str`, *optional*, defaults to `"none"`):
+            Two-stage retrieval: `"bm25"` (the paper's open-set setting) or `"dense"` (the encoder's mean-pooled
+            query against mean-pooled blocks) keeps `prefilter_blocks` blocks, whose tokens are then scored exactly.
+        prefilter_blocks (`int`, *optional*, defaults to 3):
+            Blocks kept by the pre-filter (the paper: 3).
 
     Example:
     ```python
@@ -76,6 +90,10 @@ class NPMConfig(PreTrainedConfig):
     index_revision: str | None = None
     apply_temperature_twice: bool = False
     expand_span_candidates: bool = False
+    span_scoring: str = "sum"
+    phrase_aggregation: str = "sum"
+    prefilter: str = "none"
+    prefilter_blocks: int = 3
     pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
@@ -94,7 +112,12 @@ class NPMConfig(PreTrainedConfig):
                 f"NPMConfig.span_stopwords={self.span_stopwords!r} is not supported; "
                 f"use one of {list(SPAN_STOPWORD_RULES)}."
             )
-        for name in ("k", "max_span_length"):
+        for name, allowed in (("span_scoring", SPAN_SCORINGS), ("phrase_aggregation", PHRASE_AGGREGATIONS),
+                              ("prefilter", PREFILTERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"NPMConfig.{name}={getattr(self, name)!r} is not supported; use one of "
+                                 f"{list(allowed)}.")
+        for name in ("k", "max_span_length", "prefilter_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NPMConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.temperature <= 0:

@@ -28,6 +28,8 @@ class NonparametricFillMaskPipeline(Pipeline):
             Hub repo's `config.index_subfolder`, at the same commit as the weights, or `config.index_repo_id`).
         index_kwargs (`dict`, *optional*): Hub options for that download (`cache_dir`, `token`, `local_files_only`).
         k (`int`, *optional*): neighbours per query vector, overriding `config.k` (also accepted per call).
+        prefilter (`str`, *optional*): "none", "bm25" or "dense" two-stage retrieval, overriding `config.prefilter`
+            (also accepted per call, with `prefilter_blocks`).
     """
 
     _load_tokenizer = True
@@ -46,10 +48,18 @@ class NonparametricFillMaskPipeline(Pipeline):
         index.check_compatible(self.model, self.tokenizer)
         self.index = index
         self.predictor = NPMPredictor(self.model.config, self.tokenizer, index)
+        self._prefilters = {}
 
-    def _sanitize_parameters(self, top_k=None, targets=None, k=None, tokenizer_kwargs=None):
+    def _sanitize_parameters(self, top_k=None, targets=None, k=None, tokenizer_kwargs=None, prefilter=None,
+                             prefilter_blocks=None):
         preprocess_params = {"tokenizer_kwargs": tokenizer_kwargs} if tokenizer_kwargs else {}
         postprocess_params = {}
+        if prefilter is not None:
+            postprocess_params["prefilter"] = prefilter
+        if prefilter_blocks is not None:
+            if not isinstance(prefilter_blocks, int) or prefilter_blocks <= 0:
+                raise ValueError(f"prefilter_blocks must be a positive integer, got {prefilter_blocks!r}.")
+            postprocess_params["prefilter_blocks"] = prefilter_blocks
         if top_k is not None:
             if not isinstance(top_k, int) or top_k <= 0:
                 raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
@@ -80,7 +90,7 @@ class NonparametricFillMaskPipeline(Pipeline):
             "input_ids": torch.tensor([model_ids]),
             "attention_mask": torch.ones(1, len(model_ids), dtype=torch.long),
         }
-        return {"model_inputs": model_inputs, "queries": queries, "input_ids": input_ids, "runs": runs}
+        return {"model_inputs": model_inputs, "queries": queries, "input_ids": input_ids, "runs": runs, "text": inputs}
 
     def _query_layout(self, input_ids: list[int], runs: list[tuple[int, int]]):
         """The ids the encoder sees and, per answer, the positions of its query vectors.
@@ -126,19 +136,34 @@ class NonparametricFillMaskPipeline(Pipeline):
 
     # ----------------------------------------------------------------------------------------------- forward
     def _forward(self, inputs):
-        hidden = self.model(**inputs["model_inputs"]).last_hidden_state[0]
-        query_vectors = [hidden[list(positions)].detach().float().cpu().numpy() for positions in inputs["queries"]]
-        return {"query_vectors": query_vectors, "input_ids": inputs["input_ids"], "runs": inputs["runs"]}
+        return self.read_hidden_states(inputs, self.model(**inputs["model_inputs"]).last_hidden_state[0])
+
+    def read_hidden_states(self, inputs, hidden):
+        """What `postprocess` needs from one input's last hidden states: its query vectors and its mean-pooled
+        embedding over the real, unmasked tokens (the dense pre-filter's query). Batched callers use it too."""
+        ids = inputs["model_inputs"]["input_ids"][0]
+        hidden = hidden[: len(ids)].detach().float()
+        query_vectors = [hidden[list(positions)].cpu().numpy() for positions in inputs["queries"]]
+        content = ~torch.isin(ids, torch.tensor(self.tokenizer.all_special_ids))
+        pooled = hidden[content.to(hidden.device)].mean(dim=0) if content.any() else hidden.mean(dim=0)
+        return {"query_vectors": query_vectors, "query_embedding": pooled.cpu().numpy(),
+                "input_ids": inputs["input_ids"], "runs": inputs["runs"], "text": inputs["text"]}
 
     # ------------------------------------------------------------------------------------------- postprocess
-    def postprocess(self, outputs, top_k=5, targets=None, k=None):
+    def postprocess(self, outputs, top_k=5, targets=None, k=None, prefilter=None, prefilter_blocks=None):
         single_mode = self.model.config.mode == "single"
         target_ids = self._single_target_ids(targets) if single_mode and targets is not None else None
         answer_slots = _answer_slots(outputs["runs"], single_mode)
+        positions = self.prefilter_positions(outputs, prefilter or self.model.config.prefilter,
+                                             prefilter_blocks or self.model.config.prefilter_blocks)
         results = []
         for vectors, (start, length) in zip(outputs["query_vectors"], answer_slots):
-            if single_mode:
+            if single_mode and positions is not None:
+                answers = self.predictor.predict_single_among(vectors[0], positions, top_k, target_ids=target_ids)
+            elif single_mode:
                 answers = self.predictor.predict_single(vectors[0], top_k, target_ids=target_ids, k=k)
+            elif positions is not None:
+                answers = self.predictor.predict_span_among(vectors[0], vectors[1], positions, top_k, targets=targets)
             else:
                 answers = self.predictor.predict_span(vectors[0], vectors[1], top_k, targets=targets, k=k)
             for answer in answers:
@@ -146,6 +171,21 @@ class NonparametricFillMaskPipeline(Pipeline):
                                                 single=len(answer_slots) == 1)
             results.append([_ordered(answer) for answer in answers])
         return results[0] if len(results) == 1 else results
+
+    def prefilter_positions(self, outputs, method: str, num_blocks: int):
+        """Corpus positions of the blocks the pre-filter keeps for this input, or None without a pre-filter."""
+        if method == "none":
+            return None
+        from .prefilter import block_positions, bm25_query, make_block_retriever
+
+        if method not in self._prefilters:  # built once per pipeline, on first use
+            self._prefilters[method] = make_block_retriever(method, self.index)
+        retriever = self._prefilters[method]
+        if method == "bm25":
+            (blocks,) = retriever.top_blocks([bm25_query(outputs["text"], self.tokenizer.mask_token)], num_blocks)
+        else:
+            (blocks,) = retriever.top_blocks(outputs["query_embedding"], num_blocks)
+        return block_positions(self.index, blocks)
 
     def _fill(self, input_ids: list[int], start: int, length: int, answer_ids: list[int], single: bool) -> str:
         ids = input_ids[:start] + answer_ids + input_ids[start + length :]

@@ -1,10 +1,13 @@
 """Passage pre-filters: pick a few blocks of the index before exact NPM scoring of their tokens.
 
 BM25 over blocks is the paper's restricted open-set mode (method §3.3: top-3 blocks, query = the input with the
-mask replaced by "_____"); it runs on `bm25s`.
+mask replaced by "_____"); it runs on `bm25s`. The dense pre-filter compares the mean-pooled, normalised encoder
+states of the query with those of each block (the sentence embedding MiniLM-style encoders are trained for), read off
+the stored token vectors, so it costs no extra encoding.
 """
 
 import numpy as np
+import torch
 
 from .corpus import SPECIAL
 
@@ -13,7 +16,10 @@ class BM25BlockRetriever:
     """BM25 over the blocks of an [`NPMIndex`]; built in memory from the index's documents on first use."""
 
     def __init__(self, index, k1: float = 1.5, b: float = 0.75):
-        import bm25s
+        try:
+            import bm25s
+        except ImportError:
+            raise ImportError("The BM25 pre-filter needs the bm25s package: pip install bm25s") from None
 
         self.index = index
         self._bm25s = bm25s
@@ -34,6 +40,40 @@ class BM25BlockRetriever:
     @property
     def num_blocks(self) -> int:
         return -(-self.index.num_tokens // self.index.block_size)
+
+
+class DenseBlockRetriever:
+    """Cosine similarity between a query embedding and each block's mean stored token vector."""
+
+    _CHUNK = 65_536
+
+    def __init__(self, index):
+        self.index = index
+        num_blocks = -(-index.num_tokens // index.block_size)
+        sums = torch.zeros(num_blocks, index.manifest.hidden_size)
+        counts = torch.zeros(num_blocks)
+        for lo in range(0, index.num_indexed, self._CHUNK):
+            blocks = torch.from_numpy(np.asarray(index.positions[lo : lo + self._CHUNK]) // index.block_size)
+            sums.index_add_(0, blocks, torch.from_numpy(index.vectors_for_rows(np.arange(lo, lo + len(blocks)))))
+            counts.index_add_(0, blocks, torch.ones(len(blocks)))
+        self.embeddings = torch.nn.functional.normalize(sums / counts.clamp(min=1)[:, None], dim=1)
+
+    def top_blocks(self, query_embeddings: np.ndarray, n: int = 3) -> list[np.ndarray]:
+        if n < 1:
+            raise ValueError(f"The number of pre-filter blocks must be >= 1, got {n}.")
+        queries = torch.nn.functional.normalize(torch.as_tensor(np.atleast_2d(query_embeddings), dtype=torch.float32),
+                                                dim=1)
+        top = torch.topk(queries @ self.embeddings.T, k=min(n, len(self.embeddings)), dim=1).indices
+        return [row.numpy().astype(np.int64) for row in top]
+
+
+def make_block_retriever(method: str, index):
+    """The pre-filter named `method` ("bm25" or "dense") over `index`."""
+    if method == "bm25":
+        return BM25BlockRetriever(index)
+    if method == "dense":
+        return DenseBlockRetriever(index)
+    raise ValueError(f"Unknown pre-filter {method!r}; use 'none', 'bm25' or 'dense'.")
 
 
 def block_texts(index) -> list[str]:

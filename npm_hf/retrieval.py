@@ -3,8 +3,9 @@
 NPM-single: p = softmax(s · h_i · scale / T) over the k retrieved tokens, summed per vocabulary id.
 NPM span:   P_s and P_e are softmaxes of the start and end queries over their top-k tokens; a span (s, e) with s
             among the start and e among the end candidates, in one block, s a word start, e a word end,
-            at most `max_span_length` tokens and no special token, scores P_s(s) + P_e(e); spans are summed per
-            decoded string v, multiplied by |v|^alpha and normalised over all candidates. With
+            at most `max_span_length` tokens and no special token, scores P_s(s) + P_e(e) (or P_s(s) * P_e(e):
+            `span_scoring="product"`); spans are summed (or, with `phrase_aggregation="max"`, maxed) per decoded
+            string v, multiplied by |v|^alpha and normalised over all candidates. With
             `expand_span_candidates`, as in the official code, the candidates also include every token that
             completes a span from a retrieved one (both softmaxes then run over that larger set).
 With k >= the number of indexed tokens all of these are exact.
@@ -47,12 +48,25 @@ class NPMPredictor:
     def predict_single(self, query: np.ndarray, top_k: int, target_ids=None, k: int | None = None) -> list[dict]:
         scores, rows = self.index.search(query[None, :], k or self.config.k)
         found = rows[0] >= 0
-        rows = rows[0][found]
         probs = softmax(scores[0][found] * self.config.scale / self.config.temperature)
-        positions = self.index.positions[rows]
+        return self._rank_tokens(self.index.positions[rows[0][found]], probs, top_k, target_ids)
+
+    def predict_single_among(self, query: np.ndarray, positions: np.ndarray, top_k: int, target_ids=None) -> list[dict]:
+        """NPM-single scored exactly over given candidate positions (e.g. the tokens of pre-filtered blocks)."""
+        candidates, vectors = self._candidates(positions)
+        if len(candidates) == 0:
+            return self._rank_tokens(candidates, np.zeros(0), top_k, target_ids)
+        logits = (vectors @ torch.from_numpy(np.asarray(query, dtype=np.float32))).numpy()
+        probs = softmax(logits * (self.config.scale / self.config.temperature))
+        return self._rank_tokens(candidates, probs, top_k, target_ids)
+
+    def _rank_tokens(self, positions: np.ndarray, probs: np.ndarray, top_k: int, target_ids) -> list[dict]:
+        """Sum probabilities per vocabulary id; the best-scoring occurrence of an id is its evidence."""
+        order = np.argsort(-probs, kind="stable")
+        positions, probs = positions[order], probs[order]
         ids = np.asarray(self.index.token_ids[positions])
         unique_ids, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
-        totals = np.bincount(inverse, weights=probs)
+        totals = np.bincount(inverse.reshape(-1), weights=probs, minlength=len(unique_ids))
         if target_ids is not None:
             lookup = dict(zip(unique_ids.tolist(), range(len(unique_ids))))
             chosen = [(tid, lookup.get(tid)) for tid in target_ids]
@@ -60,12 +74,18 @@ class NPMPredictor:
             chosen = [(int(unique_ids[g]), g) for g in _top_indices(totals, top_k)]
         answers = []
         for token_id, group in chosen:
-            best = None if group is None else int(positions[first[group]])  # rows are sorted best first
+            best = None if group is None else int(positions[first[group]])
             answers.append(self._answer(
                 score=0.0 if group is None else float(totals[group]), token=token_id, token_ids=[token_id],
                 token_str=self.tokenizer.decode([token_id]), span=None if best is None else (best, best)))
         answers.sort(key=lambda answer: -answer["score"])
         return answers[:top_k]
+
+    def _candidates(self, positions: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """The indexed ones among `positions` (sorted, unique) and their stored vectors."""
+        rows, indexed = self.index.rows_for_positions(np.unique(np.asarray(positions, dtype=np.int64)))
+        rows = rows[indexed]
+        return self.index.positions[rows], torch.from_numpy(self.index.vectors_for_rows(rows))
 
     # ---------------------------------------------------------------------------------------------- NPM span
     def predict_span(self, q_start: np.ndarray, q_end: np.ndarray, top_k: int, targets=None,
@@ -81,15 +101,15 @@ class NPMPredictor:
             vectors = torch.from_numpy(self.index.vectors_for_rows(cand_rows))
             logits = (vectors @ torch.from_numpy(np.stack([q_start, q_end]).T.copy())).numpy() * factor
             p_start, p_end = softmax(logits[:, 0]), softmax(logits[:, 1])
-            span_scores = (p_start[np.searchsorted(candidates, span_starts)]
-                           + p_end[np.searchsorted(candidates, span_ends)])
+            span_scores = self._combine(p_start[np.searchsorted(candidates, span_starts)],
+                                        p_end[np.searchsorted(candidates, span_ends)])
         else:
             p_start = softmax(scores[0][found[0]] * factor)
             end_order = np.argsort(ends)
             p_end, ends = softmax(scores[1][found[1]] * factor)[end_order], ends[end_order]
             start_index, end_index = self._spans_between(starts, ends)
             span_starts, span_ends = starts[start_index], ends[end_index]
-            span_scores = p_start[start_index] + p_end[end_index]
+            span_scores = self._combine(p_start[start_index], p_end[end_index])
         if len(span_starts) == 0:
             return [] if targets is None else [self._missing(t) for t in targets][:top_k]
         return self._rank_spans(span_starts, span_ends, span_scores, top_k, targets)
@@ -98,12 +118,9 @@ class NPMPredictor:
                            targets=None) -> list[dict]:
         """Span prediction scored exactly over given candidate positions (e.g. every token of BM25's top blocks,
         the paper's restricted open-set mode): P_s and P_e are softmaxes over those tokens only."""
-        rows, indexed = self.index.rows_for_positions(np.unique(np.asarray(positions, dtype=np.int64)))
-        rows = rows[indexed]
-        candidates = self.index.positions[rows]
+        candidates, vectors = self._candidates(positions)
         if len(candidates) == 0:
             return [] if targets is None else [self._missing(t) for t in targets][:top_k]
-        vectors = torch.from_numpy(self.index.vectors_for_rows(rows))
         queries = torch.from_numpy(np.stack([q_start, q_end]).T.astype(np.float32, copy=True))
         logits = (vectors @ queries).numpy() * (self.config.scale / self.config.span_temperature)
         p_start, p_end = softmax(logits[:, 0]), softmax(logits[:, 1])
@@ -111,7 +128,7 @@ class NPMPredictor:
         if len(start_index) == 0:
             return [] if targets is None else [self._missing(t) for t in targets][:top_k]
         return self._rank_spans(candidates[start_index], candidates[end_index],
-                                p_start[start_index] + p_end[end_index], top_k, targets)
+                                self._combine(p_start[start_index], p_end[end_index]), top_k, targets)
 
     # ---------------------------------------------------------------------------------- closed-set scoring
     def phrase_probabilities(self, queries: np.ndarray, phrases: list[list[int]], k: int | None = None,
@@ -148,6 +165,10 @@ class NPMPredictor:
         for offset, token in enumerate(phrase):
             ok &= np.asarray(self.index.token_ids[np.minimum(first + offset, self.index.num_tokens - 1)]) == token
         return ok
+
+    def _combine(self, p_start: np.ndarray, p_end: np.ndarray) -> np.ndarray:
+        """A span's score from its start and end probabilities (`config.span_scoring`)."""
+        return p_start * p_end if self.config.span_scoring == "product" else p_start + p_end
 
     def enumerate_spans(self, starts: np.ndarray, ends: np.ndarray, expand: bool = False):
         """Valid spans (s, e), each once: s in `starts` and e in `ends`, or with `expand` every span that begins at
@@ -223,7 +244,8 @@ class NPMPredictor:
         return self._stopword_ids[np.asarray(self.index.token_ids[positions])] & whole_word
 
     def _rank_spans(self, span_starts, span_ends, span_scores, top_k: int, targets) -> list[dict]:
-        """Sum span scores per phrase (decoded string), apply |v|^alpha, normalise over all phrases, keep `top_k`.
+        """Sum (or max) span scores per phrase (decoded string), apply |v|^alpha, normalise over all phrases, keep
+        `top_k`.
 
         Only the returned answers are decoded: spans are grouped by a hash of their decoded text, built from
         per-token pieces (see `_piece_hashes`), so "ĠTexas" and "Tex"+"as" count as the same phrase.
@@ -236,7 +258,11 @@ class NPMPredictor:
         keys = self._phrase_hashes(ids, inside)
         unique_keys, first_span, group_of_span = np.unique(keys, return_index=True, return_inverse=True)
         group_of_span = group_of_span.reshape(-1)
-        totals = np.bincount(group_of_span, weights=span_scores, minlength=len(unique_keys))
+        if self.config.phrase_aggregation == "max":
+            totals = np.zeros(len(unique_keys))
+            np.maximum.at(totals, group_of_span, span_scores)
+        else:
+            totals = np.bincount(group_of_span, weights=span_scores, minlength=len(unique_keys))
         if self.config.length_penalty_alpha:  # |v| in tokens (spellings of one phrase rarely differ in length)
             totals = totals * lengths[first_span].astype(np.float64) ** self.config.length_penalty_alpha
         totals = totals / totals.sum()

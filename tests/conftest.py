@@ -112,7 +112,8 @@ def brute_force():
             return dict(totals)
 
         @classmethod
-        def spans(cls, index, tokenizer, q_start, q_end, scale, temperature, max_len, alpha=0.0, stopwords=None):
+        def spans(cls, index, tokenizer, q_start, q_end, scale, temperature, max_len, alpha=0.0, stopwords=None,
+                  scoring="sum", aggregation="sum"):
             p_start = softmax(cls.logits(index, q_start, scale) / temperature)
             p_end = softmax(cls.logits(index, q_end, scale) / temperature)
             row_of = {int(p): r for r, p in enumerate(index.positions)}
@@ -130,7 +131,9 @@ def brute_force():
                     if stopwords is not None and not stopwords(s, e):
                         continue
                     text = tokenizer.decode([int(i) for i in ids[s : e + 1]]).strip()
-                    totals[text] += p_start[row_of[s]] + p_end[row_of[e]]
+                    score = p_start[row_of[s]] * p_end[row_of[e]] if scoring == "product" else \
+                        p_start[row_of[s]] + p_end[row_of[e]]
+                    totals[text] = max(totals[text], score) if aggregation == "max" else totals[text] + score
                     lengths[text] = e - s + 1
             scored = {text: value * lengths[text] ** alpha for text, value in totals.items()}
             total = sum(scored.values())
@@ -149,3 +152,20 @@ def shared_dir():
     if not SHARED.is_dir():
         pytest.skip(f"shared data not found at {SHARED}")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def make_pipeline():
+    """A factory: the NPM pipeline of an NPM directory (its own index), with config fields overridden."""
+    from transformers import AutoTokenizer
+
+    from npm_hf.pipeline import NonparametricFillMaskPipeline
+
+    def make(npm_dir, **config_overrides):
+        model = npm_hf.NPMModel.from_pretrained(npm_dir)
+        for key, value in config_overrides.items():
+            setattr(model.config, key, value)
+        return NonparametricFillMaskPipeline(model=model, tokenizer=AutoTokenizer.from_pretrained(npm_dir),
+                                             index=npm_hf.NPMIndex.load(npm_dir / "index"))
+
+    return make

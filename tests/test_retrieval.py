@@ -2,20 +2,12 @@
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
-from npm_hf import NPMIndex, NPMModel
+from npm_hf import NPMIndex
 from npm_hf.corpus import WORD_END, WORD_START
-from npm_hf.pipeline import NonparametricFillMaskPipeline
 from npm_hf.retrieval import STOPWORDS
 
 
-def make_pipeline(npm_dir, **config_overrides):
-    model = NPMModel.from_pretrained(npm_dir)
-    for key, value in config_overrides.items():
-        setattr(model.config, key, value)
-    tokenizer = AutoTokenizer.from_pretrained(npm_dir)
-    return NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=NPMIndex.load(npm_dir / "index"))
 
 
 def query_vectors(fill, text):
@@ -33,7 +25,7 @@ def assert_same_scores(got: dict, want: dict):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 5.0])
-def test_single_mode_matches_brute_force(npm_dir, mask, brute_force, temperature):
+def test_single_mode_matches_brute_force(npm_dir, mask, brute_force, temperature, make_pipeline):
     fill = make_pipeline(npm_dir, mode="single", temperature=temperature)
     text = f"Abraham Lincoln was born in {mask}, Kentucky."
     answers = fill(text, top_k=10_000)
@@ -44,21 +36,24 @@ def test_single_mode_matches_brute_force(npm_dir, mask, brute_force, temperature
     assert [a["score"] for a in answers] == sorted((a["score"] for a in answers), reverse=True)
 
 
-@pytest.mark.parametrize("alpha, expand", [(0.0, False), (1.0, False), (0.0, True)])
-def test_span_mode_matches_brute_force(npm_dir, mask, brute_force, alpha, expand):
-    fill = make_pipeline(npm_dir, length_penalty_alpha=alpha, expand_span_candidates=expand)
+@pytest.mark.parametrize("alpha, expand, scoring, aggregation", [
+    (0.0, False, "sum", "sum"), (1.0, False, "sum", "sum"), (0.0, True, "sum", "sum"), (0.0, False, "product", "sum"),
+    (0.0, False, "sum", "max"), (0.5, True, "product", "max")])
+def test_span_mode_matches_brute_force(npm_dir, mask, brute_force, alpha, expand, scoring, aggregation, make_pipeline):
+    fill = make_pipeline(npm_dir, length_penalty_alpha=alpha, expand_span_candidates=expand, span_scoring=scoring,
+                         phrase_aggregation=aggregation)
     text = f"The Rio Grande flows through {mask} and Texas."
     answers = fill(text, top_k=100_000)
     (vectors,) = query_vectors(fill, text)
     config = fill.model.config
     want = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale, config.temperature,
-                             config.max_span_length, alpha=alpha)
+                             config.max_span_length, alpha=alpha, scoring=scoring, aggregation=aggregation)
     assert_same_scores(as_scores(answers), want)
     assert len(want) > 20  # multi-token phrases are among the candidates
     assert any(len(answer["token"]) > 2 for answer in answers)
 
 
-def test_temperature_quirk_divides_twice(npm_dir, mask, brute_force):
+def test_temperature_quirk_divides_twice(npm_dir, mask, brute_force, make_pipeline):
     fill = make_pipeline(npm_dir, temperature=3.0, apply_temperature_twice=True)
     text = f"Hagios Demetrios is located in {mask}."
     (vectors,) = query_vectors(fill, text)
@@ -71,7 +66,7 @@ def test_temperature_quirk_divides_twice(npm_dir, mask, brute_force):
 
 
 @pytest.mark.parametrize("rule", ["any", "edges"])
-def test_span_stopword_rules(npm_dir, mask, brute_force, rule):
+def test_span_stopword_rules(npm_dir, mask, brute_force, rule, make_pipeline):
     fill = make_pipeline(npm_dir, span_stopwords=rule)
     flags, ids = fill.index.token_flags, fill.index.token_ids
 
@@ -94,7 +89,7 @@ def test_span_stopword_rules(npm_dir, mask, brute_force, rule):
     assert "the" not in got and "." not in got
 
 
-def test_small_k_uses_only_retrieved_candidates(npm_dir, mask):
+def test_small_k_uses_only_retrieved_candidates(npm_dir, mask, make_pipeline):
     fill = make_pipeline(npm_dir)
     text = f"New Mexico is hot and {mask} in the summer."
     exact = fill(text, top_k=100_000)
@@ -113,7 +108,7 @@ def test_small_k_uses_only_retrieved_candidates(npm_dir, mask):
     assert set(starts.tolist()) <= retrieved_starts and set(ends.tolist()) <= retrieved_ends
 
 
-def test_spans_respect_boundaries_and_blocks(npm_dir, mask):
+def test_spans_respect_boundaries_and_blocks(npm_dir, mask, make_pipeline):
     fill = make_pipeline(npm_dir, max_span_length=4)
     index = fill.index
     starts, ends = fill.predictor.enumerate_spans(index.positions, index.positions)
@@ -137,7 +132,7 @@ def test_exact_search_scores_match_numpy(npm_dir):
         np.testing.assert_allclose(scores[q], full[expected_rows, q], atol=1e-5)
 
 
-def test_spellings_of_one_phrase_are_summed(npm_dir, mask, brute_force):
+def test_spellings_of_one_phrase_are_summed(npm_dir, mask, brute_force, make_pipeline):
     """BPE tokenizes "Texas" at a document start ("Tex"+"as") unlike mid-text ("ĠTexas"): one phrase, one score."""
     fill = make_pipeline(npm_dir)
     index, tokenizer = fill.index, fill.tokenizer

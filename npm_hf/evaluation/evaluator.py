@@ -28,6 +28,7 @@ PAPER_K = 4096
 PAPER_CLOSED_TEMPERATURE = 5.0
 PAPER_PREFILTER_BLOCKS = 3
 SEARCH_BATCH = 64  # texts whose query vectors go to FAISS in one call
+TOP_N = 5  # open-set answers kept per text (exact match at 1 and at TOP_N)
 
 
 @dataclass
@@ -56,10 +57,13 @@ class EvaluationArguments:
     fuzzy_verbalizer: bool = field(
         default=False, metadata={"help": "Score each label by a list of synonyms (closed-set tasks that have one)."}
     )
-    retrieval: str = field(
-        default="dense", metadata={"help": "Open-set candidates: 'dense' (FAISS top-k) or 'bm25' (top blocks)."}
+    prefilter: str | None = field(
+        default=None,
+        metadata={"help": "Open-set candidates: 'none' (FAISS top-k over the whole index), 'bm25' (the paper: top "
+                          "blocks by BM25) or 'dense' (top blocks by mean-pooled embedding) (default: config)."},
     )
-    prefilter_blocks: int = field(default=PAPER_PREFILTER_BLOCKS, metadata={"help": "Blocks kept by BM25."})
+    prefilter_blocks: int | None = field(default=None, metadata={"help": "Blocks kept by the pre-filter (default: "
+                                                                          "config, 3)."})
     evidence_corpus: bool = field(
         default=False,
         metadata={"help": "LAMA tasks: retrieve from an index over the evaluated facts' own evidence sentences "
@@ -70,12 +74,13 @@ class EvaluationArguments:
         metadata={"help": "The paper's settings: k=4096; closed set T=5 with the T^2 quirk and fuzzy verbalisers; "
                           "open set T=1, spans without stop words, BM25 top-3 pre-filter."},
     )
+    device: str | None = field(default=None, metadata={"help": "torch device, e.g. cpu or cuda:0 (default: cpu)."})
     show_progress_bar: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
 
     def __post_init__(self):
         self.task = get_task(self.task).name  # fails early on unknown tasks
         for name in ("max_examples", "max_examples_per_bucket", "batch_size", "prefilter_blocks"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"EvaluationArguments.{name} must be >= 1, got {getattr(self, name)}.")
         if self.k is not None and self.k < 1:
             raise ValueError(f"EvaluationArguments.k must be >= 1, got {self.k}.")
@@ -84,8 +89,9 @@ class EvaluationArguments:
         if self.span_stopwords not in (None, "none", "any", "edges"):
             raise ValueError(f"EvaluationArguments.span_stopwords must be none, any or edges, got "
                              f"{self.span_stopwords!r}.")
-        if self.retrieval not in ("dense", "bm25"):
-            raise ValueError(f"EvaluationArguments.retrieval must be 'dense' or 'bm25', got {self.retrieval!r}.")
+        if self.prefilter not in (None, "none", "bm25", "dense"):
+            raise ValueError(f"EvaluationArguments.prefilter must be 'none', 'bm25' or 'dense', got "
+                             f"{self.prefilter!r}.")
         if self.evidence_corpus and get_task(self.task).evidence is None:
             raise ValueError(f"Task {self.task!r} has no evidence sentences; evidence_corpus is for the LAMA tasks.")
         if self.paper_protocol:
@@ -98,7 +104,7 @@ class EvaluationArguments:
             self.fuzzy_verbalizer = get_task(self.task).fuzzy_words is not None
         else:
             self.temperature, self.apply_temperature_twice, self.span_stopwords = 1.0, False, "any"
-            self.retrieval, self.prefilter_blocks = "bm25", PAPER_PREFILTER_BLOCKS
+            self.prefilter, self.prefilter_blocks = "bm25", PAPER_PREFILTER_BLOCKS
 
 
 def evaluate(model, args: EvaluationArguments, tokenizer=None, index=None, corpus=None) -> dict:
@@ -159,11 +165,17 @@ def _evaluate_closed(task: Task, examples: list[dict], scorer, args: EvaluationA
 # ----------------------------------------------------------------------------------------------- open set
 def _evaluate_open(task: Task, examples: list[dict], buckets: list[str], scorer, args: EvaluationArguments) -> dict:
     texts = [task.template(example, scorer.mask_token) for example in examples]
-    predictions = scorer.predict_answers(texts, args)
+    ranked = scorer.predict_answers(texts, args)  # up to TOP_N answers per text, best first
     references = [example["answer"] for example in examples]
-    result = metrics.bucketed_exact_match(predictions, references, buckets)
+    result = metrics.bucketed_exact_match([answers[0] if answers else "" for answers in ranked], references, buckets)
+    # top-N: an item counts when any of its answers matches, i.e. as if that answer had been the prediction
+    best_of_n = [next((a for a in answers if metrics.exact_match(a, ref)), answers[0] if answers else "")
+                 for answers, ref in zip(ranked, references)]
+    at_n = metrics.bucketed_exact_match(best_of_n, references, buckets)
     return {"metric": "macro_exact_match", "score": result.pop("macro_exact_match"), **result,
-            "num_examples": len(examples), "predictions": predictions}
+            f"macro_exact_match_at_{TOP_N}": at_n["macro_exact_match"],
+            f"micro_exact_match_at_{TOP_N}": at_n["micro_exact_match"],
+            "num_examples": len(examples), "predictions": [answers[:TOP_N] for answers in ranked]}
 
 
 def _sample_per_bucket(examples: list[dict], tokenizer, args: EvaluationArguments) -> tuple[list[dict], list[str]]:
@@ -203,23 +215,23 @@ class NPMScorer:
         self.pipe = pipe
         self.mask_token = pipe.tokenizer.mask_token
         self.show_progress_bar = show_progress_bar
-        self._bm25 = None
 
     def settings(self) -> dict:
         config, manifest = self.pipe.model.config, self.pipe.index.manifest
         return {"mode": config.mode, "k": config.k, "temperature": config.temperature,
                 "apply_temperature_twice": config.apply_temperature_twice, "span_stopwords": config.span_stopwords,
+                "prefilter": config.prefilter, "prefilter_blocks": config.prefilter_blocks,
                 "index_tokens": manifest.num_tokens, "index_documents": manifest.num_documents,
                 "faiss_factory": manifest.faiss_factory}
 
-    def query_vectors(self, texts: list[str], batch_size: int) -> list[np.ndarray]:
-        """Per text, its query vectors (start and end in span mode); one mask per text."""
+    def forward(self, texts: list[str], batch_size: int) -> list[dict]:
+        """Batched encoding; per text, what the pipeline's `postprocess` takes (query vectors, pooled embedding)."""
         prepared = [self.pipe.preprocess(text) for text in texts]
         for text, item in zip(texts, prepared):
             if len(item["queries"]) != 1:
                 raise ValueError(f"Evaluation inputs need exactly one mask; got {len(item['queries'])} in {text!r}.")
         pad_id = self.pipe.tokenizer.pad_token_id or 0
-        vectors = []
+        outputs = []
         for lo in tqdm(range(0, len(prepared), batch_size), desc="Encoding queries", unit="batch",
                        disable=not self.show_progress_bar):
             batch = prepared[lo : lo + batch_size]
@@ -232,16 +244,15 @@ class NPMScorer:
             input_ids, attention = input_ids.to(self.pipe.device), attention.to(self.pipe.device)
             with torch.inference_mode():
                 hidden = self.pipe.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-            for row, item in enumerate(batch):
-                vectors.append(hidden[row, list(item["queries"][0])].float().cpu().numpy())
-        return vectors
+            outputs.extend(self.pipe.read_hidden_states(item, hidden[row]) for row, item in enumerate(batch))
+        return outputs
 
     def label_scores(self, texts: list[str], words, args: EvaluationArguments) -> np.ndarray:
         phrases = [[self._phrase_ids(word) for word in group] for group in words]
         flat = [phrase for group in phrases for phrase in group]
         owner = np.repeat(np.arange(len(phrases)), [len(group) for group in phrases])
         scores = np.zeros((len(texts), len(phrases)))
-        vectors = self.query_vectors(texts, args.batch_size)
+        vectors = [output["query_vectors"][0] for output in self.forward(texts, args.batch_size)]
         predictor, k = self.pipe.predictor, self.pipe.model.config.k
         for lo in tqdm(range(0, len(vectors), SEARCH_BATCH), desc="Scoring labels", unit="batch",
                        disable=not self.show_progress_bar):
@@ -255,30 +266,13 @@ class NPMScorer:
                                                   minlength=len(phrases))
         return scores
 
-    def predict_answers(self, texts: list[str], args: EvaluationArguments) -> list[str]:
+    def predict_answers(self, texts: list[str], args: EvaluationArguments) -> list[list[str]]:
         if self.pipe.model.config.mode != "span":
             raise ValueError("Open-set tasks need a span-mode NPM (NPM-single answers single tokens only, as in the "
                              "paper); set config.mode='span'.")
-        vectors = self.query_vectors(texts, args.batch_size)
-        blocks = self._prefilter(texts, args) if args.retrieval == "bm25" else [None] * len(texts)
-        predictor, answers = self.pipe.predictor, []
-        for queries, top in tqdm(zip(vectors, blocks), total=len(texts), desc="Predicting spans",
-                                 disable=not self.show_progress_bar):
-            if top is None:
-                found = predictor.predict_span(queries[0], queries[1], top_k=1)
-            else:
-                from ..prefilter import block_positions
-
-                found = predictor.predict_span_among(queries[0], queries[1], block_positions(self.pipe.index, top), 1)
-            answers.append(found[0]["phrase"] if found else "")
-        return answers
-
-    def _prefilter(self, texts: list[str], args: EvaluationArguments) -> list[np.ndarray]:
-        from ..prefilter import BM25BlockRetriever, bm25_query
-
-        if self._bm25 is None:
-            self._bm25 = BM25BlockRetriever(self.pipe.index)
-        return self._bm25.top_blocks([bm25_query(text, self.mask_token) for text in texts], args.prefilter_blocks)
+        outputs = self.forward(texts, args.batch_size)
+        return [[answer["phrase"] for answer in self.pipe.postprocess(output, top_k=TOP_N)]
+                for output in tqdm(outputs, desc="Predicting spans", disable=not self.show_progress_bar)]
 
     def _phrase_ids(self, word: str) -> list[int]:
         ids = self.pipe.tokenizer(word, add_special_tokens=False)["input_ids"]
@@ -310,28 +304,30 @@ class MaskedLMScorer:
                 first_ids[word] = ids[0]
         targets = list(dict.fromkeys(self.pipe.tokenizer.convert_ids_to_tokens(list(first_ids.values()))))
         scores = np.zeros((len(texts), len(words)))
-        outputs = self.pipe(texts, targets=targets, top_k=len(targets), batch_size=args.batch_size)
+        outputs = self._run(texts, targets=targets, top_k=len(targets), batch_size=args.batch_size)
         for row, answers in enumerate(tqdm(outputs, total=len(texts), desc="Scoring labels",
                                            disable=not self.show_progress_bar)):
-            answers = answers if isinstance(answers, list) else [answers]
             by_token = {answer["token"]: answer["score"] for answer in answers}
             for label, group in enumerate(words):
                 scores[row, label] = sum(by_token.get(first_ids[word], 0.0) for word in group)
         return scores
 
-    def predict_answers(self, texts: list[str], args: EvaluationArguments) -> list[str]:
-        outputs = self.pipe(texts, top_k=1, batch_size=args.batch_size)
-        answers = []
-        for output in tqdm(outputs, total=len(texts), desc="Predicting", disable=not self.show_progress_bar):
-            output = output[0] if isinstance(output, list) else output
-            answers.append(output["token_str"].strip())
-        return answers
+    def predict_answers(self, texts: list[str], args: EvaluationArguments) -> list[list[str]]:
+        outputs = self._run(texts, top_k=TOP_N, batch_size=args.batch_size)
+        return [[answer["token_str"].strip() for answer in output]
+                for output in tqdm(outputs, total=len(texts), desc="Predicting", disable=not self.show_progress_bar)]
+
+    def _run(self, texts: list[str], **kwargs) -> list[list[dict]]:
+        """The stock pipeline's answers, one list per text (it unwraps the list of a single input)."""
+        outputs = self.pipe(texts, **kwargs)
+        outputs = [outputs] if len(texts) == 1 else outputs
+        return [output if isinstance(output, list) else [output] for output in outputs]
 
 
 @contextlib.contextmanager
 def _config_overrides(model, args: EvaluationArguments):
     """Apply the run's k / temperature / T^2 settings to an NPM's config, and restore the config afterwards."""
-    names = [n for n in ("k", "temperature", "apply_temperature_twice", "span_stopwords")
+    names = [n for n in ("k", "temperature", "apply_temperature_twice", "span_stopwords", "prefilter", "prefilter_blocks")
              if getattr(args, n) is not None and hasattr(model.config, n) and model.config.model_type == "npm"]
     saved = {n: getattr(model.config, n) for n in names}
     try:
@@ -370,11 +366,14 @@ def _scorer(model, tokenizer, args: EvaluationArguments, index, corpus, scratch:
     from ..index import NPMIndex
     from ..pipeline import NonparametricFillMaskPipeline, is_npm_model
 
+    if args.device is not None:
+        model.to(args.device)  # before any index build, which encodes on the model's device
     if not is_npm_model(model):
         if index is not None or corpus is not None:
             raise ValueError("An index or corpus was given for a model that is not an NPM: parametric masked LMs "
                              "do not retrieve. Convert it first (npm-hf convert) to evaluate it as an NPM.")
-        return MaskedLMScorer(FillMaskPipeline(model=model, tokenizer=tokenizer), args.show_progress_bar)
+        return MaskedLMScorer(FillMaskPipeline(model=model, tokenizer=tokenizer, device=args.device),
+                              args.show_progress_bar)
     if index is None and corpus is not None:
         from ..api import build_index
         from ..index import IndexBuildArguments
@@ -390,7 +389,7 @@ def _scorer(model, tokenizer, args: EvaluationArguments, index, corpus, scratch:
                              "to evaluate it.") from None
     elif not isinstance(index, NPMIndex):
         index = NPMIndex.load(index)
-    pipe = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index)
+    pipe = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index, device=args.device)
     return NPMScorer(pipe, args.show_progress_bar)
 
 
@@ -409,12 +408,20 @@ def save_results(results: dict | list[dict], path) -> Path:
     return path
 
 
+RETRIEVAL_NAMES = {"none": "FAISS top-k", "bm25": "BM25 blocks + exact", "dense": "dense blocks + exact"}
+
+
 def results_to_markdown(results: list[dict]) -> str:
     """A Markdown table of evaluation results (one row per result)."""
-    lines = ["| Task | Model | Retrieval | Metric | Score | Majority | Examples |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| Task | Model | Retrieval | Metric | Score | Score@{TOP_N} | Majority | Examples |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         majority = f"{100 * r['majority_baseline']:.1f}" if "majority_baseline" in r else "–"
-        retrieval = r["settings"].get("retrieval", "") if r["model_type"] == "npm" else "parametric"
-        lines.append(f"| {r['task']} | {r['model']} | {retrieval} | {r['metric']} | {100 * r['score']:.1f} | "
+        retrieval = RETRIEVAL_NAMES.get(r["settings"].get("prefilter"), "") if r["model_type"] == "npm" else \
+            "parametric"
+        retrieval += " (evidence corpus)" if r["settings"].get("evidence_corpus") else ""
+        at_n = r.get(f"macro_exact_match_at_{TOP_N}")
+        at_n = "–" if at_n is None else f"{100 * at_n:.1f}"
+        lines.append(f"| {r['task']} | {r['model']} | {retrieval} | {r['metric']} | {100 * r['score']:.1f} | {at_n} | "
                      f"{majority} | {r['num_examples']} |")
     return "\n".join(lines)
