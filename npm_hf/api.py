@@ -13,6 +13,7 @@ from .hub_cards import update_model_card
 from .index import IndexBuildArguments, NPMIndex
 from .modeling import NPMConfig, NPMModel
 from .pipeline import add_remote_pipeline
+from .retrieval import stopword_ids
 from .version import __version__
 
 
@@ -173,6 +174,9 @@ class TrainDataArguments:
     block_size: int = field(default=256, metadata={"help": "Tokens per training sequence (paper: 256)."})
     group_size: int = field(default=16, metadata={"help": "Consecutive blocks per contrastive batch (paper: 16)."})
     eval_corpus: str | None = field(default=None, metadata={"help": "Optional held-out corpus for evaluation."})
+    mask_stopwords: bool = field(
+        default=True, metadata={"help": "Let masked spans begin or end with a stop word or punctuation (the paper); "
+                                        "False spends the masking budget on content phrases."})
 
     def __post_init__(self):
         if self.mode not in ("span", "single"):
@@ -199,8 +203,9 @@ def train(data_args: TrainDataArguments, training_args):
                                       group_size=data_args.group_size)
         for name, corpus in (("train", data_args.corpus), ("eval", data_args.eval_corpus)) if corpus is not None
     }
+    excluded = None if data_args.mask_stopwords else stopword_ids(tokenizer)
     trainer = NPMTrainer(model=model, args=training_args, train_dataset=blocks["train"],
-                         eval_dataset=blocks.get("eval"), processing_class=tokenizer)
+                         eval_dataset=blocks.get("eval"), processing_class=tokenizer, span_edge_exclude_ids=excluded)
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
         resume = last_complete_checkpoint(training_args.output_dir)

@@ -29,6 +29,14 @@ STOPWORDS = frozenset(
 )
 
 
+def stopword_ids(tokenizer) -> frozenset:
+    """Vocabulary ids whose text is a stop word or punctuation."""
+    vocab = tokenizer.get_vocab()
+    ids = list(vocab.values())
+    words = tokenizer.batch_decode([[i] for i in ids])
+    return frozenset(i for i, word in zip(ids, words) if word.strip().lower() in STOPWORDS)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max())
     return shifted / shifted.sum()
@@ -233,11 +241,9 @@ class NPMPredictor:
     def _stopword_positions(self, positions: np.ndarray) -> np.ndarray:
         """Whether each corpus position is a whole-word stop word or punctuation token."""
         if self._stopword_ids is None:
-            vocab = self.tokenizer.get_vocab()
-            ids = np.fromiter(vocab.values(), dtype=np.int64)
-            words = self.tokenizer.batch_decode([[i] for i in ids.tolist()])
-            table = np.zeros(max(ids.max() + 1, len(self.tokenizer)), dtype=bool)
-            table[ids] = [word.strip().lower() in STOPWORDS for word in words]
+            size = max(max(self.tokenizer.get_vocab().values()) + 1, len(self.tokenizer))
+            table = np.zeros(size, dtype=bool)
+            table[list(stopword_ids(self.tokenizer))] = True
             self._stopword_ids = table
         flags = np.asarray(self.index.token_flags[positions])
         whole_word = (flags & (WORD_START | WORD_END)) == (WORD_START | WORD_END)

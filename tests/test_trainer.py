@@ -216,6 +216,41 @@ def test_batch_without_positives_gives_a_connected_zero(model_dir, tokenizer):
     loss.backward()
 
 
+def test_excluded_ids_never_begin_or_end_a_masked_span(blocks, tokenizer):
+    features = [blocks[i] for i in range(8)]
+    plain = NPMSpanCollator(tokenizer)(features)
+    edges = lambda batch: {int(ids[0]) for ids in batch["query_ids"]} | {  # noqa: E731
+        int(ids[n - 1]) for ids, n in zip(batch["query_ids"], batch["query_length"])}
+    common = sorted(edges(plain))[:3]  # ids that do begin or end spans without the rule
+    batch = NPMSpanCollator(tokenizer, span_edge_exclude_ids=frozenset(common))(features)
+    assert not edges(batch) & set(common)
+    assert len(batch["query_sequence"]) > 0
+
+
+def test_keys_without_gradients_give_the_same_loss_and_one_backward(model_dir, blocks, tokenizer):
+    batch = NPMSpanCollator(tokenizer)([blocks[i] for i in range(8)])
+    model = NPMModel.from_pretrained(model_dir).eval()  # no dropout: both passes are deterministic
+    with_grad = NPMContrastiveLoss(model)(model, batch)
+    without = NPMContrastiveLoss(model, key_gradients=False)(model, batch)
+    assert without.item() == pytest.approx(with_grad.item(), rel=1e-6)
+    grads = {}
+    for name, loss in (("with", with_grad), ("without", without)):
+        model.zero_grad()
+        loss.backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert not torch.allclose(grads["with"], grads["without"])  # the keys' share of the gradient is gone
+
+
+def test_frozen_embeddings_stay_fixed(model_dir, blocks, tmp_path):
+    args = quiet_args(tmp_path, max_steps=2, learning_rate=1e-2, freeze_embeddings=True, key_gradients=False)
+    model = NPMModel.from_pretrained(model_dir)
+    before = model.get_input_embeddings().weight.detach().clone()
+    layer = next(p for n, p in model.named_parameters() if "layer.0" in n).detach().clone()
+    NPMTrainer(model=model, args=args, train_dataset=blocks).train()
+    assert torch.equal(model.get_input_embeddings().weight, before)
+    assert not torch.equal(next(p for n, p in model.named_parameters() if "layer.0" in n), layer)
+
+
 # ----------------------------------------------------------------------------------------------------- trainer
 def test_trainer_trains_logs_and_saves_a_usable_npm(model_dir, blocks, tokenizer, tmp_path):
     args = quiet_args(tmp_path, max_steps=3, logging_steps=1, learning_rate=1e-3)

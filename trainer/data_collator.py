@@ -38,6 +38,9 @@ class NPMSpanCollator:
     key_length: int | None = field(default=None, metadata={"help": "Pad keys to this length (equal across processes)."})
     max_length: int | None = field(default=None, metadata={"help": "Longest masked input the encoder accepts."})
     seed: int = field(default=2022, metadata={"help": "Seed of the masking (plus the group id)."})
+    span_edge_exclude_ids: frozenset | None = field(
+        default=None, metadata={"help": "Token ids that may not begin or end a masked span (e.g. stop words): the "
+                                        "masking budget then goes to content phrases."})
 
     def __post_init__(self):
         if getattr(self.tokenizer, "mask_token_id", None) is None:
@@ -55,6 +58,7 @@ class NPMSpanCollator:
         pad = self.tokenizer.pad_token_id
         self._pad_id = 0 if pad is None else pad
         self._special_ids = frozenset(self.tokenizer.all_special_ids)
+        self._edge_excluded = frozenset(self.span_edge_exclude_ids or ())
         self._punctuation_ids = frozenset(
             i for token, i in self.tokenizer.get_vocab().items()
             if self.tokenizer.convert_tokens_to_string([token]).strip() in PUNCTUATION
@@ -117,7 +121,7 @@ class NPMSpanCollator:
         for number, seq in enumerate(sequences):
             ids, starts, ends = seq["input_ids"], seq["word_start"], seq["word_end"]
             for start in range(len(ids)):
-                if not starts[start] or ids[start] in self._special_ids:
+                if not starts[start] or ids[start] in self._special_ids or ids[start] in self._edge_excluded:
                     continue
                 punctuation = ids[start] in self._punctuation_ids
                 for n in range(1, min(self.max_span_length, len(ids) - start) + 1):
@@ -127,7 +131,7 @@ class NPMSpanCollator:
                     ngram = tuple(ids[start : end + 1])
                     if len(owners[ngram]) < 2:
                         break  # longer n-grams from here are not shared either
-                    if not ends[end] or (punctuation and n > 1):
+                    if not ends[end] or (punctuation and n > 1) or ids[end] in self._edge_excluded:
                         continue
                     by_length[n].append((number, start, ngram))
         if self.punctuation_keep_prob < 1.0:

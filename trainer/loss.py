@@ -54,20 +54,23 @@ class NPMContrastiveLoss(nn.Module):
         model: the `NPMModel` (its config gives `mode` and the similarity `scale`).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, key_gradients: bool = True):
         super().__init__()
         self.model = model
+        self.key_gradients = key_gradients  # False: keys are constants (one backward pass instead of two)
         self.last_stats: dict[str, float] = {}
 
     def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """`model` is the (possibly DDP-wrapped) model to call; `inputs` come from `NPMSpanCollator`."""
         config = self.model.config
         queries_hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-        keys_hidden = model(input_ids=inputs["key_input_ids"],
-                            attention_mask=inputs["key_attention_mask"]).last_hidden_state
+        with torch.set_grad_enabled(self.key_gradients and torch.is_grad_enabled()):
+            keys_hidden = model(input_ids=inputs["key_input_ids"],
+                                attention_mask=inputs["key_attention_mask"]).last_hidden_state
         rank, _ = _world()
         batch, length = inputs["key_input_ids"].shape
-        keys = gather_with_grad(keys_hidden.float()).reshape(-1, keys_hidden.shape[-1])
+        all_keys = gather_with_grad(keys_hidden.float()) if keys_hidden.requires_grad else gather(keys_hidden.float())
+        keys = all_keys.reshape(-1, keys_hidden.shape[-1])
         key_ids = gather(inputs["key_input_ids"])
         key_valid = gather(inputs["key_attention_mask"]).bool()
         sequence = inputs["query_sequence"] + rank * batch  # global index of each query's own sequence

@@ -72,7 +72,8 @@ class NPMTrainer(Trainer):
     default_callbacks: list = []
 
     def __init__(self, model=None, args: NPMTrainingArguments | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, data_collator=None, loss: NPMContrastiveLoss | None = None, **kwargs):
+                 processing_class=None, data_collator=None, loss: NPMContrastiveLoss | None = None,
+                 span_edge_exclude_ids: frozenset | None = None, **kwargs):
         if getattr(getattr(model, "config", None), "model_type", None) != "npm":
             raise ValueError("NPMTrainer trains NPM models: wrap your encoder with NPMModel.from_encoder(...) first.")
         if args is None:
@@ -92,12 +93,15 @@ class NPMTrainer(Trainer):
                 processing_class, mode=model.config.mode, mask_ratio=args.mask_ratio, geometric_p=args.geometric_p,
                 max_span_length=args.max_masked_span_length, max_spans_per_sequence=args.max_spans_per_sequence,
                 max_ngram_uses=args.max_ngram_uses, max_length=model.config.max_input_length, seed=args.masking_seed,
+                span_edge_exclude_ids=span_edge_exclude_ids,
             )
+        if args.freeze_embeddings:
+            model.get_input_embeddings().requires_grad_(False)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=data_collator, **kwargs)
         for callback in self.default_callbacks:
             self.add_callback(callback())
-        self.loss = loss if loss is not None else NPMContrastiveLoss(model)
+        self.loss = loss if loss is not None else NPMContrastiveLoss(model, key_gradients=args.key_gradients)
         self._span_stats = defaultdict(float)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -34,6 +34,11 @@ class NPMTrainingArguments(TrainingArguments):
     max_ngram_uses: int = field(default=10, metadata={"help": "Masks of one n-gram per group at most."})
     masking_seed: int = field(default=2022, metadata={"help": "Seed of the span masking (plus the group id)."})
     shuffle_groups: bool = field(default=True, metadata={"help": "Shuffle the order of groups every epoch."})
+    freeze_embeddings: bool = field(default=False, metadata={"help": "Keep the encoder's input embeddings fixed "
+                                                                       "(fewer parameters to update on small budgets)."})
+    key_gradients: bool = field(default=True, metadata={"help": "Backpropagate through the unmasked key pass (the "
+                                                                  "paper); False encodes keys without gradients, "
+                                                                  "cheaper per step."})
     # Required by NPM training; set here so that the defaults need no correction (a different value warns).
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator needs "
                                                                           "word_start / word_end / group."})

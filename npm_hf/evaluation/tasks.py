@@ -85,6 +85,10 @@ def _rte_template(example: dict, mask: str) -> str:
     return f"{premise}, right?{mask}, {hypothesis}."
 
 
+def _cloze_template(example: dict, mask: str) -> str:
+    return example["masked"].replace("[MASK]", mask)
+
+
 def _lama_template(example: dict, mask: str) -> str:
     return example["template"].replace("[X]", example["subject"]).replace("[Y]", mask)
 
@@ -152,6 +156,14 @@ def _read_google_re(paths: list[Path]) -> list[dict]:
             evidence = [e["snippet"] for e in row.get("evidences", []) if e.get("snippet")]
             examples.append({"subject": row["sub_label"], "answer": row["obj_label"],
                              "template": GOOGLE_RE_TEMPLATES[relation], "relation": relation, "evidence": evidence})
+    return examples
+
+
+def _read_cloze(paths: list[Path]) -> list[dict]:
+    examples = _jsonl(paths[0])
+    bad = [i for i, e in enumerate(examples) if "[MASK]" not in e.get("masked", "") or not e.get("answer")]
+    if bad:
+        raise ValueError(f"{paths[0]}: rows {bad[:5]} need a 'masked' text with [MASK] and an 'answer'.")
     return examples
 
 
@@ -253,6 +265,10 @@ TASKS: dict[str, Task] = {
              read_local=_read_google_re, paper_corpus="enwiki (2019 Wikipedia)",
              evidence=lambda example: example["evidence"],
              how_to_get="LAMA's data.zip (github.com/facebookresearch/LAMA): Google_RE/*_test.jsonl"),
+        Task(name="cloze", kind="open", template=_cloze_template, local_files=("cloze/cloze.jsonl",),
+             read_local=_read_cloze, paper_corpus="the corpus the cloze set was cut from",
+             how_to_get="a cloze.jsonl ({'masked': '... [MASK] ...', 'answer': ...} per line) from "
+                        "npm_hf.evaluation.build_cloze_set or `npm-hf demo`"),
     )
 }
 
