@@ -4,7 +4,7 @@
     npm-hf convert --checkpoint npm.ckpt --base roberta-large --output DIR
     npm-hf build-index --model DIR --corpus FILE [--output DIR/index] [--block-size 256] [--batch-size N]
                        [--faiss-factory Flat]
-    npm-hf fill-mask --model DIR [--top-k 5] [--json] "text with a [MASK]"
+    npm-hf fill-mask --model DIR [--top-k 5] [--prefilter bm25|dense] [--json] "text with a [MASK]"
     npm-hf train --model ENCODER --corpus FILE --output DIR [any TrainingArguments flag, e.g. --max_steps 200]
     npm-hf push --model DIR --repo-id ORG/NAME [--private] [--revision R] [--create-pr] [--index-repo-id ORG/IDX]
     npm-hf demo [--corpus PATH] [--output DIR]
@@ -83,6 +83,8 @@ def _fill_mask(args) -> None:
         call_kwargs["k"] = args.k
     if args.targets:
         call_kwargs["targets"] = args.targets
+    if args.prefilter:
+        call_kwargs.update(prefilter=args.prefilter, prefilter_blocks=args.prefilter_blocks)
     results = fill(args.text, **call_kwargs)
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=2))
@@ -177,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--top-k", dest="top_k", type=int, default=5, help="Answers to show.")
     fill.add_argument("--k", type=int, default=None, help="Neighbours per query vector (default: config.k).")
     fill.add_argument("--targets", nargs="+", default=None, help="Only score these answers.")
+    fill.add_argument("--prefilter", choices=["none", "bm25", "dense"], default=None,
+                      help="Two-stage retrieval: score only the tokens of the best blocks (default: config).")
+    fill.add_argument("--prefilter-blocks", dest="prefilter_blocks", type=int, default=None,
+                      help="Blocks the pre-filter keeps (default: config, 3).")
     fill.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
     fill.add_argument("--json", action="store_true", help="Print the pipeline output as JSON.")
     fill.add_argument("text", help="Text with the tokenizer's mask token, e.g. [MASK] or <mask>.")

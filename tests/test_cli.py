@@ -30,6 +30,12 @@ def test_convert_build_and_fill(tmp_path, encoder_dir, capsys, mask):
     assert main(["fill-mask", "--model", str(model), "--top-k", "1", f"Texas borders {mask}."]) == 0
     text = capsys.readouterr().out
     assert text.startswith("1. ") and "score=" in text and "from " in text
+    assert main(["fill-mask", "--model", str(model), "--top-k", "5", "--prefilter", "bm25", "--prefilter-blocks", "1",
+                 "--json", f"Lincoln was born in {mask}."]) == 0
+    answers = json.loads(capsys.readouterr().out)  # both documents share one 32-token block, which BM25 keeps
+    assert answers and {answer["evidence"]["doc_id"] for answer in answers} <= {"tx", "ky"}
+    with pytest.raises(SystemExit):
+        main(["fill-mask", "--model", str(model), "--prefilter", "bm26", f"Texas borders {mask}."])
 
 
 def test_errors_are_reported_not_raised(tmp_path, encoder_dir, capsys):

@@ -1,0 +1,67 @@
+"""Held-out cloze accuracy of NPM models, with and without a pre-filter, next to a lexical baseline.
+
+    python benchmarks/cloze_table.py --cloze cloze.jsonl --model NPM_DIR [NPM_DIR ...] [--output table.json]
+
+Each model retrieves from its own index (built over the corpus the cloze sentences were cut from). The lexical
+baseline takes BM25's top-3 blocks of the first model's index for the query (mask removed) and answers with their
+most frequent capitalised 1-4-word runs that the query does not already contain.
+"""
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+
+import npm_hf
+from npm_hf.evaluation import EvaluationArguments, results_to_markdown, save_results
+from npm_hf.evaluation.cloze import _CAPITALISED_RUN
+from npm_hf.evaluation.metrics import exact_match
+from npm_hf.prefilter import BM25BlockRetriever, block_texts
+
+
+def lexical_baseline(index, examples: list[dict], blocks: int = 3) -> dict:
+    retriever, texts = BM25BlockRetriever(index), block_texts(index)
+    queries = [example["masked"].replace("[MASK]", " ") for example in examples]
+    at1 = at5 = 0
+    for query, example, top in zip(queries, examples, retriever.top_blocks(queries, blocks)):
+        counts = Counter(m.group(1) for b in top for m in _CAPITALISED_RUN.finditer(texts[b]))
+        ranked = [phrase for phrase, _ in counts.most_common() if not re.search(rf"\b{re.escape(phrase)}\b", query)]
+        at1 += bool(ranked) and exact_match(ranked[0], example["answer"])
+        at5 += any(exact_match(p, example["answer"]) for p in ranked[:5])
+    return {"exact_match_at_1": at1 / len(examples), "exact_match_at_5": at5 / len(examples)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cloze", required=True)
+    parser.add_argument("--model", nargs="+", required=True)
+    parser.add_argument("--scoring", nargs="+", default=["sum", "product"])
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    runs = []
+    for model in args.model:
+        for prefilter in ("none", "bm25", "dense"):
+            for scoring in args.scoring:
+                npm, tokenizer = npm_hf.load_npm(model)
+                npm.config.span_scoring = scoring
+                result = npm_hf.evaluate(npm, EvaluationArguments(task="cloze", data=args.cloze, prefilter=prefilter,
+                                                                  show_progress_bar=False), tokenizer=tokenizer)
+                result["model"] = f"{model} ({scoring})"
+                runs.append(result)
+                print(json.dumps({"model": model, "prefilter": prefilter, "span_scoring": scoring,
+                                  "em1": result["micro_exact_match"], "em5": result["micro_exact_match_at_5"],
+                                  "seconds": result["seconds"]}), flush=True)
+    examples = [json.loads(line) for line in open(args.cloze, encoding="utf-8")]
+    lexical = lexical_baseline(npm_hf.NPMIndex.for_model(npm_hf.load_npm(args.model[0])[0]), examples)
+    print(json.dumps({"model": "lexical baseline (BM25 top-3 blocks, capitalised runs by frequency)", **lexical}))
+    if args.output:
+        save_results({"runs": runs, "lexical_baseline": lexical}, args.output)
+    print(results_to_markdown(runs))
+    print(f"| lexical baseline | BM25 top-3 blocks | micro EM | {100 * lexical['exact_match_at_1']:.1f} | "
+          f"{100 * lexical['exact_match_at_5']:.1f} | – | {len(examples)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
