@@ -267,6 +267,26 @@ def test_trainer_trains_logs_and_saves_a_usable_npm(model_dir, blocks, tokenizer
     assert index.manifest.num_documents == 3
 
 
+def test_time_budget_stops_training_and_carries_over_a_resume(model_dir, blocks, tmp_path, monkeypatch):
+    from npm_hf.trainer import TimeBudgetCallback
+
+    clock = iter(range(0, 10_000, 30))  # every reading of the clock is 30 s after the previous one
+    monkeypatch.setattr("npm_hf.trainer.trainer.time.perf_counter", lambda: float(next(clock)))
+    args = quiet_args(tmp_path, max_steps=50, max_train_minutes=2.0, save_strategy="steps", save_steps=1)
+    trainer = NPMTrainer(model=NPMModel.from_pretrained(model_dir), args=args, train_dataset=blocks)
+    trainer.train()
+    assert 1 <= trainer.state.global_step < 50  # stopped by the 2-minute budget, not by max_steps
+    last = Path(last_complete_checkpoint(args.output_dir))
+    spent = json.loads((last / TimeBudgetCallback.CLOCK_FILE).read_text())["train_seconds"]
+    assert spent >= 120
+    resumed = NPMTrainer(model=NPMModel.from_pretrained(model_dir), args=args, train_dataset=blocks)
+    resumed.train(resume_from_checkpoint=str(last))
+    # the budget was already spent: the resumed run stops after its first step (Trainer checks after each step)
+    assert resumed.state.global_step == trainer.state.global_step + 1
+    with pytest.raises(ValueError, match="max_train_minutes must be > 0"):
+        quiet_args(tmp_path, max_train_minutes=0)
+
+
 def test_trainer_rejects_bad_setups(model_dir, blocks, tmp_path, tokenizer):
     model = NPMModel.from_pretrained(model_dir)
     with pytest.raises(ValueError, match="needs NPMTrainingArguments"):

@@ -6,11 +6,12 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, Trainer
+from transformers import AutoTokenizer, Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .data_collator import NPMSpanCollator
@@ -101,6 +102,8 @@ class NPMTrainer(Trainer):
                          processing_class=processing_class, data_collator=data_collator, **kwargs)
         for callback in self.default_callbacks:
             self.add_callback(callback())
+        if args.max_train_minutes is not None:
+            self.add_callback(TimeBudgetCallback(args.max_train_minutes))
         self.loss = loss if loss is not None else NPMContrastiveLoss(model, key_gradients=args.key_gradients)
         self._span_stats = defaultdict(float)
 
@@ -147,6 +150,38 @@ def _check_dataset(name: str, dataset, args: NPMTrainingArguments, max_length: i
             f"{name} has sequences of {longest} tokens, more than the encoder accepts ({max_length}); prepare the "
             f"blocks with block_size <= {max_length} (masking a span of one token adds one more)."
         )
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """Stops training after `minutes` of training wall time. Checkpoints record the time spent so far, so a run
+    resumed from one continues the same budget instead of starting a new one."""
+
+    CLOCK_FILE = "npm_train_clock.json"
+
+    def __init__(self, minutes: float):
+        self.budget = minutes * 60.0
+        self.spent_before = 0.0
+        self.started = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        clock = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.CLOCK_FILE
+        if state.global_step and clock.exists():
+            self.spent_before = float(json.loads(clock.read_text())["train_seconds"])
+        self.started = time.perf_counter()
+
+    def spent(self) -> float:
+        return self.spent_before + (time.perf_counter() - self.started if self.started is not None else 0.0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.spent() >= self.budget:
+            logger.info(f"Training time budget of {self.budget / 60:.1f} minutes reached at step {state.global_step}.")
+            control.should_training_stop = True
+            control.should_save = args.save_strategy != "no"  # a checkpoint to resume from, where checkpoints are kept
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir() and state.is_world_process_zero:
+            (folder / self.CLOCK_FILE).write_text(json.dumps({"train_seconds": self.spent()}))
 
 
 def last_complete_checkpoint(output_dir) -> str | None:

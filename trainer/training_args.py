@@ -34,6 +34,8 @@ class NPMTrainingArguments(TrainingArguments):
     max_ngram_uses: int = field(default=10, metadata={"help": "Masks of one n-gram per group at most."})
     masking_seed: int = field(default=2022, metadata={"help": "Seed of the span masking (plus the group id)."})
     shuffle_groups: bool = field(default=True, metadata={"help": "Shuffle the order of groups every epoch."})
+    max_train_minutes: float | None = field(
+        default=None, metadata={"help": "Stop after this much training wall time (counted across resumed runs)."})
     freeze_embeddings: bool = field(default=False, metadata={"help": "Keep the encoder's input embeddings fixed "
                                                                        "(fewer parameters to update on small budgets)."})
     key_gradients: bool = field(default=True, metadata={"help": "Backpropagate through the unmasked key pass (the "
@@ -50,6 +52,8 @@ class NPMTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.max_train_minutes is not None and self.max_train_minutes <= 0:
+            raise ValueError(f"max_train_minutes must be > 0, got {self.max_train_minutes}.")
         check_masking(mask_ratio=self.mask_ratio, geometric_p=self.geometric_p,
                       max_span_length=self.max_masked_span_length, max_spans_per_sequence=self.max_spans_per_sequence,
                       max_ngram_uses=self.max_ngram_uses)
