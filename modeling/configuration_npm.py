@@ -50,6 +50,10 @@ class NPMConfig(PreTrainedConfig):
         expand_span_candidates (`bool`, *optional*, defaults to `False`):
             Span mode: also score the tokens that complete a span from a retrieved start or end token (the official
             code's candidate expansion). Finds spans with only one retrieved end, at several times the cost.
+        nprobe (`int`, *optional*):
+            IVF indexes: inverted lists visited per query (more = better recall, slower); `None` = FAISS's default.
+        ef_search (`int`, *optional*):
+            HNSW indexes: size of the search's candidate list (FAISS's `efSearch`); `None` = FAISS's default.
 
     Example:
     ```python
@@ -76,6 +80,8 @@ class NPMConfig(PreTrainedConfig):
     index_revision: str | None = None
     apply_temperature_twice: bool = False
     expand_span_candidates: bool = False
+    nprobe: int | None = None
+    ef_search: int | None = None
     pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
@@ -97,6 +103,10 @@ class NPMConfig(PreTrainedConfig):
         for name in ("k", "max_span_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NPMConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("nprobe", "ef_search"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"NPMConfig.{name} must be a positive integer or None, got {value!r}.")
         if self.temperature <= 0:
             raise ValueError(f"NPMConfig.temperature must be > 0, got {self.temperature}.")
         if self.similarity_scale is not None and self.similarity_scale <= 0:

@@ -3,8 +3,8 @@
     npm-hf convert --encoder PATH --output DIR [--mode span|single]
     npm-hf convert --checkpoint npm.ckpt --base roberta-large --output DIR
     npm-hf build-index --model DIR --corpus FILE [--output DIR/index] [--block-size 256] [--batch-size N]
-                       [--faiss-factory Flat]
-    npm-hf fill-mask --model DIR [--top-k 5] [--json] "text with a [MASK]"
+                       [--faiss-factory Flat | --faiss-factory auto --max-memory 2GB]
+    npm-hf fill-mask --model DIR [--top-k 5] [--nprobe N] [--ef-search N] [--json] "text with a [MASK]"
     npm-hf train --model ENCODER --corpus FILE --output DIR [any TrainingArguments flag, e.g. --max_steps 200]
     npm-hf push --model DIR --repo-id ORG/NAME [--private] [--revision R] [--create-pr] [--index-repo-id ORG/IDX]
     npm-hf demo [--corpus PATH] [--output DIR]
@@ -77,8 +77,9 @@ def _fill_mask(args) -> None:
         extra["index"] = NPMIndex.load(args.index)
     fill = pipeline("fill-mask", model=args.model, device=args.device, **extra)
     call_kwargs = {"top_k": args.top_k}
-    if args.k:
-        call_kwargs["k"] = args.k
+    for name in ("k", "nprobe", "ef_search"):
+        if getattr(args, name) is not None:
+            call_kwargs[name] = getattr(args, name)
     if args.targets:
         call_kwargs["targets"] = args.targets
     results = fill(args.text, **call_kwargs)
@@ -162,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--top-k", dest="top_k", type=int, default=5, help="Answers to show.")
     fill.add_argument("--k", type=int, default=None, help="Neighbours per query vector (default: config.k).")
     fill.add_argument("--targets", nargs="+", default=None, help="Only score these answers.")
+    fill.add_argument("--nprobe", type=int, default=None,
+                      help="IVF indexes: inverted lists visited per query (default: config.nprobe, else FAISS's).")
+    fill.add_argument("--ef-search", dest="ef_search", type=int, default=None,
+                      help="HNSW indexes: efSearch, the search's candidate list size (default: config.ef_search).")
     fill.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
     fill.add_argument("--json", action="store_true", help="Print the pipeline output as JSON.")
     fill.add_argument("text", help="Text with the tokenizer's mask token, e.g. [MASK] or <mask>.")
