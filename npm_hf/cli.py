@@ -4,6 +4,8 @@
     npm-hf convert --checkpoint npm.ckpt --base roberta-large --output DIR
     npm-hf build-index --model DIR --corpus FILE [--output DIR/index] [--block-size 256] [--batch-size N]
                        [--faiss-factory Flat | --faiss-factory auto --max-memory 2GB]
+    npm-hf index add --index DIR --model DIR --corpus FILE
+    npm-hf index delete --index DIR --ids ID1,ID2
     npm-hf fill-mask --model DIR [--top-k 5] [--nprobe N] [--ef-search N] [--json] "text with a [MASK]"
     npm-hf train --model ENCODER --corpus FILE --output DIR [any TrainingArguments flag, e.g. --max_steps 200]
     npm-hf push --model DIR --repo-id ORG/NAME [--private] [--revision R] [--create-pr] [--index-repo-id ORG/IDX]
@@ -65,6 +67,29 @@ def _build_index(args) -> None:
     m = index.manifest
     print(f"Indexed {m.num_indexed_tokens} tokens of {m.num_documents} documents "
           f"({m.num_skipped_empty_documents} empty skipped) in {m.build_seconds:.1f}s -> {index.path}")
+
+
+def _index_add(args) -> None:
+    from .api import load_npm
+    from .index import NPMIndex
+
+    model, tokenizer = load_npm(args.model)
+    index = NPMIndex.load(args.index)
+    before = (index.manifest.num_documents, index.num_indexed)
+    index.add_documents(model, tokenizer, args.corpus, batch_size=args.batch_size,
+                        show_progress_bar=args.show_progress_bar)
+    print(f"Added {index.manifest.num_documents - before[0]} documents ({index.num_indexed - before[1]} token "
+          f"vectors) to {index.path}")
+
+
+def _index_delete(args) -> None:
+    from .index import NPMIndex
+
+    ids = [doc_id.strip() for doc_id in args.ids.split(",") if doc_id.strip()]
+    index = NPMIndex.load(args.index)
+    before = index.num_indexed
+    index.delete_documents(ids)
+    print(f"Deleted {len(set(ids))} document ids ({before - index.num_indexed} token vectors) from {index.path}")
 
 
 def _fill_mask(args) -> None:
@@ -156,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--output", default=None, help="Index directory (default: MODEL/index).")
     _add_dataclass_arguments(build, IndexBuildArguments)
     build.set_defaults(handler=_build_index)
+
+    edit = commands.add_parser("index", help="Edit a built index: add or delete documents.")
+    edits = edit.add_subparsers(dest="index_command", required=True)
+    add = edits.add_parser("add", help="Encode new documents into new blocks of an index (the rest is kept).")
+    add.add_argument("--index", required=True, help="Index directory (e.g. MODEL/index).")
+    add.add_argument("--model", required=True, help="The NPM directory the index was built with.")
+    add.add_argument("--corpus", required=True, help=".txt, .jsonl or a datasets dataset of new documents; ids "
+                                                     "must be new to the index.")
+    add.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="Blocks per forward pass.")
+    add.add_argument("--show-progress-bar", dest="show_progress_bar", action=argparse.BooleanOptionalAction,
+                     default=True, help="Show tqdm progress bars.")
+    add.set_defaults(handler=_index_add)
+    delete = edits.add_parser("delete", help="Remove documents from an index: never retrieved or cited again.")
+    delete.add_argument("--index", required=True, help="Index directory (e.g. MODEL/index).")
+    delete.add_argument("--ids", required=True, help="Comma-separated document ids, e.g. doc1,doc7.")
+    delete.set_defaults(handler=_index_delete)
 
     fill = commands.add_parser("fill-mask", help="Fill the mask of a text from the reference corpus.")
     fill.add_argument("--model", required=True, help="NPM directory or Hub id.")

@@ -128,6 +128,7 @@ class IndexManifest:
     files: dict = field(default_factory=dict)
     metric: str = "inner_product"
     vector_dtype: str = "float16"
+    num_deleted_documents: int = 0  # documents.jsonl keeps a record without text for each (token_docs stay valid)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -380,6 +381,29 @@ class NPMIndex:
         if commit and not Path(model.name_or_path).is_dir():
             hub_kwargs.setdefault("revision", commit)
         return cls.from_pretrained(model.name_or_path, subfolder=config.index_subfolder, verify=verify, **hub_kwargs)
+
+    # ---------------------------------------------------------------------------------------------- editing
+    def add_documents(self, model, tokenizer, documents, batch_size: int = 16,
+                      show_progress_bar: bool = False) -> "NPMIndex":
+        """Encode `documents` (any corpus form `build` takes) with `model` into new blocks after the existing ones
+        and add them to this index, on disk and in this object, without re-encoding the rest. The model and
+        tokenizer must be the ones the index was built with; ids must be new. Atomic: see `index_editing`."""
+        from .index_editing import add_documents
+
+        add_documents(self, model, tokenizer, documents, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        return self._reload()
+
+    def delete_documents(self, doc_ids) -> "NPMIndex":
+        """Remove the documents with these ids: their tokens leave the search and their text leaves
+        documents.jsonl, on disk and in this object. An unknown id raises NPMIndexError and changes nothing."""
+        from .index_editing import delete_documents
+
+        delete_documents(self, doc_ids)
+        return self._reload()
+
+    def _reload(self) -> "NPMIndex":
+        self.__dict__.update(type(self).load(self.path, verify="none").__dict__)  # just written and hashed
+        return self
 
     def check_compatible(self, model, tokenizer=None) -> None:
         """Raise IndexMismatchError unless this index was built with `model`'s weights (and `tokenizer`)."""
