@@ -731,7 +731,7 @@ def suggest_faiss_factory(num_vectors: int, hidden_size: int, memory_budget_byte
 
     Exact `Flat` (4·d bytes per vector in RAM) up to a million vectors when it fits the budget; above, an IVF index
     with about 4·sqrt(n) lists and 1-byte scalar quantization (`IVF{n},SQ8`, d bytes per vector), or, when that
-    does not fit `memory_budget_bytes`, product quantization with the largest code that does (`IVF{n},PQ{m}`, m
+    does not fit `memory_budget_bytes`, product quantization with the largest code that does (`IVF{n},PQ{m}np`, m
     bytes). Approximate candidates are re-scored exactly from vectors.npy, which is memory-mapped and not counted.
     """
     if num_vectors < 1 or hidden_size < 1:
@@ -743,7 +743,9 @@ def suggest_faiss_factory(num_vectors: int, hidden_size: int, memory_budget_byte
     nlist = _ivf_lists(num_vectors)
     codes = [(hidden_size, "SQ8")] if nlist >= 2 else []
     if num_vectors >= 256 * _POINTS_PER_CENTROID:  # enough to train 256 PQ centroids well
-        codes += [(m, f"PQ{m}") for m in (64, 48, 32, 24, 16, 8) if hidden_size % m == 0 and m < hidden_size]
+        # "np": no polysemous training, which only serves Hamming pre-filtering (candidates are re-scored exactly
+        # here instead) and takes minutes.
+        codes += [(m, f"PQ{m}np") for m in (64, 48, 32, 24, 16, 8) if hidden_size % m == 0 and m < hidden_size]
     for code_bytes, codec in codes:
         if fits(num_vectors * (code_bytes + 8) + 4 * hidden_size * nlist):  # + 8-byte ids, + the centroids
             return f"IVF{nlist},{codec}"

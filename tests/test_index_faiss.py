@@ -207,11 +207,11 @@ def test_invalid_factory_string_is_refused_before_work(tmp_path, model_and_token
     (1_000_000, 384, None, "Flat"),
     (1_000_001, 384, None, "IVF4096,SQ8"),
     (10_000_000, 384, None, "IVF16384,SQ8"),
-    (10_000_000, 384, parse_memory_size("2GB"), "IVF16384,PQ64"),
-    (10_000_000, 384, parse_memory_size("500MB"), "IVF16384,PQ32"),
+    (10_000_000, 384, parse_memory_size("2GB"), "IVF16384,PQ64np"),
+    (10_000_000, 384, parse_memory_size("500MB"), "IVF16384,PQ32np"),
     (100_000, 384, parse_memory_size("100MB"), "IVF1024,SQ8"),  # Flat would need 153.6 MB
-    (100_000, 384, parse_memory_size("10MB"), "IVF1024,PQ64"),
-    (200_000_000, 1024, parse_memory_size("16GB"), "IVF65536,PQ64"),
+    (100_000, 384, parse_memory_size("10MB"), "IVF1024,PQ64np"),
+    (200_000_000, 1024, parse_memory_size("16GB"), "IVF65536,PQ64np"),
     (5_000, 384, parse_memory_size("3MB"), "IVF128,SQ8"),  # too few vectors to train PQ well
 ])
 def test_suggested_factories(num_vectors, hidden, budget, expected):
