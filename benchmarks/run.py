@@ -1,6 +1,6 @@
 """Performance figures of npm_hf, each a ratio measured side by side in one run (the machine may be noisy).
 
-    python benchmarks/run.py [--quick]
+    python benchmarks/run.py [--quick] [--figures P1,P3]
 
 Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"}`; progress goes to stderr.
 
@@ -12,6 +12,10 @@ Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"
     P5  NPMTrainer tokens/s / stock Trainer + DataCollatorForLanguageModeling + AutoModelForMaskedLM of the same
         encoder, batch and length (median step times, first step skipped).                     goal >= 0.5
     P5c NPMSpanCollator seconds per batch / NPMTrainer seconds per step.                        goal <= 0.05
+    P3  quality/size of approximate FAISS indexes over the P1 index's vectors (Flat fp16, SQ8, IVF-PQ 64 and 32
+        bytes, HNSW32): top-1 agreement with exact search after exact re-scoring (ties count), bytes per indexed
+        token on disk, median search latency per query of 2 token vectors of a real sentence encoded on its own.
+        One line per index; the value is the agreement at k=4096.                                  report
 
 Encoder: the offline MiniLM (`npm_hf.demo.minilm_path()`), wrapped with `npm_hf.convert_encoder`. Text: the
 Wikipedia sample at <repo>/../shared/offline_data/enwiki_sample/enwiki_sample.jsonl. Baseline and candidate are
@@ -21,6 +25,7 @@ estimate and the CPU load of other processes during the measurements.
 """
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -44,10 +49,15 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "offline_data" / "enwi
 SETTINGS = {
     "quick": {"p2_tokens": (30_000, 40_000), "p2_rounds": (3, 8, 75), "p1_tokens": (100_000, 130_000),
               "p1_queries": 20, "p1_rounds": (3, 10, 45), "p5_block": 128, "p5_group": 8, "p5_steps": 4,
-              "p5_rounds": 2},
+              "p5_rounds": 2, "p3_queries": 40, "p3_nlist": 64, "p3_train": 10_000},
     "full": {"p2_tokens": (150_000, 200_000), "p2_rounds": (3, 8, 300), "p1_tokens": None, "p1_queries": 20,
-             "p1_rounds": (5, 12, 120), "p5_block": 256, "p5_group": 16, "p5_steps": 5, "p5_rounds": 3},
+             "p1_rounds": (5, 12, 120), "p5_block": 256, "p5_group": 16, "p5_steps": 5, "p5_rounds": 3,
+             "p3_queries": 100, "p3_nlist": 1024, "p3_train": 100_000},
 }
+FIGURES = ("P2", "P1", "B", "P3", "P5")
+# P3: the approximate indexes compared with exact search, their nprobe, and the k of its agreement/latency columns.
+P3_NPROBE = 16
+P3_KS = (10, 4096)
 BLOCK_SIZE = 256
 BATCH_SIZE = 16
 
@@ -118,9 +128,9 @@ def take_documents(documents: list[dict], counts: list[int], bounds: tuple[int, 
     return chosen
 
 
-def cloze_queries(documents: list[dict], mask_token: str, count: int) -> list[str]:
-    """Real sentences of the indexed documents with one capitalised word (not the first) replaced by the mask,
-    taken round-robin over the documents."""
+def cloze_queries(documents: list[dict], mask_token: str | None, count: int) -> list[str]:
+    """Real sentences of the indexed documents with one capitalised word (not the first) replaced by the mask
+    (kept with mask_token=None), taken round-robin over the documents."""
     per_document = []
     for document in documents:
         found = []
@@ -130,7 +140,8 @@ def cloze_queries(documents: list[dict], mask_token: str, count: int) -> list[st
                 continue
             candidates = [i for i, w in enumerate(words[1:], start=1) if re.fullmatch(r"[A-Z][a-z]{3,}", w)]
             if candidates:
-                words[candidates[len(candidates) // 2]] = mask_token
+                if mask_token is not None:
+                    words[candidates[len(candidates) // 2]] = mask_token
                 found.append(" ".join(words))
         per_document.append(found)
     queries, depth = [], 0
@@ -357,6 +368,94 @@ def figure_bytes(index) -> None:
          f"{index.manifest.hidden_size}, {index.manifest.faiss_factory}); bytes/token per file: {per_file}")
 
 
+# ------------------------------------------------------------------------------------------------------- P3
+def p3_factories(nlist: int, hidden: int) -> list[tuple[str, str, dict]]:
+    """(label, factory, search knobs) of the compared indexes; Flat is the exact reference."""
+    return [("Flat fp16", "Flat", {}), ("SQ8", "SQ8", {}),
+            (f"IVF{nlist}-PQ64", f"IVF{nlist},PQ64np", {"nprobe": P3_NPROBE}),  # np: no polysemous training
+            (f"IVF{nlist}-PQ32", f"IVF{nlist},PQ32np", {"nprobe": P3_NPROBE}), ("HNSW32", "HNSW32", {})]
+
+
+def approximate_index(exact, factory: str, train_size: int, path: Path):
+    """An NPMIndex over the same files as `exact` with another FAISS index (trained on a sample of its vectors,
+    written to `path`): the same re-scoring code path as a built index, without encoding the corpus again."""
+    import faiss
+
+    from npm_hf import NPMIndex
+
+    index = faiss.index_factory(exact.manifest.hidden_size, factory, faiss.METRIC_INNER_PRODUCT)
+    vectors = exact.vectors
+    if not index.is_trained:
+        sample = np.sort(np.random.default_rng(0).choice(len(vectors), min(train_size, len(vectors)), replace=False))
+        index.train(np.asarray(vectors[sample], dtype=np.float32))
+    for lo in range(0, len(vectors), 65536):
+        index.add(np.asarray(vectors[lo : lo + 65536], dtype=np.float32))
+    faiss.write_index(index, str(path))
+    arrays = {"token_ids": exact.token_ids, "token_flags": exact.token_flags, "token_docs": exact.token_docs,
+              "token_offsets": exact.token_offsets}
+    manifest = dataclasses.replace(exact.manifest, faiss_factory=factory)
+    return NPMIndex(exact.path, manifest, arrays, exact.positions, vectors, index, exact.documents)
+
+
+def p3_queries(model, tokenizer, sentences: list[str]) -> np.ndarray:
+    """Query vectors from real text: each sentence encoded on its own (another context than its block in the
+    index, so its tokens are near, not equal, to indexed ones) gives the states of 2 tokens at 1/3 and 2/3 of it.
+    (MiniLM's mask states are not NPM-trained: nearly all share the same few nearest tokens, so they would make a
+    degenerate test.) Shape (num_sentences, 2, hidden)."""
+    vectors = []
+    with torch.inference_mode():
+        for sentence in sentences:
+            input_ids = torch.tensor([tokenizer(sentence, truncation=True)["input_ids"]])
+            hidden = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).last_hidden_state[0]
+            inner = input_ids.shape[1] - 2  # without [CLS] and [SEP]
+            vectors.append(hidden[[1 + inner // 3, 1 + 2 * inner // 3]].float().numpy())
+    return np.stack(vectors)
+
+
+def top1_agrees(approximate: tuple[np.ndarray, np.ndarray], exact: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Whether each query's approximate top-1 is an exact top-1 (the same row, or a tie in exact score)."""
+    (scores, rows), (exact_scores, exact_rows) = approximate, exact
+    return (rows[:, 0] == exact_rows[:, 0]) | np.isclose(scores[:, 0], exact_scores[:, 0], rtol=1e-6, atol=0)
+
+
+def figure_p3(model, tokenizer, exact, sentences: list[str], workdir: Path, settings: dict) -> None:
+    query_vectors = p3_queries(model, tokenizer, sentences)
+    ks = [min(k, exact.num_indexed) for k in P3_KS]
+    reference = {k: [exact.search(q, k) for q in query_vectors] for k in ks}
+    files = directory_bytes(exact.path)
+    shared = sum(size for name, size in files.items() if name != "index.faiss")  # everything but FAISS's file
+    indexed, hidden = exact.num_indexed, exact.manifest.hidden_size
+    for label, factory, knobs in p3_factories(settings["p3_nlist"], hidden):
+        started = time.perf_counter()
+        path = workdir / f"p3-{label.replace(' ', '_')}.faiss"
+        index = exact if factory == "Flat" else approximate_index(exact, factory, settings["p3_train"], path)
+        faiss_bytes = files["index.faiss"] if factory == "Flat" else path.stat().st_size
+        build = time.perf_counter() - started
+        agreement, latency = {}, {}
+        for k in ks:
+            index.search(query_vectors[0], k, **knobs)  # warm-up
+            times, agrees = [], []
+            for q, want in zip(query_vectors, reference[k]):
+                began = time.perf_counter()
+                got = index.search(q, k, **knobs)
+                times.append(time.perf_counter() - began)
+                agrees.append(top1_agrees(got, want))
+            agreement[k] = float(np.concatenate(agrees).mean())
+            latency[k] = statistics.median(times) * 1e3
+        ram = 4 * hidden if factory == "Flat" else faiss_bytes / indexed  # Flat holds float32 copies in RAM
+        emit(f"P3 {label}", agreement[ks[-1]], "report",
+             "top-1 agreement with exact search (after exact re-scoring) "
+             + ", ".join(f"k={k}: {agreement[k]:.3f}" for k in ks)
+             + f"; disk bytes/indexed token {(shared + faiss_bytes) / indexed:.1f} (FAISS file "
+             f"{faiss_bytes / indexed:.1f}, FAISS in RAM ~{ram:.1f}); median search ms per query (2 vectors) "
+             + ", ".join(f"k={k}: {latency[k]:.2f}" for k in ks)
+             + f"; {factory}{' nprobe=' + str(knobs['nprobe']) if knobs else ''}, {indexed} vectors of {hidden} "
+             f"dims, {len(query_vectors)} sentences x 2 token vectors, trained on <= {settings['p3_train']} and "
+             f"filled in {build:.1f}s")
+        del index
+        gc.collect()
+
+
 # ------------------------------------------------------------------------------------------------------- P5
 def step_seconds(trainer) -> list[float]:
     """Train and return the wall time of every optimisation step but the first (warm-up)."""
@@ -431,8 +530,13 @@ def figure_p5(documents, workdir: Path, settings: dict) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="Smaller corpora and fewer rounds (< 5 minutes).")
+    parser.add_argument("--figures", default=",".join(FIGURES),
+                        help=f"Comma-separated figures to measure (default: all of {','.join(FIGURES)}).")
     args = parser.parse_args(argv)
     settings = SETTINGS["quick" if args.quick else "full"]
+    figures = {name.strip().upper() for name in args.figures.split(",") if name.strip()}
+    if not figures or figures - set(FIGURES):
+        parser.error(f"--figures takes names among {', '.join(FIGURES)}; got {args.figures!r}.")
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -449,18 +553,28 @@ def main(argv=None) -> None:
         counts = token_counts(documents, tokenizer)
         log.info(f"Corpus: {len(documents)} documents, {sum(counts)} tokens; torch threads {torch.get_num_threads()}")
 
-        figure_p2(model, tokenizer, take_documents(documents, counts, settings["p2_tokens"]), workdir,
-                  settings["p2_rounds"])
+        if "P2" in figures:
+            figure_p2(model, tokenizer, take_documents(documents, counts, settings["p2_tokens"]), workdir,
+                      settings["p2_rounds"])
 
-        p1_documents = take_documents(documents, counts, settings["p1_tokens"])
-        seconds, index = build_seconds(model, tokenizer, p1_documents, workdir / "p1-index")
-        log.info(f"P1 index: {index.manifest.num_tokens} tokens built in {seconds:.1f}s")
-        queries = cloze_queries(p1_documents, tokenizer.mask_token, settings["p1_queries"])
-        figure_p1(model, tokenizer, index, queries, settings["p1_rounds"])
-        figure_bytes(index)
-        del index
-        gc.collect()
-        figure_p5(take_documents(documents, counts, settings["p2_tokens"]), workdir, settings)
+        if figures & {"P1", "B", "P3"}:
+            p1_documents = take_documents(documents, counts, settings["p1_tokens"])
+            seconds, index = build_seconds(model, tokenizer, p1_documents, workdir / "p1-index")
+            log.info(f"P1 index: {index.manifest.num_tokens} tokens built in {seconds:.1f}s")
+            if "P1" in figures:
+                queries = cloze_queries(p1_documents, tokenizer.mask_token, settings["p1_queries"])
+                figure_p1(model, tokenizer, index, queries, settings["p1_rounds"])
+            if "B" in figures:
+                figure_bytes(index)
+            if "P3" in figures:
+                started_p3 = time.perf_counter()
+                sentences = cloze_queries(p1_documents, None, settings["p3_queries"])
+                figure_p3(model, tokenizer, index, sentences, workdir, settings)
+                log.info(f"P3 took {time.perf_counter() - started_p3:.0f}s")
+            del index
+            gc.collect()
+        if "P5" in figures:
+            figure_p5(take_documents(documents, counts, settings["p2_tokens"]), workdir, settings)
     log.info(f"Done in {time.perf_counter() - started:.0f}s")
 
 

@@ -64,6 +64,10 @@ class NPMConfig(PreTrainedConfig):
             query against mean-pooled blocks) keeps `prefilter_blocks` blocks, whose tokens are then scored exactly.
         prefilter_blocks (`int`, *optional*, defaults to 3):
             Blocks kept by the pre-filter (the paper: 3).
+        nprobe (`int`, *optional*):
+            IVF indexes: inverted lists visited per query (more = better recall, slower); `None` = FAISS's default.
+        ef_search (`int`, *optional*):
+            HNSW indexes: size of the search's candidate list (FAISS's `efSearch`); `None` = FAISS's default.
 
     Example:
     ```python
@@ -94,6 +98,8 @@ class NPMConfig(PreTrainedConfig):
     phrase_aggregation: str = "sum"
     prefilter: str = "none"
     prefilter_blocks: int = 3
+    nprobe: int | None = None
+    ef_search: int | None = None
     pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
@@ -120,6 +126,10 @@ class NPMConfig(PreTrainedConfig):
         for name in ("k", "max_span_length", "prefilter_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NPMConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("nprobe", "ef_search"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"NPMConfig.{name} must be a positive integer or None, got {value!r}.")
         if self.temperature <= 0:
             raise ValueError(f"NPMConfig.temperature must be > 0, got {self.temperature}.")
         if self.similarity_scale is not None and self.similarity_scale <= 0:

@@ -3,8 +3,10 @@
     npm-hf convert --encoder PATH --output DIR [--mode span|single]
     npm-hf convert --checkpoint npm.ckpt --base roberta-large --output DIR
     npm-hf build-index --model DIR --corpus FILE [--output DIR/index] [--block-size 256] [--batch-size N]
-                       [--faiss-factory Flat]
-    npm-hf fill-mask --model DIR [--top-k 5] [--prefilter bm25|dense] [--json] "text with a [MASK]"
+                       [--faiss-factory Flat | --faiss-factory auto --max-memory 2GB]
+    npm-hf index add --index DIR --model DIR --corpus FILE
+    npm-hf index delete --index DIR --ids ID1,ID2
+    npm-hf fill-mask --model DIR [--top-k 5] [--prefilter bm25|dense] [--nprobe N] [--ef-search N] [--json] "text with a [MASK]"
     npm-hf train --model ENCODER --corpus FILE --output DIR [any TrainingArguments flag, e.g. --max_steps 200]
     npm-hf push --model DIR --repo-id ORG/NAME [--private] [--revision R] [--create-pr] [--index-repo-id ORG/IDX]
     npm-hf demo [--corpus PATH] [--output DIR]
@@ -69,6 +71,29 @@ def _build_index(args) -> None:
           f"({m.num_skipped_empty_documents} empty skipped) in {m.build_seconds:.1f}s -> {index.path}")
 
 
+def _index_add(args) -> None:
+    from .api import load_npm
+    from .index import NPMIndex
+
+    model, tokenizer = load_npm(args.model)
+    index = NPMIndex.load(args.index)
+    before = (index.manifest.num_documents, index.num_indexed)
+    index.add_documents(model, tokenizer, args.corpus, batch_size=args.batch_size,
+                        show_progress_bar=args.show_progress_bar)
+    print(f"Added {index.manifest.num_documents - before[0]} documents ({index.num_indexed - before[1]} token "
+          f"vectors) to {index.path}")
+
+
+def _index_delete(args) -> None:
+    from .index import NPMIndex
+
+    ids = [doc_id.strip() for doc_id in args.ids.split(",") if doc_id.strip()]
+    index = NPMIndex.load(args.index)
+    before = index.num_indexed
+    index.delete_documents(ids)
+    print(f"Deleted {len(set(ids))} document ids ({before - index.num_indexed} token vectors) from {index.path}")
+
+
 def _fill_mask(args) -> None:
     from transformers import pipeline
 
@@ -79,8 +104,9 @@ def _fill_mask(args) -> None:
         extra["index"] = NPMIndex.load(args.index)
     fill = pipeline("fill-mask", model=args.model, device=args.device, **extra)
     call_kwargs = {"top_k": args.top_k}
-    if args.k:
-        call_kwargs["k"] = args.k
+    for name in ("k", "nprobe", "ef_search"):
+        if getattr(args, name) is not None:
+            call_kwargs[name] = getattr(args, name)
     if args.targets:
         call_kwargs["targets"] = args.targets
     if args.prefilter:
@@ -173,6 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_arguments(build, IndexBuildArguments)
     build.set_defaults(handler=_build_index)
 
+    edit = commands.add_parser("index", help="Edit a built index: add or delete documents.")
+    edits = edit.add_subparsers(dest="index_command", required=True)
+    add = edits.add_parser("add", help="Encode new documents into new blocks of an index (the rest is kept).")
+    add.add_argument("--index", required=True, help="Index directory (e.g. MODEL/index).")
+    add.add_argument("--model", required=True, help="The NPM directory the index was built with.")
+    add.add_argument("--corpus", required=True, help=".txt, .jsonl or a datasets dataset of new documents; ids "
+                                                     "must be new to the index.")
+    add.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="Blocks per forward pass.")
+    add.add_argument("--show-progress-bar", dest="show_progress_bar", action=argparse.BooleanOptionalAction,
+                     default=True, help="Show tqdm progress bars.")
+    add.set_defaults(handler=_index_add)
+    delete = edits.add_parser("delete", help="Remove documents from an index: never retrieved or cited again.")
+    delete.add_argument("--index", required=True, help="Index directory (e.g. MODEL/index).")
+    delete.add_argument("--ids", required=True, help="Comma-separated document ids, e.g. doc1,doc7.")
+    delete.set_defaults(handler=_index_delete)
+
     fill = commands.add_parser("fill-mask", help="Fill the mask of a text from the reference corpus.")
     fill.add_argument("--model", required=True, help="NPM directory or Hub id.")
     fill.add_argument("--index", default=None, help="Index directory (default: the model's own).")
@@ -183,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Two-stage retrieval: score only the tokens of the best blocks (default: config).")
     fill.add_argument("--prefilter-blocks", dest="prefilter_blocks", type=int, default=None,
                       help="Blocks the pre-filter keeps (default: config, 3).")
+    fill.add_argument("--nprobe", type=int, default=None,
+                      help="IVF indexes: inverted lists visited per query (default: config.nprobe, else FAISS's).")
+    fill.add_argument("--ef-search", dest="ef_search", type=int, default=None,
+                      help="HNSW indexes: efSearch, the search's candidate list size (default: config.ef_search).")
     fill.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
     fill.add_argument("--json", action="store_true", help="Print the pipeline output as JSON.")
     fill.add_argument("text", help="Text with the tokenizer's mask token, e.g. [MASK] or <mask>.")

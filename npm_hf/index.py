@@ -50,6 +50,11 @@ DOCUMENT_OFFSETS_FILE = "document_offsets.npy"
 # verify="fast" hashes files up to this size on every load; larger ones are checked by size (all with "full").
 _FAST_VERIFY_MAX_BYTES = 64 << 20
 _FAISS_ADD_CHUNK = 65536
+AUTO_FACTORY = "auto"
+# FAISS's k-means asks for this many training points per centroid (it warns below); fewer than 1 per centroid fails.
+_POINTS_PER_CENTROID = 39
+# suggest_faiss_factory: exact search up to this many vectors (FAISS's own guideline for IndexFlat is ~1M).
+_FLAT_MAX_VECTORS = 1_000_000
 
 
 class NPMIndexError(ValueError):
@@ -68,7 +73,13 @@ class IndexBuildArguments:
     batch_size: int = field(default=16, metadata={"help": "Blocks encoded per forward pass."})
     faiss_factory: str = field(
         default="Flat",
-        metadata={"help": "FAISS index_factory string, always with inner product (e.g. Flat, HNSW32, IVF1024,PQ64)."},
+        metadata={"help": "FAISS index_factory string, always with inner product (e.g. Flat, HNSW32, IVF1024,PQ64), "
+                          "or 'auto' to pick one from the corpus size and --max-memory."},
+    )
+    max_memory: str | None = field(
+        default=None,
+        metadata={"help": "With faiss_factory='auto': memory budget of the FAISS index, e.g. 2GB or 512MiB "
+                          "(vectors.npy is memory-mapped and not counted)."},
     )
     train_sample_size: int = field(
         default=1_000_000, metadata={"help": "Vectors sampled to train FAISS indexes that need training."}
@@ -87,6 +98,13 @@ class IndexBuildArguments:
             )
         if not self.faiss_factory.strip():
             raise ValueError("IndexBuildArguments.faiss_factory must be a FAISS factory string such as 'Flat'.")
+        if self.max_memory is not None and self.faiss_factory != AUTO_FACTORY:
+            raise ValueError(
+                f"IndexBuildArguments.max_memory only applies to faiss_factory='auto', got {self.faiss_factory!r}; "
+                "drop max_memory (CLI: --max-memory) or pass --faiss-factory auto."
+            )
+        if self.max_memory is not None:
+            parse_memory_size(self.max_memory)  # a malformed size fails here, before any work
 
 
 @dataclass
@@ -110,6 +128,7 @@ class IndexManifest:
     files: dict = field(default_factory=dict)
     metric: str = "inner_product"
     vector_dtype: str = "float16"
+    num_deleted_documents: int = 0  # documents.jsonl keeps a record without text for each (token_docs stay valid)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -195,6 +214,9 @@ class NPMIndex:
         import faiss
 
         self.exact_search = isinstance(faiss.downcast_index(faiss_index), faiss.IndexFlat)
+        self._search_names = search_parameter_names(faiss_index)
+        self._search_defaults = _current_search_parameters(faiss_index)
+        self._search_applied = dict(self._search_defaults)
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -234,12 +256,19 @@ class NPMIndex:
         try:
             started = time.perf_counter()
             hidden_size = model.config.hidden_size
-            faiss_index = _new_faiss_index(hidden_size, args.faiss_factory)  # a bad factory fails before any work
+            factory = args.faiss_factory
+            # A bad factory fails before any work; "auto" is resolved once the number of vectors is known.
+            faiss_index = None if factory == AUTO_FACTORY else _new_faiss_index(hidden_size, factory)
             stats = _write_corpus(staging, corpus, tokenizer, args)
             ids = np.load(staging / TOKEN_FILES["token_ids"], mmap_mode="r")
             flags = np.load(staging / TOKEN_FILES["token_flags"], mmap_mode="r")
             positions = np.flatnonzero((flags & SPECIAL) == 0).astype(np.int64)
             np.save(staging / POSITIONS_FILE, positions)
+            if faiss_index is None:
+                factory = suggest_faiss_factory(len(positions), hidden_size, _memory_budget(args))
+                logger.info(f"faiss_factory='auto' chose {factory!r} for {len(positions)} vectors.")
+                faiss_index = _new_faiss_index(hidden_size, factory)
+            check_training_size(faiss_index, factory, len(positions), args.train_sample_size)  # before encoding
             # A flat index is saved empty and filled from vectors.npy on load (same values, half the disk);
             # other indexes that need no training (HNSW) take each batch as it is encoded: no second pass.
             on_vectors = faiss_index.add if faiss_index.is_trained and not _is_flat(faiss_index) else None
@@ -252,7 +281,7 @@ class NPMIndex:
                 encoder_name_or_path=str(getattr(model, "name_or_path", "")),
                 hidden_size=hidden_size,
                 block_size=args.block_size,
-                faiss_factory=args.faiss_factory,
+                faiss_factory=factory,
                 num_documents=stats.num_documents,
                 num_skipped_empty_documents=stats.num_skipped_empty,
                 num_tokens=stats.num_tokens,
@@ -353,6 +382,29 @@ class NPMIndex:
             hub_kwargs.setdefault("revision", commit)
         return cls.from_pretrained(model.name_or_path, subfolder=config.index_subfolder, verify=verify, **hub_kwargs)
 
+    # ---------------------------------------------------------------------------------------------- editing
+    def add_documents(self, model, tokenizer, documents, batch_size: int = 16,
+                      show_progress_bar: bool = False) -> "NPMIndex":
+        """Encode `documents` (any corpus form `build` takes) with `model` into new blocks after the existing ones
+        and add them to this index, on disk and in this object, without re-encoding the rest. The model and
+        tokenizer must be the ones the index was built with; ids must be new. Atomic: see `index_editing`."""
+        from .index_editing import add_documents
+
+        add_documents(self, model, tokenizer, documents, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        return self._reload()
+
+    def delete_documents(self, doc_ids) -> "NPMIndex":
+        """Remove the documents with these ids: their tokens leave the search and their text leaves
+        documents.jsonl, on disk and in this object. An unknown id raises NPMIndexError and changes nothing."""
+        from .index_editing import delete_documents
+
+        delete_documents(self, doc_ids)
+        return self._reload()
+
+    def _reload(self) -> "NPMIndex":
+        self.__dict__.update(type(self).load(self.path, verify="none").__dict__)  # just written and hashed
+        return self
+
     def check_compatible(self, model, tokenizer=None) -> None:
         """Raise IndexMismatchError unless this index was built with `model`'s weights (and `tokenizer`)."""
         if encoder_fingerprint(model) != self.manifest.encoder_fingerprint:
@@ -369,17 +421,22 @@ class NPMIndex:
             )
 
     # ---------------------------------------------------------------------------------------------- searching
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k vector rows per query by inner product, re-scored exactly from the stored float16 vectors
         (a flat index's own scores are exact already: it holds those vectors in float32).
+
+        `nprobe` (IVF indexes: inverted lists visited) and `ef_search` (HNSW: candidate list size) trade speed for
+        recall of approximate indexes, for this call only; None keeps FAISS's default.
 
         Returns `(scores, rows)` of shape (num_queries, min(k, num_indexed)), best first. Rows FAISS could not
         fill (approximate indexes) are -1 with score -inf.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.exact_search:  # a flat index holds the stored vectors themselves: its scores are already exact
+            self.check_search_parameters(nprobe, ef_search)
             return self.faiss_index.search(queries, min(int(k), self.num_indexed))
-        rows = self.candidate_rows(queries, k)
+        rows = self.candidate_rows(queries, k, nprobe=nprobe, ef_search=ef_search)
         found = rows >= 0
         vectors = self.vectors_for_rows(np.where(found, rows, 0).reshape(-1)).reshape(*rows.shape, -1)
         scores = np.einsum("qkd,qd->qk", vectors, queries)
@@ -387,11 +444,50 @@ class NPMIndex:
         order = np.argsort(-scores, axis=1, kind="stable")
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
-    def candidate_rows(self, queries: np.ndarray, k: int) -> np.ndarray:
+    def candidate_rows(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+                       ef_search: int | None = None) -> np.ndarray:
         """FAISS's top-k vector rows per query (approximate for compressed indexes; -1 where none was found)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self._configure_search(nprobe, ef_search)
         _, rows = self.faiss_index.search(queries, min(int(k), self.num_indexed))
         return rows
+
+    def check_search_parameters(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Raise ValueError unless `nprobe` / `ef_search` (None: not set) apply to this index and are in range."""
+        factory = self.manifest.faiss_factory
+        if nprobe is not None:
+            _check_positive("nprobe", nprobe)
+            if "nprobe" not in self._search_names:
+                raise ValueError(
+                    f"nprobe applies to IVF indexes, and the index at {self.path} is {factory!r}, which has no "
+                    "inverted lists. Drop nprobe (CLI: --nprobe), or build an IVF index (e.g. 'IVF1024,SQ8')."
+                )
+            nlist = _extract_ivf(self.faiss_index).nlist
+            if nprobe > nlist:
+                raise ValueError(
+                    f"nprobe={nprobe} is more than the {nlist} IVF lists (nlist) of the index at {self.path} "
+                    f"({factory!r}); use 1 <= nprobe <= {nlist} (nprobe={nlist} searches every list)."
+                )
+        if ef_search is not None:
+            _check_positive("ef_search", ef_search)
+            if "ef_search" not in self._search_names:
+                raise ValueError(
+                    f"efSearch applies to HNSW indexes (e.g. 'HNSW32', or an IVF with an HNSW quantizer such as "
+                    f"'IVF4096_HNSW32,SQ8'), and the index at {self.path} is {factory!r}. Drop ef_search "
+                    "(CLI: --ef-search)."
+                )
+
+    def _configure_search(self, nprobe: int | None, ef_search: int | None) -> None:
+        """Set FAISS's search parameters for the next search: the given values, else FAISS's defaults."""
+        import faiss
+
+        self.check_search_parameters(nprobe, ef_search)
+        given = {"nprobe": nprobe, "ef_search": ef_search}
+        for name, default in self._search_defaults.items():
+            value = int(default if given[name] is None else given[name])
+            if self._search_applied[name] != value:
+                faiss.ParameterSpace().set_index_parameter(self.faiss_index, self._search_names[name], value)
+                self._search_applied[name] = value
 
     def vectors_for_rows(self, rows: np.ndarray) -> np.ndarray:
         return np.asarray(self.vectors[np.asarray(rows)], dtype=np.float32)
@@ -470,17 +566,25 @@ def _encode_blocks(staging: Path, model, ids, flags, positions: np.ndarray, args
                    on_vectors=None) -> None:
     """Encode every block, streaming the float16 hidden states of non-special tokens into vectors.npy (and, as
     float32 copies of exactly those values, to `on_vectors`)."""
-    from tqdm.auto import tqdm
-
     vectors = np.lib.format.open_memmap(staging / VECTORS_FILE, mode="w+", dtype=np.float16,
                                         shape=(len(positions), model.config.hidden_size))
+    encode_into(vectors, 0, model, ids, flags, args, on_vectors=on_vectors)
+    vectors.flush()
+    del vectors
+
+
+def encode_into(vectors: np.ndarray, row: int, model, ids, flags, args: IndexBuildArguments,
+                on_vectors=None) -> int:
+    """Encode the tokens `ids` (a run starting at a block boundary) in blocks of `args.block_size` and write the
+    float16 hidden states of their non-special tokens to `vectors[row:]`. Returns the row after the last one."""
+    from tqdm.auto import tqdm
+
     ids, flags = np.asarray(ids), np.asarray(flags)
     pad_id = _pad_token_id(model)
     span = args.block_size * args.batch_size
     device = model.device
     was_training = model.training
     model.eval()
-    row = 0
     with torch.inference_mode(), tqdm(total=len(ids), desc="Encoding corpus", unit="tok",
                                       disable=not args.show_progress_bar) as progress:
         for lo in range(0, len(ids), span):
@@ -496,8 +600,7 @@ def _encode_blocks(staging: Path, model, ids, flags, positions: np.ndarray, args
             row += len(chosen)
             progress.update(hi - lo)
     model.train(was_training)
-    vectors.flush()
-    del vectors
+    return row
 
 
 def _pack_blocks(ids: np.ndarray, block_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -591,3 +694,162 @@ def _versions() -> dict:
 
     return {"npm_hf": __version__, "transformers": transformers.__version__, "torch": torch.__version__,
             "faiss": faiss.__version__, "numpy": np.__version__}
+
+
+# ------------------------------------------------------------------------------------------- FAISS choices
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+                 "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_size(text) -> int:
+    """Bytes of a size such as 2GB, 1.5GiB, 512MB or 1000000 (GB = 10**9 bytes, GiB = 2**30)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if unit not in _MEMORY_UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"Cannot read the memory size {text!r}; write a positive number with an optional unit, "
+                         "e.g. 2GB, 512MiB or 1000000 (bytes).")
+    return int(float(match.group(1)) * _MEMORY_UNITS[unit])
+
+
+def _memory_budget(args: IndexBuildArguments) -> int | None:
+    return None if args.max_memory is None else parse_memory_size(args.max_memory)
+
+
+def _ivf_lists(num_vectors: int) -> int:
+    """A power of two near 4·sqrt(n) (FAISS's guideline is 4-16·sqrt(n)), with >= 39 training points per list."""
+    wanted = 4 * num_vectors**0.5
+    nlist = 1 << max(0, round(np.log2(wanted)))
+    while nlist > 1 and nlist * _POINTS_PER_CENTROID > num_vectors:
+        nlist //= 2
+    return nlist
+
+
+def suggest_faiss_factory(num_vectors: int, hidden_size: int, memory_budget_bytes: int | None = None) -> str:
+    """A FAISS factory string for `num_vectors` token vectors of `hidden_size` dimensions.
+
+    Exact `Flat` (4·d bytes per vector in RAM) up to a million vectors when it fits the budget; above, an IVF index
+    with about 4·sqrt(n) lists and 1-byte scalar quantization (`IVF{n},SQ8`, d bytes per vector), or, when that
+    does not fit `memory_budget_bytes`, product quantization with the largest code that does (`IVF{n},PQ{m}np`, m
+    bytes). Approximate candidates are re-scored exactly from vectors.npy, which is memory-mapped and not counted.
+    """
+    if num_vectors < 1 or hidden_size < 1:
+        raise ValueError(f"Need num_vectors >= 1 and hidden_size >= 1, got {num_vectors} and {hidden_size}.")
+    flat_bytes = 4 * hidden_size * num_vectors
+    fits = lambda size: memory_budget_bytes is None or size <= memory_budget_bytes  # noqa: E731
+    if num_vectors <= _FLAT_MAX_VECTORS and fits(flat_bytes):
+        return "Flat"
+    nlist = _ivf_lists(num_vectors)
+    codes = [(hidden_size, "SQ8")] if nlist >= 2 else []
+    if num_vectors >= 256 * _POINTS_PER_CENTROID:  # enough to train 256 PQ centroids well
+        # "np": no polysemous training, which only serves Hamming pre-filtering (candidates are re-scored exactly
+        # here instead) and takes minutes.
+        codes += [(m, f"PQ{m}np") for m in (64, 48, 32, 24, 16, 8) if hidden_size % m == 0 and m < hidden_size]
+    for code_bytes, codec in codes:
+        if fits(num_vectors * (code_bytes + 8) + 4 * hidden_size * nlist):  # + 8-byte ids, + the centroids
+            return f"IVF{nlist},{codec}"
+    if not codes and fits(flat_bytes):
+        return "Flat"  # too few vectors to train any quantizer
+    raise ValueError(
+        f"No FAISS index over {num_vectors} vectors of dimension {hidden_size} fits {memory_budget_bytes} bytes "
+        f"(exact search needs {flat_bytes}); raise the budget (--max-memory)."
+    )
+
+
+def _core_index(index):
+    """The index under pre-transforms (OPQ, PCA) and id maps, downcast to its concrete type."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    while isinstance(index, (faiss.IndexPreTransform, faiss.IndexIDMap)):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def _extract_ivf(index):
+    import faiss
+
+    try:
+        return faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:  # not an IVF index
+        return None
+
+
+def faiss_training_minimum(index) -> tuple[int, int, str]:
+    """(fewest training vectors FAISS accepts, fewest it trains well on, what needs them) for an untrained index;
+    (0, 0, "") when it needs no training."""
+    import faiss
+
+    if index.is_trained:
+        return 0, 0, ""
+    needs = []  # (clusters, what)
+    top = faiss.downcast_index(index)
+    if isinstance(top, faiss.IndexPreTransform):
+        for j in range(top.chain.size()):
+            if isinstance(faiss.downcast_VectorTransform(top.chain.at(j)), faiss.OPQMatrix):
+                needs.append((256, "OPQ rotation: 256 centroids per sub-quantizer"))
+    core = _extract_ivf(index) or _core_index(index)
+    if hasattr(core, "nlist"):
+        needs.append((core.nlist, f"IVF{core.nlist}: one k-means centroid per list"))
+    storage = faiss.downcast_index(core.storage) if hasattr(core, "storage") else core  # HNSW over PQ codes
+    pq = getattr(storage, "pq", None)
+    if pq is not None:
+        needs.append((1 << pq.nbits, f"PQ{pq.M}x{pq.nbits}: {1 << pq.nbits} centroids per sub-quantizer"))
+    if not needs:
+        return 1, 1, "training"
+    clusters, what = max(needs)
+    return clusters, clusters * _POINTS_PER_CENTROID, what
+
+
+def check_training_size(index, factory: str, num_vectors: int, train_sample_size: int) -> None:
+    """Raise NPMIndexError before any training when FAISS could not train `index` on the vectors available."""
+    minimum, recommended, what = faiss_training_minimum(index)
+    available = min(num_vectors, train_sample_size)
+    if available >= recommended:
+        return
+    limit = f" (train_sample_size={train_sample_size})" if train_sample_size < num_vectors else ""
+    if available >= minimum:
+        logger.warning(f"Training FAISS {factory!r} on {available} vectors{limit}; {what} trains well from "
+                       f"{recommended} vectors on (FAISS warns below). Results may be poor: consider fewer lists.")
+        return
+    hint = f"'IVF{_ivf_lists(num_vectors)},SQ8'" if num_vectors >= 2 * _POINTS_PER_CENTROID else "nothing but Flat"
+    raise NPMIndexError(
+        f"The FAISS factory {factory!r} needs at least {minimum} training vectors ({what}), but only {available} "
+        f"are available{limit} ({num_vectors} indexed tokens). Use fewer IVF lists or a smaller PQ (this corpus "
+        f"fits {hint}), 'Flat' (exact search, best for small corpora), or faiss_factory='auto' "
+        "(CLI: --faiss-factory auto)."
+    )
+
+
+# -------------------------------------------------------------------------------------- search parameters
+def search_parameter_names(index) -> dict:
+    """Which FAISS ParameterSpace names `nprobe` and `ef_search` map to for `index` (absent: not applicable)."""
+    names = {}
+    ivf = _extract_ivf(index)
+    if ivf is not None:
+        names["nprobe"] = "nprobe"
+        if hasattr(_core_index(ivf.quantizer), "hnsw"):
+            names["ef_search"] = "quantizer_efSearch"
+    elif hasattr(_core_index(index), "hnsw"):
+        names["ef_search"] = "efSearch"
+    return names
+
+
+def _current_search_parameters(index) -> dict:
+    """FAISS's own values of the tunable search parameters of `index` (restored when a call sets none)."""
+    values = {}
+    ivf = _extract_ivf(index)
+    names = search_parameter_names(index)
+    if "nprobe" in names:
+        values["nprobe"] = ivf.nprobe
+    if names.get("ef_search") == "quantizer_efSearch":
+        values["ef_search"] = _core_index(ivf.quantizer).hnsw.efSearch
+    elif "ef_search" in names:
+        values["ef_search"] = _core_index(index).hnsw.efSearch
+    return values
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")

@@ -30,6 +30,8 @@ class NonparametricFillMaskPipeline(Pipeline):
         k (`int`, *optional*): neighbours per query vector, overriding `config.k` (also accepted per call).
         prefilter (`str`, *optional*): "none", "bm25" or "dense" two-stage retrieval, overriding `config.prefilter`
             (also accepted per call, with `prefilter_blocks`).
+        nprobe (`int`, *optional*): IVF indexes: inverted lists visited per query, overriding `config.nprobe`
+            (also per call). `ef_search` (`int`, *optional*): the same for HNSW's `efSearch`.
     """
 
     _load_tokenizer = True
@@ -46,28 +48,27 @@ class NonparametricFillMaskPipeline(Pipeline):
         if index is None:
             index = NPMIndex.for_model(self.model, **(index_kwargs or {}))
         index.check_compatible(self.model, self.tokenizer)
+        knobs = {name: self._postprocess_params.get(name, getattr(self.model.config, name, None))
+                 for name in ("nprobe", "ef_search")}
+        index.check_search_parameters(**knobs)  # a knob that does not fit the index fails here, not per query
         self.index = index
         self.predictor = NPMPredictor(self.model.config, self.tokenizer, index)
         self._prefilters = {}
 
-    def _sanitize_parameters(self, top_k=None, targets=None, k=None, tokenizer_kwargs=None, prefilter=None,
-                             prefilter_blocks=None):
+    def _sanitize_parameters(self, top_k=None, targets=None, k=None, tokenizer_kwargs=None, nprobe=None,
+                             ef_search=None, prefilter=None, prefilter_blocks=None):
         preprocess_params = {"tokenizer_kwargs": tokenizer_kwargs} if tokenizer_kwargs else {}
         postprocess_params = {}
+        for name, value in (("top_k", top_k), ("k", k), ("nprobe", nprobe), ("ef_search", ef_search),
+                            ("prefilter_blocks", prefilter_blocks)):
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+                postprocess_params[name] = value
         if prefilter is not None:
             postprocess_params["prefilter"] = prefilter
-        if prefilter_blocks is not None:
-            if not isinstance(prefilter_blocks, int) or prefilter_blocks <= 0:
-                raise ValueError(f"prefilter_blocks must be a positive integer, got {prefilter_blocks!r}.")
-            postprocess_params["prefilter_blocks"] = prefilter_blocks
-        if top_k is not None:
-            if not isinstance(top_k, int) or top_k <= 0:
-                raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
-            postprocess_params["top_k"] = top_k
-        if k is not None:
-            if not isinstance(k, int) or k <= 0:
-                raise ValueError(f"k must be a positive integer, got {k!r}.")
-            postprocess_params["k"] = k
+        if getattr(self, "index", None) is not None:  # per call (constructor values are checked in __init__)
+            self.index.check_search_parameters(nprobe, ef_search)
         if targets is not None:
             targets = [targets] if isinstance(targets, str) else list(targets)
             if not targets:
@@ -150,7 +151,8 @@ class NonparametricFillMaskPipeline(Pipeline):
                 "input_ids": inputs["input_ids"], "runs": inputs["runs"], "text": inputs["text"]}
 
     # ------------------------------------------------------------------------------------------- postprocess
-    def postprocess(self, outputs, top_k=5, targets=None, k=None, prefilter=None, prefilter_blocks=None):
+    def postprocess(self, outputs, top_k=5, targets=None, k=None, nprobe=None, ef_search=None, prefilter=None,
+                    prefilter_blocks=None):
         single_mode = self.model.config.mode == "single"
         target_ids = self._single_target_ids(targets) if single_mode and targets is not None else None
         answer_slots = _answer_slots(outputs["runs"], single_mode)
@@ -161,11 +163,13 @@ class NonparametricFillMaskPipeline(Pipeline):
             if single_mode and positions is not None:
                 answers = self.predictor.predict_single_among(vectors[0], positions, top_k, target_ids=target_ids)
             elif single_mode:
-                answers = self.predictor.predict_single(vectors[0], top_k, target_ids=target_ids, k=k)
+                answers = self.predictor.predict_single(vectors[0], top_k, target_ids=target_ids, k=k,
+                                                        nprobe=nprobe, ef_search=ef_search)
             elif positions is not None:
                 answers = self.predictor.predict_span_among(vectors[0], vectors[1], positions, top_k, targets=targets)
             else:
-                answers = self.predictor.predict_span(vectors[0], vectors[1], top_k, targets=targets, k=k)
+                answers = self.predictor.predict_span(vectors[0], vectors[1], top_k, targets=targets, k=k,
+                                                      nprobe=nprobe, ef_search=ef_search)
             for answer in answers:
                 answer["sequence"] = self._fill(outputs["input_ids"], start, length, answer.pop("token_ids"),
                                                 single=len(answer_slots) == 1)

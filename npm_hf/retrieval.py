@@ -53,8 +53,15 @@ class NPMPredictor:
         self._pieces = None
 
     # -------------------------------------------------------------------------------------------- NPM-single
-    def predict_single(self, query: np.ndarray, top_k: int, target_ids=None, k: int | None = None) -> list[dict]:
-        scores, rows = self.index.search(query[None, :], k or self.config.k)
+    def _search(self, queries: np.ndarray, k: int | None, nprobe: int | None, ef_search: int | None):
+        """index.search with this call's knobs, else the config's (FAISS's defaults when both are None)."""
+        nprobe = nprobe if nprobe is not None else getattr(self.config, "nprobe", None)
+        ef_search = ef_search if ef_search is not None else getattr(self.config, "ef_search", None)
+        return self.index.search(queries, k or self.config.k, nprobe=nprobe, ef_search=ef_search)
+
+    def predict_single(self, query: np.ndarray, top_k: int, target_ids=None, k: int | None = None,
+                       nprobe: int | None = None, ef_search: int | None = None) -> list[dict]:
+        scores, rows = self._search(query[None, :], k, nprobe, ef_search)
         found = rows[0] >= 0
         probs = softmax(scores[0][found] * self.config.scale / self.config.temperature)
         return self._rank_tokens(self.index.positions[rows[0][found]], probs, top_k, target_ids)
@@ -97,8 +104,8 @@ class NPMPredictor:
 
     # ---------------------------------------------------------------------------------------------- NPM span
     def predict_span(self, q_start: np.ndarray, q_end: np.ndarray, top_k: int, targets=None,
-                     k: int | None = None) -> list[dict]:
-        scores, rows = self.index.search(np.stack([q_start, q_end]), k or self.config.k)
+                     k: int | None = None, nprobe: int | None = None, ef_search: int | None = None) -> list[dict]:
+        scores, rows = self._search(np.stack([q_start, q_end]), k, nprobe, ef_search)
         found = rows >= 0
         starts, ends = self.index.positions[rows[0][found[0]]], self.index.positions[rows[1][found[1]]]
         factor = self.config.scale / self.config.span_temperature

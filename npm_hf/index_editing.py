@@ -1,0 +1,240 @@
+"""Knowledge editing of a built index: add and delete documents without re-encoding the rest of the corpus.
+
+* Adding tokenizes and encodes only the new documents, into new blocks that start at the next block boundary
+  (the tokens up to it are padding: special, never indexed), so every block still holds exactly what was encoded
+  together. Their rows are appended to vectors.npy, positions.npy and the FAISS index.
+* Deleting removes a document's rows from vectors.npy, positions.npy and the FAISS index (a flat index is stored
+  empty anyway; others are emptied with `reset()`, which keeps their training, and refilled from vectors.npy) and
+  turns its tokens into padding (special, id 0, no offsets): no search, span or evidence can reach them again.
+  Its documents.jsonl record keeps the id, loses title and text, and says `"deleted": true`.
+
+Every edit writes a staging copy of the directory (unchanged files are hard links, never written to), hashes the
+new files into the manifest and swaps the copy in like a build: an interrupted edit leaves the old index, or (killed
+between the two renames) no index at the path and the old one beside it, never a directory that loads wrongly.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+from transformers.utils import logging
+
+from .corpus import SPECIAL, CorpusStats, iter_documents, tokenize_documents
+from .index import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES,
+                    VECTORS_FILE, IndexBuildArguments, NPMIndexError, _FAISS_ADD_CHUNK, _is_flat, _move_into_place,
+                    _pad_token_id, _sha256, _versions, encode_into)
+
+
+logger = logging.get_logger(__name__)
+
+_COPY_ROWS = 1 << 16  # vectors copied per chunk (bounded memory)
+
+
+# --------------------------------------------------------------------------------------------------- adding
+def add_documents(index, model, tokenizer, documents, batch_size: int = 16, show_progress_bar: bool = False) -> None:
+    """Append `documents` to the index directory of `index` (see the module docstring); `index` is not reloaded."""
+    index.check_compatible(model, tokenizer)
+    m = index.manifest
+    new_documents, records, stats = _tokenize_new(index, tokenizer, documents)
+    start = -(-m.num_tokens // m.block_size) * m.block_size  # new documents begin a block
+    tokens = _padded_tokens(index, records, start - m.num_tokens, _pad_token_id(model))
+    new_positions = start + np.flatnonzero((records["flags"] & SPECIAL) == 0)
+    positions = np.concatenate([np.asarray(index.positions), new_positions]).astype(np.int64)
+    args = IndexBuildArguments(block_size=m.block_size, batch_size=batch_size, show_progress_bar=show_progress_bar)
+
+    def write(staging: Path):
+        _save_tokens(staging, tokens)
+        np.save(staging / POSITIONS_FILE, positions)
+        vectors = _copy_vectors(index, staging, np.arange(index.num_indexed), extra_rows=len(new_positions))
+        encode_into(vectors, index.num_indexed, model, records["id"], records["flags"], args)
+        vectors.flush()
+        if not _is_flat(index.faiss_index):  # a flat index is stored empty and filled on load
+            _write_faiss(index, staging, vectors[index.num_indexed :], reset=False)
+        del vectors
+        _append_documents(index, staging, new_documents)
+        return dataclasses.replace(
+            m, num_documents=m.num_documents + stats.num_documents,
+            num_skipped_empty_documents=m.num_skipped_empty_documents + stats.num_skipped_empty,
+            num_tokens=len(tokens["id"]), num_indexed_tokens=len(positions),
+            num_blocks=-(-len(tokens["id"]) // m.block_size), versions=_versions(),
+        )
+
+    _edit(index, write)
+    logger.info(f"Added {stats.num_documents} documents ({len(new_positions)} token vectors) to {index.path}.")
+
+
+def _tokenize_new(index, tokenizer, documents):
+    """The new documents and their token records; ids must be new (to the index and among themselves)."""
+    taken = set(_live_ids(index))
+    stats = CorpusStats()
+    new_documents, chunks = [], []
+    for document, records in tokenize_documents(iter_documents(documents), tokenizer, stats):
+        if document["id"] in taken:
+            raise NPMIndexError(
+                f"A document with id {document['id']!r} is already in the index at {index.path}. Delete it first "
+                "(`npm-hf index delete --ids ...`) to replace it, or give the new document another 'id'."
+            )
+        taken.add(document["id"])
+        records["doc"] = index.manifest.num_documents + len(new_documents)
+        new_documents.append(document)
+        chunks.append(records)
+    if not new_documents:
+        raise ValueError(f"No non-empty document to add ({stats.num_skipped_empty} empty ones skipped).")
+    return new_documents, np.concatenate(chunks), stats
+
+
+def _padded_tokens(index, records: np.ndarray, padding: int, pad_id: int) -> dict:
+    """The token arrays of the index, then `padding` special tokens up to the block boundary, then `records`."""
+    pad = {"id": np.full(padding, pad_id), "flags": np.full(padding, SPECIAL), "doc": np.full(padding, -1),
+           "offsets": np.zeros((padding, 2))}
+    new = {"id": records["id"], "flags": records["flags"], "doc": records["doc"],
+           "offsets": np.stack([records["start"], records["end"]], axis=1)}
+    old = {"id": index.token_ids, "flags": index.token_flags, "doc": index.token_docs, "offsets": index.token_offsets}
+    return {name: np.concatenate([old[name], pad[name].astype(old[name].dtype), new[name].astype(old[name].dtype)])
+            for name in old}
+
+
+def _append_documents(index, staging: Path, documents: list[dict]) -> None:
+    shutil.copyfile(index.path / DOCUMENTS_FILE, staging / DOCUMENTS_FILE)
+    offsets = list(np.load(index.path / DOCUMENT_OFFSETS_FILE))
+    with open(staging / DOCUMENTS_FILE, "ab") as handle:
+        for document in documents:
+            line = _document_line(document)
+            handle.write(line)
+            offsets.append(offsets[-1] + len(line))
+    np.save(staging / DOCUMENT_OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
+
+
+# ------------------------------------------------------------------------------------------------- deleting
+def delete_documents(index, doc_ids) -> None:
+    """Delete the documents with ids `doc_ids` from the index directory of `index` (see the module docstring)."""
+    doc_ids = [doc_ids] if isinstance(doc_ids, str) else [str(doc_id) for doc_id in doc_ids]
+    if not doc_ids:
+        raise ValueError("No document id to delete was given.")
+    live = _live_ids(index)
+    unknown = [doc_id for doc_id in doc_ids if doc_id not in live]
+    if unknown:
+        raise NPMIndexError(
+            f"No document with id {unknown[0]!r} in the index at {index.path}"
+            + (f" (nor {unknown[1:]})" if len(unknown) > 1 else "")
+            + "; nothing was deleted. Ids are the corpus 'id' fields (line numbers from 0 for .txt corpora)."
+        )
+    doomed = np.asarray(sorted(i for doc_id in set(doc_ids) for i in live[doc_id]), dtype=np.int64)
+    dead = np.isin(index.token_docs, doomed)
+    keep_rows = np.flatnonzero(~dead[index.positions])
+    m = index.manifest
+
+    def write(staging: Path):
+        # token_docs stay: the doc indices of the text-less records keep documents.jsonl aligned
+        _save_tokens(staging, {"id": np.where(dead, 0, index.token_ids).astype(index.token_ids.dtype),
+                               "flags": np.where(dead, SPECIAL, index.token_flags).astype(index.token_flags.dtype),
+                               "offsets": np.where(dead[:, None], 0, index.token_offsets)
+                               .astype(index.token_offsets.dtype)})
+        np.save(staging / POSITIONS_FILE, np.asarray(index.positions)[keep_rows])
+        vectors = _copy_vectors(index, staging, keep_rows)
+        if not _is_flat(index.faiss_index):
+            _write_faiss(index, staging, vectors, reset=True)
+        del vectors
+        _rewrite_documents(index, staging, set(doomed.tolist()))
+        return dataclasses.replace(m, num_indexed_tokens=len(keep_rows), versions=_versions(),
+                                   num_deleted_documents=m.num_deleted_documents + len(doomed))
+
+    _edit(index, write)
+    logger.info(f"Deleted {len(doomed)} documents ({index.num_indexed - len(keep_rows)} token vectors) from "
+                f"{index.path}.")
+
+
+def _rewrite_documents(index, staging: Path, doomed: set[int]) -> None:
+    """documents.jsonl with the records of `doomed` documents replaced by text-less ones marked deleted."""
+    old_offsets = np.load(index.path / DOCUMENT_OFFSETS_FILE)
+    offsets = [0]
+    with open(index.path / DOCUMENTS_FILE, "rb") as source, open(staging / DOCUMENTS_FILE, "wb") as target:
+        for i in range(len(old_offsets) - 1):
+            line = source.read(int(old_offsets[i + 1] - old_offsets[i]))
+            if i in doomed:
+                line = _document_line({"id": json.loads(line)["id"], "title": "", "text": "", "deleted": True})
+            target.write(line)
+            offsets.append(offsets[-1] + len(line))
+    np.save(staging / DOCUMENT_OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
+
+
+# ------------------------------------------------------------------------------------------------- shared
+def _live_ids(index) -> dict[str, list[int]]:
+    """Document id -> positions in documents.jsonl, for documents not deleted."""
+    live = {}
+    with open(index.path / DOCUMENTS_FILE, "rb") as handle:
+        for i, line in enumerate(handle):
+            record = json.loads(line)
+            if not record.get("deleted"):
+                live.setdefault(record["id"], []).append(i)
+    return live
+
+
+def _document_line(document: dict) -> bytes:
+    record = {key: document[key] for key in ("id", "title", "text")}
+    if document.get("deleted"):
+        record["deleted"] = True
+    return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def _save_tokens(staging: Path, tokens: dict) -> None:
+    names = {"id": "token_ids", "flags": "token_flags", "doc": "token_docs", "offsets": "token_offsets"}
+    for name, array in tokens.items():
+        np.save(staging / TOKEN_FILES[names[name]], np.ascontiguousarray(array))
+
+
+def _copy_vectors(index, staging: Path, rows: np.ndarray, extra_rows: int = 0) -> np.ndarray:
+    """A new vectors.npy holding `index.vectors[rows]`, then `extra_rows` rows to fill; returned open."""
+    vectors = np.lib.format.open_memmap(staging / VECTORS_FILE, mode="w+", dtype=np.float16,
+                                        shape=(len(rows) + extra_rows, index.manifest.hidden_size))
+    for lo in range(0, len(rows), _COPY_ROWS):
+        chunk = rows[lo : lo + _COPY_ROWS]
+        vectors[lo : lo + len(chunk)] = index.vectors[chunk]
+    return vectors
+
+
+def _write_faiss(index, staging: Path, vectors: np.ndarray, reset: bool) -> None:
+    """The index's FAISS index read from disk, emptied (keeping its training) if `reset`, plus `vectors`."""
+    import faiss
+
+    faiss_index = faiss.read_index(str(index.path / FAISS_FILE))
+    if reset:
+        faiss_index.reset()
+    for lo in range(0, len(vectors), _FAISS_ADD_CHUNK):
+        faiss_index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
+    faiss.write_index(faiss_index, str(staging / FAISS_FILE))
+
+
+def _edit(index, write) -> None:
+    """Run `write(staging)` on a staging directory (it writes the changed files and returns the new manifest),
+    link the unchanged files in, record sizes and checksums, and swap the staging directory into place."""
+    path = index.path
+    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        manifest = write(staging)
+        changed = set(os.listdir(staging))
+        for name in set(index.manifest.files) - changed - {MANIFEST_FILE}:
+            _link_or_copy(path / name, staging / name)
+        manifest.files = {
+            name: index.manifest.files[name] if name not in changed
+            else {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+            for name in sorted(os.listdir(staging))
+        }
+        (staging / MANIFEST_FILE).write_text(manifest.to_json())
+        _move_into_place(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link an unchanged file into the staging directory (edits never write to it), or copy it."""
+    try:
+        os.link(source, target)
+    except OSError:  # filesystems without hard links
+        shutil.copy2(source, target)
