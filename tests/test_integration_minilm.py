@@ -55,22 +55,51 @@ def test_minilm_index_facts(minilm_npm):
     assert not [piece for piece in pieces if piece.startswith("##")]
 
 
-def test_demo_with_a_named_corpus(tmp_path, shared_dir):
+def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir):
     corpus = shared_dir / "offline_data" / "enwiki_sample" / "enwiki_sample.jsonl"
-    args = npm_hf.demo.DemoArguments(corpus=str(corpus), output=str(tmp_path / "demo"), num_documents=2,
-                                     num_queries=2, show_progress_bar=False)
-    results = npm_hf.demo.run_demo(args)
-    assert len(results) == 2
-    for query, answers in results:
-        assert "[MASK]" in query and len(answers) == 3
+    args = npm_hf.demo.DemoArguments(corpus=str(corpus), output=str(tmp_path / "demo"), num_documents=4,
+                                     train_minutes=0.1, num_cloze=4, num_queries=2, show_progress_bar=False)
+    report = npm_hf.demo.run_demo(args)
+    model_dir = tmp_path / "demo" / "model"
+    assert report["training"]["trained"] and report["training"]["steps"] >= 1
+    assert [row["prefilter"] for row in report["evaluation"]] == ["none", "bm25"]
+    assert all(row["num_examples"] >= 1 for row in report["evaluation"])
+    held_out = [json.loads(line) for line in (tmp_path / "demo" / "cloze.jsonl").read_text().splitlines()]
+    corpus_text = (tmp_path / "demo" / "corpus.jsonl").read_text()
+    assert held_out and all(json.dumps(q["sentence"])[1:-1] not in corpus_text for q in held_out)  # cut out
+    assert len(report["answers"]) == min(2, len(held_out))
+    for (query, answers), cloze in zip(report["answers"], held_out):
+        assert query == cloze["masked"].replace("[MASK]", "[MASK]") and answers[0]["gold"] == cloze["answer"]
         assert all(a["evidence"]["text"][a["evidence"]["start"] : a["evidence"]["end"]] == a["phrase"] for a in answers)
-    assert (tmp_path / "demo" / "index" / "manifest.json").exists()
-    built = (tmp_path / "demo" / "index" / "manifest.json").stat().st_mtime_ns
-    assert npm_hf.demo.run_demo(args) == results  # a second run reuses the model and index
-    assert (tmp_path / "demo" / "index" / "manifest.json").stat().st_mtime_ns == built
-    other = npm_hf.demo.DemoArguments(**{**args.__dict__, "num_documents": 1})
-    npm_hf.demo.run_demo(other)  # other articles: rebuilt
-    assert npm_hf.NPMIndex.load(tmp_path / "demo" / "index").manifest.num_documents == 1
+    assert "held-out cloze" in (model_dir / "README.md").read_text()
+    assert not (tmp_path / "demo" / "checkpoints").exists()
+    built = (model_dir / "index" / "manifest.json").stat().st_mtime_ns
+    weights = (model_dir / "model.safetensors").stat().st_mtime_ns
+    assert npm_hf.demo.run_demo(args) == report  # a second run reuses everything
+    state_file = tmp_path / "demo" / "demo_state.json"
+    state = json.loads(state_file.read_text())
+    del state["done"]["index"], state["done"]["evaluation"]  # as if interrupted after training
+    state_file.write_text(json.dumps(state))
+    npm_hf.demo.run_demo(args)
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == weights  # training is not redone
+    assert (model_dir / "index" / "manifest.json").stat().st_mtime_ns != built
+
+
+def test_demo_bad_input(tmp_path):
+    tiny = tmp_path / "tiny.jsonl"
+    text = ("Paris is the capital of France. The Seine flows through Paris and Rouen before it reaches the sea. "
+            "Many people visit Paris and Rouen every year to see the old churches and the long river banks.")
+    tiny.write_text(json.dumps({"id": "a", "title": "A", "text": text}) + "\n" +
+                    json.dumps({"id": "b", "title": "B", "text": text.replace("Paris", "Lyon")}) + "\n"
+                    + json.dumps({"id": "c", "title": "C", "text": text}) + "\n")
+    args = npm_hf.demo.DemoArguments(corpus=str(tiny), output=str(tmp_path / "out"), num_cloze=2,
+                                     show_progress_bar=False)
+    with pytest.raises(ValueError, match="too small to train the demo on: at least 4096 tokens"):
+        npm_hf.demo.run_demo(args)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(ValueError, match="not writable.*--output"):
+        npm_hf.demo.run_demo(npm_hf.demo.DemoArguments(output=str(blocked / "demo")))
 
 
 def test_demo_default_corpus_ships_with_gensim(tmp_path):
