@@ -54,7 +54,7 @@ SETTINGS = {
              "p1_rounds": (5, 12, 120), "p5_block": 256, "p5_group": 16, "p5_steps": 5, "p5_rounds": 3,
              "p3_queries": 100, "p3_nlist": 1024, "p3_train": 100_000},
 }
-FIGURES = ("P2", "P1", "B", "P3", "P5")
+FIGURES = ("P2", "P1", "B", "P3", "P6", "P5")
 # P3: the approximate indexes compared with exact search, their nprobe, and the k of its agreement/latency columns.
 P3_NPROBE = 16
 P3_KS = (10, 4096)
@@ -358,6 +358,32 @@ def figure_p1(model, tokenizer, index, queries: list[str], rounds: tuple[int, in
 
 
 # -------------------------------------------------------------------------------------------------------- B
+def figure_p6(model, tokenizer, index, queries: list[str], rounds: tuple[int, int, float], batch: int = 32) -> None:
+    """Queries per second of `fill(texts, batch_size=32)` (one padded forward, one FAISS search per batch) over
+    one text at a time, the same texts, alternating the two paths round by round."""
+    from npm_hf import NonparametricFillMaskPipeline
+
+    fill = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index)
+    texts = (queries * (batch // max(len(queries), 1) + 1))[:batch]
+    fill(texts[:2], top_k=5, batch_size=2)  # warm-up
+    times = {"batched": [], "single": []}
+    for r in round_numbers(rounds):
+        for path in (("batched", "single") if r % 2 == 0 else ("single", "batched")):
+            gc.collect()
+            started = time.perf_counter()
+            if path == "batched":
+                fill(texts, top_k=5, batch_size=batch)
+            else:
+                for text in texts:
+                    fill(text, top_k=5)
+            times[path].append(time.perf_counter() - started)
+    best = {path: min(values) for path, values in times.items()}
+    emit("P6", best["single"] / best["batched"], ">= 5",
+         f"{batch} cloze queries, index {index.manifest.num_tokens} tokens, k={min(model.config.k, index.num_indexed)};"
+         f" best of {len(times['single'])} rounds: batched {batch / best['batched']:.1f} queries/s, one at a time "
+         f"{batch / best['single']:.1f} queries/s")
+
+
 def figure_bytes(index) -> None:
     files = directory_bytes(index.path)
     indexed = index.manifest.num_indexed_tokens
@@ -557,7 +583,7 @@ def main(argv=None) -> None:
             figure_p2(model, tokenizer, take_documents(documents, counts, settings["p2_tokens"]), workdir,
                       settings["p2_rounds"])
 
-        if figures & {"P1", "B", "P3"}:
+        if figures & {"P1", "B", "P3", "P6"}:
             p1_documents = take_documents(documents, counts, settings["p1_tokens"])
             seconds, index = build_seconds(model, tokenizer, p1_documents, workdir / "p1-index")
             log.info(f"P1 index: {index.manifest.num_tokens} tokens built in {seconds:.1f}s")
@@ -566,6 +592,9 @@ def main(argv=None) -> None:
                 figure_p1(model, tokenizer, index, queries, settings["p1_rounds"])
             if "B" in figures:
                 figure_bytes(index)
+            if "P6" in figures:
+                figure_p6(model, tokenizer, index, cloze_queries(p1_documents, tokenizer.mask_token, 32),
+                          settings["p1_rounds"])
             if "P3" in figures:
                 started_p3 = time.perf_counter()
                 sentences = cloze_queries(p1_documents, None, settings["p3_queries"])

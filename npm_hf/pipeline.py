@@ -4,6 +4,7 @@
 [`NonparametricFillMaskPipeline`] for NPM models and the stock `FillMaskPipeline`, untouched, for every other model.
 """
 
+import numpy as np
 import torch
 from transformers import FillMaskPipeline, Pipeline
 from transformers.pipelines.base import PipelineException
@@ -159,17 +160,18 @@ class NonparametricFillMaskPipeline(Pipeline):
         positions = self.prefilter_positions(outputs, prefilter or self.model.config.prefilter,
                                              prefilter_blocks or self.model.config.prefilter_blocks)
         results = []
-        for vectors, (start, length) in zip(outputs["query_vectors"], answer_slots):
+        hits = outputs.get("hits") or [None] * len(answer_slots)  # searched in advance by a batched call
+        for vectors, (start, length), found in zip(outputs["query_vectors"], answer_slots, hits):
             if single_mode and positions is not None:
                 answers = self.predictor.predict_single_among(vectors[0], positions, top_k, target_ids=target_ids)
             elif single_mode:
                 answers = self.predictor.predict_single(vectors[0], top_k, target_ids=target_ids, k=k,
-                                                        nprobe=nprobe, ef_search=ef_search)
+                                                        nprobe=nprobe, ef_search=ef_search, hits=found)
             elif positions is not None:
                 answers = self.predictor.predict_span_among(vectors[0], vectors[1], positions, top_k, targets=targets)
             else:
                 answers = self.predictor.predict_span(vectors[0], vectors[1], top_k, targets=targets, k=k,
-                                                      nprobe=nprobe, ef_search=ef_search)
+                                                      nprobe=nprobe, ef_search=ef_search, hits=found)
             for answer in answers:
                 answer["sequence"] = self._fill(outputs["input_ids"], start, length, answer.pop("token_ids"),
                                                 single=len(answer_slots) == 1)
@@ -212,10 +214,55 @@ class NonparametricFillMaskPipeline(Pipeline):
         return ids
 
     def __call__(self, inputs, **kwargs):
+        batch_size = kwargs.get("batch_size") or self._batch_size or 1
+        if isinstance(inputs, list) and len(inputs) > 1 and batch_size > 1:
+            kwargs.pop("batch_size", None)
+            return self._call_batched(inputs, batch_size, **kwargs)
         outputs = super().__call__(inputs, **kwargs)
         if isinstance(inputs, list) and len(inputs) == 1:
             return outputs[0]
         return outputs
+
+    # ------------------------------------------------------------------------------------------------ batches
+    def _call_batched(self, texts: list[str], batch_size: int, **kwargs) -> list:
+        """Lists of texts with `batch_size` > 1: one padded forward pass and one FAISS search per batch (the
+        per-text answers are the same as one text at a time)."""
+        preprocess_params, _, postprocess_params = self._sanitize_parameters(**kwargs)
+        preprocess_params = {**self._preprocess_params, **preprocess_params}  # constructor values, then this call's
+        postprocess_params = {**self._postprocess_params, **postprocess_params}
+        results = []
+        for lo in range(0, len(texts), batch_size):
+            outputs = self.forward_batch([self.preprocess(text, **preprocess_params)
+                                          for text in texts[lo : lo + batch_size]])
+            self.search_batch(outputs, postprocess_params)
+            results.extend(self.postprocess(output, **postprocess_params) for output in outputs)
+        return results
+
+    def forward_batch(self, prepared: list[dict]) -> list[dict]:
+        """`_forward` for several preprocessed inputs in one padded forward pass."""
+        ids = [item["model_inputs"]["input_ids"][0] for item in prepared]
+        input_ids = torch.full((len(ids), max(len(row) for row in ids)), self.tokenizer.pad_token_id or 0)
+        attention = torch.zeros_like(input_ids)
+        for row, sequence in enumerate(ids):
+            input_ids[row, : len(sequence)], attention[row, : len(sequence)] = sequence, 1
+        with self.device_placement(), torch.inference_mode():
+            hidden = self.model(input_ids=input_ids.to(self.device),
+                                attention_mask=attention.to(self.device)).last_hidden_state
+        return [self.read_hidden_states(item, hidden[row]) for row, item in enumerate(prepared)]
+
+    def search_batch(self, outputs: list[dict], params: dict) -> None:
+        """Search every query vector of the batch in one FAISS call; each output gets its slots' `hits`."""
+        if (params.get("prefilter") or self.model.config.prefilter) != "none":
+            return  # pre-filtered answers are scored over their own blocks, not searched
+        vectors = [slot for output in outputs for slot in output["query_vectors"]]
+        scores, rows = self.predictor.search(np.concatenate(vectors), params.get("k"), params.get("nprobe"),
+                                             params.get("ef_search"))
+        cursor = 0
+        for output in outputs:
+            output["hits"] = []
+            for slot in output["query_vectors"]:
+                output["hits"].append((scores[cursor : cursor + len(slot)], rows[cursor : cursor + len(slot)]))
+                cursor += len(slot)
 
 
 class FillMaskDispatcher:

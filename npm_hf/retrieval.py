@@ -52,16 +52,17 @@ class NPMPredictor:
         self._stopword_ids = None
         self._pieces = None
 
-    # -------------------------------------------------------------------------------------------- NPM-single
-    def _search(self, queries: np.ndarray, k: int | None, nprobe: int | None, ef_search: int | None):
+    def search(self, queries: np.ndarray, k: int | None, nprobe: int | None, ef_search: int | None):
         """index.search with this call's knobs, else the config's (FAISS's defaults when both are None)."""
         nprobe = nprobe if nprobe is not None else getattr(self.config, "nprobe", None)
         ef_search = ef_search if ef_search is not None else getattr(self.config, "ef_search", None)
         return self.index.search(queries, k or self.config.k, nprobe=nprobe, ef_search=ef_search)
 
+    # -------------------------------------------------------------------------------------------- NPM-single
     def predict_single(self, query: np.ndarray, top_k: int, target_ids=None, k: int | None = None,
-                       nprobe: int | None = None, ef_search: int | None = None) -> list[dict]:
-        scores, rows = self._search(query[None, :], k, nprobe, ef_search)
+                       nprobe: int | None = None, ef_search: int | None = None, hits=None) -> list[dict]:
+        """`hits`: this query's `(scores, rows)` when the caller searched many queries at once."""
+        scores, rows = hits if hits is not None else self.search(query[None, :], k, nprobe, ef_search)
         found = rows[0] >= 0
         probs = softmax(scores[0][found] * self.config.scale / self.config.temperature)
         return self._rank_tokens(self.index.positions[rows[0][found]], probs, top_k, target_ids)
@@ -104,8 +105,10 @@ class NPMPredictor:
 
     # ---------------------------------------------------------------------------------------------- NPM span
     def predict_span(self, q_start: np.ndarray, q_end: np.ndarray, top_k: int, targets=None,
-                     k: int | None = None, nprobe: int | None = None, ef_search: int | None = None) -> list[dict]:
-        scores, rows = self._search(np.stack([q_start, q_end]), k, nprobe, ef_search)
+                     k: int | None = None, nprobe: int | None = None, ef_search: int | None = None,
+                     hits=None) -> list[dict]:
+        """`hits`: the `(scores, rows)` of [q_start, q_end] when the caller searched many queries at once."""
+        scores, rows = hits if hits is not None else self.search(np.stack([q_start, q_end]), k, nprobe, ef_search)
         found = rows >= 0
         starts, ends = self.index.positions[rows[0][found[0]]], self.index.positions[rows[1][found[1]]]
         factor = self.config.scale / self.config.span_temperature

@@ -227,3 +227,27 @@ def test_remote_pipeline_needs_trust(tmp_path, npm_dir):
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode != 0 and "trust_remote_code=True" in result.stderr
+
+
+def _flat_answers(result):
+    return result if isinstance(result[0], dict) else [answer for answers in result for answer in answers]
+
+
+def assert_same_answers(got, want):
+    """Same answers and sequences in the same order, scores equal up to float noise (padding changes the sums)."""
+    got, want = _flat_answers(got), _flat_answers(want)
+    assert [(a["token_str"], a["sequence"]) for a in got] == [(a["token_str"], a["sequence"]) for a in want]
+    assert [a["score"] for a in got] == pytest.approx([a["score"] for a in want], abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["span", "single"])
+def test_batched_calls_give_the_answers_of_one_text_at_a_time(npm_dir, mask, make_pipeline, mode):
+    fill = make_pipeline(npm_dir, mode=mode)
+    texts = [f"Abraham Lincoln was born in {mask}, Kentucky.", f"The Rio Grande flows through {mask} and Texas.",
+             f"Hagios Demetrios is located in {mask}.", f"{mask} borders {mask}."]  # varied lengths, two masks
+    batched = fill(texts, top_k=7, batch_size=3)
+    assert len(batched) == len(texts)
+    for got, text in zip(batched, texts):
+        assert_same_answers(got, fill(text, top_k=7))
+    for got, text in zip(fill(texts, top_k=3, batch_size=4, prefilter="bm25"), texts):
+        assert_same_answers(got, fill(text, top_k=3, prefilter="bm25"))

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
@@ -230,21 +229,10 @@ class NPMScorer:
         for text, item in zip(texts, prepared):
             if len(item["queries"]) != 1:
                 raise ValueError(f"Evaluation inputs need exactly one mask; got {len(item['queries'])} in {text!r}.")
-        pad_id = self.pipe.tokenizer.pad_token_id or 0
         outputs = []
         for lo in tqdm(range(0, len(prepared), batch_size), desc="Encoding queries", unit="batch",
                        disable=not self.show_progress_bar):
-            batch = prepared[lo : lo + batch_size]
-            ids = [item["model_inputs"]["input_ids"][0] for item in batch]
-            width = max(len(row) for row in ids)
-            input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(ids), width), dtype=torch.long)
-            for row, sequence in enumerate(ids):
-                input_ids[row, : len(sequence)], attention[row, : len(sequence)] = sequence, 1
-            input_ids, attention = input_ids.to(self.pipe.device), attention.to(self.pipe.device)
-            with torch.inference_mode():
-                hidden = self.pipe.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-            outputs.extend(self.pipe.read_hidden_states(item, hidden[row]) for row, item in enumerate(batch))
+            outputs.extend(self.pipe.forward_batch(prepared[lo : lo + batch_size]))
         return outputs
 
     def label_scores(self, texts: list[str], words, args: EvaluationArguments) -> np.ndarray:
@@ -271,6 +259,8 @@ class NPMScorer:
             raise ValueError("Open-set tasks need a span-mode NPM (NPM-single answers single tokens only, as in the "
                              "paper); set config.mode='span'.")
         outputs = self.forward(texts, args.batch_size)
+        for lo in range(0, len(outputs), SEARCH_BATCH):
+            self.pipe.search_batch(outputs[lo : lo + SEARCH_BATCH], {})  # one FAISS call per chunk
         return [[answer["phrase"] for answer in self.pipe.postprocess(output, top_k=TOP_N)]
                 for output in tqdm(outputs, desc="Predicting spans", disable=not self.show_progress_bar)]
 
