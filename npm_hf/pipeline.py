@@ -146,7 +146,7 @@ class NonparametricFillMaskPipeline(Pipeline):
         ids = inputs["model_inputs"]["input_ids"][0]
         hidden = hidden[: len(ids)].detach().float()
         query_vectors = [hidden[list(positions)].cpu().numpy() for positions in inputs["queries"]]
-        content = ~torch.isin(ids, torch.tensor(self.tokenizer.all_special_ids))
+        content = ~torch.isin(ids, torch.tensor(self.tokenizer.all_special_ids, device=ids.device))
         pooled = hidden[content.to(hidden.device)].mean(dim=0) if content.any() else hidden.mean(dim=0)
         return {"query_vectors": query_vectors, "query_embedding": pooled.cpu().numpy(),
                 "input_ids": inputs["input_ids"], "runs": inputs["runs"], "text": inputs["text"]}
