@@ -138,7 +138,8 @@ class NonparametricFillMaskPipeline(Pipeline):
 
     # ----------------------------------------------------------------------------------------------- forward
     def _forward(self, inputs):
-        return self.read_hidden_states(inputs, self.model(**inputs["model_inputs"]).last_hidden_state[0])
+        model_inputs = self._ensure_tensor_on_device(inputs["model_inputs"], self.device)  # also when called directly
+        return self.read_hidden_states(inputs, self.model(**model_inputs).last_hidden_state[0])
 
     def read_hidden_states(self, inputs, hidden):
         """What `postprocess` needs from one input's last hidden states: its query vectors and its mean-pooled

@@ -24,12 +24,13 @@ def test_index_built_on_the_gpu_matches_the_cpu(npm_dir, corpus, tmp_path):
                                atol=2e-3)
 
 
-def test_fill_mask_on_the_gpu_matches_the_cpu(npm_dir, mask, make_pipeline):
+def test_fill_mask_on_the_gpu_matches_the_cpu(npm_dir, mask):
     texts = [f"Abraham Lincoln was born in {mask}, Kentucky.", f"The Rio Grande flows through {mask} and Texas."]
-    cpu = make_pipeline(npm_dir)
-    gpu = NonparametricFillMaskPipeline(model=NPMModel.from_pretrained(npm_dir), index=NPMIndex.load(npm_dir / "index"),
-                                        tokenizer=AutoTokenizer.from_pretrained(npm_dir), device="cuda")
-    assert gpu.model.device.type == "cuda"
+    cpu, gpu = (NonparametricFillMaskPipeline(model=NPMModel.from_pretrained(npm_dir), device=device,
+                                              index=NPMIndex.load(npm_dir / "index"),
+                                              tokenizer=AutoTokenizer.from_pretrained(npm_dir))
+                for device in ("cpu", "cuda"))
+    assert gpu.model.device.type == "cuda" and cpu.model.device.type == "cpu"
     for text in texts:
         want, got = cpu(text, top_k=5), gpu(text, top_k=5)
         assert [a["token_str"] for a in got] == [a["token_str"] for a in want]
