@@ -51,6 +51,7 @@ POSITIONS_FILE = "positions.npy"
 VECTORS_FILE = "vectors.npy"
 VECTOR_SHARD_FILE = "vectors-{:05d}-of-{:05d}.npy"
 DEFAULT_MAX_SHARD_SIZE = "10GB"  # the Hub takes up to 50 GB per file and recommends under 20 GB
+_HUB_MAX_FILE_BYTES = 50 * 10**9  # as hub_cards.HUB_MAX_FILE_BYTES (not imported: this module is also remote code)
 FAISS_FILE = "index.faiss"
 DOCUMENTS_FILE = "documents.jsonl"
 DOCUMENT_OFFSETS_FILE = "document_offsets.npy"
@@ -118,7 +119,9 @@ class IndexBuildArguments:
             )
         if self.max_memory is not None:
             parse_memory_size(self.max_memory)  # a malformed size fails here, before any work
-        parse_shard_size(self.max_shard_size)
+        if parse_shard_size(self.max_shard_size) > _HUB_MAX_FILE_BYTES:
+            logger.warning(f"max_shard_size={self.max_shard_size!r} allows vector files above the Hub's 50 GB "
+                           "per-file limit; such an index cannot be pushed to the Hub.")
 
 
 @dataclass
@@ -597,6 +600,7 @@ class NPMIndex:
             return cls.load(local, verify=verify)
         from huggingface_hub import snapshot_download
 
+        # "*" also matches "/": every file under the subfolder, whatever the number of vector shards
         snapshot = snapshot_download(str(name_or_path), allow_patterns=[f"{subfolder}/*"], **hub_kwargs)
         return cls.load(Path(snapshot) / subfolder, verify=verify)
 

@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from npm_hf import IndexBuildArguments, NonparametricFillMaskPipeline, NPMIndex, NPMIndexError, NPMModel
+from npm_hf.cli import main
 from npm_hf.index import VECTORS_FILE, ShardedArray, parse_shard_size, shard_layout
 
 
@@ -215,6 +216,25 @@ def test_shard_sizes_are_read(value, size):
 def test_bad_shard_sizes_are_refused(value):
     with pytest.raises(ValueError, match=r"Cannot read max_shard_size=.*such as 10GB, 500MB or 2GiB"):
         IndexBuildArguments(max_shard_size=value)
+
+
+def test_shard_sizes_above_the_hub_limit_are_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="npm_hf.index"):
+        IndexBuildArguments(max_shard_size="50GB")
+        assert not caplog.records
+        IndexBuildArguments(max_shard_size="51GB")
+    assert "above the Hub's 50 GB per-file limit" in caplog.text
+
+
+def test_cli_builds_shards(tmp_path, npm_dir, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Texas borders New Mexico.\nLincoln was born in Kentucky. The Ohio River borders Kentucky.\n")
+    assert main(["build-index", "--model", str(npm_dir), "--corpus", str(corpus), "--output", str(tmp_path / "i"),
+                 "--block-size", "16", "--max-shard-size", "0.5KB", "--no-show-progress-bar"]) == 0
+    assert len(_shard_files(tmp_path / "i")) > 1 and NPMIndex.load(tmp_path / "i").manifest.max_shard_bytes == 500
+    assert main(["build-index", "--model", str(npm_dir), "--corpus", str(corpus), "--output", str(tmp_path / "j"),
+                 "--max-shard-size", "lots"]) == 2
+    assert "Cannot read max_shard_size='lots'" in capsys.readouterr().err
 
 
 def test_a_shard_size_below_one_vector_fails_before_any_work(tmp_path, model_and_tokenizer, corpus):
