@@ -244,6 +244,8 @@ class ShardedArray:
 
     def __array__(self, dtype=None, copy=None):
         """All rows in one array: a full copy unless there is a single shard (for small indexes and tests)."""
+        if copy is False and len(self.shards) > 1:
+            raise ValueError("Several shards cannot be presented as one array without copying them.")
         whole = self.shards[0] if len(self.shards) == 1 else np.concatenate(self.shards)
         whole = np.asarray(whole, dtype=dtype)
         return whole.copy() if copy and whole is self.shards[0] else whole
