@@ -386,6 +386,9 @@ def figure_p6(model, tokenizer, index, queries: list[str], rounds: tuple[int, in
 
 def figure_bytes(index) -> None:
     files = directory_bytes(index.path)
+    shards = [s["file"] for s in index.manifest.vector_shards if s["file"] in files]
+    if len(shards) > 1:  # one entry for the vectors, however many shards hold them
+        files[f"vectors ({len(shards)} shards)"] = sum(files.pop(name) for name in shards)
     indexed = index.manifest.num_indexed_tokens
     total = sum(files.values())
     per_file = ", ".join(f"{name} {size / indexed:.2f}" for name, size in sorted(files.items(), key=lambda x: -x[1]))

@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 from huggingface_hub import HfApi
+from huggingface_hub.utils import filter_repo_objects
 from transformers.utils import logging
 
 from .model_card import update_model_card
@@ -15,6 +16,8 @@ logger = logging.get_logger(__name__)
 
 # Never uploaded: training checkpoints, the Trainer's pickled arguments, hidden and temporary files.
 IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/*", "training_args.bin", ".*", "*/.*", "*.tmp*", "runs/*"]
+# The Hub refuses larger files (and recommends under 20 GB); index vectors are sharded below max_shard_size.
+HUB_MAX_FILE_BYTES = 50 * 10**9
 
 
 def push_to_hub(model_dir, repo_id: str, *, private: bool | None = None, revision: str | None = None,
@@ -35,6 +38,7 @@ def push_to_hub(model_dir, repo_id: str, *, private: bool | None = None, revisio
             f"{model_dir} has no index in {subfolder}/; build one before pushing "
             f"(`npm-hf build-index --model {model_dir} --corpus FILE`), or users get a model that cannot answer."
         )
+    check_file_sizes(model_dir, subfolder)  # before anything is created or changed
     update_model_card(model_dir, model_id=repo_id)  # the card's usage snippet now names the repo
     api.create_repo(repo_id, private=private, exist_ok=True)
     ignore = list(IGNORE_PATTERNS)
@@ -47,6 +51,23 @@ def push_to_hub(model_dir, repo_id: str, *, private: bool | None = None, revisio
         ignore += [subfolder, f"{subfolder}/*"]
     return api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), revision=revision, create_pr=create_pr,
                              commit_message=commit_message, ignore_patterns=ignore)
+
+
+def check_file_sizes(model_dir, subfolder: str = "index") -> None:
+    """Raise ValueError, naming the file and the fix, if a file to upload exceeds the Hub's per-file limit."""
+    model_dir = Path(model_dir)
+    files = [path.relative_to(model_dir).as_posix() for path in model_dir.rglob("*") if path.is_file()]
+    for name in filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS):
+        size = (model_dir / name).stat().st_size
+        if size <= HUB_MAX_FILE_BYTES:
+            continue
+        if name.startswith(f"{subfolder}/"):
+            fix = ("rebuild the index with a smaller max_shard_size, e.g. IndexBuildArguments(max_shard_size='10GB') "
+                   "(CLI: npm-hf build-index --max-shard-size 10GB), which splits the vectors into shards")
+        else:
+            fix = "save it in smaller shards (e.g. model.save_pretrained(dir, max_shard_size='10GB'))"
+        raise ValueError(f"{model_dir / name} is {size} bytes, above the Hub's per-file limit of "
+                         f"{HUB_MAX_FILE_BYTES} bytes (50 GB); {fix}. Nothing was uploaded.")
 
 
 def _set_config_fields(model_dir: Path, **fields) -> None:

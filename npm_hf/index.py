@@ -7,10 +7,11 @@ Layout of an index directory (`<model>/index` by default); every file loads with
     token_flags.npy        WORD_START / WORD_END / SPECIAL bits per token
     token_docs.npy         document of every token
     token_offsets.npy      (start, end) character offsets of every token in its document's text
-    positions.npy          corpus position of every indexed (non-special) token = row of vectors.npy
-    vectors.npy            (num_indexed, hidden_size) float16 last hidden states, memory-mapped
-    index.faiss            FAISS inner-product index over the rows of vectors.npy (a flat one is stored empty and
-                           filled from vectors.npy when loaded: the same values, without a float32 copy on disk)
+    positions.npy          corpus position of every indexed (non-special) token = row of the vectors
+    vectors.npy            (num_indexed, hidden_size) float16 last hidden states, memory-mapped; when they exceed
+                           max_shard_size, row shards vectors-00000-of-0000N.npy instead (see `shard_layout`)
+    index.faiss            FAISS inner-product index over the rows of the vectors (a flat one is stored empty and
+                           filled from the vectors when loaded: the same values, without a float32 copy on disk)
     documents.jsonl        one {"id", "title", "text"} line per document
     document_offsets.npy   byte offset of every line of documents.jsonl, plus the file size
 
@@ -20,6 +21,7 @@ interrupted build never leaves a directory that loads.
 
 import dataclasses
 import hashlib
+import io
 import json
 import mmap
 import os
@@ -38,12 +40,18 @@ from .corpus import SPECIAL, CorpusStats, iter_documents, tokenize_documents
 
 logger = logging.get_logger(__name__)
 
-FORMAT_VERSION = 1
+# Format 2 stores the vectors in several shards; an index with one vectors.npy is still written as format 1, so
+# older npm_hf versions keep reading it (and refuse a sharded one with "upgrade npm_hf" instead of a wrong error).
+FORMAT_VERSION = 2
+_SINGLE_FILE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKEN_FILES = {"token_ids": "token_ids.npy", "token_flags": "token_flags.npy", "token_docs": "token_docs.npy",
                "token_offsets": "token_offsets.npy"}
 POSITIONS_FILE = "positions.npy"
 VECTORS_FILE = "vectors.npy"
+VECTOR_SHARD_FILE = "vectors-{:05d}-of-{:05d}.npy"
+DEFAULT_MAX_SHARD_SIZE = "10GB"  # the Hub takes up to 50 GB per file and recommends under 20 GB
+_HUB_MAX_FILE_BYTES = 50 * 10**9  # as hub_cards.HUB_MAX_FILE_BYTES (not imported: this module is also remote code)
 FAISS_FILE = "index.faiss"
 DOCUMENTS_FILE = "documents.jsonl"
 DOCUMENT_OFFSETS_FILE = "document_offsets.npy"
@@ -55,6 +63,7 @@ AUTO_FACTORY = "auto"
 _POINTS_PER_CENTROID = 39
 # suggest_faiss_factory: exact search up to this many vectors (FAISS's own guideline for IndexFlat is ~1M).
 _FLAT_MAX_VECTORS = 1_000_000
+_HUB_FILES_PER_FOLDER = 10_000  # the Hub's recommendation
 
 
 class NPMIndexError(ValueError):
@@ -79,10 +88,15 @@ class IndexBuildArguments:
     max_memory: str | None = field(
         default=None,
         metadata={"help": "With faiss_factory='auto': memory budget of the FAISS index, e.g. 2GB or 512MiB "
-                          "(vectors.npy is memory-mapped and not counted)."},
+                          "(the vectors are memory-mapped and not counted)."},
     )
     train_sample_size: int = field(
         default=1_000_000, metadata={"help": "Vectors sampled to train FAISS indexes that need training."}
+    )
+    max_shard_size: int | str = field(
+        default=DEFAULT_MAX_SHARD_SIZE,
+        metadata={"help": "Largest vectors file, in bytes or as e.g. 500MB, 10GB or 2GiB; larger vectors are split "
+                          "into vectors-00000-of-0000N.npy shards (the Hub refuses files above 50GB)."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing index at the output path."})
     show_progress_bar: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
@@ -105,6 +119,9 @@ class IndexBuildArguments:
             )
         if self.max_memory is not None:
             parse_memory_size(self.max_memory)  # a malformed size fails here, before any work
+        if parse_shard_size(self.max_shard_size) > _HUB_MAX_FILE_BYTES:
+            logger.warning(f"max_shard_size={self.max_shard_size!r} allows vector files above the Hub's 50 GB "
+                           "per-file limit; such an index cannot be pushed to the Hub.")
 
 
 @dataclass
@@ -129,6 +146,9 @@ class IndexManifest:
     metric: str = "inner_product"
     vector_dtype: str = "float16"
     num_deleted_documents: int = 0  # documents.jsonl keeps a record without text for each (token_docs stay valid)
+    # [{"file", "start", "stop"}] per vector shard, rows [start, stop); empty = one vectors.npy (format 1 indexes)
+    vector_shards: list = field(default_factory=list)
+    max_shard_bytes: int | None = None  # the rule the shards were cut by; edits cut new shards by it too
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -192,6 +212,216 @@ class DocumentStore:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[i] = json.loads(self._map[int(self._offsets[i]) : int(self._offsets[i + 1])])
         return self._cache[i]
+
+
+class ShardedArray:
+    """Row shards (arrays of one dtype and row shape, e.g. memory-mapped .npy files) read as their concatenation
+    along the first axis, which is never built: indexing with an int, a slice or an integer (or boolean) array
+    returns what indexing `np.concatenate(shards)` would, reading only the rows asked for. Writable shards also take
+    `array[lo:hi] = rows`, how a build streams vectors into them."""
+
+    def __init__(self, shards):
+        self.shards = list(shards)
+        if not self.shards:
+            raise ValueError("A ShardedArray needs at least one shard.")
+        first = self.shards[0]
+        for shard in self.shards[1:]:
+            if shard.dtype != first.dtype or shard.shape[1:] != first.shape[1:]:
+                raise ValueError(f"Shards differ: {first.dtype}{first.shape[1:]} and {shard.dtype}{shard.shape[1:]}.")
+        self.bounds = np.cumsum([0] + [len(shard) for shard in self.shards])  # shard i: rows bounds[i]:bounds[i+1]
+        self.shape = (int(self.bounds[-1]), *first.shape[1:])
+        self.dtype = first.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"ShardedArray(shape={self.shape}, dtype={self.dtype}, shards={len(self.shards)})"
+
+    def __array__(self, dtype=None, copy=None):
+        """All rows in one array: a full copy unless there is a single shard (for small indexes and tests)."""
+        if copy is False and len(self.shards) > 1:
+            raise ValueError("Several shards cannot be presented as one array without copying them.")
+        whole = self.shards[0] if len(self.shards) == 1 else np.concatenate(self.shards)
+        whole = np.asarray(whole, dtype=dtype)
+        return whole.copy() if copy and whole is self.shards[0] else whole
+
+    def __getitem__(self, key):
+        if len(self.shards) == 1:
+            return self.shards[0][key]  # numpy's own indexing, as fast as before sharding
+        if isinstance(key, tuple):
+            return self._index_rows_then_columns(key)
+        if _is_integer(key):
+            row = self._check_row(int(key))
+            s = int(self._shard_of(row))
+            return self.shards[s][row - int(self.bounds[s])]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            return self._range(start, stop) if step == 1 else self._gather(np.arange(start, stop, step))
+        return self._gather(self._integer_rows(key))
+
+    def __setitem__(self, key, rows) -> None:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("A ShardedArray is written by contiguous row ranges: array[lo:hi] = rows.")
+        start, stop, _ = key.indices(len(self))
+        rows = np.asarray(rows)
+        if len(rows) != max(stop - start, 0):
+            raise ValueError(f"Cannot write {len(rows)} rows to the {max(stop - start, 0)} rows {start}:{stop}.")
+        for shard, lo in zip(self.shards, self.bounds):
+            first, last = max(start, lo), min(stop, lo + len(shard))
+            if first < last:
+                shard[first - lo : last - lo] = rows[first - start : last - start]
+
+    def flush(self) -> None:
+        for shard in self.shards:
+            if hasattr(shard, "flush"):
+                shard.flush()
+
+    def _index_rows_then_columns(self, key: tuple):
+        if any(not (_is_integer(k) or isinstance(k, slice)) for k in key[1:]):
+            raise IndexError("A ShardedArray takes arrays of rows on its first axis only: index rows, then columns.")
+        rows = self[key[0]] if key else self[:]
+        return rows[key[1:]] if key and _is_integer(key[0]) else rows[(slice(None), *key[1:])]
+
+    def _check_row(self, row: int) -> int:
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"index {row} is out of bounds for axis 0 with size {len(self)}")
+        return row % len(self)
+
+    def _shard_of(self, rows):
+        # side="right": with empty shards (repeated bounds) a row goes to the last shard starting at or before it
+        return np.searchsorted(self.bounds, rows, side="right") - 1
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        if stop <= start:
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        parts = [shard[max(start - lo, 0) : min(stop - lo, len(shard))]
+                 for shard, lo in zip(self.shards, self.bounds) if lo < stop and start < lo + len(shard)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _integer_rows(self, key) -> np.ndarray:
+        rows = np.asarray(key)
+        if rows.dtype == bool:
+            if rows.shape != (len(self),):
+                raise IndexError(f"A boolean index of shape {rows.shape} does not match the {len(self)} rows.")
+            return np.flatnonzero(rows)
+        if rows.size == 0:
+            rows = rows.astype(np.intp)  # numpy takes an empty list as "no rows"
+        if not np.issubdtype(rows.dtype, np.integer):
+            raise IndexError(f"Cannot index rows with {rows.dtype} values; use ints, slices or integer arrays.")
+        if rows.size and (rows.min() < -len(self) or rows.max() >= len(self)):
+            bad = rows[(rows < -len(self)) | (rows >= len(self))].reshape(-1)[0]
+            raise IndexError(f"index {bad} is out of bounds for axis 0 with size {len(self)}")
+        return np.where(rows < 0, rows + len(self), rows)
+
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        """Rows in any order, repeats allowed: one read per shard touched."""
+        flat = rows.reshape(-1)
+        out = np.empty((len(flat), *self.shape[1:]), dtype=self.dtype)
+        shard_ids = self._shard_of(flat)
+        order = np.argsort(shard_ids, kind="stable")
+        for group in np.split(order, np.flatnonzero(np.diff(shard_ids[order])) + 1):
+            if len(group):
+                s = shard_ids[group[0]]
+                out[group] = self.shards[s][flat[group] - self.bounds[s]]
+        return out.reshape(*rows.shape, *self.shape[1:])
+
+
+def _is_integer(key) -> bool:
+    return isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_))
+
+
+# ------------------------------------------------------------------------------------------- vector shards
+def parse_shard_size(value) -> int:
+    """Bytes of a max_shard_size: an int, or a size such as 10GB, 500MB or 2GiB."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        size = parse_memory_size(value)
+        if size < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"Cannot read max_shard_size={value!r}; give a positive number of bytes or a size such as 10GB, 500MB "
+            "or 2GiB (GB = 10**9 bytes, GiB = 2**30; CLI: --max-shard-size 10GB)."
+        ) from None
+    return size
+
+
+def _npy_header_bytes(num_rows: int, hidden_size: int) -> int:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                                  "fortran_order": False, "shape": (num_rows, hidden_size)})
+    return buffer.tell()
+
+
+def shard_layout(num_rows: int, hidden_size: int, max_shard_bytes: int) -> list[dict]:
+    """How `num_rows` float16 vectors are cut into .npy files of at most `max_shard_bytes` (header included): as
+    many rows per file as fit, all in vectors.npy when one file holds them, else in vectors-{i:05d}-of-{n:05d}.npy.
+    Returns [{"file", "start", "stop"}] (rows start:stop of each file)."""
+    header = _npy_header_bytes(num_rows, hidden_size)  # no shard has more rows, so no longer a header
+    per_shard = (max_shard_bytes - header) // (2 * hidden_size)
+    if per_shard < 1:
+        raise ValueError(
+            f"max_shard_size={max_shard_bytes} bytes cannot hold one vector ({2 * hidden_size} bytes after a "
+            f"{header}-byte .npy header); raise max_shard_size."
+        )
+    count = max(1, -(-num_rows // per_shard))
+    if count == 1:
+        return [{"file": VECTORS_FILE, "start": 0, "stop": num_rows}]
+    if count > _HUB_FILES_PER_FOLDER:
+        logger.warning(f"{count} vector shards: the Hub recommends fewer than {_HUB_FILES_PER_FOLDER} files per "
+                       "folder; consider a larger max_shard_size.")
+    return [{"file": VECTOR_SHARD_FILE.format(i, count), "start": i * per_shard,
+             "stop": min((i + 1) * per_shard, num_rows)} for i in range(count)]
+
+
+def vector_layout(manifest: IndexManifest) -> list[dict]:
+    """The vector shards of an index (format 1 indexes without the record: one vectors.npy)."""
+    return manifest.vector_shards or [{"file": VECTORS_FILE, "start": 0, "stop": manifest.num_indexed_tokens}]
+
+
+def layout_format_version(layout: list[dict]) -> int:
+    return _SINGLE_FILE_FORMAT_VERSION if [s["file"] for s in layout] == [VECTORS_FILE] else FORMAT_VERSION
+
+
+def create_vector_shards(directory: Path, layout: list[dict], hidden_size: int) -> ShardedArray:
+    """New, writable, memory-mapped vector shards (filled by `array[lo:hi] = rows`, then `flush()`)."""
+    return ShardedArray([np.lib.format.open_memmap(directory / s["file"], mode="w+", dtype=np.float16,
+                                                   shape=(s["stop"] - s["start"], hidden_size)) for s in layout])
+
+
+def open_vector_shards(directory: Path, layout: list[dict], hidden_size: int) -> ShardedArray:
+    """The vector shards of an index directory, memory-mapped read-only (never unpickled)."""
+    shards = []
+    for s in layout:
+        # np.asarray: a plain ndarray view of the map (no copy); np.memmap's indexing is much slower.
+        shard = np.asarray(np.load(directory / s["file"], mmap_mode="r", allow_pickle=False))
+        if shard.dtype != np.float16 or shard.shape != (s["stop"] - s["start"], hidden_size):
+            raise NPMIndexError(
+                f"{directory / s['file']} holds {shard.dtype} {shard.shape}, the manifest says float16 "
+                f"{(s['stop'] - s['start'], hidden_size)}; rebuild the index."
+            )
+        shards.append(shard)
+    return ShardedArray(shards)
+
+
+def _check_layout(path: Path, layout: list[dict], num_rows: int) -> None:
+    try:
+        stops = [0] + [int(s["stop"]) for s in layout]
+        names = [str(s["file"]) for s in layout]
+        contiguous = [s["start"] for s in layout] == stops[:-1] and stops[-1] == num_rows and stops == sorted(stops)
+    except (TypeError, KeyError, ValueError):
+        contiguous, names = False, []
+    # plain names: the manifest never points outside the index directory
+    plain = all(name == Path(name).name and name.endswith(".npy") for name in names) and len(set(names)) == len(names)
+    if not (contiguous and plain):
+        raise NPMIndexError(f"The manifest of {path} lists vector shards that do not cover rows 0:{num_rows} in "
+                            "order; it is corrupted, rebuild the index.")
 
 
 class NPMIndex:
@@ -269,13 +499,15 @@ class NPMIndex:
                 logger.info(f"faiss_factory='auto' chose {factory!r} for {len(positions)} vectors.")
                 faiss_index = _new_faiss_index(hidden_size, factory)
             check_training_size(faiss_index, factory, len(positions), args.train_sample_size)  # before encoding
-            # A flat index is saved empty and filled from vectors.npy on load (same values, half the disk);
+            max_shard_bytes = parse_shard_size(args.max_shard_size)
+            layout = shard_layout(len(positions), hidden_size, max_shard_bytes)
+            # A flat index is saved empty and filled from the vectors on load (same values, half the disk);
             # other indexes that need no training (HNSW) take each batch as it is encoded: no second pass.
             on_vectors = faiss_index.add if faiss_index.is_trained and not _is_flat(faiss_index) else None
-            _encode_blocks(staging, model, ids, flags, positions, args, on_vectors=on_vectors)
-            _finish_faiss(staging, faiss_index, args)
+            _encode_blocks(staging, model, ids, flags, layout, args, on_vectors=on_vectors)
+            _finish_faiss(staging, faiss_index, open_vector_shards(staging, layout, hidden_size), args)
             manifest = IndexManifest(
-                format_version=FORMAT_VERSION,
+                format_version=layout_format_version(layout),
                 encoder_fingerprint=encoder_fingerprint(model),
                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                 encoder_name_or_path=str(getattr(model, "name_or_path", "")),
@@ -289,6 +521,8 @@ class NPMIndex:
                 num_blocks=-(-stats.num_tokens // args.block_size),
                 build_seconds=round(time.perf_counter() - started, 3),
                 versions=_versions(),
+                vector_shards=layout,
+                max_shard_bytes=max_shard_bytes,
             )
             del ids, flags
             manifest.files = {
@@ -335,9 +569,11 @@ class NPMIndex:
             token_arrays = {name: np.asarray(np.load(path / file, mmap_mode="r", allow_pickle=False))
                             for name, file in TOKEN_FILES.items()}
             positions = np.asarray(np.load(path / POSITIONS_FILE, mmap_mode="r", allow_pickle=False))
-            vectors = np.asarray(np.load(path / VECTORS_FILE, mmap_mode="r", allow_pickle=False))
+            vectors = open_vector_shards(path, vector_layout(manifest), manifest.hidden_size)
             offsets = np.load(path / DOCUMENT_OFFSETS_FILE, allow_pickle=False)
             faiss_index = faiss.read_index(str(path / FAISS_FILE))
+        except NPMIndexError:
+            raise
         except (ValueError, OSError, RuntimeError) as error:
             raise NPMIndexError(f"Index files in {path} are corrupted ({error}); rebuild the index.") from None
         if _is_flat(faiss_index) and faiss_index.ntotal == 0 and faiss_index.d == vectors.shape[1]:
@@ -366,6 +602,7 @@ class NPMIndex:
             return cls.load(local, verify=verify)
         from huggingface_hub import snapshot_download
 
+        # "*" also matches "/": every file under the subfolder, whatever the number of vector shards
         snapshot = snapshot_download(str(name_or_path), allow_patterns=[f"{subfolder}/*"], **hub_kwargs)
         return cls.load(Path(snapshot) / subfolder, verify=verify)
 
@@ -562,12 +799,11 @@ def _write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) -
     return stats
 
 
-def _encode_blocks(staging: Path, model, ids, flags, positions: np.ndarray, args: IndexBuildArguments,
+def _encode_blocks(staging: Path, model, ids, flags, layout: list[dict], args: IndexBuildArguments,
                    on_vectors=None) -> None:
-    """Encode every block, streaming the float16 hidden states of non-special tokens into vectors.npy (and, as
-    float32 copies of exactly those values, to `on_vectors`)."""
-    vectors = np.lib.format.open_memmap(staging / VECTORS_FILE, mode="w+", dtype=np.float16,
-                                        shape=(len(positions), model.config.hidden_size))
+    """Encode every block, streaming the float16 hidden states of non-special tokens into the vector shards of
+    `layout` (and, as float32 copies of exactly those values, to `on_vectors`)."""
+    vectors = create_vector_shards(staging, layout, model.config.hidden_size)
     encode_into(vectors, 0, model, ids, flags, args, on_vectors=on_vectors)
     vectors.flush()
     del vectors
@@ -639,13 +875,12 @@ def _new_faiss_index(hidden_size: int, factory: str):
         raise ValueError(f"Invalid FAISS factory string {factory!r}: {error}") from None
 
 
-def _finish_faiss(staging: Path, index, args: IndexBuildArguments) -> None:
+def _finish_faiss(staging: Path, index, vectors: ShardedArray, args: IndexBuildArguments) -> None:
     """Train (on a sample of at most train_sample_size vectors) and fill an index that could not take vectors
     during encoding, then write it."""
     import faiss
 
     if not index.is_trained and not _is_flat(index):
-        vectors = np.load(staging / VECTORS_FILE, mmap_mode="r")
         rng = np.random.default_rng(args.seed)
         size = min(len(vectors), args.train_sample_size)
         sample = np.sort(rng.choice(len(vectors), size=size, replace=False))
@@ -667,6 +902,8 @@ def _move_into_place(staging: Path, output_dir: Path) -> None:
 
 
 def _verify_files(path: Path, manifest: IndexManifest, verify: str) -> None:
+    layout = vector_layout(manifest)
+    _check_layout(path, layout, manifest.num_indexed_tokens)
     for name, expected in manifest.files.items():
         if name == MANIFEST_FILE:
             continue
@@ -681,7 +918,8 @@ def _verify_files(path: Path, manifest: IndexManifest, verify: str) -> None:
         if verify == "full" or (verify == "fast" and size <= _FAST_VERIFY_MAX_BYTES):
             if _sha256(file) != expected["sha256"]:
                 raise NPMIndexError(f"{file} is corrupted (checksum mismatch); rebuild the index.")
-    missing = {*TOKEN_FILES.values(), VECTORS_FILE, FAISS_FILE, POSITIONS_FILE, DOCUMENTS_FILE} - set(manifest.files)
+    required = {*TOKEN_FILES.values(), *(s["file"] for s in layout), FAISS_FILE, POSITIONS_FILE, DOCUMENTS_FILE}
+    missing = required - set(manifest.files)
     if missing:
         raise NPMIndexError(f"The manifest of {path} lists no {sorted(missing)}; rebuild the index.")
 
@@ -732,7 +970,7 @@ def suggest_faiss_factory(num_vectors: int, hidden_size: int, memory_budget_byte
     Exact `Flat` (4·d bytes per vector in RAM) up to a million vectors when it fits the budget; above, an IVF index
     with about 4·sqrt(n) lists and 1-byte scalar quantization (`IVF{n},SQ8`, d bytes per vector), or, when that
     does not fit `memory_budget_bytes`, product quantization with the largest code that does (`IVF{n},PQ{m}np`, m
-    bytes). Approximate candidates are re-scored exactly from vectors.npy, which is memory-mapped and not counted.
+    bytes). Approximate candidates are re-scored exactly from the stored vectors, memory-mapped and not counted.
     """
     if num_vectors < 1 or hidden_size < 1:
         raise ValueError(f"Need num_vectors >= 1 and hidden_size >= 1, got {num_vectors} and {hidden_size}.")

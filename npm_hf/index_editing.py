@@ -2,15 +2,16 @@
 
 * Adding tokenizes and encodes only the new documents, into new blocks that start at the next block boundary
   (the tokens up to it are padding: special, never indexed), so every block still holds exactly what was encoded
-  together. Their rows are appended to vectors.npy, positions.npy and the FAISS index.
-* Deleting removes a document's rows from vectors.npy, positions.npy and the FAISS index (a flat index is stored
-  empty anyway; others are emptied with `reset()`, which keeps their training, and refilled from vectors.npy) and
+  together. Their rows are appended to the vectors, positions.npy and the FAISS index.
+* Deleting removes a document's rows from the vectors, positions.npy and the FAISS index (a flat index is stored
+  empty anyway; others are emptied with `reset()`, which keeps their training, and refilled from the vectors) and
   turns its tokens into padding (special, id 0, no offsets): no search, span or evidence can reach them again.
   Its documents.jsonl record keeps the id, loses title and text, and says `"deleted": true`.
 
 Every edit writes a staging copy of the directory (unchanged files are hard links, never written to), hashes the
 new files into the manifest and swaps the copy in like a build: an interrupted edit leaves the old index, or (killed
 between the two renames) no index at the path and the old one beside it, never a directory that loads wrongly.
+The vectors are rewritten in shards cut by the index's own rule (`index.shard_layout`, its manifest's max_shard_bytes).
 """
 
 import dataclasses
@@ -24,9 +25,10 @@ import numpy as np
 from transformers.utils import logging
 
 from .corpus import SPECIAL, CorpusStats, iter_documents, tokenize_documents
-from .index import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES,
-                    VECTORS_FILE, IndexBuildArguments, NPMIndexError, _FAISS_ADD_CHUNK, _is_flat, _move_into_place,
-                    _pad_token_id, _sha256, _versions, encode_into)
+from .index import (DEFAULT_MAX_SHARD_SIZE, DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, MANIFEST_FILE,
+                    POSITIONS_FILE, TOKEN_FILES, IndexBuildArguments, NPMIndexError, _FAISS_ADD_CHUNK, _is_flat,
+                    _move_into_place, _pad_token_id, _sha256, _versions, create_vector_shards, encode_into,
+                    layout_format_version, parse_shard_size, shard_layout, vector_layout)
 
 
 logger = logging.get_logger(__name__)
@@ -49,15 +51,15 @@ def add_documents(index, model, tokenizer, documents, batch_size: int = 16, show
     def write(staging: Path):
         _save_tokens(staging, tokens)
         np.save(staging / POSITIONS_FILE, positions)
-        vectors = _copy_vectors(index, staging, np.arange(index.num_indexed), extra_rows=len(new_positions))
+        vectors, layout = _copy_vectors(index, staging, np.arange(index.num_indexed), extra_rows=len(new_positions))
         encode_into(vectors, index.num_indexed, model, records["id"], records["flags"], args)
         vectors.flush()
         if not _is_flat(index.faiss_index):  # a flat index is stored empty and filled on load
-            _write_faiss(index, staging, vectors[index.num_indexed :], reset=False)
+            _write_faiss(index, staging, vectors, start=index.num_indexed, reset=False)
         del vectors
         _append_documents(index, staging, new_documents)
         return dataclasses.replace(
-            m, num_documents=m.num_documents + stats.num_documents,
+            m, **_layout_fields(m, layout), num_documents=m.num_documents + stats.num_documents,
             num_skipped_empty_documents=m.num_skipped_empty_documents + stats.num_skipped_empty,
             num_tokens=len(tokens["id"]), num_indexed_tokens=len(positions),
             num_blocks=-(-len(tokens["id"]) // m.block_size), versions=_versions(),
@@ -135,12 +137,14 @@ def delete_documents(index, doc_ids) -> None:
                                "offsets": np.where(dead[:, None], 0, index.token_offsets)
                                .astype(index.token_offsets.dtype)})
         np.save(staging / POSITIONS_FILE, np.asarray(index.positions)[keep_rows])
-        vectors = _copy_vectors(index, staging, keep_rows)
+        vectors, layout = _copy_vectors(index, staging, keep_rows)
+        vectors.flush()
         if not _is_flat(index.faiss_index):
-            _write_faiss(index, staging, vectors, reset=True)
+            _write_faiss(index, staging, vectors, start=0, reset=True)
         del vectors
         _rewrite_documents(index, staging, set(doomed.tolist()))
-        return dataclasses.replace(m, num_indexed_tokens=len(keep_rows), versions=_versions(),
+        return dataclasses.replace(m, **_layout_fields(m, layout), num_indexed_tokens=len(keep_rows),
+                                   versions=_versions(),
                                    num_deleted_documents=m.num_deleted_documents + len(doomed))
 
     _edit(index, write)
@@ -187,24 +191,35 @@ def _save_tokens(staging: Path, tokens: dict) -> None:
         np.save(staging / TOKEN_FILES[names[name]], np.ascontiguousarray(array))
 
 
-def _copy_vectors(index, staging: Path, rows: np.ndarray, extra_rows: int = 0) -> np.ndarray:
-    """A new vectors.npy holding `index.vectors[rows]`, then `extra_rows` rows to fill; returned open."""
-    vectors = np.lib.format.open_memmap(staging / VECTORS_FILE, mode="w+", dtype=np.float16,
-                                        shape=(len(rows) + extra_rows, index.manifest.hidden_size))
+def _copy_vectors(index, staging: Path, rows: np.ndarray, extra_rows: int = 0):
+    """New vector shards holding `index.vectors[rows]`, then `extra_rows` rows to fill, cut by the index's shard
+    rule; returned open (writable), with their layout."""
+    m = index.manifest
+    layout = shard_layout(len(rows) + extra_rows, m.hidden_size, _max_shard_bytes(m))
+    vectors = create_vector_shards(staging, layout, m.hidden_size)
     for lo in range(0, len(rows), _COPY_ROWS):
         chunk = rows[lo : lo + _COPY_ROWS]
         vectors[lo : lo + len(chunk)] = index.vectors[chunk]
-    return vectors
+    return vectors, layout
 
 
-def _write_faiss(index, staging: Path, vectors: np.ndarray, reset: bool) -> None:
-    """The index's FAISS index read from disk, emptied (keeping its training) if `reset`, plus `vectors`."""
+def _max_shard_bytes(manifest) -> int:
+    return manifest.max_shard_bytes or parse_shard_size(DEFAULT_MAX_SHARD_SIZE)  # format 1: the default rule
+
+
+def _layout_fields(manifest, layout: list[dict]) -> dict:
+    return {"vector_shards": layout, "format_version": layout_format_version(layout),
+            "max_shard_bytes": _max_shard_bytes(manifest)}
+
+
+def _write_faiss(index, staging: Path, vectors, start: int, reset: bool) -> None:
+    """The index's FAISS index read from disk, emptied (keeping its training) if `reset`, plus `vectors[start:]`."""
     import faiss
 
     faiss_index = faiss.read_index(str(index.path / FAISS_FILE))
     if reset:
         faiss_index.reset()
-    for lo in range(0, len(vectors), _FAISS_ADD_CHUNK):
+    for lo in range(start, len(vectors), _FAISS_ADD_CHUNK):
         faiss_index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
     faiss.write_index(faiss_index, str(staging / FAISS_FILE))
 
@@ -218,7 +233,9 @@ def _edit(index, write) -> None:
     try:
         manifest = write(staging)
         changed = set(os.listdir(staging))
-        for name in set(index.manifest.files) - changed - {MANIFEST_FILE}:
+        # vector shards of the old layout that the new one does not name are gone, not unchanged
+        dropped = {s["file"] for s in vector_layout(index.manifest)} - {s["file"] for s in vector_layout(manifest)}
+        for name in set(index.manifest.files) - changed - dropped - {MANIFEST_FILE}:
             _link_or_copy(path / name, staging / name)
         manifest.files = {
             name: index.manifest.files[name] if name not in changed

@@ -11,7 +11,9 @@ from unittest import mock
 import pytest
 from huggingface_hub.utils import filter_repo_objects
 
-from npm_hf.hub_cards import push_to_hub
+import npm_hf
+from npm_hf import NPMIndex
+from npm_hf.hub_cards import HUB_MAX_FILE_BYTES, push_to_hub
 
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -68,6 +70,66 @@ def test_large_index_goes_to_a_pinned_dataset_repo(model_copy):
     assert not [name for name in uploaded_files(model_call) if name.startswith("index/")]
     config = json.loads((model_copy / "config.json").read_text())
     assert (config["index_repo_id"], config["index_revision"]) == ("org/npm-tiny-index", INDEX_SHA)
+
+
+@pytest.fixture
+def sharded_copy(model_copy, corpus):
+    """The model copy with its index rebuilt in vector shards of at most 1000 bytes."""
+    npm_hf.build_index(model_copy, corpus, args=npm_hf.IndexBuildArguments(
+        block_size=16, max_shard_size=1000, overwrite=True, show_progress_bar=False))
+    return model_copy
+
+
+def _shards(folder):
+    return {name for name in os.listdir(folder / "index") if name.startswith("vectors-")}
+
+
+@pytest.mark.parametrize("index_repo_id", [None, "org/npm-tiny-index"])
+def test_push_uploads_every_vector_shard(sharded_copy, index_repo_id):
+    api = fake_api()
+    push_to_hub(sharded_copy, "org/npm-tiny", index_repo_id=index_repo_id, api=api)
+    shards = _shards(sharded_copy)
+    assert len(shards) >= 3
+    uploaded = set().union(*(uploaded_files(call) for call in api.upload_folder.call_args_list))
+    assert {f"index/{name}" for name in shards} <= uploaded
+    assert {name for name in uploaded if name.startswith("index/")} == {
+        f"index/{name}" for name in os.listdir(sharded_copy / "index")}
+
+
+def test_download_fetches_every_vector_shard(tmp_path, sharded_copy):
+    """NPMIndex.from_pretrained's allow_patterns select every shard of a repo (here: a fake snapshot_download)."""
+    repo_files = [p.relative_to(sharded_copy).as_posix() for p in sharded_copy.rglob("*") if p.is_file()]
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        snapshot = tmp_path / "snapshot"
+        for name in filter_repo_objects(repo_files, allow_patterns=allow_patterns):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(sharded_copy / name, snapshot / name)
+        return str(snapshot)
+
+    with mock.patch("huggingface_hub.snapshot_download", snapshot_download):
+        index = NPMIndex.from_pretrained("org/npm-tiny", verify="full")
+    assert _shards(tmp_path / "snapshot") == _shards(sharded_copy)
+    assert len(index.vectors.shards) == len(_shards(sharded_copy))
+
+
+@pytest.mark.parametrize("name, advice", [("index/vectors-00000-of-00002.npy", "smaller max_shard_size"),
+                                          ("model.safetensors", r"save_pretrained\(dir, max_shard_size")])
+def test_files_above_the_hub_limit_are_refused_before_any_upload(model_copy, name, advice):
+    readme = (model_copy / "README.md").read_text()
+    with open(model_copy / name, "wb") as handle:
+        handle.truncate(HUB_MAX_FILE_BYTES + 1)  # sparse: no disk space taken
+    api = fake_api()
+    with pytest.raises(ValueError, match=rf"{name} is {HUB_MAX_FILE_BYTES + 1} bytes, above the Hub's per-file "
+                                         rf"limit of {HUB_MAX_FILE_BYTES} bytes \(50 GB\); .*{advice}"):
+        push_to_hub(model_copy, "org/npm-tiny", api=api)
+    assert not api.create_repo.called and not api.upload_folder.called
+    assert (model_copy / "README.md").read_text() == readme
+    (model_copy / "checkpoint-2" / "huge.bin").write_bytes(b"")
+    os.truncate(model_copy / "checkpoint-2" / "huge.bin", HUB_MAX_FILE_BYTES + 1)
+    os.truncate(model_copy / name, HUB_MAX_FILE_BYTES)  # at the limit, and a big file that is never uploaded
+    push_to_hub(model_copy, "org/npm-tiny", api=api)
+    assert api.upload_folder.called
 
 
 def test_push_without_index_is_refused(model_copy):
