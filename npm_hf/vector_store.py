@@ -104,8 +104,9 @@ def upload_index(index, client, collection_name: str | None = None, batch_size: 
 
     `collection_name` defaults to `npm-<fingerprint>`. An existing collection of the same index is completed (upserts
     by row are idempotent, so an interrupted upload is simply run again) or left as it is when complete; one of
-    another index is refused unless `overwrite=True`. `collection_kwargs` go to `create_collection` (cluster
-    settings such as `shard_number`, `replication_factor`, `on_disk_payload`, `hnsw_config`, `quantization_config`).
+    another index is refused unless `overwrite=True`. `on_disk` and `datatype` (e.g. `models.Datatype.FLOAT16`) go to
+    the collection's `VectorParams`, the other `collection_kwargs` to `create_collection` (cluster settings such as
+    `shard_number`, `replication_factor`, `hnsw_config`, `quantization_config`).
     """
     from tqdm.auto import tqdm
 
@@ -129,7 +130,8 @@ def upload_index(index, client, collection_name: str | None = None, batch_size: 
             return name
     if not client.collection_exists(name):
         vectors_config = models.VectorParams(size=index.manifest.hidden_size, distance=models.Distance.DOT,
-                                             on_disk=collection_kwargs.pop("on_disk", None))
+                                             on_disk=collection_kwargs.pop("on_disk", None),
+                                             datatype=collection_kwargs.pop("datatype", None))
         client.create_collection(name, vectors_config=vectors_config,
                                  metadata={_METADATA_KEY: _index_metadata(index, complete=False)}, **collection_kwargs)
     total = index.num_indexed

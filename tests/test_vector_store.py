@@ -15,8 +15,9 @@ from npm_hf.vector_store import QdrantSearchIndex, collection_name_for, upload_i
 
 try:  # the dev extra installs it; without it only the missing-package test runs
     import qdrant_client
+    from qdrant_client import models
 except ImportError:
-    qdrant_client = None
+    qdrant_client = models = None
 needs_qdrant = pytest.mark.skipif(qdrant_client is None, reason="qdrant-client is not installed (extra 'qdrant')")
 
 
@@ -117,8 +118,6 @@ def test_candidates_are_rescored_exactly_and_reordered(index, client, wrapped, m
 
 
 def test_rows_qdrant_does_not_return_are_padded(index, client, wrapped):
-    from qdrant_client import models
-
     gone = [0, 1, 2]
     client.delete(wrapped.collection_name, points_selector=models.PointIdsList(points=gone))
     scores, rows = wrapped.search(_queries(index, 2), index.num_indexed)
@@ -151,6 +150,15 @@ def test_upload_names_the_collection_after_the_index_and_is_idempotent(index, cl
     point = client.retrieve(name, [5], with_vectors=True)[0]
     np.testing.assert_array_equal(np.asarray(point.vector, dtype=np.float32), index.vectors_for_rows([5])[0])
     assert upload_index(index, client, show_progress_bar=False) == name  # complete already: nothing to do
+    params = client.get_collection(name).config.params.vectors
+    assert params.distance == models.Distance.DOT and params.size == index.manifest.hidden_size
+
+
+def test_vector_settings_reach_the_collection(index, client):
+    name = upload_index(index, client, collection_name="half", on_disk=True, datatype=models.Datatype.FLOAT16,
+                        show_progress_bar=False)
+    params = client.get_collection(name).config.params.vectors
+    assert params.on_disk is True and params.datatype == models.Datatype.FLOAT16
 
 
 def test_a_collection_of_another_index_is_refused(tmp_path, npm_dir, index, client, wrapped, corpus):
@@ -187,8 +195,6 @@ def test_an_unfinished_upload_is_refused_then_completed(index, client, monkeypat
 
 
 def test_a_foreign_collection_is_refused(index, client):
-    from qdrant_client import models
-
     client.create_collection("plain", vectors_config=models.VectorParams(size=index.manifest.hidden_size,
                                                                          distance=models.Distance.DOT))
     with pytest.raises(NPMIndexError, match="has no npm_hf metadata"):
