@@ -40,7 +40,8 @@ setup(
     extras_require={
         "train": [],
         "demo": ["gensim>=4.3"],  # ships the Wikipedia sample the demo indexes by default
-        "dev": ["pytest>=8", "gensim>=4.3"],
+        "qdrant": ["qdrant-client>=1.20"],  # npm_hf.vector_store: candidate search in a Qdrant collection
+        "dev": ["pytest>=8", "gensim>=4.3", "qdrant-client>=1.20"],
     },
     entry_points={"console_scripts": ["npm-hf=npm_hf.cli:main"]},
 )

@@ -16,6 +16,9 @@ Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"
         bytes, HNSW32): top-1 agreement with exact search after exact re-scoring (ties count), bytes per indexed
         token on disk, median search latency per query of 2 token vectors of a real sentence encoded on its own.
         One line per index; the value is the agreement at k=4096.                                  report
+    P1q fill-mask pipeline seconds per query with the candidate search in a Qdrant collection (qdrant-client's
+        local mode, `npm_hf.vector_store.QdrantSearchIndex`) / with the default FAISS Flat index, same queries and
+        index, alternating rounds. Opt-in (--figures P1q); skipped with a note without qdrant-client.      report
 
 Encoder: the offline MiniLM (`npm_hf.demo.minilm_path()`), wrapped with `npm_hf.convert_encoder`. Text: the
 Wikipedia sample at <repo>/../shared/offline_data/enwiki_sample/enwiki_sample.jsonl. Baseline and candidate are
@@ -55,6 +58,7 @@ SETTINGS = {
              "p3_queries": 100, "p3_nlist": 1024, "p3_train": 100_000},
 }
 FIGURES = ("P2", "P1", "B", "P3", "P6", "P5")
+OPT_IN_FIGURES = ("P1Q",)  # not in the default run (names are upper-cased when parsed)
 # P3: the approximate indexes compared with exact search, their nprobe, and the k of its agreement/latency columns.
 P3_NPROBE = 16
 P3_KS = (10, 4096)
@@ -357,6 +361,55 @@ def figure_p1(model, tokenizer, index, queries: list[str], rounds: tuple[int, in
          f"{loads['pipeline']}, forward+search {loads['bare']}")
 
 
+def figure_p1q(model, tokenizer, index, queries: list[str], rounds: tuple[int, int, float]) -> None:
+    """The same pipeline and queries with the candidate search in Qdrant (local mode) and in FAISS, alternating."""
+    from npm_hf import NonparametricFillMaskPipeline
+
+    try:
+        import qdrant_client
+    except ImportError:
+        log.info("P1q skipped: qdrant-client is not installed (pip install 'npm-hf[qdrant]').")
+        return
+    import importlib.metadata
+    import warnings
+
+    from npm_hf.vector_store import QdrantSearchIndex, upload_index
+
+    client = qdrant_client.QdrantClient(":memory:")
+    started = time.perf_counter()
+    with warnings.catch_warnings():  # the local mode warns that it is not meant for collections this large
+        warnings.simplefilter("ignore")
+        upload_index(index, client, show_progress_bar=False)
+    upload = time.perf_counter() - started
+    fills = {"faiss": NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index),
+             "qdrant": NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer,
+                                                     index=QdrantSearchIndex(index, client))}
+    for query in queries[:3]:  # warm-up
+        for fill in fills.values():
+            pipeline_seconds(fill, query)
+    times = {name: np.zeros((rounds[1], len(queries))) for name in fills}
+    done = 0
+    for r in round_numbers(rounds):
+        for name in (("qdrant", "faiss") if r % 2 == 0 else ("faiss", "qdrant")):
+            gc.collect()
+            time.sleep(0.2)
+            for q, query in enumerate(queries):
+                times[name][r, q] = pipeline_seconds(fills[name], query)
+        done = r + 1
+        log.info(f"P1q round {r}: qdrant {times['qdrant'][r].mean() * 1e3:.1f} ms/query, "
+                 f"faiss {times['faiss'][r].mean() * 1e3:.1f} ms/query")
+    best = {name: t[:done].min(axis=0).mean() for name, t in times.items()}
+    median = {name: np.median(t[:done], axis=0).mean() for name, t in times.items()}
+    client.close()
+    emit("P1q", best["qdrant"] / best["faiss"], "report",
+         f"index {index.manifest.num_indexed_tokens} indexed tokens, d={index.manifest.hidden_size}, "
+         f"k={min(int(model.config.k), index.num_indexed)}, {len(queries)} queries, {done} alternating rounds; "
+         f"per-query best-of: Qdrant local mode {best['qdrant'] * 1e3:.1f} ms, FAISS Flat {best['faiss'] * 1e3:.1f}"
+         f" ms; medians {median['qdrant'] * 1e3:.1f} / {median['faiss'] * 1e3:.1f} ms (ratio "
+         f"{median['qdrant'] / median['faiss']:.2f}); upload {upload:.1f}s (qdrant-client "
+         f"{importlib.metadata.version('qdrant-client')})")
+
+
 # -------------------------------------------------------------------------------------------------------- B
 def figure_p6(model, tokenizer, index, queries: list[str], rounds: tuple[int, int, float], batch: int = 32) -> None:
     """Queries per second of `fill(texts, batch_size=32)` (one padded forward, one FAISS search per batch) over
@@ -560,12 +613,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="Smaller corpora and fewer rounds (< 5 minutes).")
     parser.add_argument("--figures", default=",".join(FIGURES),
-                        help=f"Comma-separated figures to measure (default: all of {','.join(FIGURES)}).")
+                        help=f"Comma-separated figures to measure (default: all of {','.join(FIGURES)}; opt-in: P1q).")
     args = parser.parse_args(argv)
     settings = SETTINGS["quick" if args.quick else "full"]
     figures = {name.strip().upper() for name in args.figures.split(",") if name.strip()}
-    if not figures or figures - set(FIGURES):
-        parser.error(f"--figures takes names among {', '.join(FIGURES)}; got {args.figures!r}.")
+    if not figures or figures - set(FIGURES) - set(OPT_IN_FIGURES):
+        parser.error(f"--figures takes names among {', '.join(FIGURES + OPT_IN_FIGURES)}; got {args.figures!r}.")
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -586,13 +639,16 @@ def main(argv=None) -> None:
             figure_p2(model, tokenizer, take_documents(documents, counts, settings["p2_tokens"]), workdir,
                       settings["p2_rounds"])
 
-        if figures & {"P1", "B", "P3", "P6"}:
+        if figures & {"P1", "B", "P3", "P6", "P1Q"}:
             p1_documents = take_documents(documents, counts, settings["p1_tokens"])
             seconds, index = build_seconds(model, tokenizer, p1_documents, workdir / "p1-index")
             log.info(f"P1 index: {index.manifest.num_tokens} tokens built in {seconds:.1f}s")
             if "P1" in figures:
                 queries = cloze_queries(p1_documents, tokenizer.mask_token, settings["p1_queries"])
                 figure_p1(model, tokenizer, index, queries, settings["p1_rounds"])
+            if "P1Q" in figures:
+                figure_p1q(model, tokenizer, index, cloze_queries(p1_documents, tokenizer.mask_token,
+                                                                  settings["p1_queries"]), settings["p1_rounds"])
             if "B" in figures:
                 figure_bytes(index)
             if "P6" in figures:
