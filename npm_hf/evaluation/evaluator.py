@@ -377,7 +377,7 @@ def _scorer(model, tokenizer, args: EvaluationArguments, index, corpus, scratch:
         except (OSError, ValueError) as error:  # no index folder / not on the Hub / not a valid index
             raise ValueError(f"The model has no index ({error}); pass a corpus (--corpus) or an index (--index) "
                              "to evaluate it.") from None
-    elif not isinstance(index, NPMIndex):
+    elif isinstance(index, (str, os.PathLike)):  # a folder; index objects (NPMIndex, wrappers of it) pass as they are
         index = NPMIndex.load(index)
     pipe = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index, device=args.device)
     return NPMScorer(pipe, args.show_progress_bar)
