@@ -117,7 +117,8 @@ class NPMModelCardCallback(TrainerCallback):
         defaults = {f.name: f.default for f in dataclasses.fields(type(args)) if f.default is not dataclasses.MISSING}
         shown = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
                  "num_train_epochs", "warmup_steps", "weight_decay", "max_grad_norm", "lr_scheduler_type", "seed",
-                 "mask_ratio", "geometric_p", "max_masked_span_length", "bf16", "fp16")
+                 "mask_ratio", "geometric_p", "max_masked_span_length", "bf16", "fp16", "key_gradients",
+                 "freeze_embeddings", "max_train_minutes")
         current = args.to_dict()
         self.hyperparameters = {name: current[name] for name in shown
                                 if name in current and (name not in defaults or current[name] != defaults[name]

@@ -9,7 +9,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging
 
-from .hub_cards import update_model_card
+from .hub_cards import load_card_facts, update_model_card
 from .index import IndexBuildArguments, NPMIndex
 from .modeling import NPMConfig, NPMModel
 from .pipeline import add_remote_pipeline
@@ -213,4 +213,16 @@ def train(data_args: TrainDataArguments, training_args):
             logger.warning(f"No complete checkpoint in {training_args.output_dir}; training from the start.")
     trainer.train(resume_from_checkpoint=resume)
     save_final_model(trainer, data_args.output)
+    if trainer.is_world_process_zero():
+        _finish_trained_directory(Path(training_args.output_dir), Path(data_args.output))
     return trainer
+
+
+def _finish_trained_directory(trainer_dir: Path, output: Path) -> None:
+    """The saved NPM gets the pipeline's remote code and, when the Trainer worked elsewhere, the card facts its
+    callback recorded there (base model, mode, training run)."""
+    add_remote_pipeline(output)
+    if trainer_dir.resolve() != output.resolve():
+        facts = load_card_facts(trainer_dir)
+        update_model_card(output, model_id=output.name, **{key: facts[key] for key in ("base_model", "mode", "training")
+                                                           if key in facts})

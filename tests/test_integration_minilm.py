@@ -71,7 +71,9 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir):
     for (query, answers), cloze in zip(report["answers"], held_out):
         assert query == cloze["masked"].replace("[MASK]", "[MASK]") and answers[0]["gold"] == cloze["answer"]
         assert all(a["evidence"]["text"][a["evidence"]["start"] : a["evidence"]["end"]] == a["phrase"] for a in answers)
-    assert "held-out cloze" in (model_dir / "README.md").read_text()
+    card = (model_dir / "README.md").read_text()
+    assert "held-out cloze" in card and "Trained with `npm_hf.NPMTrainer`" in card and "key_gradients" in card
+    assert (model_dir / "pipeline.py").exists()  # the remote fill-mask code travels with the trained model
     assert not (tmp_path / "demo" / "checkpoints").exists()
     built = (model_dir / "index" / "manifest.json").stat().st_mtime_ns
     weights = (model_dir / "model.safetensors").stat().st_mtime_ns
