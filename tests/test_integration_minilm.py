@@ -74,6 +74,9 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir):
     card = (model_dir / "README.md").read_text()
     assert "held-out cloze" in card and "Trained with `npm_hf.NPMTrainer`" in card and "key_gradients" in card
     assert (model_dir / "pipeline.py").exists()  # the remote fill-mask code travels with the trained model
+    config = json.loads((model_dir / "config.json").read_text())
+    assert (config["span_scoring"], config["span_stopwords"], config["prefilter"]) == ("product", "any", "bm25")
+    assert "fill-mask" in config["custom_pipelines"]
     assert not (tmp_path / "demo" / "checkpoints").exists()
     built = (model_dir / "index" / "manifest.json").stat().st_mtime_ns
     weights = (model_dir / "model.safetensors").stat().st_mtime_ns
