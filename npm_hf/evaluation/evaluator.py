@@ -240,27 +240,24 @@ class NPMScorer:
         flat = [phrase for group in phrases for phrase in group]
         owner = np.repeat(np.arange(len(phrases)), [len(group) for group in phrases])
         scores = np.zeros((len(texts), len(phrases)))
-        vectors = [output["query_vectors"][0] for output in self.forward(texts, args.batch_size)]
-        predictor, k = self.pipe.predictor, self.pipe.model.config.k
-        for lo in tqdm(range(0, len(vectors), SEARCH_BATCH), desc="Scoring labels", unit="batch",
-                       disable=not self.show_progress_bar):
-            chunk = vectors[lo : lo + SEARCH_BATCH]
-            found_scores, found_rows = self.pipe.index.search(np.concatenate(chunk), k)  # one FAISS call per chunk
-            per_text = len(chunk[0])
-            for offset, queries in enumerate(chunk):
-                rows = slice(offset * per_text, (offset + 1) * per_text)
-                hits = (found_scores[rows], found_rows[rows])
-                scores[lo + offset] = np.bincount(owner, weights=predictor.phrase_probabilities(queries, flat, hits=hits),
-                                                  minlength=len(phrases))
+        outputs = self.searched(self.forward(texts, args.batch_size), prefilter="none")  # closed set: FAISS top-k
+        for row, output in enumerate(tqdm(outputs, desc="Scoring labels", disable=not self.show_progress_bar)):
+            probabilities = self.pipe.predictor.phrase_probabilities(output["query_vectors"][0], flat,
+                                                                     hits=output["hits"][0])
+            scores[row] = np.bincount(owner, weights=probabilities, minlength=len(phrases))
         return scores
+
+    def searched(self, outputs: list[dict], **params) -> list[dict]:
+        """`outputs` with their FAISS hits attached, SEARCH_BATCH texts per FAISS call."""
+        for lo in range(0, len(outputs), SEARCH_BATCH):
+            self.pipe.search_batch(outputs[lo : lo + SEARCH_BATCH], params)
+        return outputs
 
     def predict_answers(self, texts: list[str], args: EvaluationArguments) -> list[list[str]]:
         if self.pipe.model.config.mode != "span":
             raise ValueError("Open-set tasks need a span-mode NPM (NPM-single answers single tokens only, as in the "
                              "paper); set config.mode='span'.")
-        outputs = self.forward(texts, args.batch_size)
-        for lo in range(0, len(outputs), SEARCH_BATCH):
-            self.pipe.search_batch(outputs[lo : lo + SEARCH_BATCH], {})  # one FAISS call per chunk
+        outputs = self.searched(self.forward(texts, args.batch_size))  # no hits where a pre-filter applies
         return [[answer["phrase"] for answer in self.pipe.postprocess(output, top_k=TOP_N)]
                 for output in tqdm(outputs, desc="Predicting spans", disable=not self.show_progress_bar)]
 
