@@ -215,11 +215,11 @@ class NonparametricFillMaskPipeline(Pipeline):
         return ids
 
     def __call__(self, inputs, **kwargs):
-        batch_size = kwargs.get("batch_size") or self._batch_size or 1
-        if isinstance(inputs, list) and len(inputs) > 1 and batch_size > 1:
-            kwargs.pop("batch_size", None)
-            return self._call_batched(inputs, batch_size, **kwargs)
-        outputs = super().__call__(inputs, **kwargs)
+        batch_size = kwargs.pop("batch_size", None) or self._batch_size or 1
+        if isinstance(inputs, list) and batch_size > 1:  # our own batching: the stock collate cannot pad our inputs
+            outputs = self._call_batched(inputs, batch_size, **kwargs)
+        else:
+            outputs = super().__call__(inputs, **kwargs)
         if isinstance(inputs, list) and len(inputs) == 1:
             return outputs[0]
         return outputs

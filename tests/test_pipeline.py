@@ -251,3 +251,4 @@ def test_batched_calls_give_the_answers_of_one_text_at_a_time(npm_dir, mask, mak
         assert_same_answers(got, fill(text, top_k=7))
     for got, text in zip(fill(texts, top_k=3, batch_size=4, prefilter="bm25"), texts):
         assert_same_answers(got, fill(text, top_k=3, prefilter="bm25"))
+    assert_same_answers(fill(texts[:1], top_k=3, batch_size=8), fill(texts[0], top_k=3))  # a list of one: unwrapped
