@@ -160,7 +160,7 @@ class NPMPredictor:
         queries, when the caller searched many queries at once.
         """
         queries = np.atleast_2d(queries)
-        scores, rows = hits if hits is not None else self.index.search(queries, k or self.config.k)
+        scores, rows = hits if hits is not None else self.search(queries, k)
         found = rows >= 0
         temperature = self.config.temperature if self.config.mode == "single" else self.config.span_temperature
         probs = softmax(scores[found] * (self.config.scale / temperature))
