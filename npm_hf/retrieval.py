@@ -52,7 +52,8 @@ class NPMPredictor:
         self._stopword_ids = None
         self._pieces = None
 
-    def search(self, queries: np.ndarray, k: int | None, nprobe: int | None, ef_search: int | None):
+    def search(self, queries: np.ndarray, k: int | None = None, nprobe: int | None = None,
+               ef_search: int | None = None):
         """index.search with this call's knobs, else the config's (FAISS's defaults when both are None)."""
         nprobe = nprobe if nprobe is not None else getattr(self.config, "nprobe", None)
         ef_search = ef_search if ef_search is not None else getattr(self.config, "ef_search", None)
