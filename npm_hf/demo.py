@@ -142,6 +142,7 @@ class _DemoState:
         if self.state.get("recipe") != recipe:
             if self.state:
                 logger.warning("The demo settings changed since the saved run; rebuilding it.")
+                shutil.rmtree(output / "checkpoints", ignore_errors=True)  # never resume another recipe's training
             self.state = {"recipe": recipe, "done": {}}
 
     def stage(self, name: str, build):
