@@ -1,0 +1,18 @@
+"""The demo's stage bookkeeping (the full demo runs with MiniLM in test_integration_minilm.py)."""
+
+import json
+
+from npm_hf.demo import DemoArguments, _DemoState
+
+
+def test_a_changed_recipe_restarts_and_drops_old_checkpoints(tmp_path):
+    old = DemoArguments(output=str(tmp_path), train_minutes=5).recipe()
+    (tmp_path / "demo_state.json").write_text(json.dumps({"recipe": old, "done": {"cloze": [1], "model": {}}}))
+    (tmp_path / "checkpoints" / "checkpoint-25").mkdir(parents=True)
+    same = _DemoState(tmp_path, old)
+    assert same.stage("cloze", lambda: [2]) == [1]  # done stages are reused
+    assert (tmp_path / "checkpoints").exists()
+    changed = _DemoState(tmp_path, DemoArguments(output=str(tmp_path), train_minutes=6).recipe())
+    assert not (tmp_path / "checkpoints").exists()  # another recipe's training is never resumed
+    assert changed.stage("cloze", lambda: [3]) == [3]
+    assert json.loads((tmp_path / "demo_state.json").read_text())["done"] == {"cloze": [3]}
