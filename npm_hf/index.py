@@ -673,7 +673,12 @@ class NPMIndex:
         if self.exact_search:  # a flat index holds the stored vectors themselves: its scores are already exact
             self.check_search_parameters(nprobe, ef_search)
             return self.faiss_index.search(queries, min(int(k), self.num_indexed))
-        rows = self.candidate_rows(queries, k, nprobe=nprobe, ef_search=ef_search)
+        return self.rescore(queries, self.candidate_rows(queries, k, nprobe=nprobe, ef_search=ef_search))
+
+    def rescore(self, queries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner products of each query with its candidate rows (from the stored float16 vectors), best first;
+        rows of -1 (no candidate) score -inf."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         found = rows >= 0
         vectors = self.vectors_for_rows(np.where(found, rows, 0).reshape(-1)).reshape(*rows.shape, -1)
         scores = np.einsum("qkd,qd->qk", vectors, queries)

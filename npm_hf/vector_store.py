@@ -218,15 +218,9 @@ class QdrantSearchIndex:
         """`NPMIndex.search`'s contract: `(scores, rows)` of shape (num_queries, min(k, num_indexed)), best first,
         scores exact inner products with the stored float16 vectors, -1 / -inf where Qdrant returned fewer."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        rows = self.candidate_rows(queries, k, nprobe=nprobe, ef_search=ef_search)
-        found = rows >= 0
         # Exact re-scoring from the stored vectors (as NPMIndex does for compressed FAISS indexes): the scores do not
         # depend on how the database stores or quantizes its copy.
-        vectors = self.vectors_for_rows(np.where(found, rows, 0).reshape(-1)).reshape(*rows.shape, -1)
-        scores = np.einsum("qkd,qd->qk", vectors, queries)
-        scores[~found] = -np.inf
-        order = np.argsort(-scores, axis=1, kind="stable")
-        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+        return self.rescore(queries, self.candidate_rows(queries, k, nprobe=nprobe, ef_search=ef_search))
 
     def _check_unchanged(self) -> None:
         if index_fingerprint(self._index) != self._fingerprint:
