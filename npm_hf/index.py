@@ -525,12 +525,7 @@ class NPMIndex:
                 max_shard_bytes=max_shard_bytes,
             )
             del ids, flags
-            manifest.files = {
-                name: {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
-                for name in sorted(os.listdir(staging))
-            }
-            (staging / MANIFEST_FILE).write_text(manifest.to_json())
-            _move_into_place(staging, output_dir)
+            _publish(staging, output_dir, manifest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -893,6 +888,18 @@ def _finish_faiss(staging: Path, index, vectors: ShardedArray, args: IndexBuildA
         for lo in range(0, len(vectors), _FAISS_ADD_CHUNK):
             index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
     faiss.write_index(index, str(staging / FAISS_FILE))
+
+
+def _publish(staging: Path, output_dir: Path, manifest: IndexManifest, known_files: dict | None = None) -> None:
+    """Record every staged file's size and sha256 in the manifest (reusing `known_files` entries for files copied
+    unchanged), write the manifest last, and move the finished directory into place."""
+    known_files = known_files or {}
+    manifest.files = {
+        name: known_files.get(name) or {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+        for name in sorted(os.listdir(staging))
+    }
+    (staging / MANIFEST_FILE).write_text(manifest.to_json())
+    _move_into_place(staging, output_dir)
 
 
 def _move_into_place(staging: Path, output_dir: Path) -> None:

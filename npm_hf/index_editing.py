@@ -27,7 +27,7 @@ from transformers.utils import logging
 from .corpus import SPECIAL, CorpusStats, iter_documents, tokenize_documents
 from .index import (DEFAULT_MAX_SHARD_SIZE, DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, MANIFEST_FILE,
                     POSITIONS_FILE, TOKEN_FILES, IndexBuildArguments, NPMIndexError, _FAISS_ADD_CHUNK, _is_flat,
-                    _move_into_place, _pad_token_id, _sha256, _versions, create_vector_shards, encode_into,
+                    _pad_token_id, _publish, _versions, create_vector_shards, encode_into,
                     layout_format_version, parse_shard_size, shard_layout, vector_layout)
 
 
@@ -237,13 +237,8 @@ def _edit(index, write) -> None:
         dropped = {s["file"] for s in vector_layout(index.manifest)} - {s["file"] for s in vector_layout(manifest)}
         for name in set(index.manifest.files) - changed - dropped - {MANIFEST_FILE}:
             _link_or_copy(path / name, staging / name)
-        manifest.files = {
-            name: index.manifest.files[name] if name not in changed
-            else {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
-            for name in sorted(os.listdir(staging))
-        }
-        (staging / MANIFEST_FILE).write_text(manifest.to_json())
-        _move_into_place(staging, path)
+        unchanged = {name: entry for name, entry in index.manifest.files.items() if name not in changed}
+        _publish(staging, path, manifest, known_files=unchanged)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
