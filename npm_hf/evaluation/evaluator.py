@@ -205,15 +205,21 @@ def _sample(examples: list[dict], limit: int, seed: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ scorers
-class NPMScorer:
-    """Scores inputs with an NPM: batched encoding, then retrieval from its index."""
+class Scorer:
+    """Turns task inputs into label scores (closed set) or ranked answers (open set) through a fill-mask pipeline."""
 
-    kind = "npm"
+    kind = ""
 
     def __init__(self, pipe, show_progress_bar: bool = True):
         self.pipe = pipe
         self.mask_token = pipe.tokenizer.mask_token
         self.show_progress_bar = show_progress_bar
+
+
+class NPMScorer(Scorer):
+    """Scores inputs with an NPM: batched encoding, then retrieval from its index."""
+
+    kind = "npm"
 
     def settings(self) -> dict:
         config, manifest = self.pipe.model.config, self.pipe.index.manifest
@@ -268,15 +274,10 @@ class NPMScorer:
         return ids
 
 
-class MaskedLMScorer:
+class MaskedLMScorer(Scorer):
     """The parametric baseline: any masked LM through the stock `FillMaskPipeline` (single-token answers)."""
 
     kind = "masked-lm"
-
-    def __init__(self, pipe, show_progress_bar: bool = True):
-        self.pipe = pipe
-        self.mask_token = pipe.tokenizer.mask_token
-        self.show_progress_bar = show_progress_bar
 
     def settings(self) -> dict:
         return {"mode": "parametric"}
