@@ -109,6 +109,8 @@ def test_unknown_task_and_bad_arguments():
         EvaluationArguments(task="lama-trex", prefilter="bm26")
     with pytest.raises(ValueError, match="evidence_corpus is for the LAMA tasks"):
         EvaluationArguments(task="sst2", evidence_corpus=True)
+    with pytest.raises(ValueError, match="'sst2' is closed-set.*pre-filter is for open-set tasks"):
+        EvaluationArguments(task="sst2", prefilter="bm25")
 
 
 def test_paper_protocol_settings():
@@ -181,8 +183,10 @@ def test_closed_set_evaluation_of_an_npm(npm_dir, data_dir, tmp_path, make_pipel
     args = EvaluationArguments(task="sst2", data_dir=str(data_dir), temperature=3.0, batch_size=3,
                                show_progress_bar=False)
     model = NPMModel.from_pretrained(npm_dir)
+    model.config.prefilter = "bm25"  # a shipped open-set decoding must not change closed-set scoring
     results = npm_hf.evaluate(model, args)
     assert model.config.temperature == 1.0  # the run's overrides are undone
+    assert results["settings"]["prefilter"] == "none" and results["settings"]["prefilter_blocks"] is None
     assert results["num_examples"] == 4 and results["majority_baseline"] == 0.75
     fill = make_pipeline(npm_dir, temperature=3.0)
     task = get_task("sst2")

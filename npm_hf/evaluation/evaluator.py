@@ -91,6 +91,10 @@ class EvaluationArguments:
         if self.prefilter not in (None, "none", "bm25", "dense"):
             raise ValueError(f"EvaluationArguments.prefilter must be 'none', 'bm25' or 'dense', got "
                              f"{self.prefilter!r}.")
+        if self.prefilter in ("bm25", "dense") and get_task(self.task).kind == "closed":
+            raise ValueError(f"Task {self.task!r} is closed-set: its label words are scored over the FAISS top-k of "
+                             "the whole index, as in the paper; the pre-filter is for open-set tasks (LAMA, cloze). "
+                             "Drop prefilter (CLI: --prefilter).")
         if self.evidence_corpus and get_task(self.task).evidence is None:
             raise ValueError(f"Task {self.task!r} has no evidence sentences; evidence_corpus is for the LAMA tasks.")
         if self.paper_protocol:
@@ -133,6 +137,8 @@ def evaluate(model, args: EvaluationArguments, tokenizer=None, index=None, corpu
             results = _evaluate_open(task, examples, buckets, scorer, args)
         seconds = time.perf_counter() - started
         settings = {**asdict(args), **scorer.settings()}  # the effective values, before the config is restored
+        if task.kind == "closed" and "prefilter" in settings:  # label scoring never pre-filters (see label_scores)
+            settings["prefilter"], settings["prefilter_blocks"] = "none", None
     results.update({
         "task": task.name, "model": _model_name(model), "model_type": scorer.kind, "data": source,
         "paper_corpus": task.paper_corpus, "settings": settings,
