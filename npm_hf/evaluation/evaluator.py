@@ -411,8 +411,8 @@ def results_to_markdown(results: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         majority = f"{100 * r['majority_baseline']:.1f}" if "majority_baseline" in r else "–"
-        retrieval = RETRIEVAL_NAMES.get(r["settings"].get("prefilter"), "") if r["model_type"] == "npm" else \
-            "parametric"
+        retrieval = "parametric" if r["model_type"] == "masked-lm" else \
+            RETRIEVAL_NAMES.get(r["settings"].get("prefilter"), "")
         retrieval += " (evidence corpus)" if r["settings"].get("evidence_corpus") else ""
         at_n = r.get(f"macro_exact_match_at_{TOP_N}")
         at_n = "–" if at_n is None else f"{100 * at_n:.1f}"
