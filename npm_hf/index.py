@@ -929,10 +929,11 @@ def read_faiss_index(path: Path):
 
 
 def streamed_exact_search(vectors, queries: np.ndarray, k: int,
-                          chunk_rows: int = _STREAM_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+                          chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner products of `queries` with all `vectors` (float16 rows, e.g. memory-mapped shards),
     chunk by chunk with a running top-k, as FAISS's IndexFlatIP would return them (best first) without a float32
     copy of the vectors in memory."""
+    chunk_rows = chunk_rows or _STREAM_CHUNK_ROWS
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_rows = np.zeros((len(queries), 0), dtype=np.int64)
