@@ -21,11 +21,19 @@ Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"
         local mode, `npm_hf.vector_store.QdrantSearchIndex`) / with the default FAISS Flat index, same queries and
         index, alternating rounds. Opt-in (--figures P1q); skipped with a note without qdrant-client.      report
 
+    M   peak resident memory (ru_maxrss) of an NPMIndex.build run in a process of its own with --max-memory, over
+        a slice of the corpus with an IVF index trained on a capped sample / that budget.         goal <= 1
+    P4  p50 latency of NPMIndex.search (one query of 2 vectors, k=4096, nprobe=16) over a synthetic 10^7-vector
+        IVF-SQ8 index / over the same construction at 10^5 (10^4 and 10^5 with --quick), each opened in a fresh
+        process; the detail gives the memory NPMIndex.load took beside the index's size. The synthetic indexes
+        (benchmarks/synthetic_index.py; 10^7 vectors take ~12 GB and ~6 minutes to write once) are cached in
+        $NPM_HF_BENCH_CACHE (default ~/.cache/npm_hf_bench). Opt-in (--figures P4).              goal <= 3
+
 Encoder: the offline MiniLM (`npm_hf.demo.minilm_path()`), wrapped with `npm_hf.convert_encoder`. Text: the
 Wikipedia sample at <repo>/../shared/offline_data/enwiki_sample/enwiki_sample.jsonl (647k tokens), followed by the
 BBC News articles of ../shared/offline_data/bbc_news, so that the full run's P1 index holds 10^6 tokens (the quick
-one 10^5). Baseline and candidate are measured alternately, for a number of rounds set by a time budget. P2 is the median of the rounds' ratios, P1 the
-ratio of per-query best-of-N times (noise on a shared machine only adds time); each detail also gives the other
+one 10^5). Baseline and candidate are measured alternately, for a number of rounds set by a time budget. P2 is
+the median of the rounds' ratios, P1 the ratio of per-query best-of-N times (noise on a shared machine only adds time); each detail also gives the other
 estimate and the CPU load of other processes during the measurements.
 """
 
@@ -58,14 +66,23 @@ EXTRA_CORPUS = OFFLINE_DATA / "bbc_news" / "bbc_news.jsonl"
 SETTINGS = {
     "quick": {"p2_tokens": (30_000, 40_000), "p2_rounds": (3, 8, 75), "p1_tokens": (100_000, 130_000),
               "p1_queries": 20, "p1_rounds": (3, 10, 45), "p5_block": 128, "p5_group": 8, "p5_steps": 4,
-              "p5_rounds": 2, "p3_queries": 40, "p3_nlist": 64, "p3_train": 10_000},
+              "p5_rounds": 2, "p3_queries": 40, "p3_nlist": 64, "p3_train": 10_000, "m_tokens": (20_000, 25_000),
+              "p4_sizes": (10_000, 100_000), "p4_queries": 100},
     "full": {"p2_tokens": (150_000, 200_000), "p2_rounds": (3, 8, 300), "p1_tokens": (1_000_000, 1_100_000),
              "p1_queries": 20,
              "p1_rounds": (5, 12, 120), "p5_block": 256, "p5_group": 16, "p5_steps": 5, "p5_rounds": 3,
-             "p3_queries": 100, "p3_nlist": 1024, "p3_train": 100_000},
+             "p3_queries": 100, "p3_nlist": 1024, "p3_train": 100_000, "m_tokens": (100_000, 120_000),
+             "p4_sizes": (100_000, 10_000_000), "p4_queries": 200},
 }
-FIGURES = ("P2", "P1", "B", "P3", "P6", "P5")
-OPT_IN_FIGURES = ("P1Q",)  # not in the default run (names are upper-cased when parsed)
+FIGURES = ("P2", "P1", "B", "P3", "P6", "P5", "M")
+OPT_IN_FIGURES = ("P1Q", "P4")  # not in the default run (names are upper-cased when parsed)
+# M: the build's budget and index. 1.2 GB is ~0.6 GB of process (interpreter, torch, the model) + ~0.25 GB of
+# encoding activations + room for FAISS; with "full"'s 100k vectors the 1M-vector training sample gets capped.
+M_BUDGET = "1.2GB"
+M_FACTORY = "IVF256,SQ8"
+P4_NPROBE = 16
+P4_K = 4096  # NPMConfig's default k
+P4_ROUNDS = 3
 # P3: the approximate indexes compared with exact search, their nprobe, and the k of its agreement/latency columns.
 P3_NPROBE = 16
 P3_KS = (10, 4096)
@@ -646,12 +663,90 @@ def figure_p5(documents, workdir: Path, settings: dict) -> None:
          f"{npm_step:.2f}s")
 
 
+# -------------------------------------------------------------------------------------------------------- M
+def _child(script: str, *args) -> dict:
+    """Run a benchmarks/ script in a process of its own; its last stdout line is a JSON object."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name(script)), *map(str, args)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{script} failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _mb(size: float) -> str:
+    return f"{size / 1e6:.0f} MB"
+
+
+def figure_m(documents: list[dict], workdir: Path) -> None:
+    corpus = workdir / "m-corpus.jsonl"
+    with open(corpus, "w", encoding="utf-8") as handle:
+        for document in documents:
+            handle.write(json.dumps(document, ensure_ascii=False) + "\n")
+    try:
+        got = _child("build_memory.py", workdir / "npm-minilm", corpus, workdir / "m-index", M_BUDGET, M_FACTORY)
+    except RuntimeError as error:  # e.g. the budget refused on a machine whose libraries take more memory
+        emit("M", float("nan"), "<= 1", f"build failed under --max-memory {M_BUDGET}: {error}")
+        return
+    plan = got["plan"]
+    capped = min(got["num_indexed"], 1_000_000) > got["train_sample_fits"]
+    emit("M", got["peak_rss"] / got["budget"], "<= 1",
+         f"peak RSS {_mb(got['peak_rss'])} (ru_maxrss; peak anonymous {_mb(got['peak_anonymous'])}, sampled) / "
+         f"--max-memory {M_BUDGET}; {got['num_indexed']} vectors, {got['factory']}, training sample "
+         f"{'capped to ' + str(got['train_sample_fits']) if capped else 'not capped'}, {got['seconds']}s. Process "
+         f"after imports {_mb(got['after_imports'])}, model alone +{_mb(got['after_model'] - got['after_imports'])}; "
+         f"the build's plan: resident at start {_mb(plan['baseline'])} + encoding {_mb(plan['encoding'])} + "
+         f"{_mb(plan['available_for_faiss'])} left for FAISS; vectors on disk {_mb(got['vectors_bytes'])}")
+
+
+# ------------------------------------------------------------------------------------------------------- P4
+def bench_cache() -> Path:
+    return Path(os.environ.get("NPM_HF_BENCH_CACHE", Path.home() / ".cache" / "npm_hf_bench"))
+
+
+def figure_p4(settings: dict) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import synthetic_index
+
+    small, large = settings["p4_sizes"]
+    directories, stats, rounds = {}, {}, {small: [], large: []}
+    for size in (small, large):
+        directories[size] = bench_cache() / f"synthetic-{size:.0e}".replace("+0", "").replace("+", "")
+        log.info(f"P4: synthetic index of {size} vectors at {directories[size]} (written once, then cached)")
+        stats[size] = synthetic_index.ensure(directories[size], size)
+    for _ in range(P4_ROUNDS):  # alternating, each in a fresh process; the best p50 of each (noise only adds time)
+        for size in (small, large):
+            rounds[size].append(_child("search_scaling.py", directories[size], P4_NPROBE, P4_K,
+                                       settings["p4_queries"]))
+    results = {size: min(runs, key=lambda run: run["p50_seconds"]) for size, runs in rounds.items()}
+    big = results[large]
+    grew = {name: big["memory_after_load"][name] - big["memory_before_load"][name] for name in ("VmRSS", "RssAnon")}
+    data = sum(big["index_bytes"].values())
+    emit("P4", big["p50_seconds"] / results[small]["p50_seconds"], "<= 3",
+         f"p50 NPMIndex.search {big['p50_seconds'] * 1e3:.1f} ms at {large} vectors ({big['factory']}) / "
+         f"{results[small]['p50_seconds'] * 1e3:.1f} ms at {small} ({results[small]['factory']}); nprobe "
+         f"{P4_NPROBE}, k {P4_K}, query of 2 vectors, {big['num_queries']} queries after 10 warm-up (p90 "
+         f"{big['p90_seconds'] * 1e3:.1f} / {results[small]['p90_seconds'] * 1e3:.1f} ms; first query "
+         f"{big['first_query_seconds'] * 1e3:.0f} / {results[small]['first_query_seconds'] * 1e3:.0f} ms; best of "
+         f"{P4_ROUNDS} alternating rounds, p50s ms {[round(r['p50_seconds'] * 1e3, 1) for r in rounds[large]]} / "
+         f"{[round(r['p50_seconds'] * 1e3, 1) for r in rounds[small]]}). "
+         f"NPMIndex.load of {large}: {big['load_seconds']}s, RSS +{_mb(grew['VmRSS'])} (anonymous "
+         f"+{_mb(grew['RssAnon'])}) for {_mb(data)} on disk (vectors {_mb(big['index_bytes']['vectors.npy'])}, "
+         f"index.faiss {_mb(big['index_bytes']['index.faiss'])}); after the searches RSS "
+         f"{_mb(big['memory_after_search']['VmRSS'])}, of which mapped file pages "
+         f"{_mb(big['memory_after_search']['RssFile'])} (page cache, reclaimable). Synthetic clustered vectors, "
+         f"IVF centroids = generating centres (agreement with FAISS's assignment on a sample: "
+         f"{stats[large]['assignment_agreement']:.3f})")
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="Smaller corpora and fewer rounds (< 5 minutes).")
     parser.add_argument("--figures", default=",".join(FIGURES),
-                        help=f"Comma-separated figures to measure (default: all of {','.join(FIGURES)}; opt-in: P1q).")
+                        help=f"Comma-separated figures to measure (default: all of {','.join(FIGURES)}; "
+                             "opt-in: P1q, P4).")
     args = parser.parse_args(argv)
     settings = SETTINGS["quick" if args.quick else "full"]
     figures = {name.strip().upper() for name in args.figures.split(",") if name.strip()}
@@ -701,6 +796,10 @@ def main(argv=None) -> None:
             gc.collect()
         if "P5" in figures:
             figure_p5(take_documents(documents, counts, settings["p2_tokens"]), workdir, settings)
+        if "M" in figures:
+            figure_m(take_documents(documents, counts, settings["m_tokens"]), workdir)
+        if "P4" in figures:
+            figure_p4(settings)
     log.info(f"Done in {time.perf_counter() - started:.0f}s")
 
 

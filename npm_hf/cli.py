@@ -3,7 +3,7 @@
     npm-hf convert --encoder PATH --output DIR [--mode span|single]
     npm-hf convert --checkpoint npm.ckpt --base roberta-large --output DIR
     npm-hf build-index --model DIR --corpus FILE [--output DIR/index] [--block-size 256] [--batch-size N]
-                       [--faiss-factory Flat | --faiss-factory auto --max-memory 2GB] [--max-shard-size 10GB]
+                       [--faiss-factory Flat | --faiss-factory auto] [--max-memory 8GB] [--max-shard-size 10GB]
     npm-hf index add --index DIR --model DIR --corpus FILE
     npm-hf index delete --index DIR --ids ID1,ID2
     npm-hf fill-mask --model DIR [--top-k 5] [--prefilter bm25|dense] [--nprobe N] [--ef-search N] [--json] "text with a [MASK]"

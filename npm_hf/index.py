@@ -19,6 +19,7 @@ A build writes into a hidden temporary sibling directory and renames it into pla
 interrupted build never leaves a directory that loads.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .corpus import SPECIAL, CorpusStats, iter_documents, tokenize_documents
+from .corpus import SPECIAL, TOKEN_DTYPE, CorpusStats, iter_documents, tokenize_documents
 
 
 logger = logging.get_logger(__name__)
@@ -58,6 +59,10 @@ DOCUMENT_OFFSETS_FILE = "document_offsets.npy"
 # verify="fast" hashes files up to this size on every load; larger ones are checked by size (all with "full").
 _FAST_VERIFY_MAX_BYTES = 64 << 20
 _FAISS_ADD_CHUNK = 65536
+# Flat (exact) indexes up to this many vectors are filled into FAISS when loaded (a float32 copy in RAM, 1.5 GiB at
+# d=384: fast searches); larger ones are searched chunk by chunk over the memory-mapped float16 vectors instead.
+FLAT_FILL_MAX_VECTORS = 1 << 20
+_STREAM_CHUNK_ROWS = 1 << 16
 AUTO_FACTORY = "auto"
 # FAISS's k-means asks for this many training points per centroid (it warns below); fewer than 1 per centroid fails.
 _POINTS_PER_CENTROID = 39
@@ -87,8 +92,11 @@ class IndexBuildArguments:
     )
     max_memory: str | None = field(
         default=None,
-        metadata={"help": "With faiss_factory='auto': memory budget of the FAISS index, e.g. 2GB or 512MiB "
-                          "(the vectors are memory-mapped and not counted)."},
+        metadata={"help": "Memory budget of the whole build, e.g. 8GB or 512MiB: the process's resident memory "
+                          "(interpreter, libraries, model weights, encoding batches, FAISS training sample and "
+                          "index). The build caps the training sample to it and refuses, before encoding, a "
+                          "faiss_factory that cannot fit; 'auto' picks a factory that fits. Memory-mapped files "
+                          "(vectors, token arrays) are not counted: the kernel pages them in and out."},
     )
     train_sample_size: int = field(
         default=1_000_000, metadata={"help": "Vectors sampled to train FAISS indexes that need training."}
@@ -112,11 +120,6 @@ class IndexBuildArguments:
             )
         if not self.faiss_factory.strip():
             raise ValueError("IndexBuildArguments.faiss_factory must be a FAISS factory string such as 'Flat'.")
-        if self.max_memory is not None and self.faiss_factory != AUTO_FACTORY:
-            raise ValueError(
-                f"IndexBuildArguments.max_memory only applies to faiss_factory='auto', got {self.faiss_factory!r}; "
-                "drop max_memory (CLI: --max-memory) or pass --faiss-factory auto."
-            )
         if self.max_memory is not None:
             parse_memory_size(self.max_memory)  # a malformed size fails here, before any work
         if parse_shard_size(self.max_shard_size) > _HUB_MAX_FILE_BYTES:
@@ -399,8 +402,10 @@ def open_vector_shards(directory: Path, layout: list[dict], hidden_size: int) ->
     """The vector shards of an index directory, memory-mapped read-only (never unpickled)."""
     shards = []
     for s in layout:
+        mapped = np.load(directory / s["file"], mmap_mode="r", allow_pickle=False)
+        _advise_random_access(mapped)
         # np.asarray: a plain ndarray view of the map (no copy); np.memmap's indexing is much slower.
-        shard = np.asarray(np.load(directory / s["file"], mmap_mode="r", allow_pickle=False))
+        shard = np.asarray(mapped)
         if shard.dtype != np.float16 or shard.shape != (s["stop"] - s["start"], hidden_size):
             raise NPMIndexError(
                 f"{directory / s['file']} holds {shard.dtype} {shard.shape}, the manifest says float16 "
@@ -408,6 +413,14 @@ def open_vector_shards(directory: Path, layout: list[dict], hidden_size: int) ->
             )
         shards.append(shard)
     return ShardedArray(shards)
+
+
+def _advise_random_access(mapped: np.memmap) -> None:
+    """Searches read scattered rows (8192 per query at k=4096): without this hint, each row not in the page cache
+    makes the kernel read its mmap read-around window (~128 KB) from disk instead of one page."""
+    handle = getattr(mapped, "_mmap", None)  # the mmap.mmap under an np.memmap (None for an empty file)
+    if handle is not None and hasattr(mmap, "MADV_RANDOM"):
+        handle.madvise(mmap.MADV_RANDOM)
 
 
 def _check_layout(path: Path, layout: list[dict], num_rows: int) -> None:
@@ -444,6 +457,8 @@ class NPMIndex:
         import faiss
 
         self.exact_search = isinstance(faiss.downcast_index(faiss_index), faiss.IndexFlat)
+        # an exact index too large to fill into FAISS at load: searched over the memory-mapped vectors
+        self.streamed_exact_search = self.exact_search and faiss_index.ntotal == 0 and manifest.num_indexed_tokens > 0
         self._search_names = search_parameter_names(faiss_index)
         self._search_defaults = _current_search_parameters(faiss_index)
         self._search_applied = dict(self._search_defaults)
@@ -492,12 +507,15 @@ class NPMIndex:
             stats = _write_corpus(staging, corpus, tokenizer, args)
             ids = np.load(staging / TOKEN_FILES["token_ids"], mmap_mode="r")
             flags = np.load(staging / TOKEN_FILES["token_flags"], mmap_mode="r")
-            positions = np.flatnonzero((flags & SPECIAL) == 0).astype(np.int64)
-            np.save(staging / POSITIONS_FILE, positions)
+            _write_positions(staging, flags)
+            positions = np.load(staging / POSITIONS_FILE, mmap_mode="r")
+            memory = BuildMemoryPlan.measure(model, args, len(positions), stats.num_documents)
             if faiss_index is None:
-                factory = suggest_faiss_factory(len(positions), hidden_size, _memory_budget(args))
+                factory = suggest_faiss_factory(len(positions), hidden_size, memory and memory.faiss_budget())
                 logger.info(f"faiss_factory='auto' chose {factory!r} for {len(positions)} vectors.")
                 faiss_index = _new_faiss_index(hidden_size, factory)
+            if memory is not None:  # refuses a factory that cannot fit, before encoding; caps the training sample
+                args = memory.fit(faiss_index, factory, args)
             check_training_size(faiss_index, factory, len(positions), args.train_sample_size)  # before encoding
             max_shard_bytes = parse_shard_size(args.max_shard_size)
             layout = shard_layout(len(positions), hidden_size, max_shard_bytes)
@@ -524,7 +542,7 @@ class NPMIndex:
                 vector_shards=layout,
                 max_shard_bytes=max_shard_bytes,
             )
-            del ids, flags
+            del ids, flags, faiss_index, on_vectors  # the reload below reads index.faiss itself
             _publish(staging, output_dir, manifest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -537,8 +555,6 @@ class NPMIndex:
     def load(cls, path, verify: str = "fast") -> "NPMIndex":
         """Open an index directory. `verify`: "fast" checks every file's size and the checksums of files up to
         64 MiB, "full" hashes every file, "none" only checks sizes."""
-        import faiss
-
         path = Path(path)
         if verify not in ("none", "fast", "full"):
             raise ValueError(f"verify={verify!r}; use 'none', 'fast' or 'full'.")
@@ -566,18 +582,22 @@ class NPMIndex:
             positions = np.asarray(np.load(path / POSITIONS_FILE, mmap_mode="r", allow_pickle=False))
             vectors = open_vector_shards(path, vector_layout(manifest), manifest.hidden_size)
             offsets = np.load(path / DOCUMENT_OFFSETS_FILE, allow_pickle=False)
-            faiss_index = faiss.read_index(str(path / FAISS_FILE))
+            faiss_index = read_faiss_index(path / FAISS_FILE)
         except NPMIndexError:
             raise
         except (ValueError, OSError, RuntimeError) as error:
             raise NPMIndexError(f"Index files in {path} are corrupted ({error}); rebuild the index.") from None
-        if _is_flat(faiss_index) and faiss_index.ntotal == 0 and faiss_index.d == vectors.shape[1]:
-            _fill_flat_from_vectors(faiss_index, vectors)  # flat indexes are stored empty (see build)
+        # Flat indexes are stored empty (see build): filled from the vectors here up to FLAT_FILL_MAX_VECTORS,
+        # searched by streaming over the memory-mapped vectors above (`search`).
+        streamed = _is_flat(faiss_index) and faiss_index.ntotal == 0 and len(vectors) > FLAT_FILL_MAX_VECTORS
+        if _is_flat(faiss_index) and faiss_index.ntotal == 0 and faiss_index.d == vectors.shape[1] and not streamed:
+            _fill_flat_from_vectors(faiss_index, vectors)
+        faiss_rows = len(vectors) if streamed else faiss_index.ntotal
         expected = {
             **{name: (array.shape[:1], (manifest.num_tokens,)) for name, array in token_arrays.items()},
             "positions": (positions.shape, (manifest.num_indexed_tokens,)),
             "vectors": (vectors.shape, (manifest.num_indexed_tokens, manifest.hidden_size)),
-            "faiss": ((faiss_index.ntotal, faiss_index.d), (manifest.num_indexed_tokens, manifest.hidden_size)),
+            "faiss": ((faiss_rows, faiss_index.d), (manifest.num_indexed_tokens, manifest.hidden_size)),
             "documents": ((len(offsets) - 1,), (manifest.num_documents,)),
         }
         for name, (got, want) in expected.items():
@@ -667,6 +687,8 @@ class NPMIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.exact_search:  # a flat index holds the stored vectors themselves: its scores are already exact
             self.check_search_parameters(nprobe, ef_search)
+            if self.streamed_exact_search:
+                return streamed_exact_search(self.vectors, queries, min(int(k), self.num_indexed))
             return self.faiss_index.search(queries, min(int(k), self.num_indexed))
         return self.rescore(queries, self.candidate_rows(queries, k, nprobe=nprobe, ef_search=ef_search))
 
@@ -767,17 +789,23 @@ class NPMIndex:
 
 # --------------------------------------------------------------------------------------------- build stages
 def _write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) -> CorpusStats:
-    """Tokenize every document; write documents.jsonl, its offsets and the per-token arrays."""
+    """Tokenize every document; write documents.jsonl, its offsets and the per-token arrays. Token records stream
+    to raw files as documents are tokenized (memory stays flat whatever the corpus size) and become .npy files at
+    the end, byte for byte what `np.save` writes."""
     from tqdm.auto import tqdm
 
     stats = CorpusStats()
-    chunks, offsets = [], [0]
-    with open(staging / DOCUMENTS_FILE, "wb") as handle:
+    offsets = [0]
+    raw = {name: staging / f".{file}.raw" for name, file in TOKEN_FILES.items()}
+    with open(staging / DOCUMENTS_FILE, "wb") as handle, contextlib.ExitStack() as stack:
+        columns = {name: stack.enter_context(open(path, "wb")) for name, path in raw.items()}
         documents = tqdm(iter_documents(corpus), desc="Tokenizing corpus", unit="doc",
                          disable=not args.show_progress_bar)
         for document, records in tokenize_documents(documents, tokenizer, stats):
-            records["doc"] = stats.num_documents - 1
-            chunks.append(records)
+            columns["token_ids"].write(records["id"].tobytes())
+            columns["token_flags"].write(records["flags"].tobytes())
+            columns["token_docs"].write(np.full(len(records), stats.num_documents - 1, np.int32).tobytes())
+            columns["token_offsets"].write(np.stack([records["start"], records["end"]], axis=1).tobytes())
             line = json.dumps({"id": document["id"], "title": document["title"], "text": document["text"]},
                               ensure_ascii=False).encode("utf-8") + b"\n"
             handle.write(line)
@@ -790,13 +818,41 @@ def _write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) -
             + (f" ({stats.num_skipped_empty} empty ones skipped)" if stats.num_skipped_empty else "")
             + "; an index needs at least one document with text."
         )
-    tokens = np.concatenate(chunks)
-    np.save(staging / TOKEN_FILES["token_ids"], tokens["id"])
-    np.save(staging / TOKEN_FILES["token_flags"], tokens["flags"])
-    np.save(staging / TOKEN_FILES["token_docs"], tokens["doc"])
-    np.save(staging / TOKEN_FILES["token_offsets"], np.stack([tokens["start"], tokens["end"]], axis=1))
+    row_shapes = {"token_ids": (), "token_flags": (), "token_docs": (), "token_offsets": (2,)}
+    for name, file in TOKEN_FILES.items():
+        dtype = TOKEN_DTYPE[_TOKEN_FIELDS[name]]
+        _raw_to_npy(raw[name], staging / file, dtype, (stats.num_tokens, *row_shapes[name]))
     np.save(staging / DOCUMENT_OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
     return stats
+
+
+# the TOKEN_DTYPE field each token file stores (token_offsets: start and end)
+_TOKEN_FIELDS = {"token_ids": "id", "token_flags": "flags", "token_docs": "doc", "token_offsets": "start"}
+
+
+def _raw_to_npy(raw: Path, npy: Path, dtype: np.dtype, shape: tuple) -> None:
+    """Turn a file of raw C-order `dtype` values into the .npy file `np.save` would write, without reading it
+    into memory (a header, then the bytes); the raw file is removed."""
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if raw.stat().st_size != expected:  # a bug, not bad input: the columns were written in step
+        raise RuntimeError(f"{raw} holds {raw.stat().st_size} bytes, expected {expected} for {shape} {dtype}.")
+    with open(npy, "wb") as out, open(raw, "rb") as source:
+        np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                   "fortran_order": False, "shape": tuple(shape)})
+        shutil.copyfileobj(source, out, 1 << 22)
+    raw.unlink()
+
+
+def _write_positions(staging: Path, flags: np.ndarray, chunk: int = 1 << 22) -> None:
+    """positions.npy: the corpus position of every non-special token, computed chunk by chunk."""
+    raw = staging / f".{POSITIONS_FILE}.raw"
+    count = 0
+    with open(raw, "wb") as out:
+        for lo in range(0, len(flags), chunk):
+            rows = np.flatnonzero((np.asarray(flags[lo : lo + chunk]) & SPECIAL) == 0).astype(np.int64) + lo
+            out.write(rows.tobytes())
+            count += len(rows)
+    _raw_to_npy(raw, staging / POSITIONS_FILE, np.dtype(np.int64), (count,))
 
 
 def _encode_blocks(staging: Path, model, ids, flags, layout: list[dict], args: IndexBuildArguments,
@@ -864,6 +920,44 @@ def _is_flat(index) -> bool:
 def _fill_flat_from_vectors(index, vectors: np.ndarray) -> None:
     for lo in range(0, len(vectors), _FAISS_ADD_CHUNK):
         index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
+
+
+# FAISS file types of flat indexes ("IxFI" inner product, "IxF2" L2, "IxFl" older): stored empty by a build and
+# filled at load, so they are read plainly (an index whose codes are memory-mapped cannot grow).
+_FLAT_FOURCCS = (b"IxFI", b"IxF2", b"IxFl")
+
+
+def read_faiss_index(path: Path):
+    """Read index.faiss with its codes and inverted lists memory-mapped from the file, not copied into RAM: a
+    10^7-vector IVF index opens in milliseconds and only the lists a search visits are paged in."""
+    import faiss
+
+    with open(path, "rb") as handle:
+        fourcc = handle.read(4)
+    flags = 0 if fourcc in _FLAT_FOURCCS else faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+    return faiss.read_index(str(path), flags)
+
+
+def streamed_exact_search(vectors, queries: np.ndarray, k: int,
+                          chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner products of `queries` with all `vectors` (float16 rows, e.g. memory-mapped shards),
+    chunk by chunk with a running top-k, as FAISS's IndexFlatIP would return them (best first) without a float32
+    copy of the vectors in memory."""
+    chunk_rows = chunk_rows or _STREAM_CHUNK_ROWS
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_rows = np.zeros((len(queries), 0), dtype=np.int64)
+    for lo in range(0, len(vectors), chunk_rows):
+        chunk = np.asarray(vectors[lo : lo + chunk_rows], dtype=np.float32)
+        scores = np.concatenate([best_scores, queries @ chunk.T], axis=1)
+        rows = np.concatenate([best_rows, np.broadcast_to(np.arange(lo, lo + len(chunk)), (len(queries), len(chunk)))],
+                              axis=1)
+        if scores.shape[1] > k:
+            keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            scores, rows = np.take_along_axis(scores, keep, axis=1), np.take_along_axis(rows, keep, axis=1)
+        best_scores, best_rows = scores, rows
+    order = np.lexsort((best_rows, -best_scores), axis=1)  # best first; ties by row, as FAISS
+    return np.take_along_axis(best_scores, order, axis=1), np.take_along_axis(best_rows, order, axis=1)
 
 
 def _new_faiss_index(hidden_size: int, factory: str):
@@ -963,8 +1057,125 @@ def parse_memory_size(text) -> int:
     return int(float(match.group(1)) * _MEMORY_UNITS[unit])
 
 
-def _memory_budget(args: IndexBuildArguments) -> int | None:
-    return None if args.max_memory is None else parse_memory_size(args.max_memory)
+# ------------------------------------------------------------------------------------------- build memory
+# float32 bytes per dimension of each training vector at the peak of FAISS training: the float16 gather (2), its
+# float32 copy (4), and the residuals IVF codecs train on (4).
+_TRAIN_BYTES_PER_DIM = 10
+
+
+def process_resident_bytes() -> int | None:
+    """Resident memory of this process now (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _format_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(size) < 1000:
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1000
+    return f"{size:.1f}TB"
+
+
+def encoding_peak_bytes(config, batch_size: int, block_size: int) -> int:
+    """Activations of one inference forward pass of a BERT-like encoder over `batch_size` blocks (float32): the
+    largest layer's hidden states, attention scores and feed-forward, plus the kept last hidden state."""
+    config = getattr(config, "encoder", config)
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    heads = getattr(config, "num_attention_heads", None) or max(1, hidden // 64)
+    return 4 * batch_size * block_size * (8 * hidden + 2 * intermediate + 3 * heads * block_size)
+
+
+def faiss_memory_bytes(index, num_vectors: int) -> int:
+    """RAM a FAISS index over `num_vectors` vectors takes while a build fills and writes it. A flat index is
+    stored empty: it costs its float32 copy when the build's reload fills it (up to FLAT_FILL_MAX_VECTORS)."""
+    d = index.d
+    if _is_flat(index):
+        return 4 * d * num_vectors if num_vectors <= FLAT_FILL_MAX_VECTORS else 0
+    ivf = _extract_ivf(index)
+    if ivf is not None:
+        return num_vectors * (ivf.code_size + 8) + faiss_memory_bytes(ivf.quantizer, ivf.nlist)
+    core = _core_index(index)
+    if hasattr(core, "hnsw"):
+        storage = _core_index(core.storage)
+        links = 4 * core.hnsw.nb_neighbors(0) * 1.1 + 16  # level-0 links, upper levels (~1/M of the nodes), offsets
+        return int(num_vectors * (getattr(storage, "code_size", 4 * d) + links))
+    return num_vectors * getattr(core, "code_size", 4 * d)
+
+
+@dataclass
+class BuildMemoryPlan:
+    """The resident memory a build needs, stage by stage, against its budget (`IndexBuildArguments.max_memory`)."""
+
+    budget: int
+    baseline: int  # the process before encoding: interpreter, libraries, the model's weights
+    encoding: int  # activations of one batch
+    metadata: int  # document offsets (the token arrays and positions are memory-mapped)
+    num_vectors: int
+    hidden_size: int
+
+    @classmethod
+    def measure(cls, model, args: IndexBuildArguments, num_vectors: int, num_documents: int):
+        """The plan of a build of `num_vectors` vectors, or None without a budget. Raises ValueError when the
+        budget cannot hold encoding at all."""
+        if args.max_memory is None:
+            return None
+        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        plan = cls(budget=parse_memory_size(args.max_memory), baseline=process_resident_bytes() or weights,
+                   encoding=encoding_peak_bytes(model.config, args.batch_size, args.block_size),
+                   metadata=48 * num_documents, num_vectors=num_vectors, hidden_size=model.config.hidden_size)
+        if plan.available() < 0:
+            fixed = plan.baseline + plan.encoding + plan.metadata
+            raise ValueError(
+                f"max_memory={args.max_memory} is less than encoding alone needs: {_format_bytes(plan.baseline)} "
+                f"already resident (interpreter, libraries, the model's {_format_bytes(weights)} of weights) + "
+                f"{_format_bytes(plan.encoding)} of activations for batch_size={args.batch_size} blocks of "
+                f"{args.block_size} tokens + {_format_bytes(plan.metadata)} of document offsets. Raise "
+                f"max_memory (CLI: --max-memory) to at least {_format_bytes(fixed)}, more for FAISS, or lower "
+                "batch_size (--batch-size)."
+            )
+        return plan
+
+    def available(self) -> int:
+        """Bytes left for FAISS (training sample, or index plus one add chunk) after the fixed costs."""
+        return self.budget - self.baseline - self.encoding - self.metadata
+
+    def add_chunk(self) -> int:
+        return min(self.num_vectors, _FAISS_ADD_CHUNK) * self.hidden_size * 6  # float16 rows + float32 copy
+
+    def faiss_budget(self) -> int:
+        """What faiss_factory='auto' may spend on the index, keeping room for one add chunk."""
+        return max(self.available() - self.add_chunk(), 1)
+
+    def fit(self, index, factory: str, args: IndexBuildArguments) -> IndexBuildArguments:
+        """`args` with train_sample_size capped to what the budget holds (with a warning); ValueError when
+        `index` itself cannot fit, naming a factory that would."""
+        needed = faiss_memory_bytes(index, self.num_vectors) + self.add_chunk()
+        if needed > self.available():
+            try:
+                hint = (f"'{suggest_faiss_factory(self.num_vectors, self.hidden_size, self.faiss_budget())}' fits "
+                        "(or pass faiss_factory='auto', CLI: --faiss-factory auto)")
+            except ValueError:
+                hint = "no FAISS index fits"
+            raise ValueError(
+                f"The FAISS index {factory!r} over {self.num_vectors} vectors needs about {_format_bytes(needed)} of "
+                f"RAM, but max_memory={_format_bytes(self.budget)} leaves {_format_bytes(self.available())} after "
+                f"the process ({_format_bytes(self.baseline)}), encoding ({_format_bytes(self.encoding)}) and "
+                f"document offsets ({_format_bytes(self.metadata)}): {hint}. Raise max_memory (CLI: --max-memory) "
+                "or choose a smaller index."
+            )
+        if index.is_trained:
+            return args
+        fitting = max(self.available() // (_TRAIN_BYTES_PER_DIM * self.hidden_size), 1)
+        if fitting >= min(args.train_sample_size, self.num_vectors):
+            return args
+        logger.warning(f"Training FAISS on {fitting} sampled vectors instead of train_sample_size="
+                       f"{args.train_sample_size}: more would not fit max_memory={_format_bytes(self.budget)}.")
+        return dataclasses.replace(args, train_sample_size=int(fitting))
 
 
 def _ivf_lists(num_vectors: int) -> int:
