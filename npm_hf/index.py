@@ -26,7 +26,6 @@ import json
 import mmap
 import os
 import shutil
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,12 +97,25 @@ class IndexBuildArguments:
         metadata={"help": "Largest vectors file, in bytes or as e.g. 500MB, 10GB or 2GiB; larger vectors are split "
                           "into vectors-00000-of-0000N.npy shards (the Hub refuses files above 50GB)."},
     )
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing index at the output path."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace an existing index at the output path (and an interrupted build's partial work)."},
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue an interrupted build of the same output (kept in the hidden .NAME.partial "
+                          "directory beside it) from the work units it finished."},
+    )
+    blocks_per_unit: int = field(
+        default=256,
+        metadata={"help": "Blocks per resumable work unit (rounded up to whole batches): what a process encodes "
+                          "and saves at a time, and what a resumed build does not encode again."},
+    )
     show_progress_bar: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
     seed: int = field(default=0, metadata={"help": "Seed of the FAISS training sample."})
 
     def __post_init__(self):
-        for name in ("block_size", "batch_size", "train_sample_size"):
+        for name in ("block_size", "batch_size", "train_sample_size", "blocks_per_unit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"IndexBuildArguments.{name} must be >= 1, got {getattr(self, name)}.")
         if self.block_size < 3:
@@ -466,7 +478,10 @@ class NPMIndex:
     # ----------------------------------------------------------------------------------------------- building
     @classmethod
     def build(cls, model, tokenizer, corpus, output_dir, args: IndexBuildArguments | None = None) -> "NPMIndex":
-        """Encode `corpus` with `model` and write an index to `output_dir` (atomically). Returns the loaded index."""
+        """Encode `corpus` with `model` and write an index to `output_dir` (atomically). Returns the loaded index.
+
+        Under `torchrun` / `accelerate launch` every process encodes its share; `args.resume` continues an
+        interrupted build. See `index_build`."""
         args = args or IndexBuildArguments()
         limit = getattr(model.config, "max_input_length", None)
         if limit is not None and args.block_size > limit:
@@ -474,62 +489,9 @@ class NPMIndex:
                 f"block_size={args.block_size} is longer than the encoder accepts ({limit} tokens); "
                 f"use block_size <= {limit} (CLI: --block-size {limit})."
             )
-        output_dir = Path(output_dir)
-        if output_dir.exists() and not args.overwrite:
-            raise FileExistsError(
-                f"{output_dir} already exists. Pass overwrite=True (CLI: --overwrite) to replace it, or choose "
-                "another output directory."
-            )
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
-        staging.mkdir()
-        try:
-            started = time.perf_counter()
-            hidden_size = model.config.hidden_size
-            factory = args.faiss_factory
-            # A bad factory fails before any work; "auto" is resolved once the number of vectors is known.
-            faiss_index = None if factory == AUTO_FACTORY else _new_faiss_index(hidden_size, factory)
-            stats = _write_corpus(staging, corpus, tokenizer, args)
-            ids = np.load(staging / TOKEN_FILES["token_ids"], mmap_mode="r")
-            flags = np.load(staging / TOKEN_FILES["token_flags"], mmap_mode="r")
-            positions = np.flatnonzero((flags & SPECIAL) == 0).astype(np.int64)
-            np.save(staging / POSITIONS_FILE, positions)
-            if faiss_index is None:
-                factory = suggest_faiss_factory(len(positions), hidden_size, _memory_budget(args))
-                logger.info(f"faiss_factory='auto' chose {factory!r} for {len(positions)} vectors.")
-                faiss_index = _new_faiss_index(hidden_size, factory)
-            check_training_size(faiss_index, factory, len(positions), args.train_sample_size)  # before encoding
-            max_shard_bytes = parse_shard_size(args.max_shard_size)
-            layout = shard_layout(len(positions), hidden_size, max_shard_bytes)
-            # A flat index is saved empty and filled from the vectors on load (same values, half the disk);
-            # other indexes that need no training (HNSW) take each batch as it is encoded: no second pass.
-            on_vectors = faiss_index.add if faiss_index.is_trained and not _is_flat(faiss_index) else None
-            _encode_blocks(staging, model, ids, flags, layout, args, on_vectors=on_vectors)
-            _finish_faiss(staging, faiss_index, open_vector_shards(staging, layout, hidden_size), args)
-            manifest = IndexManifest(
-                format_version=layout_format_version(layout),
-                encoder_fingerprint=encoder_fingerprint(model),
-                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                encoder_name_or_path=str(getattr(model, "name_or_path", "")),
-                hidden_size=hidden_size,
-                block_size=args.block_size,
-                faiss_factory=factory,
-                num_documents=stats.num_documents,
-                num_skipped_empty_documents=stats.num_skipped_empty,
-                num_tokens=stats.num_tokens,
-                num_indexed_tokens=len(positions),
-                num_blocks=-(-stats.num_tokens // args.block_size),
-                build_seconds=round(time.perf_counter() - started, 3),
-                versions=_versions(),
-                vector_shards=layout,
-                max_shard_bytes=max_shard_bytes,
-            )
-            del ids, flags
-            _publish(staging, output_dir, manifest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        logger.info(f"Built {manifest.num_indexed_tokens} token vectors from {manifest.num_documents} documents.")
+        from .index_build import build_index_directory
+
+        build_index_directory(model, tokenizer, corpus, Path(output_dir), args)
         return cls.load(output_dir, verify="none")  # just written and hashed
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -537,8 +499,6 @@ class NPMIndex:
     def load(cls, path, verify: str = "fast") -> "NPMIndex":
         """Open an index directory. `verify`: "fast" checks every file's size and the checksums of files up to
         64 MiB, "full" hashes every file, "none" only checks sizes."""
-        import faiss
-
         path = Path(path)
         if verify not in ("none", "fast", "full"):
             raise ValueError(f"verify={verify!r}; use 'none', 'fast' or 'full'.")
@@ -566,7 +526,7 @@ class NPMIndex:
             positions = np.asarray(np.load(path / POSITIONS_FILE, mmap_mode="r", allow_pickle=False))
             vectors = open_vector_shards(path, vector_layout(manifest), manifest.hidden_size)
             offsets = np.load(path / DOCUMENT_OFFSETS_FILE, allow_pickle=False)
-            faiss_index = faiss.read_index(str(path / FAISS_FILE))
+            faiss_index = read_faiss(path / FAISS_FILE)
         except NPMIndexError:
             raise
         except (ValueError, OSError, RuntimeError) as error:
@@ -799,16 +759,6 @@ def _write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) -
     return stats
 
 
-def _encode_blocks(staging: Path, model, ids, flags, layout: list[dict], args: IndexBuildArguments,
-                   on_vectors=None) -> None:
-    """Encode every block, streaming the float16 hidden states of non-special tokens into the vector shards of
-    `layout` (and, as float32 copies of exactly those values, to `on_vectors`)."""
-    vectors = create_vector_shards(staging, layout, model.config.hidden_size)
-    encode_into(vectors, 0, model, ids, flags, args, on_vectors=on_vectors)
-    vectors.flush()
-    del vectors
-
-
 def encode_into(vectors: np.ndarray, row: int, model, ids, flags, args: IndexBuildArguments,
                 on_vectors=None) -> int:
     """Encode the tokens `ids` (a run starting at a block boundary) in blocks of `args.block_size` and write the
@@ -866,6 +816,14 @@ def _fill_flat_from_vectors(index, vectors: np.ndarray) -> None:
         index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
 
 
+def read_faiss(path):
+    """Read an index.faiss; an IVF index merged on disk (see `index_build`) maps its index.ivfdata from the same
+    directory (wherever the directory has moved), read-only: searching never writes to it."""
+    import faiss
+
+    return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+
+
 def _new_faiss_index(hidden_size: int, factory: str):
     import faiss
 
@@ -873,21 +831,6 @@ def _new_faiss_index(hidden_size: int, factory: str):
         return faiss.index_factory(hidden_size, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         raise ValueError(f"Invalid FAISS factory string {factory!r}: {error}") from None
-
-
-def _finish_faiss(staging: Path, index, vectors: ShardedArray, args: IndexBuildArguments) -> None:
-    """Train (on a sample of at most train_sample_size vectors) and fill an index that could not take vectors
-    during encoding, then write it."""
-    import faiss
-
-    if not index.is_trained and not _is_flat(index):
-        rng = np.random.default_rng(args.seed)
-        size = min(len(vectors), args.train_sample_size)
-        sample = np.sort(rng.choice(len(vectors), size=size, replace=False))
-        index.train(np.asarray(vectors[sample], dtype=np.float32))
-        for lo in range(0, len(vectors), _FAISS_ADD_CHUNK):
-            index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
-    faiss.write_index(index, str(staging / FAISS_FILE))
 
 
 def _publish(staging: Path, output_dir: Path, manifest: IndexManifest, known_files: dict | None = None) -> None:
