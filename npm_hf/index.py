@@ -12,11 +12,13 @@ Layout of an index directory (`<model>/index` by default); every file loads with
                            max_shard_size, row shards vectors-00000-of-0000N.npy instead (see `shard_layout`)
     index.faiss            FAISS inner-product index over the rows of the vectors (a flat one is stored empty and
                            filled from the vectors when loaded: the same values, without a float32 copy on disk)
+    index.ivfdata          IVF indexes: their inverted lists, merged on disk and memory-mapped when loaded
     documents.jsonl        one {"id", "title", "text"} line per document
     document_offsets.npy   byte offset of every line of documents.jsonl, plus the file size
 
-A build writes into a hidden temporary sibling directory and renames it into place at the end, so an
-interrupted build never leaves a directory that loads.
+A build writes into a hidden sibling directory (`.{name}.partial`, see `index_build`: resumable, and shared by the
+processes of a multi-process build) and renames it into place at the end, so an interrupted build never leaves a
+directory that loads.
 """
 
 import dataclasses
@@ -52,6 +54,7 @@ VECTOR_SHARD_FILE = "vectors-{:05d}-of-{:05d}.npy"
 DEFAULT_MAX_SHARD_SIZE = "10GB"  # the Hub takes up to 50 GB per file and recommends under 20 GB
 _HUB_MAX_FILE_BYTES = 50 * 10**9  # as hub_cards.HUB_MAX_FILE_BYTES (not imported: this module is also remote code)
 FAISS_FILE = "index.faiss"
+IVFDATA_FILE = "index.ivfdata"  # the inverted lists of an IVF index merged on disk (index_build)
 DOCUMENTS_FILE = "documents.jsonl"
 DOCUMENT_OFFSETS_FILE = "document_offsets.npy"
 # verify="fast" hashes files up to this size on every load; larger ones are checked by size (all with "full").
@@ -817,11 +820,24 @@ def _fill_flat_from_vectors(index, vectors: np.ndarray) -> None:
 
 
 def read_faiss(path):
-    """Read an index.faiss; an IVF index merged on disk (see `index_build`) maps its index.ivfdata from the same
-    directory (wherever the directory has moved), read-only: searching never writes to it."""
+    """Read an index.faiss. An IVF index merged on disk (see `index_build`) maps the index.ivfdata beside it,
+    read-only (searches never write to it), wherever the directory has moved."""
     import faiss
 
-    return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    path = Path(path)
+    ivfdata = path.parent / IVFDATA_FILE
+    if not ivfdata.is_file():
+        return faiss.read_index(str(path))
+    # Not IO_FLAG_ONDISK_SAME_DIR: it does the same, but prints to stdout (e.g. into `fill-mask --json`).
+    index = faiss.read_index(str(path), faiss.IO_FLAG_SKIP_IVF_DATA)
+    ivf = _extract_ivf(index)
+    lists = None if ivf is None else faiss.downcast_InvertedLists(ivf.invlists)
+    if not isinstance(lists, faiss.OnDiskInvertedLists):
+        return faiss.read_index(str(path))
+    lists.filename = str(ivfdata)
+    lists.read_only = True
+    lists.do_mmap()
+    return index
 
 
 def _new_faiss_index(hidden_size: int, factory: str):

@@ -37,16 +37,15 @@ import torch
 from transformers.utils import logging
 
 from .corpus import SPECIAL
-from .index import (AUTO_FACTORY, FAISS_FILE, POSITIONS_FILE, TOKEN_FILES, IndexBuildArguments, IndexManifest,
-                    NPMIndexError, _core_index, _extract_ivf, _FAISS_ADD_CHUNK, _is_flat, _memory_budget,
-                    _new_faiss_index, _publish, _versions, _write_corpus, check_training_size, create_vector_shards,
-                    encode_into, encoder_fingerprint, layout_format_version, open_vector_shards, parse_shard_size,
-                    shard_layout, suggest_faiss_factory, tokenizer_fingerprint)
+from .index import (AUTO_FACTORY, FAISS_FILE, IVFDATA_FILE, POSITIONS_FILE, TOKEN_FILES, IndexBuildArguments,
+                    IndexManifest, NPMIndexError, _core_index, _extract_ivf, _FAISS_ADD_CHUNK, _is_flat,
+                    _memory_budget, _new_faiss_index, _publish, _versions, _write_corpus, check_training_size,
+                    create_vector_shards, encode_into, encoder_fingerprint, layout_format_version,
+                    open_vector_shards, parse_shard_size, shard_layout, suggest_faiss_factory, tokenizer_fingerprint)
 
 
 logger = logging.get_logger(__name__)
 
-IVFDATA_FILE = "index.ivfdata"
 PARTIAL_SUFFIX = ".partial"
 _STATE_FILE = "build.json"
 _TOKENIZED_FILE = "tokenized.json"
@@ -74,11 +73,9 @@ class _Processes:
         self.created_group = False
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and dist.is_available() and not dist.is_initialized():
-            # As torchrun / accelerate launch leave it to the script: gloo on CPU, NCCL on one GPU per process.
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend=backend)
+            # torchrun / accelerate launch leave this to the script. The processes only exchange "done / failed"
+            # flags (the vectors go through files), so gloo serves CPUs and GPUs alike.
+            dist.init_process_group(backend="gloo")
             self.created_group = True
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
@@ -168,6 +165,8 @@ def build_index_directory(model, tokenizer, corpus, output_dir: Path, args: Inde
     """Build (or, with `args.resume`, finish) the index at `output_dir`, in this process's share when several run
     (see the module docstring). Returns once the index is in place, on every process."""
     processes = _Processes()
+    if processes.main and processes.world_size > 1:
+        logger.info(f"Building the index at {output_dir} with {processes.world_size} processes.")
     try:
         _build(processes, model, tokenizer, corpus, Path(output_dir), args)
     finally:
