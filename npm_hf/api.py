@@ -6,6 +6,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging
 
@@ -150,6 +151,8 @@ def build_index(model, corpus, output_dir=None, args: IndexBuildArguments | None
         model, loaded_tokenizer = load_npm(model_dir)
         tokenizer = tokenizer or loaded_tokenizer
         output_dir = output_dir or model_dir / model.config.index_subfolder
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():  # one GPU per process
+            model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()))
     if output_dir is None or tokenizer is None:
         raise ValueError("Pass output_dir= and tokenizer= when building an index for a model object.")
     index = NPMIndex.build(model, tokenizer, corpus, output_dir, args)
