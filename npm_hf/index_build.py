@@ -25,6 +25,7 @@ forever. An interrupted build keeps its partial directory once the corpus is tok
 """
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -75,7 +76,8 @@ class _Processes:
         if world > 1 and dist.is_available() and not dist.is_initialized():
             # torchrun / accelerate launch leave this to the script. The processes only exchange "done / failed"
             # flags (the vectors go through files), so gloo serves CPUs and GPUs alike.
-            dist.init_process_group(backend="gloo")
+            # Long timeout: the other processes wait while process 0 tokenizes or merges a large corpus alone.
+            dist.init_process_group(backend="gloo", timeout=datetime.timedelta(hours=24))
             self.created_group = True
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
@@ -122,7 +124,9 @@ def corpus_fingerprint(corpus) -> str:
     """Identify a corpus without reading it twice: a file or directory by its files' names, sizes and modification
     times; a `datasets.Dataset` by its fingerprint; an in-memory list by its content."""
     digest = hashlib.sha256()
-    if isinstance(corpus, (str, os.PathLike)):
+    if isinstance(corpus, (str, os.PathLike)) and not os.path.exists(corpus):
+        digest.update(f"hub dataset:{corpus}".encode())  # a name for datasets.load_dataset
+    elif isinstance(corpus, (str, os.PathLike)):
         root = Path(corpus).resolve()
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         for path in files:
@@ -130,6 +134,8 @@ def corpus_fingerprint(corpus) -> str:
             digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     elif hasattr(corpus, "_fingerprint"):
         digest.update(f"dataset:{corpus._fingerprint}".encode())
+    elif hasattr(corpus, "values") and all(hasattr(split, "_fingerprint") for split in corpus.values()):
+        digest.update(json.dumps({name: split._fingerprint for name, split in corpus.items()}).encode())  # DatasetDict
     else:
         for item in corpus:
             digest.update(json.dumps(item, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")

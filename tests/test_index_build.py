@@ -235,3 +235,40 @@ def test_two_processes_build_the_index_of_one(tmp_path, encoder_dir, npm_dir, co
     assert " on 2 processes" not in one.stdout and "IO_FLAG" not in two.stdout  # nothing from FAISS on loads
     _assert_same_index(NPMIndex.load(tmp_path / "two", verify="full"), NPMIndex.load(tmp_path / "one"))
     assert sorted(os.listdir(tmp_path)) == ["corpus.jsonl", "one", "two"]
+
+
+@pytest.mark.slow
+def test_two_processes_resume_the_build_one_of_them_failed(tmp_path, encoder_dir, npm_dir, corpus_file, big_corpus):
+    if "roberta" in encoder_dir.name:
+        pytest.skip("one tokenizer family is enough for the launchers (each launch takes seconds)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+    script = Path(__file__).parent / "scripts" / "build_index_counting.py"
+
+    def launch(attempt: int, fail_rank: int, corpus, *flags):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(29650 + os.getpid() % 1000 + attempt), str(script), str(fail_rank), "3", "build-index",
+                   "--model", str(npm_dir), "--corpus", str(corpus), "--output", str(tmp_path / "two"), *CLI_FLAGS,
+                   "--faiss-factory", "IVF4,Flat", *flags]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+    failed = launch(0, 1, corpus_file)  # process 1 fails after 3 units; process 0 must not wait forever
+    assert failed.returncode != 0
+    assert "injected failure of process 1" in failed.stderr
+    assert "Another process of the distributed index build failed" in failed.stderr
+    finished = len(list((tmp_path / ".two.partial" / "state" / "units").glob("*.npy")))
+    args = IndexBuildArguments(faiss_factory="IVF4,Flat", **SMALL_UNITS)
+    model = NPMModel.from_pretrained(npm_dir)
+    one = NPMIndex.build(model, AutoTokenizer.from_pretrained(npm_dir), corpus_file, tmp_path / "one", args)
+    num_units = len(index_build.work_units(one.num_tokens, args))
+    assert finished == (num_units + 1) // 2 + 3  # all of process 0's units, three of process 1's
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(doc) + "\n" for doc in big_corpus[:-1]))
+    refused = launch(1, -1, other, "--resume")
+    assert refused.returncode != 0 and "the corpus changed" in refused.stderr
+
+    resumed = launch(2, -1, corpus_file, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    counts = [int(line.split()[3]) for line in resumed.stderr.splitlines() if " encoded " in line]
+    assert len(counts) == 2 and sum(counts) == num_units - finished
+    _assert_same_index(NPMIndex.load(tmp_path / "two", verify="full"), one)
