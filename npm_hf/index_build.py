@@ -195,6 +195,7 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
         raise
     try:
         tokenized = json.loads((state_dir / _TOKENIZED_FILE).read_text())
+        fingerprints = json.loads((state_dir / _STATE_FILE).read_text())  # computed once, by _prepare
         layout = shard_layout(tokenized["num_indexed_tokens"], hidden_size, parse_shard_size(args.max_shard_size))
         if not (state_dir / _VECTORS_DONE).exists():
             processes.run(lambda: _encode_units(processes, index_dir, state_dir, model, args))
@@ -203,8 +204,8 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
             _build_faiss(processes, index_dir, state_dir, layout, hidden_size, tokenized["faiss_factory"], args)
         manifest = IndexManifest(
             format_version=layout_format_version(layout),
-            encoder_fingerprint=encoder_fingerprint(model),
-            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            encoder_fingerprint=fingerprints["encoder"],
+            tokenizer_fingerprint=fingerprints["tokenizer"],
             encoder_name_or_path=str(getattr(model, "name_or_path", "")),
             hidden_size=hidden_size,
             block_size=args.block_size,
