@@ -6,6 +6,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging
 
@@ -138,8 +139,11 @@ def build_index(model, corpus, output_dir=None, args: IndexBuildArguments | None
         model: an NPM directory (its index goes to `<dir>/<config.index_subfolder>` by default) or an `NPMModel`.
         corpus: a list of strings or dicts, a `datasets.Dataset`, or a path to a .txt / .jsonl / saved dataset.
         output_dir: where to write the index; required when `model` is an object.
-        args: [`IndexBuildArguments`] (block size, batch size, FAISS factory, overwrite, ...).
+        args: [`IndexBuildArguments`] (block size, batch size, FAISS factory, overwrite, resume, ...).
         tokenizer: the model's tokenizer; loaded from the directory when `model` is a path.
+
+    Under `torchrun` / `accelerate launch` every process encodes its share of the corpus (see `npm_hf.index_build`);
+    each returns the finished index.
     """
     model_dir = None
     if isinstance(model, (str, os.PathLike)):
@@ -147,10 +151,14 @@ def build_index(model, corpus, output_dir=None, args: IndexBuildArguments | None
         model, loaded_tokenizer = load_npm(model_dir)
         tokenizer = tokenizer or loaded_tokenizer
         output_dir = output_dir or model_dir / model.config.index_subfolder
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():  # one GPU per process
+            model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()))
     if output_dir is None or tokenizer is None:
         raise ValueError("Pass output_dir= and tokenizer= when building an index for a model object.")
     index = NPMIndex.build(model, tokenizer, corpus, output_dir, args)
-    if model_dir is not None and Path(output_dir).resolve() == (model_dir / model.config.index_subfolder).resolve():
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch: process 0 writes
+    if main_process and model_dir is not None and Path(output_dir).resolve() == (
+            model_dir / model.config.index_subfolder).resolve():
         update_model_card(model_dir, index=_index_card_facts(index))  # the model's own index: describe it
     return index
 

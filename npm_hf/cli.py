@@ -4,6 +4,7 @@
     npm-hf convert --checkpoint npm.ckpt --base roberta-large --output DIR
     npm-hf build-index --model DIR --corpus FILE [--output DIR/index] [--block-size 256] [--batch-size N]
                        [--faiss-factory Flat | --faiss-factory auto] [--max-memory 8GB] [--max-shard-size 10GB]
+                       [--resume | --overwrite]
     npm-hf index add --index DIR --model DIR --corpus FILE
     npm-hf index delete --index DIR --ids ID1,ID2
     npm-hf fill-mask --model DIR [--top-k 5] [--prefilter bm25|dense] [--nprobe N] [--ef-search N] [--json] "text with a [MASK]"
@@ -13,12 +14,14 @@
     npm-hf evaluate --model DIR --task sst2 [--data PATH] [--corpus PATH | --index DIR | --evidence-corpus]
                     [--max-examples 3000] [--seed 0] [--output results.json] [--paper-protocol]
 
-Under several processes: `torchrun --nproc_per_node N -m npm_hf.cli train ...` (or `accelerate launch`).
+Under several processes: `torchrun --nproc_per_node N -m npm_hf.cli train ...` (or `accelerate launch`); the same
+for build-index, where each process encodes its share of the corpus.
 """
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 
@@ -67,8 +70,11 @@ def _build_index(args) -> None:
     build_args = _dataclass_from(IndexBuildArguments, args)
     index = build_index(args.model, args.corpus, output_dir=args.output, args=build_args)
     m = index.manifest
-    print(f"Indexed {m.num_indexed_tokens} tokens of {m.num_documents} documents "
-          f"({m.num_skipped_empty_documents} empty skipped) in {m.build_seconds:.1f}s -> {index.path}")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    if int(os.environ.get("RANK", "0")) == 0:  # one line from all processes
+        print(f"Indexed {m.num_indexed_tokens} tokens of {m.num_documents} documents "
+              f"({m.num_skipped_empty_documents} empty skipped) in {m.build_seconds:.1f}s"
+              + (f" on {processes} processes" if processes > 1 else "") + f" -> {index.path}")
 
 
 def _index_add(args) -> None:

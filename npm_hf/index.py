@@ -12,11 +12,13 @@ Layout of an index directory (`<model>/index` by default); every file loads with
                            max_shard_size, row shards vectors-00000-of-0000N.npy instead (see `shard_layout`)
     index.faiss            FAISS inner-product index over the rows of the vectors (a flat one is stored empty and
                            filled from the vectors when loaded: the same values, without a float32 copy on disk)
+    index.ivfdata          IVF indexes: their inverted lists, merged on disk and memory-mapped when loaded
     documents.jsonl        one {"id", "title", "text"} line per document
     document_offsets.npy   byte offset of every line of documents.jsonl, plus the file size
 
-A build writes into a hidden temporary sibling directory and renames it into place at the end, so an
-interrupted build never leaves a directory that loads.
+A build writes into a hidden sibling directory (`.{name}.partial`, see `index_build`: resumable, and shared by the
+processes of a multi-process build) and renames it into place at the end, so an interrupted build never leaves a
+directory that loads.
 """
 
 import contextlib
@@ -27,7 +29,6 @@ import json
 import mmap
 import os
 import shutil
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ VECTOR_SHARD_FILE = "vectors-{:05d}-of-{:05d}.npy"
 DEFAULT_MAX_SHARD_SIZE = "10GB"  # the Hub takes up to 50 GB per file and recommends under 20 GB
 _HUB_MAX_FILE_BYTES = 50 * 10**9  # as hub_cards.HUB_MAX_FILE_BYTES (not imported: this module is also remote code)
 FAISS_FILE = "index.faiss"
+IVFDATA_FILE = "index.ivfdata"  # the inverted lists of an IVF index merged on disk (index_build)
 DOCUMENTS_FILE = "documents.jsonl"
 DOCUMENT_OFFSETS_FILE = "document_offsets.npy"
 # verify="fast" hashes files up to this size on every load; larger ones are checked by size (all with "full").
@@ -106,12 +108,25 @@ class IndexBuildArguments:
         metadata={"help": "Largest vectors file, in bytes or as e.g. 500MB, 10GB or 2GiB; larger vectors are split "
                           "into vectors-00000-of-0000N.npy shards (the Hub refuses files above 50GB)."},
     )
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing index at the output path."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace an existing index at the output path (and an interrupted build's partial work)."},
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue an interrupted build of the same output (kept in the hidden .NAME.partial "
+                          "directory beside it) from the work units it finished."},
+    )
+    blocks_per_unit: int = field(
+        default=256,
+        metadata={"help": "Blocks per resumable work unit (rounded up to whole batches): what a process encodes "
+                          "and saves at a time, and what a resumed build does not encode again."},
+    )
     show_progress_bar: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
     seed: int = field(default=0, metadata={"help": "Seed of the FAISS training sample."})
 
     def __post_init__(self):
-        for name in ("block_size", "batch_size", "train_sample_size"):
+        for name in ("block_size", "batch_size", "train_sample_size", "blocks_per_unit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"IndexBuildArguments.{name} must be >= 1, got {getattr(self, name)}.")
         if self.block_size < 3:
@@ -481,7 +496,10 @@ class NPMIndex:
     # ----------------------------------------------------------------------------------------------- building
     @classmethod
     def build(cls, model, tokenizer, corpus, output_dir, args: IndexBuildArguments | None = None) -> "NPMIndex":
-        """Encode `corpus` with `model` and write an index to `output_dir` (atomically). Returns the loaded index."""
+        """Encode `corpus` with `model` and write an index to `output_dir` (atomically). Returns the loaded index.
+
+        Under `torchrun` / `accelerate launch` every process encodes its share; `args.resume` continues an
+        interrupted build. See `index_build`."""
         args = args or IndexBuildArguments()
         limit = getattr(model.config, "max_input_length", None)
         if limit is not None and args.block_size > limit:
@@ -489,65 +507,9 @@ class NPMIndex:
                 f"block_size={args.block_size} is longer than the encoder accepts ({limit} tokens); "
                 f"use block_size <= {limit} (CLI: --block-size {limit})."
             )
-        output_dir = Path(output_dir)
-        if output_dir.exists() and not args.overwrite:
-            raise FileExistsError(
-                f"{output_dir} already exists. Pass overwrite=True (CLI: --overwrite) to replace it, or choose "
-                "another output directory."
-            )
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
-        staging.mkdir()
-        try:
-            started = time.perf_counter()
-            hidden_size = model.config.hidden_size
-            factory = args.faiss_factory
-            # A bad factory fails before any work; "auto" is resolved once the number of vectors is known.
-            faiss_index = None if factory == AUTO_FACTORY else _new_faiss_index(hidden_size, factory)
-            stats = _write_corpus(staging, corpus, tokenizer, args)
-            ids = np.load(staging / TOKEN_FILES["token_ids"], mmap_mode="r")
-            flags = np.load(staging / TOKEN_FILES["token_flags"], mmap_mode="r")
-            _write_positions(staging, flags)
-            positions = np.load(staging / POSITIONS_FILE, mmap_mode="r")
-            memory = BuildMemoryPlan.measure(model, args, len(positions), stats.num_documents)
-            if faiss_index is None:
-                factory = suggest_faiss_factory(len(positions), hidden_size, memory and memory.faiss_budget())
-                logger.info(f"faiss_factory='auto' chose {factory!r} for {len(positions)} vectors.")
-                faiss_index = _new_faiss_index(hidden_size, factory)
-            if memory is not None:  # refuses a factory that cannot fit, before encoding; caps the training sample
-                args = memory.fit(faiss_index, factory, args)
-            check_training_size(faiss_index, factory, len(positions), args.train_sample_size)  # before encoding
-            max_shard_bytes = parse_shard_size(args.max_shard_size)
-            layout = shard_layout(len(positions), hidden_size, max_shard_bytes)
-            # A flat index is saved empty and filled from the vectors on load (same values, half the disk);
-            # other indexes that need no training (HNSW) take each batch as it is encoded: no second pass.
-            on_vectors = faiss_index.add if faiss_index.is_trained and not _is_flat(faiss_index) else None
-            _encode_blocks(staging, model, ids, flags, layout, args, on_vectors=on_vectors)
-            _finish_faiss(staging, faiss_index, open_vector_shards(staging, layout, hidden_size), args)
-            manifest = IndexManifest(
-                format_version=layout_format_version(layout),
-                encoder_fingerprint=encoder_fingerprint(model),
-                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                encoder_name_or_path=str(getattr(model, "name_or_path", "")),
-                hidden_size=hidden_size,
-                block_size=args.block_size,
-                faiss_factory=factory,
-                num_documents=stats.num_documents,
-                num_skipped_empty_documents=stats.num_skipped_empty,
-                num_tokens=stats.num_tokens,
-                num_indexed_tokens=len(positions),
-                num_blocks=-(-stats.num_tokens // args.block_size),
-                build_seconds=round(time.perf_counter() - started, 3),
-                versions=_versions(),
-                vector_shards=layout,
-                max_shard_bytes=max_shard_bytes,
-            )
-            del ids, flags, faiss_index, on_vectors  # the reload below reads index.faiss itself
-            _publish(staging, output_dir, manifest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        logger.info(f"Built {manifest.num_indexed_tokens} token vectors from {manifest.num_documents} documents.")
+        from .index_build import build_index_directory
+
+        build_index_directory(model, tokenizer, corpus, Path(output_dir), args)
         return cls.load(output_dir, verify="none")  # just written and hashed
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -855,16 +817,6 @@ def _write_positions(staging: Path, flags: np.ndarray, chunk: int = 1 << 22) -> 
     _raw_to_npy(raw, staging / POSITIONS_FILE, np.dtype(np.int64), (count,))
 
 
-def _encode_blocks(staging: Path, model, ids, flags, layout: list[dict], args: IndexBuildArguments,
-                   on_vectors=None) -> None:
-    """Encode every block, streaming the float16 hidden states of non-special tokens into the vector shards of
-    `layout` (and, as float32 copies of exactly those values, to `on_vectors`)."""
-    vectors = create_vector_shards(staging, layout, model.config.hidden_size)
-    encode_into(vectors, 0, model, ids, flags, args, on_vectors=on_vectors)
-    vectors.flush()
-    del vectors
-
-
 def encode_into(vectors: np.ndarray, row: int, model, ids, flags, args: IndexBuildArguments,
                 on_vectors=None) -> int:
     """Encode the tokens `ids` (a run starting at a block boundary) in blocks of `args.block_size` and write the
@@ -927,14 +879,19 @@ def _fill_flat_from_vectors(index, vectors: np.ndarray) -> None:
 _FLAT_FOURCCS = (b"IxFI", b"IxF2", b"IxFl")
 
 
-def read_faiss_index(path: Path):
-    """Read index.faiss with its codes and inverted lists memory-mapped from the file, not copied into RAM: a
-    10^7-vector IVF index opens in milliseconds and only the lists a search visits are paged in."""
+def read_faiss_index(path: Path, mapped: bool = True):
+    """Read index.faiss with its codes and inverted lists memory-mapped from the files, not copied into RAM: a
+    10^7-vector IVF index opens in milliseconds and only the lists a search visits are paged in. An IVF index merged
+    on disk (see `index_build`) maps the index.ivfdata beside it, read-only, wherever the directory has moved.
+    `mapped=False` reads the codes of other indexes into memory, where they can grow (edits)."""
     import faiss
 
+    on_disk = _read_on_disk_ivf(Path(path))
+    if on_disk is not None:
+        return on_disk
     with open(path, "rb") as handle:
         fourcc = handle.read(4)
-    flags = 0 if fourcc in _FLAT_FOURCCS else faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+    flags = 0 if fourcc in _FLAT_FOURCCS or not mapped else faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
     return faiss.read_index(str(path), flags)
 
 
@@ -960,6 +917,25 @@ def streamed_exact_search(vectors, queries: np.ndarray, k: int,
     return np.take_along_axis(best_scores, order, axis=1), np.take_along_axis(best_rows, order, axis=1)
 
 
+def _read_on_disk_ivf(path: Path):
+    """The IVF index at `path` with its lists mapped from the index.ivfdata beside it; None for other indexes."""
+    import faiss
+
+    ivfdata = path.parent / IVFDATA_FILE
+    if not ivfdata.is_file():
+        return None
+    # Not IO_FLAG_ONDISK_SAME_DIR: it does the same, but prints to stdout (e.g. into `fill-mask --json`).
+    index = faiss.read_index(str(path), faiss.IO_FLAG_SKIP_IVF_DATA)
+    ivf = _extract_ivf(index)
+    lists = None if ivf is None else faiss.downcast_InvertedLists(ivf.invlists)
+    if not isinstance(lists, faiss.OnDiskInvertedLists):
+        return None
+    lists.filename = str(ivfdata)
+    lists.read_only = True
+    lists.do_mmap()
+    return index
+
+
 def _new_faiss_index(hidden_size: int, factory: str):
     import faiss
 
@@ -967,21 +943,6 @@ def _new_faiss_index(hidden_size: int, factory: str):
         return faiss.index_factory(hidden_size, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         raise ValueError(f"Invalid FAISS factory string {factory!r}: {error}") from None
-
-
-def _finish_faiss(staging: Path, index, vectors: ShardedArray, args: IndexBuildArguments) -> None:
-    """Train (on a sample of at most train_sample_size vectors) and fill an index that could not take vectors
-    during encoding, then write it."""
-    import faiss
-
-    if not index.is_trained and not _is_flat(index):
-        rng = np.random.default_rng(args.seed)
-        size = min(len(vectors), args.train_sample_size)
-        sample = np.sort(rng.choice(len(vectors), size=size, replace=False))
-        index.train(np.asarray(vectors[sample], dtype=np.float32))
-        for lo in range(0, len(vectors), _FAISS_ADD_CHUNK):
-            index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
-    faiss.write_index(index, str(staging / FAISS_FILE))
 
 
 def _publish(staging: Path, output_dir: Path, manifest: IndexManifest, known_files: dict | None = None) -> None:

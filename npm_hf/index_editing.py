@@ -28,7 +28,7 @@ from .corpus import SPECIAL, CorpusStats, iter_documents, tokenize_documents
 from .index import (DEFAULT_MAX_SHARD_SIZE, DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, MANIFEST_FILE,
                     POSITIONS_FILE, TOKEN_FILES, IndexBuildArguments, NPMIndexError, _FAISS_ADD_CHUNK, _is_flat,
                     _pad_token_id, _publish, _versions, create_vector_shards, encode_into,
-                    layout_format_version, parse_shard_size, shard_layout, vector_layout)
+                    layout_format_version, parse_shard_size, read_faiss_index, shard_layout, vector_layout)
 
 
 logger = logging.get_logger(__name__)
@@ -213,15 +213,24 @@ def _layout_fields(manifest, layout: list[dict]) -> dict:
 
 
 def _write_faiss(index, staging: Path, vectors, start: int, reset: bool) -> None:
-    """The index's FAISS index read from disk, emptied (keeping its training) if `reset`, plus `vectors[start:]`."""
+    """The index's FAISS index read from disk, emptied (keeping its training) if `reset`, plus `vectors[start:]`.
+    An index merged on disk is edited in memory (never in its live index.ivfdata) and written on disk again."""
     import faiss
 
-    faiss_index = faiss.read_index(str(index.path / FAISS_FILE))
+    from .index_build import is_on_disk, load_lists_into_memory, write_on_disk
+
+    faiss_index = read_faiss_index(index.path / FAISS_FILE, mapped=False)  # grows: in memory
+    on_disk = is_on_disk(faiss_index)
+    if on_disk:
+        load_lists_into_memory(faiss_index)
     if reset:
         faiss_index.reset()
     for lo in range(start, len(vectors), _FAISS_ADD_CHUNK):
         faiss_index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
-    faiss.write_index(faiss_index, str(staging / FAISS_FILE))
+    if on_disk:
+        write_on_disk(faiss_index, staging)
+    else:
+        faiss.write_index(faiss_index, str(staging / FAISS_FILE))
 
 
 def _edit(index, write) -> None:

@@ -8,6 +8,7 @@ import sys
 from types import SimpleNamespace
 from unittest import mock
 
+import numpy as np
 import pytest
 from huggingface_hub.utils import filter_repo_objects
 
@@ -54,7 +55,7 @@ def test_push_uploads_weights_code_card_and_index_in_one_commit(model_copy):
     assert (call.kwargs["repo_id"], call.kwargs["revision"], call.kwargs["create_pr"]) == ("org/npm-tiny", "dev", True)
     index_files = {f"index/{name}" for name in os.listdir(model_copy / "index")}
     remote_code = {"configuration_npm.py", "modeling_npm.py", "pipeline.py", "index.py", "index_editing.py",
-                   "prefilter.py", "retrieval.py", "corpus.py", "version.py"}
+                   "index_build.py", "prefilter.py", "retrieval.py", "corpus.py", "version.py"}
     expected = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
                 "npm_card.json"} | remote_code | index_files
     assert uploaded_files(call) == expected
@@ -74,9 +75,10 @@ def test_large_index_goes_to_a_pinned_dataset_repo(model_copy):
 
 @pytest.fixture
 def sharded_copy(model_copy, corpus):
-    """The model copy with its index rebuilt in vector shards of at most 1000 bytes."""
+    """The model copy with its index rebuilt in vector shards of at most 1000 bytes, and an IVF index whose lists
+    are merged on disk (index.ivfdata)."""
     npm_hf.build_index(model_copy, corpus, args=npm_hf.IndexBuildArguments(
-        block_size=16, max_shard_size=1000, overwrite=True, show_progress_bar=False))
+        block_size=16, max_shard_size=1000, overwrite=True, show_progress_bar=False, faiss_factory="IVF2,Flat"))
     return model_copy
 
 
@@ -91,7 +93,7 @@ def test_push_uploads_every_vector_shard(sharded_copy, index_repo_id):
     shards = _shards(sharded_copy)
     assert len(shards) >= 3
     uploaded = set().union(*(uploaded_files(call) for call in api.upload_folder.call_args_list))
-    assert {f"index/{name}" for name in shards} <= uploaded
+    assert {f"index/{name}" for name in shards} | {"index/index.ivfdata"} <= uploaded
     assert {name for name in uploaded if name.startswith("index/")} == {
         f"index/{name}" for name in os.listdir(sharded_copy / "index")}
 
@@ -111,6 +113,9 @@ def test_download_fetches_every_vector_shard(tmp_path, sharded_copy):
         index = NPMIndex.from_pretrained("org/npm-tiny", verify="full")
     assert _shards(tmp_path / "snapshot") == _shards(sharded_copy)
     assert len(index.vectors.shards) == len(_shards(sharded_copy))
+    queries = np.asarray(index.vectors[:5], dtype=np.float32)  # the IVF lists are read from the snapshot's copy
+    np.testing.assert_array_equal(index.search(queries, 3, nprobe=2)[1],
+                                  NPMIndex.load(sharded_copy / "index").search(queries, 3, nprobe=2)[1])
 
 
 @pytest.mark.parametrize("name, advice", [("index/vectors-00000-of-00002.npy", "smaller max_shard_size"),

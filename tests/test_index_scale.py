@@ -19,6 +19,7 @@ from npm_hf.index import (
     BuildMemoryPlan, encoding_peak_bytes, faiss_memory_bytes, parse_memory_size, process_resident_bytes,
     read_faiss_index, streamed_exact_search,
 )
+from npm_hf.index_build import load_lists_into_memory
 
 
 QUIET = dict(show_progress_bar=False, block_size=16)
@@ -166,7 +167,9 @@ def test_built_ivf_index_loads_mapped_and_edits(tmp_path, model_and_tokenizer, c
     model, tokenizer = model_and_tokenizer
     index = NPMIndex.build(model, tokenizer, corpus, tmp_path / "index",
                            IndexBuildArguments(faiss_factory="IVF2,SQ8", **QUIET))
-    in_ram = faiss.read_index(str(index.path / "index.faiss"))
+    assert (index.path / "index.ivfdata").is_file()  # IVF lists are merged on disk and mapped at load
+    in_ram = read_faiss_index(index.path / "index.faiss", mapped=False)
+    load_lists_into_memory(in_ram)
     queries = np.asarray(index.vectors[::5], dtype=np.float32)
     faiss.extract_index_ivf(in_ram).nprobe = 2
     expected = in_ram.search(queries, 4)[1]

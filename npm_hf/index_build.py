@@ -1,0 +1,490 @@
+"""Resumable, multi-process index builds (`NPMIndex.build`, `npm-hf build-index [--resume]`).
+
+A build works in a deterministic hidden directory next to the output, `.{name}.partial/`:
+
+    index/                 the index directory being built (renamed into place at the end; manifest.json comes last)
+    state/build.json       the build arguments and fingerprints of corpus, tokenizer and encoder (a resume with other
+                           inputs is refused)
+    state/tokenized.json   written once the corpus is tokenized: its counts and the resolved FAISS factory
+    state/units/unit-N.npy the float16 vectors of work unit N (a run of `blocks_per_unit` blocks), each renamed into
+                           place only once complete: what a resume keeps
+    state/trained.faiss, state/parts/   IVF indexes: the trained empty index and one filled part per process
+    state/*.done           finished stages (vectors assembled into the index's shards, FAISS index written)
+
+Under `torchrun` / `accelerate launch` (or any initialized `torch.distributed` group) every process computes the
+same plan from the files on disk: process 0 tokenizes, every process encodes the units `rank, rank + world_size, ...`
+into its own unit files, and process 0 assembles them into the vector shards. Units begin at multiples of
+`batch_size` blocks, so every forward pass sees the same blocks as in a one-process build. IVF indexes are trained
+by process 0; each process adds its share of the vectors to a copy and writes a part, and process 0 merges the parts
+with FAISS's on-disk merge into `index.faiss` + `index.ivfdata` (`index.read_faiss_index` maps the ivfdata found
+beside index.faiss, so the directory can move). Flat indexes are stored empty as always; other indexes (HNSW) are filled by process 0.
+
+The stages synchronise through `_Processes.run`: when one process fails the others raise too instead of waiting
+forever. An interrupted build keeps its partial directory once the corpus is tokenized; `resume=True` (CLI
+`--resume`) continues it, `overwrite=True` starts it over.
+"""
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from .corpus import SPECIAL
+from .index import (AUTO_FACTORY, FAISS_FILE, IVFDATA_FILE, POSITIONS_FILE, TOKEN_FILES, BuildMemoryPlan,
+                    IndexBuildArguments, IndexManifest, NPMIndexError, _core_index, _extract_ivf, _FAISS_ADD_CHUNK,
+                    _is_flat, _new_faiss_index, _publish, _versions, _write_corpus, _write_positions,
+                    check_training_size, create_vector_shards, encode_into, encoder_fingerprint,
+                    layout_format_version, open_vector_shards, parse_shard_size, shard_layout, suggest_faiss_factory,
+                    tokenizer_fingerprint)
+
+
+logger = logging.get_logger(__name__)
+
+PARTIAL_SUFFIX = ".partial"
+_STATE_FILE = "build.json"
+_TOKENIZED_FILE = "tokenized.json"
+_VECTORS_DONE = "vectors.done"
+_FAISS_DONE = "faiss.done"
+# Arguments that shape the result (or the units already encoded): a resume must use the same ones.
+_PLAN_ARGUMENTS = ("block_size", "batch_size", "blocks_per_unit", "faiss_factory", "max_memory", "train_sample_size",
+                   "max_shard_size", "seed")
+
+
+def partial_dir(output_dir) -> Path:
+    """Where a build of `output_dir` keeps its work until it is published (hidden: it never loads as an index)."""
+    output_dir = Path(output_dir)
+    return output_dir.parent / f".{output_dir.name}{PARTIAL_SUFFIX}"
+
+
+# ------------------------------------------------------------------------------------------------- processes
+class _Processes:
+    """This process's place in the build: rank and world size of the torch.distributed group (one process
+    without one), and collective stages that fail together."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.created_group = False
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and dist.is_available() and not dist.is_initialized():
+            # torchrun / accelerate launch leave this to the script. The processes only exchange "done / failed"
+            # flags (the vectors go through files), so gloo serves CPUs and GPUs alike.
+            # Long timeout: the other processes wait while process 0 tokenizes or merges a large corpus alone.
+            dist.init_process_group(backend="gloo", timeout=datetime.timedelta(hours=24))
+            self.created_group = True
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_ok(self, ok: bool) -> bool:
+        """Whether every process reports ok (a barrier too)."""
+        if not self.distributed:
+            return ok
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([int(ok)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def run(self, stage, main_only: bool = False):
+        """Run `stage()` (on process 0 only if `main_only`), then wait for every process; raise if any failed."""
+        error, result = None, None
+        try:
+            if self.main or not main_only:
+                result = stage()
+        except BaseException as caught:  # noqa: B036 - re-raised below, after telling the other processes
+            error = caught
+        if not self.all_ok(error is None) and error is None:
+            raise RuntimeError("Another process of the distributed index build failed; see its error above.")
+        if error is not None:
+            raise error
+        return result
+
+    def close(self) -> None:
+        if self.created_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+def corpus_fingerprint(corpus) -> str:
+    """Identify a corpus without reading it twice: a file or directory by its files' names, sizes and modification
+    times; a `datasets.Dataset` by its fingerprint; an in-memory list by its content."""
+    digest = hashlib.sha256()
+    if isinstance(corpus, (str, os.PathLike)) and not os.path.exists(corpus):
+        digest.update(f"hub dataset:{corpus}".encode())  # a name for datasets.load_dataset
+    elif isinstance(corpus, (str, os.PathLike)):
+        root = Path(corpus).resolve()
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for path in files:
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    elif hasattr(corpus, "_fingerprint"):
+        digest.update(f"dataset:{corpus._fingerprint}".encode())
+    elif hasattr(corpus, "values") and all(hasattr(split, "_fingerprint") for split in corpus.values()):
+        digest.update(json.dumps({name: split._fingerprint for name, split in corpus.items()}).encode())  # DatasetDict
+    else:
+        for item in corpus:
+            digest.update(json.dumps(item, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _build_state(model, tokenizer, corpus, args: IndexBuildArguments) -> dict:
+    return {"arguments": {name: getattr(args, name) for name in _PLAN_ARGUMENTS},
+            "corpus": corpus_fingerprint(corpus), "tokenizer": tokenizer_fingerprint(tokenizer),
+            "encoder": encoder_fingerprint(model)}
+
+
+def _check_same_build(stored: dict, current: dict, partial: Path) -> None:
+    """Raise NPMIndexError naming what differs between the interrupted build and this one."""
+    changes = [f"{name}={stored['arguments'].get(name)!r} -> {value!r}"
+               for name, value in current["arguments"].items() if stored["arguments"].get(name) != value]
+    changes += [f"the {what} changed" for what in ("corpus", "tokenizer", "encoder") if stored[what] != current[what]]
+    if changes:
+        raise NPMIndexError(
+            f"Cannot resume the interrupted build in {partial}: {'; '.join(changes)}. Resume with the inputs and "
+            "arguments it started with, or pass overwrite=True (CLI: --overwrite) instead of resume to start over."
+        )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------- the build
+def build_index_directory(model, tokenizer, corpus, output_dir: Path, args: IndexBuildArguments) -> None:
+    """Build (or, with `args.resume`, finish) the index at `output_dir`, in this process's share when several run
+    (see the module docstring). Returns once the index is in place, on every process."""
+    processes = _Processes()
+    if processes.main and processes.world_size > 1:
+        logger.info(f"Building the index at {output_dir} with {processes.world_size} processes.")
+    try:
+        _build(processes, model, tokenizer, corpus, Path(output_dir), args)
+    finally:
+        processes.close()
+
+
+def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, args: IndexBuildArguments) -> None:
+    started = time.perf_counter()
+    partial = partial_dir(output_dir)
+    index_dir, state_dir = partial / "index", partial / "state"
+    hidden_size = model.config.hidden_size
+    if args.faiss_factory != AUTO_FACTORY:
+        _new_faiss_index(hidden_size, args.faiss_factory)  # a bad factory fails before any work
+    processes.run(lambda: _prepare(partial, output_dir, model, tokenizer, corpus, args), main_only=True)
+    try:
+        processes.run(lambda: _tokenize(index_dir, state_dir, model, corpus, tokenizer, args), main_only=True)
+    except BaseException:
+        if processes.main and not (state_dir / _TOKENIZED_FILE).exists():
+            shutil.rmtree(partial, ignore_errors=True)  # nothing worth resuming yet
+        raise
+    try:
+        tokenized = json.loads((state_dir / _TOKENIZED_FILE).read_text())
+        args = dataclasses.replace(args, train_sample_size=tokenized["train_sample_size"])  # as fitted to the budget
+        fingerprints = json.loads((state_dir / _STATE_FILE).read_text())  # computed once, by _prepare
+        layout = shard_layout(tokenized["num_indexed_tokens"], hidden_size, parse_shard_size(args.max_shard_size))
+        if not (state_dir / _VECTORS_DONE).exists():
+            processes.run(lambda: _encode_units(processes, index_dir, state_dir, model, args))
+            processes.run(lambda: _assemble_vectors(index_dir, state_dir, layout, hidden_size), main_only=True)
+        if not (state_dir / _FAISS_DONE).exists():
+            _build_faiss(processes, index_dir, state_dir, layout, hidden_size, tokenized["faiss_factory"], args)
+        manifest = IndexManifest(
+            format_version=layout_format_version(layout),
+            encoder_fingerprint=fingerprints["encoder"],
+            tokenizer_fingerprint=fingerprints["tokenizer"],
+            encoder_name_or_path=str(getattr(model, "name_or_path", "")),
+            hidden_size=hidden_size,
+            block_size=args.block_size,
+            faiss_factory=tokenized["faiss_factory"],
+            num_documents=tokenized["num_documents"],
+            num_skipped_empty_documents=tokenized["num_skipped_empty_documents"],
+            num_tokens=tokenized["num_tokens"],
+            num_indexed_tokens=tokenized["num_indexed_tokens"],
+            num_blocks=-(-tokenized["num_tokens"] // args.block_size),
+            build_seconds=round(time.perf_counter() - started, 3),
+            versions=_versions(),
+            vector_shards=layout,
+            max_shard_bytes=parse_shard_size(args.max_shard_size),
+        )
+        processes.run(lambda: _finish(partial, index_dir, output_dir, manifest), main_only=True)
+    except BaseException:
+        if processes.main:
+            logger.warning(f"The index build stopped; its work so far is kept in {partial}. Run the same build "
+                           "with resume=True (CLI: --resume) to continue it, or overwrite=True to start over.")
+        raise
+
+
+def _prepare(partial: Path, output_dir: Path, model, tokenizer, corpus, args: IndexBuildArguments) -> None:
+    """Check the output path, then start a partial directory, or check the one a resume continues."""
+    if output_dir.exists() and not args.overwrite:
+        raise FileExistsError(
+            f"{output_dir} already exists. Pass overwrite=True (CLI: --overwrite) to replace it, or choose "
+            "another output directory."
+        )
+    state = _build_state(model, tokenizer, corpus, args)
+    state_file = partial / "state" / _STATE_FILE
+    if partial.exists() and args.resume and state_file.is_file():
+        _check_same_build(json.loads(state_file.read_text()), state, partial)
+        logger.info(f"Resuming the interrupted index build in {partial}.")
+        return
+    if partial.exists():
+        if not args.overwrite and not args.resume:
+            raise FileExistsError(
+                f"An interrupted build of {output_dir} is in {partial}. Pass resume=True (CLI: --resume) to continue "
+                "it, or overwrite=True (CLI: --overwrite) to delete it and start over."
+            )
+        shutil.rmtree(partial)  # overwrite, or a resume of a build that had not recorded its state yet
+    elif args.resume:
+        logger.info(f"No interrupted build at {partial}; starting a new one.")
+    (partial / "state" / "units").mkdir(parents=True)
+    (partial / "index").mkdir()
+    _write_json(state_file, state)
+
+
+def _tokenize(index_dir: Path, state_dir: Path, model, corpus, tokenizer, args: IndexBuildArguments) -> None:
+    """Tokenize the corpus into the index directory, write positions.npy, and fix the FAISS factory and its training
+    sample within the memory budget (before any encoding)."""
+    if (state_dir / _TOKENIZED_FILE).exists():
+        return
+    hidden_size = model.config.hidden_size
+    stats = _write_corpus(index_dir, corpus, tokenizer, args)
+    _write_positions(index_dir, np.load(index_dir / TOKEN_FILES["token_flags"], mmap_mode="r"))
+    num_vectors = len(np.load(index_dir / POSITIONS_FILE, mmap_mode="r"))
+    memory = BuildMemoryPlan.measure(model, args, num_vectors, stats.num_documents)
+    factory = args.faiss_factory
+    if factory == AUTO_FACTORY:
+        factory = suggest_faiss_factory(num_vectors, hidden_size, memory and memory.faiss_budget())
+        logger.info(f"faiss_factory='auto' chose {factory!r} for {num_vectors} vectors.")
+    faiss_index = _new_faiss_index(hidden_size, factory)
+    if memory is not None:  # refuses a factory that cannot fit; caps the training sample
+        args = memory.fit(faiss_index, factory, args)
+    check_training_size(faiss_index, factory, num_vectors, args.train_sample_size)
+    shard_layout(num_vectors, hidden_size, parse_shard_size(args.max_shard_size))  # fails on a too small shard
+    _write_json(state_dir / _TOKENIZED_FILE, {
+        "num_documents": stats.num_documents, "num_skipped_empty_documents": stats.num_skipped_empty,
+        "num_tokens": stats.num_tokens, "num_indexed_tokens": num_vectors, "faiss_factory": factory,
+        "train_sample_size": args.train_sample_size})
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+def work_units(num_tokens: int, args: IndexBuildArguments) -> list[tuple[int, int]]:
+    """Token ranges [start, stop) of the work units: runs of blocks_per_unit blocks (rounded up to whole batches,
+    so that a unit's forward passes hold the same blocks as a one-process build's)."""
+    batches = -(-args.blocks_per_unit // args.batch_size)
+    span = batches * args.batch_size * args.block_size
+    return [(lo, min(lo + span, num_tokens)) for lo in range(0, num_tokens, span)]
+
+
+def _unit_file(state_dir: Path, unit: int) -> Path:
+    return state_dir / "units" / f"unit-{unit:07d}.npy"
+
+
+def _encode_units(processes: _Processes, index_dir: Path, state_dir: Path, model, args: IndexBuildArguments) -> None:
+    """Encode this process's units that no earlier run finished, each into its own file."""
+    from tqdm.auto import tqdm
+
+    ids = np.load(index_dir / TOKEN_FILES["token_ids"], mmap_mode="r")
+    flags = np.load(index_dir / TOKEN_FILES["token_flags"], mmap_mode="r")
+    units = work_units(len(ids), args)
+    assigned = range(processes.rank, len(units), processes.world_size)
+    mine = [u for u in assigned if not _unit_file(state_dir, u).exists()]
+    if len(mine) < len(assigned):
+        logger.info(f"Process {processes.rank}: {len(assigned) - len(mine)} of its {len(assigned)} work units were "
+                    "encoded by an earlier run; encoding the rest.")
+    quiet = dataclasses.replace(args, show_progress_bar=False)
+    total = sum(units[u][1] - units[u][0] for u in mine)
+    desc = "Encoding corpus" + (f" (process {processes.rank})" if processes.world_size > 1 else "")
+    with tqdm(total=total, desc=desc, unit="tok", disable=not args.show_progress_bar or not processes.main) as bar:
+        for u in mine:
+            start, stop = units[u]
+            _encode_unit(_unit_file(state_dir, u), model, ids[start:stop], flags[start:stop], quiet)
+            bar.update(stop - start)
+
+
+def _encode_unit(path: Path, model, ids, flags, args: IndexBuildArguments) -> None:
+    """Write the vectors of one unit to `path`, complete or not at all (a temporary name, then a rename)."""
+    rows = int(((np.asarray(flags) & SPECIAL) == 0).sum())
+    tmp = path.with_name(path.name + ".tmp")
+    vectors = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, model.config.hidden_size))
+    encode_into(vectors, 0, model, ids, flags, args)
+    vectors.flush()
+    del vectors
+    os.replace(tmp, path)
+
+
+def _assemble_vectors(index_dir: Path, state_dir: Path, layout: list[dict], hidden_size: int) -> None:
+    """Copy the unit files, in order, into the index's vector shards; then drop them."""
+    vectors = create_vector_shards(index_dir, layout, hidden_size)
+    row = 0
+    for path in sorted((state_dir / "units").glob("unit-*.npy")):
+        unit = np.load(path, mmap_mode="r", allow_pickle=False)
+        for lo in range(0, len(unit), _FAISS_ADD_CHUNK):
+            chunk = unit[lo : lo + _FAISS_ADD_CHUNK]
+            vectors[row : row + len(chunk)] = chunk
+            row += len(chunk)
+    if row != len(vectors):
+        raise NPMIndexError(f"The encoded units of {state_dir} hold {row} of {len(vectors)} vectors; the partial "
+                            "build is damaged: start it over with overwrite=True (CLI: --overwrite).")
+    vectors.flush()
+    del vectors
+    (state_dir / _VECTORS_DONE).touch()
+    shutil.rmtree(state_dir / "units")
+
+
+# -------------------------------------------------------------------------------------------------- FAISS
+def merges_on_disk(faiss_index) -> bool:
+    """Whether an index is built from per-process parts merged on disk: an IVF index (under pre-transforms or not)
+    that needs training."""
+    import faiss
+
+    core = _core_index(faiss_index)
+    return (not faiss_index.is_trained and isinstance(core, faiss.IndexIVF)
+            and not isinstance(core, faiss.IndexIVFPQR) and _extract_ivf(faiss_index) is not None)
+
+
+def _train(faiss_index, vectors, args: IndexBuildArguments) -> None:
+    """Train on a seeded sample of at most train_sample_size stored vectors."""
+    rng = np.random.default_rng(args.seed)
+    sample = np.sort(rng.choice(len(vectors), size=min(len(vectors), args.train_sample_size), replace=False))
+    faiss_index.train(np.asarray(vectors[sample], dtype=np.float32))
+
+
+def _build_faiss(processes: _Processes, index_dir: Path, state_dir: Path, layout: list[dict], hidden_size: int,
+                 factory: str, args: IndexBuildArguments) -> None:
+    vectors = open_vector_shards(index_dir, layout, hidden_size)
+    faiss_index = _new_faiss_index(hidden_size, factory)
+    if merges_on_disk(faiss_index):
+        _build_ivf_on_disk(processes, index_dir, state_dir, vectors, faiss_index, args)
+    else:
+        processes.run(lambda: _fill_in_memory(index_dir, vectors, faiss_index, args), main_only=True)
+    processes.run(lambda: (state_dir / _FAISS_DONE).touch(), main_only=True)
+
+
+def _fill_in_memory(index_dir: Path, vectors, faiss_index, args: IndexBuildArguments) -> None:
+    """A flat index is stored empty (filled from the vectors on load); others are trained and filled here."""
+    import faiss
+
+    if not _is_flat(faiss_index):
+        if not faiss_index.is_trained:
+            _train(faiss_index, vectors, args)
+        for lo in range(0, len(vectors), _FAISS_ADD_CHUNK):
+            faiss_index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
+    faiss.write_index(faiss_index, str(index_dir / FAISS_FILE))
+
+
+def _part_ranges(num_rows: int, world_size: int) -> list[tuple[int, int]]:
+    bounds = np.linspace(0, num_rows, world_size + 1).astype(np.int64)
+    return [(int(bounds[r]), int(bounds[r + 1])) for r in range(world_size)]
+
+
+def _part_file(state_dir: Path, lo: int, hi: int) -> Path:
+    return state_dir / "parts" / f"part-{lo:012d}-{hi:012d}.faiss"
+
+
+def _build_ivf_on_disk(processes: _Processes, index_dir: Path, state_dir: Path, vectors, faiss_index,
+                       args: IndexBuildArguments) -> None:
+    """Train once, add each process's rows to its own copy (a part), merge the parts into index.ivfdata."""
+    import faiss
+
+    trained = state_dir / "trained.faiss"
+    parts = [_part_file(state_dir, lo, hi) for lo, hi in _part_ranges(len(vectors), processes.world_size)]
+
+    def train():
+        (state_dir / "parts").mkdir(exist_ok=True)
+        for stale in set((state_dir / "parts").iterdir()) - set(parts):  # parts of a resume with another world size
+            stale.unlink()
+        if not trained.exists():
+            _train(faiss_index, vectors, args)
+            _write_index_atomically(faiss_index, trained)
+
+    def add_my_part():
+        lo, hi = _part_ranges(len(vectors), processes.world_size)[processes.rank]
+        path = _part_file(state_dir, lo, hi)
+        if path.exists():
+            return
+        part = faiss.read_index(str(trained))
+        for start in range(lo, hi, _FAISS_ADD_CHUNK):
+            stop = min(start + _FAISS_ADD_CHUNK, hi)
+            part.add_with_ids(np.asarray(vectors[start:stop], dtype=np.float32), np.arange(start, stop))
+        _write_index_atomically(part, path)
+
+    def merge():
+        from faiss.contrib.ondisk import merge_ondisk
+
+        merged = faiss.read_index(str(trained))
+        ivfdata = index_dir / IVFDATA_FILE
+        ivfdata.unlink(missing_ok=True)  # a merge cut short by a kill
+        merge_ondisk(merged, [str(p) for p in parts], str(ivfdata))
+        faiss.write_index(merged, str(index_dir / FAISS_FILE))
+        del merged
+
+    processes.run(train, main_only=True)
+    processes.run(add_my_part)
+    processes.run(merge, main_only=True)
+
+
+def _write_index_atomically(faiss_index, path: Path) -> None:
+    import faiss
+
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(faiss_index, str(tmp))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ publish
+def _finish(partial: Path, index_dir: Path, output_dir: Path, manifest: IndexManifest) -> None:
+    _publish(index_dir, output_dir, manifest)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------- on-disk indexes
+def is_on_disk(faiss_index) -> bool:
+    import faiss
+
+    ivf = _extract_ivf(faiss_index)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+
+
+def load_lists_into_memory(faiss_index) -> None:
+    """Replace the on-disk inverted lists of `faiss_index` by an in-memory copy (edits never touch the file)."""
+    import faiss
+
+    ivf = _extract_ivf(faiss_index)
+    source = ivf.invlists
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    for i in range(ivf.nlist):
+        size = source.list_size(i)
+        if size:
+            lists.add_entries(i, size, source.get_ids(i), source.get_codes(i))
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()
+
+
+def write_on_disk(faiss_index, directory: Path) -> None:
+    """Write `faiss_index` (IVF, in memory) to `directory` as index.faiss + index.ivfdata."""
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    part = directory / "part.tmp.faiss"
+    faiss.write_index(faiss_index, str(part))
+    empty = faiss.clone_index(faiss_index)
+    empty.reset()
+    merge_ondisk(empty, [str(part)], str(directory / IVFDATA_FILE))
+    faiss.write_index(empty, str(directory / FAISS_FILE))
+    part.unlink()
