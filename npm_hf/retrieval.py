@@ -144,9 +144,13 @@ class NPMPredictor:
         start_pair = np.repeat(np.arange(len(hits)), [len(s) for s in starts])
         end_pair = np.repeat(np.arange(len(hits)), [len(e) for e in ends])
         starts, ends = np.concatenate(starts), np.concatenate(ends)
-        start_index, end_index = self._spans_between(starts, ends, start_pair, end_pair)
+        if len(hits) == 1:  # one pair: no pair keys to sort by
+            start_index, end_index = self._spans_between(starts, ends)
+        else:
+            start_index, end_index = self._spans_between(starts, ends, start_pair, end_pair)
         span_scores = self._combine(np.concatenate(p_start)[start_index], np.concatenate(p_end)[end_index])
-        return starts[start_index], ends[end_index], span_scores, start_pair[start_index]
+        span_pairs = None if len(hits) == 1 else start_pair[start_index]
+        return starts[start_index], ends[end_index], span_scores, span_pairs
 
     def _predict_expanded(self, q_start: np.ndarray, q_end: np.ndarray, hits, top_k: int, targets) -> list[dict]:
         """Span prediction with `expand_span_candidates`: both softmaxes run over the retrieved tokens and every
