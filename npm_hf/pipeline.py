@@ -155,44 +155,29 @@ class NonparametricFillMaskPipeline(Pipeline):
     # ------------------------------------------------------------------------------------------- postprocess
     def postprocess(self, outputs, top_k=5, targets=None, k=None, nprobe=None, ef_search=None, prefilter=None,
                     prefilter_blocks=None):
-        return self.postprocess_batch([outputs], top_k, targets, k, nprobe, ef_search, prefilter, prefilter_blocks)[0]
-
-    def postprocess_batch(self, batch: list[dict], top_k=5, targets=None, k=None, nprobe=None, ef_search=None,
-                          prefilter=None, prefilter_blocks=None) -> list:
-        """`postprocess` of several forward outputs; in span mode their answers are scored all together."""
         single_mode = self.model.config.mode == "single"
         target_ids = self._single_target_ids(targets) if single_mode and targets is not None else None
-        method = prefilter or self.model.config.prefilter
-        num_blocks = prefilter_blocks or self.model.config.prefilter_blocks
-        if not single_mode and method == "none":  # every answer's spans enumerated and scored in one pass
-            vectors = [slot for outputs in batch for slot in outputs["query_vectors"]]
-            searched = all("hits" in outputs for outputs in batch)  # in advance, by a batched call
-            slot_answers = iter(self.predictor.predict_spans(
-                np.stack(vectors), top_k, targets=targets, k=k, nprobe=nprobe, ef_search=ef_search,
-                hits=[found for outputs in batch for found in outputs["hits"]] if searched else None))
+        answer_slots = _answer_slots(outputs["runs"], single_mode)
+        positions = self.prefilter_positions(outputs, prefilter or self.model.config.prefilter,
+                                             prefilter_blocks or self.model.config.prefilter_blocks)
         results = []
-        for outputs in batch:
-            answer_slots = _answer_slots(outputs["runs"], single_mode)
-            positions = self.prefilter_positions(outputs, method, num_blocks)
-            hits = outputs.get("hits") or [None] * len(answer_slots)  # searched in advance by a batched call
-            per_slot = []
-            for vectors, (start, length), found in zip(outputs["query_vectors"], answer_slots, hits):
-                if single_mode and positions is not None:
-                    answers = self.predictor.predict_single_among(vectors[0], positions, top_k, target_ids=target_ids)
-                elif single_mode:
-                    answers = self.predictor.predict_single(vectors[0], top_k, target_ids=target_ids, k=k,
-                                                            nprobe=nprobe, ef_search=ef_search, hits=found)
-                elif positions is not None:
-                    answers = self.predictor.predict_span_among(vectors[0], vectors[1], positions, top_k,
-                                                                targets=targets)
-                else:
-                    answers = next(slot_answers)
-                for answer in answers:
-                    answer["sequence"] = self._fill(outputs["input_ids"], start, length, answer.pop("token_ids"),
-                                                    single=len(answer_slots) == 1)
-                per_slot.append([_ordered(answer) for answer in answers])
-            results.append(per_slot[0] if len(per_slot) == 1 else per_slot)
-        return results
+        hits = outputs.get("hits") or [None] * len(answer_slots)  # searched in advance by a batched call
+        for vectors, (start, length), found in zip(outputs["query_vectors"], answer_slots, hits):
+            if single_mode and positions is not None:
+                answers = self.predictor.predict_single_among(vectors[0], positions, top_k, target_ids=target_ids)
+            elif single_mode:
+                answers = self.predictor.predict_single(vectors[0], top_k, target_ids=target_ids, k=k,
+                                                        nprobe=nprobe, ef_search=ef_search, hits=found)
+            elif positions is not None:
+                answers = self.predictor.predict_span_among(vectors[0], vectors[1], positions, top_k, targets=targets)
+            else:
+                answers = self.predictor.predict_span(vectors[0], vectors[1], top_k, targets=targets, k=k,
+                                                      nprobe=nprobe, ef_search=ef_search, hits=found)
+            for answer in answers:
+                answer["sequence"] = self._fill(outputs["input_ids"], start, length, answer.pop("token_ids"),
+                                                single=len(answer_slots) == 1)
+            results.append([_ordered(answer) for answer in answers])
+        return results[0] if len(results) == 1 else results
 
     def prefilter_positions(self, outputs, method: str, num_blocks: int):
         """Corpus positions of the blocks the pre-filter keeps for this input, or None without a pre-filter."""
@@ -251,7 +236,7 @@ class NonparametricFillMaskPipeline(Pipeline):
             outputs = self.forward_batch([self.preprocess(text, **preprocess_params)
                                           for text in texts[lo : lo + batch_size]])
             self.search_batch(outputs, postprocess_params)
-            results.extend(self.postprocess_batch(outputs, **postprocess_params))
+            results.extend(self.postprocess(output, **postprocess_params) for output in outputs)
         return results
 
     def forward_batch(self, prepared: list[dict]) -> list[dict]:

@@ -111,65 +111,29 @@ class NPMPredictor:
                      k: int | None = None, nprobe: int | None = None, ef_search: int | None = None,
                      hits=None) -> list[dict]:
         """`hits`: the `(scores, rows)` of [q_start, q_end] when the caller searched many queries at once."""
-        return self.predict_spans(np.stack([q_start, q_end])[None], top_k, targets, k, nprobe, ef_search,
-                                  hits=None if hits is None else [hits])[0]
-
-    def predict_spans(self, queries: np.ndarray, top_k: int, targets=None, k: int | None = None,
-                      nprobe: int | None = None, ef_search: int | None = None, hits=None) -> list[list[dict]]:
-        """`predict_span` for many (start, end) query pairs, `queries` of shape (pairs, 2, hidden): one search (or
-        `hits`, one `(scores, rows)` per pair), then the spans of all pairs enumerated and scored together in
-        vectorised passes. Each pair's answers are exactly those it gets alone."""
-        queries = np.asarray(queries)
-        if hits is None:
-            scores, rows = self.search(queries.reshape(-1, queries.shape[-1]), k, nprobe, ef_search)
-            hits = [(scores[2 * i : 2 * i + 2], rows[2 * i : 2 * i + 2]) for i in range(len(queries))]
-        if self.config.expand_span_candidates:
-            return [self._predict_expanded(pair[0], pair[1], found, top_k, targets)
-                    for pair, found in zip(queries, hits)]
-        return self._rank_spans(*self._retrieved_spans(hits), top_k, targets, num_pairs=len(hits))
-
-    def _retrieved_spans(self, hits) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Every valid span from a retrieved start to a retrieved end of the same pair, for all pairs at once:
-        (span starts, span ends, span scores, pair of each span)."""
-        factor = self.config.scale / self.config.span_temperature
-        starts, p_start, ends, p_end = [], [], [], []
-        for scores, rows in hits:
-            found = rows >= 0
-            starts.append(self.index.positions[rows[0][found[0]]])
-            p_start.append(softmax(scores[0][found[0]] * factor))
-            pair_ends = self.index.positions[rows[1][found[1]]]
-            end_order = np.argsort(pair_ends)
-            ends.append(pair_ends[end_order])
-            p_end.append(softmax(scores[1][found[1]] * factor)[end_order])
-        start_pair = np.repeat(np.arange(len(hits)), [len(s) for s in starts])
-        end_pair = np.repeat(np.arange(len(hits)), [len(e) for e in ends])
-        starts, ends = np.concatenate(starts), np.concatenate(ends)
-        if len(hits) == 1:  # one pair: no pair keys to sort by
-            start_index, end_index = self._spans_between(starts, ends)
-        else:
-            start_index, end_index = self._spans_between(starts, ends, start_pair, end_pair)
-        span_scores = self._combine(np.concatenate(p_start)[start_index], np.concatenate(p_end)[end_index])
-        span_pairs = None if len(hits) == 1 else start_pair[start_index]
-        return starts[start_index], ends[end_index], span_scores, span_pairs
-
-    def _predict_expanded(self, q_start: np.ndarray, q_end: np.ndarray, hits, top_k: int, targets) -> list[dict]:
-        """Span prediction with `expand_span_candidates`: both softmaxes run over the retrieved tokens and every
-        token completing a span from one of them (scored exactly from the stored vectors)."""
-        _, rows = hits
+        scores, rows = hits if hits is not None else self.search(np.stack([q_start, q_end]), k, nprobe, ef_search)
         found = rows >= 0
         starts, ends = self.index.positions[rows[0][found[0]]], self.index.positions[rows[1][found[1]]]
-        span_starts, span_ends = self.enumerate_spans(starts, ends, expand=True)
+        factor = self.config.scale / self.config.span_temperature
+        if self.config.expand_span_candidates:
+            span_starts, span_ends = self.enumerate_spans(starts, ends, expand=True)
+            candidates = np.unique(np.concatenate([starts, ends, span_starts, span_ends]))
+            cand_rows, _ = self.index.rows_for_positions(candidates)
+            vectors = torch.from_numpy(self.index.vectors_for_rows(cand_rows))
+            logits = (vectors @ torch.from_numpy(np.stack([q_start, q_end]).T.copy())).numpy() * factor
+            p_start, p_end = softmax(logits[:, 0]), softmax(logits[:, 1])
+            span_scores = self._combine(p_start[np.searchsorted(candidates, span_starts)],
+                                        p_end[np.searchsorted(candidates, span_ends)])
+        else:
+            p_start = softmax(scores[0][found[0]] * factor)
+            end_order = np.argsort(ends)
+            p_end, ends = softmax(scores[1][found[1]] * factor)[end_order], ends[end_order]
+            start_index, end_index = self._spans_between(starts, ends)
+            span_starts, span_ends = starts[start_index], ends[end_index]
+            span_scores = self._combine(p_start[start_index], p_end[end_index])
         if len(span_starts) == 0:
             return [] if targets is None else [self._missing(t) for t in targets][:top_k]
-        candidates = np.unique(np.concatenate([starts, ends, span_starts, span_ends]))
-        cand_rows, _ = self.index.rows_for_positions(candidates)
-        vectors = torch.from_numpy(self.index.vectors_for_rows(cand_rows))
-        factor = self.config.scale / self.config.span_temperature
-        logits = (vectors @ torch.from_numpy(np.stack([q_start, q_end]).T.copy())).numpy() * factor
-        p_start, p_end = softmax(logits[:, 0]), softmax(logits[:, 1])
-        span_scores = self._combine(p_start[np.searchsorted(candidates, span_starts)],
-                                    p_end[np.searchsorted(candidates, span_ends)])
-        return self._rank_spans(span_starts, span_ends, span_scores, None, top_k, targets)[0]
+        return self._rank_spans(span_starts, span_ends, span_scores, top_k, targets)
 
     def predict_span_among(self, q_start: np.ndarray, q_end: np.ndarray, positions: np.ndarray, top_k: int,
                            targets=None) -> list[dict]:
@@ -185,7 +149,7 @@ class NPMPredictor:
         if len(start_index) == 0:
             return [] if targets is None else [self._missing(t) for t in targets][:top_k]
         return self._rank_spans(candidates[start_index], candidates[end_index],
-                                self._combine(p_start[start_index], p_end[end_index]), None, top_k, targets)[0]
+                                self._combine(p_start[start_index], p_end[end_index]), top_k, targets)
 
     # ---------------------------------------------------------------------------------- closed-set scoring
     def phrase_probabilities(self, queries: np.ndarray, phrases: list[list[int]], k: int | None = None,
@@ -243,18 +207,11 @@ class NPMPredictor:
         keep = self._stopword_filter(found_s, found_e)
         return found_s[keep], found_e[keep]
 
-    def _spans_between(self, starts: np.ndarray, sorted_ends: np.ndarray, start_pairs: np.ndarray | None = None,
-                       end_pairs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Valid spans from one of `starts` to one of `sorted_ends`, as (index into starts, index into ends). With
-        `start_pairs` and `end_pairs` (the query pair of each; ends sorted by pair, then position), a span joins a
-        start and an end of the same pair."""
+    def _spans_between(self, starts: np.ndarray, sorted_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Valid spans from one of `starts` to one of `sorted_ends`, as (index into starts, index into ends)."""
         start_index, span_ends = self._walk(starts, step=1)
-        span_keys, end_keys = span_ends, sorted_ends
-        if start_pairs is not None:  # (pair, position) as one sorted key
-            span_keys = start_pairs[start_index] * self.index.num_tokens + span_ends
-            end_keys = end_pairs * self.index.num_tokens + sorted_ends
-        retrieved = np.isin(span_keys, end_keys)  # filter first: searchsorted is slow on many unsorted needles
-        start_index, end_index = start_index[retrieved], np.searchsorted(end_keys, span_keys[retrieved])
+        retrieved = np.isin(span_ends, sorted_ends)  # filter first: searchsorted is slow on many unsorted needles
+        start_index, end_index = start_index[retrieved], np.searchsorted(sorted_ends, span_ends[retrieved])
         keep = self._stopword_filter(starts[start_index], sorted_ends[end_index])
         return start_index[keep], end_index[keep]
 
@@ -305,10 +262,9 @@ class NPMPredictor:
         whole_word = (flags & (WORD_START | WORD_END)) == (WORD_START | WORD_END)
         return self._stopword_ids[np.asarray(self.index.token_ids[positions])] & whole_word
 
-    def _rank_spans(self, span_starts, span_ends, span_scores, span_pairs, top_k: int, targets,
-                    num_pairs: int = 1) -> list[list[dict]]:
-        """Per query pair (`span_pairs`: each span's, None: all one pair): sum (or max) span scores per phrase
-        (decoded string), apply |v|^alpha, normalise over all the pair's phrases, keep `top_k`.
+    def _rank_spans(self, span_starts, span_ends, span_scores, top_k: int, targets) -> list[dict]:
+        """Sum (or max) span scores per phrase (decoded string), apply |v|^alpha, normalise over all phrases, keep
+        `top_k`.
 
         Only the returned answers are decoded: spans are grouped by a hash of their decoded text, built from
         per-token pieces (see `_piece_hashes`), so "ĠTexas" and "Tex"+"as" count as the same phrase.
@@ -319,65 +275,34 @@ class NPMPredictor:
         grid = np.where(inside, span_starts[:, None] + offsets, span_starts[:, None])
         ids = np.where(inside, self.index.token_ids[grid], -1).astype(np.int64)
         keys = self._phrase_hashes(ids, inside)
-        # Groups are (pair, phrase) in sorted order; the stable sort keeps each group's spans in their own order,
-        # so sums, maxima and the evidence (first best span) come out exactly as for one pair alone.
-        if span_pairs is None:
-            span_pairs = np.zeros(len(keys), dtype=np.int64)
-            order = np.argsort(keys, kind="stable")
-        else:
-            order = np.lexsort((keys, span_pairs))
-        sorted_keys, sorted_pairs = keys[order], span_pairs[order]
-        starts_group = np.ones(len(order), dtype=bool)
-        starts_group[1:] = (sorted_keys[1:] != sorted_keys[:-1]) | (sorted_pairs[1:] != sorted_pairs[:-1])
-        group_starts = np.flatnonzero(starts_group)
-        group_of_sorted = np.cumsum(starts_group) - 1
-        group_of_span = np.empty_like(group_of_sorted)
-        group_of_span[order] = group_of_sorted
-        first_span, group_keys = order[group_starts], sorted_keys[group_starts]
+        unique_keys, first_span, group_of_span = np.unique(keys, return_index=True, return_inverse=True)
+        group_of_span = group_of_span.reshape(-1)
         if self.config.phrase_aggregation == "max":
-            totals = np.zeros(len(group_starts))
+            totals = np.zeros(len(unique_keys))
             np.maximum.at(totals, group_of_span, span_scores)
         else:
-            totals = np.bincount(group_of_span, weights=span_scores, minlength=len(group_starts))
+            totals = np.bincount(group_of_span, weights=span_scores, minlength=len(unique_keys))
         if self.config.length_penalty_alpha:  # |v| in tokens (spellings of one phrase rarely differ in length)
             totals = totals * lengths[first_span].astype(np.float64) ** self.config.length_penalty_alpha
-        best_span = self._best_spans(span_scores[order], group_starts, group_of_sorted, order)
-        pair_groups = np.searchsorted(sorted_pairs[group_starts], np.arange(num_pairs + 1))
-        target_keys = None if targets is None else [_text_hash(self.normalise_target(t)) for t in targets]
-        results = []
-        for lo, hi in zip(pair_groups[:-1], pair_groups[1:]):
-            if lo == hi:  # no span at all
-                results.append([] if targets is None else [self._missing(t) for t in targets][:top_k])
+        totals = totals / totals.sum()
+        if targets is not None:
+            lookup = dict(zip(unique_keys.tolist(), range(len(unique_keys))))
+            chosen = [(target, lookup.get(_text_hash(self.normalise_target(target)))) for target in targets]
+        else:
+            chosen = [(None, g) for g in _top_indices(totals, top_k)]
+        answers = []
+        for target, group in chosen:
+            if group is None:
+                answers.append(self._missing(target))
                 continue
-            pair_totals = totals[lo:hi] / totals[lo:hi].sum()
-            if targets is not None:
-                lookup = dict(zip(group_keys[lo:hi].tolist(), range(hi - lo)))
-                chosen = [(target, lookup.get(key)) for target, key in zip(targets, target_keys)]
-            else:
-                chosen = [(None, g) for g in _top_indices(pair_totals, top_k)]
-            answers = []
-            for target, group in chosen:
-                if group is None:
-                    answers.append(self._missing(target))
-                    continue
-                span = best_span[lo + group]  # the best-scoring occurrence is the evidence
-                token_ids = ids[span][ids[span] >= 0].tolist()
-                answers.append(self._answer(score=float(pair_totals[group]), token=token_ids, token_ids=token_ids,
-                                            token_str=self.tokenizer.decode(token_ids).strip(),
-                                            span=(int(span_starts[span]), int(span_ends[span]))))
-            answers.sort(key=lambda answer: -answer["score"])
-            results.append(answers[:top_k])
-        return results
-
-    @staticmethod
-    def _best_spans(sorted_scores, group_starts, group_of_sorted, order) -> np.ndarray:
-        """Per group, its first span (in span order) of the highest score; spans sorted by group (stably)."""
-        if len(sorted_scores) == 0:
-            return np.zeros(0, dtype=np.int64)
-        is_best = sorted_scores == np.maximum.reduceat(sorted_scores, group_starts)[group_of_sorted]
-        best = np.flatnonzero(is_best)
-        first_best = best[np.flatnonzero(np.diff(group_of_sorted[best], prepend=-1))]
-        return order[first_best]
+            members = np.flatnonzero(group_of_span == group)
+            span = int(members[np.argmax(span_scores[members])])  # the best-scoring occurrence is the evidence
+            token_ids = ids[span][ids[span] >= 0].tolist()
+            answers.append(self._answer(score=float(totals[group]), token=token_ids, token_ids=token_ids,
+                                        token_str=self.tokenizer.decode(token_ids).strip(),
+                                        span=(int(span_starts[span]), int(span_ends[span]))))
+        answers.sort(key=lambda answer: -answer["score"])
+        return answers[:top_k]
 
     def _phrase_hashes(self, ids: np.ndarray, inside: np.ndarray) -> np.ndarray:
         """Polynomial hash of each span's decoded, stripped text, combined from per-token piece hashes."""

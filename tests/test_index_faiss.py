@@ -264,7 +264,8 @@ def test_auto_factory_from_the_cli(tmp_path, npm_dir, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- batches
-BLAS_SETTINGS = ("distance_compute_blas_threshold", "distance_compute_blas_query_bs", "distance_compute_blas_database_bs")
+BLAS_SETTINGS = ("distance_compute_blas_threshold", "distance_compute_blas_query_bs",
+                 "distance_compute_blas_database_bs")
 
 
 def test_search_many_finds_the_exact_top_k_and_restores_faiss_settings(build):
@@ -288,7 +289,7 @@ def test_search_many_of_an_approximate_index_is_search(build):
         np.testing.assert_array_equal(got, want)
 
 
-def test_batched_spans_over_an_approximate_index(build, model_and_tokenizer):
+def test_spans_from_a_shared_search_of_an_approximate_index(build, model_and_tokenizer):
     """nprobe=1 leaves rows unfilled (-1), so the pairs of a batch have different numbers of candidates."""
     from npm_hf.retrieval import NPMPredictor
 
@@ -298,6 +299,9 @@ def test_batched_spans_over_an_approximate_index(build, model_and_tokenizer):
     pairs = _all_rows(index)[:12].reshape(6, 2, -1)
     assert (index.search(pairs.reshape(12, -1), index.num_indexed, nprobe=1)[1] < 0).any()
     for nprobe in (1, 4):
+        scores, rows = index.search_many(pairs.reshape(12, -1), index.num_indexed, nprobe=nprobe)
+        shared = [predictor.predict_span(pair[0], pair[1], 20, hits=(scores[2 * i : 2 * i + 2],
+                                                                      rows[2 * i : 2 * i + 2]))
+                  for i, pair in enumerate(pairs)]
         alone = [predictor.predict_span(pair[0], pair[1], 20, k=index.num_indexed, nprobe=nprobe) for pair in pairs]
-        assert predictor.predict_spans(pairs, 20, k=index.num_indexed, nprobe=nprobe) == alone
-        assert sum(len(answers) for answers in alone) > 20
+        assert shared == alone and sum(len(answers) for answers in alone) > 20

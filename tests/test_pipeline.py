@@ -257,9 +257,10 @@ def test_batched_calls_give_the_answers_of_one_text_at_a_time(npm_dir, mask, mak
 @pytest.mark.parametrize("mode, params", [
     ("span", {}), ("span", {"prefilter": "bm25", "prefilter_blocks": 2}), ("span", {"targets": ["Texas", "Ohio"]}),
     ("single", {}), ("single", {"prefilter": "bm25"}), ("span", {"k": 30, "top_k": 12})])
-def test_batched_postprocess_is_exactly_one_text_at_a_time(npm_dir, mask, make_pipeline, mode, params):
-    """From the same forward outputs, a batch (one search, all spans scored together) gives each text's answers
-    exactly: scores, phrases, evidence, sequences and order."""
+def test_answers_from_a_batch_search_are_exactly_one_text_at_a_time(npm_dir, mask, make_pipeline, mode, params):
+    """From the same forward outputs, one search for the batch (`search_batch`, fewer query vectors than
+    `NPMIndex.search_many` hands to BLAS) gives each text's answers exactly: scores, phrases, evidence, sequences and
+    order."""
     fill = make_pipeline(npm_dir, mode=mode)
     texts = [f"Abraham Lincoln was born in {mask}, Kentucky.", f"The Rio Grande flows through {mask} and Texas.",
              f"{mask} borders {mask}.", f"Hagios Demetrios is located in {mask}."]
@@ -267,7 +268,7 @@ def test_batched_postprocess_is_exactly_one_text_at_a_time(npm_dir, mask, make_p
     alone = [fill.postprocess(fill._forward(fill.preprocess(text)), **params) for text in texts]
     outputs = [fill._forward(fill.preprocess(text)) for text in texts]
     fill.search_batch(outputs, params)
-    assert fill.postprocess_batch(outputs, **params) == alone
+    assert [fill.postprocess(output, **params) for output in outputs] == alone
     assert len(alone[2]) == 2 and all(isinstance(answers, list) and answers for answers in alone[2])  # two masks
 
 
