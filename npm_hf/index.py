@@ -772,10 +772,10 @@ class NPMIndex:
 
     def search_many(self, queries: np.ndarray, k: int, nprobe: int | None = None,
                     ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """`search` for a batch of queries (e.g. all of a batched pipeline call's). On a flat index, from
-        `_BLAS_MIN_QUERIES` queries on, FAISS scores them with one matrix product per block of stored vectors rather
-        than one pass over all vectors per query (a pass reads every vector from memory: several times slower at
-        k=4096). Its scores can differ from `search`'s in the last float bits (summation order)."""
+        """`search` for a batch of queries (e.g. all of a batched pipeline call's). On a flat index, from 16 queries
+        on, FAISS scores them with one matrix product per block of stored vectors rather than one pass over all
+        vectors per query (each pass reads every vector from memory: 3-4 times slower at k=4096 on 2 cores). The
+        scores can differ from `search`'s in the last float bits (another summation order)."""
         if not self.exact_search or len(queries) < _BLAS_MIN_QUERIES:
             return self.search(queries, k, nprobe=nprobe, ef_search=ef_search)
         import faiss
@@ -783,9 +783,10 @@ class NPMIndex:
         names = ("distance_compute_blas_threshold", "distance_compute_blas_query_bs",
                  "distance_compute_blas_database_bs")
         saved = [getattr(faiss.cvar, name) for name in names]
-        # FAISS-wide settings, for this call only: BLAS from 1 query; a block holding all queries (up to 4096) and
-        # _BLAS_DATABASE_BLOCK vectors (fewer, larger products than FAISS's 1024, better on few cores)
-        wanted = (1, min(len(queries), 4096), _BLAS_DATABASE_BLOCK)
+        # FAISS-wide settings, for this call only: BLAS from 1 query; blocks of up to 512 queries by
+        # _BLAS_DATABASE_BLOCK vectors (fewer, larger products than FAISS's 4096 x 1024: better on few cores; FAISS
+        # allocates a whole block's scores, 64 MiB at most here)
+        wanted = (1, min(len(queries), 512), _BLAS_DATABASE_BLOCK)
         try:
             for name, value in zip(names, wanted):
                 setattr(faiss.cvar, name, value)

@@ -226,8 +226,8 @@ class NonparametricFillMaskPipeline(Pipeline):
 
     # ------------------------------------------------------------------------------------------------ batches
     def _call_batched(self, texts: list[str], batch_size: int, **kwargs) -> list:
-        """Lists of texts with `batch_size` > 1: one padded forward pass and one FAISS search per batch (the
-        per-text answers are the same as one text at a time)."""
+        """Lists of texts with `batch_size` > 1: padded forward passes (`forward_batch`) and one search per batch
+        (the per-text answers are those of one text at a time, up to float rounding)."""
         preprocess_params, _, postprocess_params = self._sanitize_parameters(**kwargs)
         preprocess_params = {**self._preprocess_params, **preprocess_params}  # constructor values, then this call's
         postprocess_params = {**self._postprocess_params, **postprocess_params}
