@@ -17,6 +17,8 @@ Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"
         own scores only, bytes per indexed token on disk and in RAM, median search latency per query of 2 token
         vectors of a real sentence encoded on its own. One line per index (value: the agreement at k=4096), then
         "P3": the in-RAM bytes per token of the smallest index with >= 95 % agreement.           goal <= 64
+    P6  fill-mask queries per second of `fill(texts, batch_size=32)` / one text at a time, same 32 texts, alternating
+        rounds; the detail splits both into forward, search and answers (spans, phrases, evidence).  goal >= 5
     P1q fill-mask pipeline seconds per query with the candidate search in a Qdrant collection (qdrant-client's
         local mode, `npm_hf.vector_store.QdrantSearchIndex`) / with the default FAISS Flat index, same queries and
         index, alternating rounds. Opt-in (--figures P1q); skipped with a note without qdrant-client.      report
@@ -441,8 +443,8 @@ def figure_p1q(model, tokenizer, index, queries: list[str], rounds: tuple[int, i
 
 # -------------------------------------------------------------------------------------------------------- B
 def figure_p6(model, tokenizer, index, queries: list[str], rounds: tuple[int, int, float], batch: int = 32) -> None:
-    """Queries per second of `fill(texts, batch_size=32)` (one padded forward, one FAISS search per batch) over
-    one text at a time, the same texts, alternating the two paths round by round."""
+    """Queries per second of `fill(texts, batch_size=32)` (forward passes in length groups, one search) over one
+    text at a time, the same texts, alternating the two paths round by round; the detail splits both into stages."""
     from npm_hf import NonparametricFillMaskPipeline
 
     fill = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index)
@@ -460,10 +462,39 @@ def figure_p6(model, tokenizer, index, queries: list[str], rounds: tuple[int, in
                     fill(text, top_k=5)
             times[path].append(time.perf_counter() - started)
     best = {path: min(values) for path, values in times.items()}
+    stages = p6_stages(fill, texts)
+    breakdown = ", ".join(f"{name} {stages['batched'][name]:.1f} vs {stages['single'][name]:.1f}"
+                          for name in stages["batched"])
     emit("P6", best["single"] / best["batched"], ">= 5",
          f"{batch} cloze queries, index {index.manifest.num_tokens} tokens, k={min(model.config.k, index.num_indexed)};"
          f" best of {len(times['single'])} rounds: batched {batch / best['batched']:.1f} queries/s, one at a time "
-         f"{batch / best['single']:.1f} queries/s")
+         f"{batch / best['single']:.1f} queries/s; ms per query by stage, batched vs one at a time (best of 3): "
+         f"{breakdown}")
+
+
+def p6_stages(fill, texts: list[str], repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Milliseconds per query of the pipeline's stages (encoder forward, search, answers: spans, phrases, decoding,
+    evidence), for the whole batch at once and for batches of one text, best of `repeats`."""
+    prepared = [fill.preprocess(text) for text in texts]
+    stages = {path: {"forward": np.inf, "search": np.inf, "answers": np.inf} for path in ("batched", "single")}
+    for _ in range(repeats):
+        for path, groups in (("batched", [prepared]), ("single", [[item] for item in prepared])):
+            spent = dict.fromkeys(stages[path], 0.0)
+            for group in groups:
+                started = time.perf_counter()
+                outputs = fill.forward_batch(group)
+                searched = time.perf_counter()
+                fill.search_batch(outputs, {})
+                answering = time.perf_counter()
+                for output in outputs:
+                    fill.postprocess(output, top_k=5)
+                finished = time.perf_counter()
+                for name, seconds in (("forward", searched - started), ("search", answering - searched),
+                                      ("answers", finished - answering)):
+                    spent[name] += seconds
+            for name, seconds in spent.items():
+                stages[path][name] = min(stages[path][name], seconds / len(texts) * 1e3)
+    return stages
 
 
 def figure_bytes(index) -> None:

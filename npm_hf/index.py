@@ -73,6 +73,12 @@ _FLAT_MAX_VECTORS = 1_000_000
 _HUB_FILES_PER_FOLDER = 10_000  # the Hub's recommendation
 
 
+# NPMIndex.search_many: FAISS's matrix-product search of a flat index from this many queries on, in blocks of this
+# many stored vectors.
+_BLAS_MIN_QUERIES = 16
+_BLAS_DATABASE_BLOCK = 32768
+
+
 class NPMIndexError(ValueError):
     """An index directory is missing, incomplete, corrupted, or does not belong to the model."""
 
@@ -747,6 +753,31 @@ class NPMIndex:
         """The corpus text of tokens [start, end] (inclusive positions), as written in the document."""
         document = self.documents[int(self.token_docs[start])]
         return document["text"][int(self.token_offsets[start, 0]) : int(self.token_offsets[end, 1])]
+
+    def search_many(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+                    ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`search` for a batch of queries (e.g. all of a batched pipeline call's). On a flat index, from 16 queries
+        on, FAISS scores them with one matrix product per block of stored vectors rather than one pass over all
+        vectors per query (each pass reads every vector from memory: 3-4 times slower at k=4096 on 2 cores). The
+        scores can differ from `search`'s in the last float bits (another summation order)."""
+        if not self.exact_search or len(queries) < _BLAS_MIN_QUERIES:
+            return self.search(queries, k, nprobe=nprobe, ef_search=ef_search)
+        import faiss
+
+        names = ("distance_compute_blas_threshold", "distance_compute_blas_query_bs",
+                 "distance_compute_blas_database_bs")
+        saved = [getattr(faiss.cvar, name) for name in names]
+        # FAISS-wide settings, for this call only: BLAS from 1 query; blocks of up to 512 queries by
+        # _BLAS_DATABASE_BLOCK vectors (fewer, larger products than FAISS's 4096 x 1024: better on few cores; FAISS
+        # allocates a whole block's scores, 64 MiB at most here)
+        wanted = (1, min(len(queries), 512), _BLAS_DATABASE_BLOCK)
+        try:
+            for name, value in zip(names, wanted):
+                setattr(faiss.cvar, name, value)
+            return self.search(queries, k, nprobe=nprobe, ef_search=ef_search)
+        finally:
+            for name, value in zip(names, saved):
+                setattr(faiss.cvar, name, value)
 
 
 # --------------------------------------------------------------------------------------------- build stages

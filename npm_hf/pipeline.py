@@ -226,8 +226,8 @@ class NonparametricFillMaskPipeline(Pipeline):
 
     # ------------------------------------------------------------------------------------------------ batches
     def _call_batched(self, texts: list[str], batch_size: int, **kwargs) -> list:
-        """Lists of texts with `batch_size` > 1: one padded forward pass and one FAISS search per batch (the
-        per-text answers are the same as one text at a time)."""
+        """Lists of texts with `batch_size` > 1: padded forward passes (`forward_batch`) and one search per batch
+        (the per-text answers are those of one text at a time, up to float rounding)."""
         preprocess_params, _, postprocess_params = self._sanitize_parameters(**kwargs)
         preprocess_params = {**self._preprocess_params, **preprocess_params}  # constructor values, then this call's
         postprocess_params = {**self._postprocess_params, **postprocess_params}
@@ -240,24 +240,31 @@ class NonparametricFillMaskPipeline(Pipeline):
         return results
 
     def forward_batch(self, prepared: list[dict]) -> list[dict]:
-        """`_forward` for several preprocessed inputs in one padded forward pass."""
+        """`_forward` for several preprocessed inputs in padded forward passes: one on an accelerator; on CPU, where
+        padding costs as much compute as text, one per group of inputs of similar length."""
         ids = [item["model_inputs"]["input_ids"][0] for item in prepared]
-        input_ids = torch.full((len(ids), max(len(row) for row in ids)), self.tokenizer.pad_token_id or 0)
-        attention = torch.zeros_like(input_ids)
-        for row, sequence in enumerate(ids):
-            input_ids[row, : len(sequence)], attention[row, : len(sequence)] = sequence, 1
-        with self.device_placement(), torch.inference_mode():
-            hidden = self.model(input_ids=input_ids.to(self.device),
-                                attention_mask=attention.to(self.device)).last_hidden_state
-        return [self.read_hidden_states(item, hidden[row]) for row, item in enumerate(prepared)]
+        groups = [range(len(ids))] if self.device.type != "cpu" else _length_groups([len(row) for row in ids])
+        outputs = [None] * len(prepared)
+        for group in groups:
+            input_ids = torch.full((len(group), max(len(ids[i]) for i in group)), self.tokenizer.pad_token_id or 0)
+            attention = torch.zeros_like(input_ids)
+            for row, i in enumerate(group):
+                input_ids[row, : len(ids[i])], attention[row, : len(ids[i])] = ids[i], 1
+            with self.device_placement(), torch.inference_mode():
+                hidden = self.model(input_ids=input_ids.to(self.device),
+                                    attention_mask=attention.to(self.device)).last_hidden_state
+            for row, i in enumerate(group):
+                outputs[i] = self.read_hidden_states(prepared[i], hidden[row])
+        return outputs
 
     def search_batch(self, outputs: list[dict], params: dict) -> None:
-        """Search every query vector of the batch in one FAISS call; each output gets its slots' `hits`."""
+        """Search every query vector of the batch in one call (`NPMIndex.search_many`); each output gets its slots'
+        `hits`."""
         if (params.get("prefilter") or self.model.config.prefilter) != "none":
             return  # pre-filtered answers are scored over their own blocks, not searched
         vectors = [slot for output in outputs for slot in output["query_vectors"]]
         scores, rows = self.predictor.search(np.concatenate(vectors), params.get("k"), params.get("nprobe"),
-                                             params.get("ef_search"))
+                                             params.get("ef_search"), batch=True)
         cursor = 0
         for output in outputs:
             output["hits"] = []
@@ -333,6 +340,20 @@ def _answer_slots(runs: list[tuple[int, int]], single_mode: bool) -> list[tuple[
     if single_mode:
         return [(i, 1) for start, length in runs for i in range(start, start + length)]
     return runs
+
+
+def _length_groups(lengths: list[int], max_padding: float = 0.25) -> list[list[int]]:
+    """Indices of `lengths` grouped by length (shortest first), each group padded to its longest with padding of at
+    most `max_padding` of its tokens."""
+    groups, tokens = [], 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= (1 + max_padding) * (tokens + lengths[i]):
+            groups[-1].append(i)
+            tokens += lengths[i]
+        else:
+            groups.append([i])
+            tokens = lengths[i]
+    return groups
 
 
 def _max_input_length(config, tokenizer) -> int:

@@ -53,11 +53,13 @@ class NPMPredictor:
         self._pieces = None
 
     def search(self, queries: np.ndarray, k: int | None = None, nprobe: int | None = None,
-               ef_search: int | None = None):
-        """index.search with this call's knobs, else the config's (FAISS's defaults when both are None)."""
+               ef_search: int | None = None, batch: bool = False):
+        """index.search (`batch`: index.search_many) with this call's knobs, else the config's (FAISS's defaults
+        when both are None)."""
         nprobe = nprobe if nprobe is not None else getattr(self.config, "nprobe", None)
         ef_search = ef_search if ef_search is not None else getattr(self.config, "ef_search", None)
-        return self.index.search(queries, k or self.config.k, nprobe=nprobe, ef_search=ef_search)
+        search = self.index.search_many if batch else self.index.search
+        return search(queries, k or self.config.k, nprobe=nprobe, ef_search=ef_search)
 
     # -------------------------------------------------------------------------------------------- NPM-single
     def predict_single(self, query: np.ndarray, top_k: int, target_ids=None, k: int | None = None,

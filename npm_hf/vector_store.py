@@ -222,6 +222,8 @@ class QdrantSearchIndex:
         # depend on how the database stores or quantizes its copy.
         return self.rescore(queries, self.candidate_rows(queries, k, nprobe=nprobe, ef_search=ef_search))
 
+    search_many = search  # a batch is one query_batch_points call already (not the wrapped index's FAISS search)
+
     def _check_unchanged(self) -> None:
         if index_fingerprint(self._index) != self._fingerprint:
             raise NPMIndexError(

@@ -260,3 +260,47 @@ def test_auto_factory_from_the_cli(tmp_path, npm_dir, capsys):
     assert main([*argv, "--output", str(tmp_path / "b"), "--max-memory", "100"]) == 2
     assert "max_memory=100 is less than encoding alone needs" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------------------------------------- batches
+BLAS_SETTINGS = ("distance_compute_blas_threshold", "distance_compute_blas_query_bs",
+                 "distance_compute_blas_database_bs")
+
+
+def test_search_many_finds_the_exact_top_k_and_restores_faiss_settings(build):
+    index = build("Flat")
+    queries = np.asarray(index.vectors[:40], dtype=np.float32)  # enough queries for FAISS's matrix-product search
+    before = [getattr(faiss.cvar, name) for name in BLAS_SETTINGS]
+    scores, rows = index.search_many(queries, 50)
+    assert [getattr(faiss.cvar, name) for name in BLAS_SETTINGS] == before
+    exact = queries.astype(np.float64) @ np.asarray(index.vectors, dtype=np.float64).T
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, rows, axis=1), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(scores, -np.sort(-exact, axis=1)[:, :50], rtol=1e-5, atol=1e-4)
+    want_scores, want_rows = index.search(queries, 50)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-4)
+    assert (rows[:, 0] == want_rows[:, 0]).all()
+
+
+def test_search_many_of_an_approximate_index_is_search(build):
+    index = build("IVF4,Flat")
+    queries = _all_rows(index)
+    for got, want in zip(index.search_many(queries, 30, nprobe=2), index.search(queries, 30, nprobe=2)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_spans_from_a_shared_search_of_an_approximate_index(build, model_and_tokenizer):
+    """nprobe=1 leaves rows unfilled (-1), so the pairs of a batch have different numbers of candidates."""
+    from npm_hf.retrieval import NPMPredictor
+
+    index = build("IVF4,Flat")
+    model, tokenizer = model_and_tokenizer
+    predictor = NPMPredictor(model.config, tokenizer, index)
+    pairs = _all_rows(index)[:12].reshape(6, 2, -1)
+    assert (index.search(pairs.reshape(12, -1), index.num_indexed, nprobe=1)[1] < 0).any()
+    for nprobe in (1, 4):
+        scores, rows = index.search_many(pairs.reshape(12, -1), index.num_indexed, nprobe=nprobe)
+        shared = [predictor.predict_span(pair[0], pair[1], 20, hits=(scores[2 * i : 2 * i + 2],
+                                                                      rows[2 * i : 2 * i + 2]))
+                  for i, pair in enumerate(pairs)]
+        alone = [predictor.predict_span(pair[0], pair[1], 20, k=index.num_indexed, nprobe=nprobe) for pair in pairs]
+        assert shared == alone and sum(len(answers) for answers in alone) > 20

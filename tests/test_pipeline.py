@@ -252,3 +252,34 @@ def test_batched_calls_give_the_answers_of_one_text_at_a_time(npm_dir, mask, mak
     for got, text in zip(fill(texts, top_k=3, batch_size=4, prefilter="bm25"), texts):
         assert_same_answers(got, fill(text, top_k=3, prefilter="bm25"))
     assert_same_answers(fill(texts[:1], top_k=3, batch_size=8), fill(texts[0], top_k=3))  # a list of one: unwrapped
+
+
+@pytest.mark.parametrize("mode, params", [
+    ("span", {}), ("span", {"prefilter": "bm25", "prefilter_blocks": 2}), ("span", {"targets": ["Texas", "Ohio"]}),
+    ("single", {}), ("single", {"prefilter": "bm25"}), ("span", {"k": 30, "top_k": 12})])
+def test_answers_from_a_batch_search_are_exactly_one_text_at_a_time(npm_dir, mask, make_pipeline, mode, params):
+    """From the same forward outputs, one search for the batch (`search_batch`, fewer query vectors than
+    `NPMIndex.search_many` hands to BLAS) gives each text's answers exactly: scores, phrases, evidence, sequences and
+    order."""
+    fill = make_pipeline(npm_dir, mode=mode)
+    texts = [f"Abraham Lincoln was born in {mask}, Kentucky.", f"The Rio Grande flows through {mask} and Texas.",
+             f"{mask} borders {mask}.", f"Hagios Demetrios is located in {mask}."]
+    params = {"top_k": 6, **params}
+    alone = [fill.postprocess(fill._forward(fill.preprocess(text)), **params) for text in texts]
+    outputs = [fill._forward(fill.preprocess(text)) for text in texts]
+    fill.search_batch(outputs, params)
+    assert [fill.postprocess(output, **params) for output in outputs] == alone
+    assert len(alone[2]) == 2 and all(isinstance(answers, list) and answers for answers in alone[2])  # two masks
+
+
+def test_length_groups_cover_every_input_with_little_padding():
+    from npm_hf.pipeline import _length_groups
+
+    lengths = [14, 47, 15, 30, 31, 29, 44, 16, 5, 5, 46]
+    groups = _length_groups(lengths)
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    assert [lengths[group[0]] for group in groups] == sorted(lengths[group[0]] for group in groups)
+    for group in groups:
+        assert len(group) * max(lengths[i] for i in group) <= 1.25 * sum(lengths[i] for i in group)
+    assert len(groups) < len(lengths)
+    assert _length_groups([7] * 5) == [[0, 1, 2, 3, 4]]

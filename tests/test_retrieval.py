@@ -151,3 +151,23 @@ def test_spellings_of_one_phrase_are_summed(npm_dir, mask, brute_force, make_pip
     want = brute_force.spans(index, tokenizer, vectors[0], vectors[1], config.scale, config.temperature,
                              config.max_span_length)
     assert len(answers) == 1 and answers[0]["score"] == pytest.approx(want[answers[0]["token_str"]], abs=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"span_scoring": "product", "phrase_aggregation": "max", "length_penalty_alpha": 0.5},
+    {"span_stopwords": "any"}, {"span_stopwords": "edges", "max_span_length": 3}, {"expand_span_candidates": True}])
+def test_spans_from_a_shared_search_are_those_of_each_pair_alone(npm_dir, mask, make_pipeline, overrides):
+    """Batched calls search all query pairs at once and pass each pair its `hits`."""
+    fill = make_pipeline(npm_dir, **overrides)
+    texts = [f"The Rio Grande flows through {mask} and Texas.", f"Abraham Lincoln was born in {mask}, Kentucky.",
+             f"{mask} borders {mask}.", f"Hagios Demetrios is located in {mask}."]
+    pairs = np.stack([vectors for text in texts for vectors in query_vectors(fill, text)])
+    predictor = fill.predictor
+    for k, top_k, targets in ((None, 50, None), (2, 5, None), (25, 3, ["Texas", "New Mexico", "Zanzibar"])):
+        scores, rows = predictor.search(pairs.reshape(-1, pairs.shape[-1]), k)
+        shared = [predictor.predict_span(pair[0], pair[1], top_k, targets=targets,
+                                         hits=(scores[2 * i : 2 * i + 2], rows[2 * i : 2 * i + 2]))
+                  for i, pair in enumerate(pairs)]
+        assert shared == [predictor.predict_span(pair[0], pair[1], top_k, targets=targets, k=k) for pair in pairs]
+        if k is None:  # each pair read its own slice of the hits
+            assert any(other != shared[0] for other in shared[1:])

@@ -76,6 +76,16 @@ def test_same_answers_as_faiss_with_k_at_least_n(npm_dir, mask, index, wrapped, 
         [[a["token_str"] for a in faiss_fill(text, top_k=3)] for text in texts[:2]]
 
 
+def test_batched_calls_search_the_collection(npm_dir, mask, index, client, wrapped, monkeypatch):
+    requests = []
+    real_query = client.query_batch_points
+    monkeypatch.setattr(client, "query_batch_points", lambda name, batch, **kwargs: requests.append(len(batch)) or
+                        real_query(name, batch, **kwargs))
+    _, qdrant_fill = _pipelines(npm_dir, index, wrapped, "span")
+    qdrant_fill([f"Texas borders {mask}.", f"{mask} borders {mask}.", f"Ohio is {mask}."], top_k=2, batch_size=3)
+    assert requests == [8]  # every query vector of the batch (2 per answer), not the wrapped index's FAISS search
+
+
 def test_small_k_finds_the_exact_top_k(index, wrapped):
     queries = _queries(index)
     want_scores, want_rows = index.search(queries, 4)
