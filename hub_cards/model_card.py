@@ -69,9 +69,13 @@ def render_model_card(facts: dict, existing_readme: Path | None = None) -> str:
 
 
 def _merge_into_existing(existing: ModelCard, fresh: ModelCard) -> str:
-    """The user's README with our YAML keys added (theirs win on conflicts, tags are united) and our block replaced."""
+    """The user's README with our YAML keys added (theirs win on conflicts, tags are united, except the evaluation
+    results: ours are rendered from the card facts, which hold every result recorded, so an older rendering of them
+    must not win) and our block replaced."""
     ours, theirs = fresh.data.to_dict(), existing.data.to_dict()
     header = {**ours, **theirs, "tags": sorted(set(ours.get("tags", [])) | set(theirs.get("tags") or []))}
+    if "model-index" in ours:
+        header["model-index"] = ours["model-index"]
     block = fresh.text[fresh.text.index(START) : fresh.text.index(END) + len(END)]
     text = existing.text
     if START in text and END in text:

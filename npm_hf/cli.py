@@ -12,7 +12,7 @@
     npm-hf push --model DIR --repo-id ORG/NAME [--private] [--revision R] [--create-pr] [--index-repo-id ORG/IDX]
     npm-hf demo [--corpus PATH] [--output DIR]
     npm-hf evaluate --model DIR --task sst2 [--data PATH] [--corpus PATH | --index DIR | --evidence-corpus]
-                    [--max-examples 3000] [--seed 0] [--output results.json] [--paper-protocol]
+                    [--max-examples 3000] [--seed 0] [--output results.json] [--update-card] [--paper-protocol]
 
 Under several processes: `torchrun --nproc_per_node N -m npm_hf.cli train ...` (or `accelerate launch`); the same
 for build-index, where each process encodes its share of the corpus.
@@ -173,11 +173,13 @@ def _demo(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from .evaluation import EvaluationArguments, evaluate, results_to_markdown, save_results
+    from .evaluation import EvaluationArguments, evaluate, record_results_in_card, results_to_markdown, save_results
 
     results = evaluate(args.model, _dataclass_from(EvaluationArguments, args), index=args.index, corpus=args.corpus)
     if args.output:
         save_results(results, args.output)
+    if args.update_card:
+        record_results_in_card(args.model, [results])
     print(results_to_markdown([results]))
     if "buckets" in results:
         print("Exact match per answer length (tokens): " + ", ".join(
@@ -270,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--corpus", default=None, help="Build a temporary index over this corpus and use it.")
     evaluate.add_argument("--index", default=None, help="Index directory (default: the model's own).")
     evaluate.add_argument("--output", default=None, help="Write the results as JSON here.")
+    evaluate.add_argument("--update-card", action="store_true",
+                          help="Add the results to the Evaluation table of the model directory's card (README.md).")
     _add_dataclass_arguments(evaluate, EvaluationArguments)
     evaluate.set_defaults(handler=_evaluate)
     return parser

@@ -3,6 +3,7 @@ end-to-end runs for NPMs and the parametric baseline, bad input."""
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from npm_hf import EvaluationArguments, NPMModel
 from npm_hf.cli import main as cli_main
 from npm_hf.evaluation import bucketed_exact_match, get_task, load_examples, normalize_answer, results_to_markdown
 from npm_hf.evaluation.metrics import accuracy, exact_match_rate, length_bucket
+from npm_hf.hub_cards import load_card_facts
 
 
 
@@ -289,3 +291,23 @@ def test_cli_evaluate_writes_json(npm_dir, data_dir, tmp_path, capsys):
     assert "| cr |" in capsys.readouterr().out
     assert cli_main(["evaluate", "--model", str(npm_dir), "--task", "nope"]) == 2
     assert "Unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_cli_evaluate_records_results_in_the_card(npm_dir, data_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(npm_dir, model)
+    common = ["evaluate", "--model", str(model), "--data-dir", str(data_dir), "--no-show-progress-bar",
+              "--update-card"]
+    assert cli_main([*common, "--task", "cr", "--max-examples", "3"]) == 0
+    assert cli_main([*common, "--task", "lama-trex", "--evidence-corpus"]) == 0
+    assert cli_main([*common, "--task", "cr", "--max-examples", "2"]) == 0  # measured again: replaces its row
+    rows = load_card_facts(model)["eval_results"]
+    assert [(r["task"], r["metric"]) for r in rows] == [
+        ("lama-trex", "macro_exact_match (FAISS top-k (evidence corpus))"),
+        ("lama-trex", "macro_exact_match@5 (FAISS top-k (evidence corpus))"),
+        ("cr", "accuracy (FAISS top-k)"),
+    ]
+    card = (model / "README.md").read_text()
+    assert "| cr | cr (2 examples) | accuracy (FAISS top-k) |" in card and "3 examples" not in card
+    with pytest.raises(ValueError, match="not a local model directory"):
+        npm_hf.evaluation.record_results_in_card("org/some-model", [])

@@ -405,15 +405,42 @@ def save_results(results: dict | list[dict], path) -> Path:
 RETRIEVAL_NAMES = {"none": "FAISS top-k", "bm25": "BM25 blocks + exact", "dense": "dense blocks + exact"}
 
 
+def _retrieval_name(result: dict) -> str:
+    if result["model_type"] == "masked-lm":
+        return "parametric"
+    name = RETRIEVAL_NAMES.get(result["settings"].get("prefilter"), "")
+    return name + (" (evidence corpus)" if result["settings"].get("evidence_corpus") else "")
+
+
+def record_results_in_card(model_dir, results: list[dict]) -> None:
+    """Add evaluation results to the Evaluation table of a local model directory's card (README.md): one row per
+    metric, named by task, metric and retrieval; a result measured again replaces its old rows."""
+    from ..hub_cards import load_card_facts, update_model_card
+
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"Cannot record results in the card of {model_dir!r}: it is not a local model directory "
+                         "(for a Hub model, download it first, then push the updated card).")
+    rows = []
+    for r in results:
+        at_n = r.get(f"macro_exact_match_at_{TOP_N}", r.get(f"micro_exact_match_at_{TOP_N}"))
+        for metric, value in ((r["metric"], r["score"]), (f"{r['metric']}@{TOP_N}", at_n)):
+            if value is not None:
+                rows.append({"task": r["task"], "dataset": f"{r['task']} ({r['num_examples']} examples)",
+                             "metric": f"{metric} ({_retrieval_name(r)})", "value": round(100 * value, 1)})
+    replaced = {(row["task"], row["metric"]) for row in rows}
+    kept = [row for row in load_card_facts(model_dir).get("eval_results", [])
+            if (row.get("task"), row.get("metric")) not in replaced]
+    if not update_model_card(model_dir, eval_results=kept + rows):
+        raise OSError(f"Could not write the model card in {model_dir}; see the warning above.")
+
+
 def results_to_markdown(results: list[dict]) -> str:
     """A Markdown table of evaluation results (one row per result)."""
     lines = [f"| Task | Model | Retrieval | Metric | Score | Score@{TOP_N} | Majority | Examples |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         majority = f"{100 * r['majority_baseline']:.1f}" if "majority_baseline" in r else "–"
-        retrieval = "parametric" if r["model_type"] == "masked-lm" else \
-            RETRIEVAL_NAMES.get(r["settings"].get("prefilter"), "")
-        retrieval += " (evidence corpus)" if r["settings"].get("evidence_corpus") else ""
+        retrieval = _retrieval_name(r)
         at_n = r.get(f"macro_exact_match_at_{TOP_N}")
         at_n = "–" if at_n is None else f"{100 * at_n:.1f}"
         lines.append(f"| {r['task']} | {r['model']} | {retrieval} | {r['metric']} | {100 * r['score']:.1f} | {at_n} | "
