@@ -1,15 +1,14 @@
 """Child process of figure M (benchmarks/run.py): one NPMIndex.build under --max-memory in a process of its own,
-so that its peak resident memory (ru_maxrss) is the build's and nothing else's.
+so that its peak resident memory (VmHWM) is the build's and nothing else's.
 
     python benchmarks/build_memory.py MODEL_DIR CORPUS.jsonl OUTPUT_DIR MAX_MEMORY FAISS_FACTORY
 
-Prints one JSON object: resident bytes after the imports, after loading the model, the peak (ru_maxrss, which also
+Prints one JSON object: resident bytes after the imports, after loading the model, the peak (VmHWM, which also
 counts pages of the memory-mapped vector files the build wrote and read back), the sampled peak of anonymous
 memory (RssAnon every 5 ms: what cannot be paged out to a file), and the build's own memory plan.
 """
 
 import json
-import resource
 import sys
 import threading
 import time
@@ -19,12 +18,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def anonymous_bytes() -> int:
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (RssAnon, VmHWM, ...), in bytes."""
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("RssAnon"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def anonymous_bytes() -> int:
+    return status_bytes("RssAnon")
 
 
 class AnonymousPeak(threading.Thread):
@@ -81,7 +85,9 @@ def main(model_dir: str, corpus: str, output: str, max_memory: str, factory: str
     plan = plans[0]
     print(json.dumps({
         "after_imports": after_imports, "after_model": after_model,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_anonymous": anonymous_peak,
+        # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child forked from a large benchmark
+        # process would report the parent's size; VmHWM belongs to this process's own address space.
+        "peak_rss": status_bytes("VmHWM"), "peak_anonymous": anonymous_peak,
         "budget": plan.budget, "plan": {"baseline": plan.baseline, "encoding": plan.encoding,
                                         "metadata": plan.metadata, "available_for_faiss": plan.available()},
         "train_sample_fits": plan.available() // (_TRAIN_BYTES_PER_DIM * plan.hidden_size),

@@ -23,7 +23,7 @@ Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"
         local mode, `npm_hf.vector_store.QdrantSearchIndex`) / with the default FAISS Flat index, same queries and
         index, alternating rounds. Opt-in (--figures P1q); skipped with a note without qdrant-client.      report
 
-    M   peak resident memory (ru_maxrss) of an NPMIndex.build run in a process of its own with --max-memory, over
+    M   peak resident memory (VmHWM) of an NPMIndex.build run in a process of its own with --max-memory, over
         a slice of the corpus with an IVF index trained on a capped sample / that budget.         goal <= 1
     P4  p50 latency of NPMIndex.search (one query of 2 vectors, k=4096, nprobe=16) over a synthetic 10^7-vector
         IVF-SQ8 index / over the same construction at 10^5 (10^4 and 10^5 with --quick), each opened in a fresh
@@ -749,7 +749,7 @@ def figure_m(documents: list[dict], workdir: Path) -> None:
     plan = got["plan"]
     capped = min(got["num_indexed"], 1_000_000) > got["train_sample_fits"]
     emit("M", got["peak_rss"] / got["budget"], "<= 1",
-         f"peak RSS {_mb(got['peak_rss'])} (ru_maxrss; peak anonymous {_mb(got['peak_anonymous'])}, sampled) / "
+         f"peak RSS {_mb(got['peak_rss'])} (VmHWM; peak anonymous {_mb(got['peak_anonymous'])}, sampled) / "
          f"--max-memory {M_BUDGET}; {got['num_indexed']} vectors, {got['factory']}, training sample "
          f"{'capped to ' + str(got['train_sample_fits']) if capped else 'not capped'}, {got['seconds']}s. Process "
          f"after imports {_mb(got['after_imports'])}, model alone +{_mb(got['after_model'] - got['after_imports'])}; "
