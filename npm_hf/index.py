@@ -559,7 +559,7 @@ class NPMIndex:
         # searched by streaming over the memory-mapped vectors above (`search`).
         streamed = _is_flat(faiss_index) and faiss_index.ntotal == 0 and len(vectors) > FLAT_FILL_MAX_VECTORS
         if _is_flat(faiss_index) and faiss_index.ntotal == 0 and faiss_index.d == vectors.shape[1] and not streamed:
-            _fill_flat_from_vectors(faiss_index, vectors)
+            _add_vectors(faiss_index, vectors)
         faiss_rows = len(vectors) if streamed else faiss_index.ntotal
         expected = {
             **{name: (array.shape[:1], (manifest.num_tokens,)) for name, array in token_arrays.items()},
@@ -900,8 +900,9 @@ def _is_flat(index) -> bool:
     return isinstance(faiss.downcast_index(index), faiss.IndexFlat)
 
 
-def _fill_flat_from_vectors(index, vectors: np.ndarray) -> None:
-    for lo in range(0, len(vectors), _FAISS_ADD_CHUNK):
+def _add_vectors(index, vectors: np.ndarray, start: int = 0) -> None:
+    """Add `vectors[start:]` (float16, memory-mapped) to a FAISS index, a float32 chunk at a time."""
+    for lo in range(start, len(vectors), _FAISS_ADD_CHUNK):
         index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
 
 

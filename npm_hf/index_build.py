@@ -39,8 +39,8 @@ from transformers.utils import logging
 
 from .corpus import SPECIAL
 from .index import (AUTO_FACTORY, FAISS_FILE, IVFDATA_FILE, POSITIONS_FILE, TOKEN_FILES, BuildMemoryPlan,
-                    IndexBuildArguments, IndexManifest, NPMIndexError, _core_index, _extract_ivf, _FAISS_ADD_CHUNK,
-                    _is_flat, _new_faiss_index, _publish, _versions, _write_corpus, _write_positions,
+                    IndexBuildArguments, IndexManifest, NPMIndexError, _add_vectors, _core_index, _extract_ivf,
+                    _FAISS_ADD_CHUNK, _is_flat, _new_faiss_index, _publish, _versions, _write_corpus, _write_positions,
                     check_training_size, create_vector_shards, encode_into, encoder_fingerprint,
                     layout_format_version, open_vector_shards, parse_shard_size, shard_layout, suggest_faiss_factory,
                     tokenizer_fingerprint)
@@ -383,8 +383,7 @@ def _fill_in_memory(index_dir: Path, vectors, faiss_index, args: IndexBuildArgum
     if not _is_flat(faiss_index):
         if not faiss_index.is_trained:
             _train(faiss_index, vectors, args)
-        for lo in range(0, len(vectors), _FAISS_ADD_CHUNK):
-            faiss_index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
+        _add_vectors(faiss_index, vectors)
     faiss.write_index(faiss_index, str(index_dir / FAISS_FILE))
 
 
@@ -425,14 +424,8 @@ def _build_ivf_on_disk(processes: _Processes, index_dir: Path, state_dir: Path, 
         _write_index_atomically(part, path)
 
     def merge():
-        from faiss.contrib.ondisk import merge_ondisk
-
-        merged = faiss.read_index(str(trained))
-        ivfdata = index_dir / IVFDATA_FILE
-        ivfdata.unlink(missing_ok=True)  # a merge cut short by a kill
-        merge_ondisk(merged, [str(p) for p in parts], str(ivfdata))
-        faiss.write_index(merged, str(index_dir / FAISS_FILE))
-        del merged
+        (index_dir / IVFDATA_FILE).unlink(missing_ok=True)  # a merge cut short by a kill
+        _merge_on_disk(faiss.read_index(str(trained)), parts, index_dir)
 
     processes.run(train, main_only=True)
     processes.run(add_my_part)
@@ -479,12 +472,20 @@ def load_lists_into_memory(faiss_index) -> None:
 def write_on_disk(faiss_index, directory: Path) -> None:
     """Write `faiss_index` (IVF, in memory) to `directory` as index.faiss + index.ivfdata."""
     import faiss
-    from faiss.contrib.ondisk import merge_ondisk
 
     part = directory / "part.tmp.faiss"
     faiss.write_index(faiss_index, str(part))
     empty = faiss.clone_index(faiss_index)
     empty.reset()
-    merge_ondisk(empty, [str(part)], str(directory / IVFDATA_FILE))
-    faiss.write_index(empty, str(directory / FAISS_FILE))
+    _merge_on_disk(empty, [part], directory)
     part.unlink()
+
+
+def _merge_on_disk(empty_index, parts: list[Path], directory: Path) -> None:
+    """Merge the inverted lists of the IVF index files `parts` into `directory`/index.ivfdata, with `empty_index`
+    (trained, no vectors) written as `directory`/index.faiss pointing at them."""
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    merge_ondisk(empty_index, [str(p) for p in parts], str(directory / IVFDATA_FILE))
+    faiss.write_index(empty_index, str(directory / FAISS_FILE))

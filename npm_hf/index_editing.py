@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .corpus import SPECIAL, CorpusStats, iter_documents, tokenize_documents
 from .index import (DEFAULT_MAX_SHARD_SIZE, DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, MANIFEST_FILE,
-                    POSITIONS_FILE, TOKEN_FILES, IndexBuildArguments, NPMIndexError, _FAISS_ADD_CHUNK, _is_flat,
+                    POSITIONS_FILE, TOKEN_FILES, IndexBuildArguments, NPMIndexError, _add_vectors, _is_flat,
                     _pad_token_id, _publish, _versions, create_vector_shards, encode_into,
                     layout_format_version, parse_shard_size, read_faiss_index, shard_layout, vector_layout)
 
@@ -225,8 +225,7 @@ def _write_faiss(index, staging: Path, vectors, start: int, reset: bool) -> None
         load_lists_into_memory(faiss_index)
     if reset:
         faiss_index.reset()
-    for lo in range(start, len(vectors), _FAISS_ADD_CHUNK):
-        faiss_index.add(np.asarray(vectors[lo : lo + _FAISS_ADD_CHUNK], dtype=np.float32))
+    _add_vectors(faiss_index, vectors, start)
     if on_disk:
         write_on_disk(faiss_index, staging)
     else:
