@@ -122,7 +122,7 @@ class NPMModelCardCallback(TrainerCallback):
         shown = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
                  "num_train_epochs", "warmup_steps", "weight_decay", "max_grad_norm", "lr_scheduler_type", "seed",
                  "mask_ratio", "geometric_p", "max_masked_span_length", "bf16", "fp16", "key_gradients",
-                 "freeze_embeddings", "max_train_minutes")
+                 "freeze_embeddings", "salient_span_ratio", "max_train_minutes")
         current = args.to_dict()
         self.hyperparameters = {name: current[name] for name in shown
                                 if name in current and (name not in defaults or current[name] != defaults[name]

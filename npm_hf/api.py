@@ -208,7 +208,8 @@ def train(data_args: TrainDataArguments, training_args):
     tokenizer = AutoTokenizer.from_pretrained(data_args.model)
     blocks = {
         name: prepare_training_blocks(corpus, tokenizer, block_size=data_args.block_size,
-                                      group_size=data_args.group_size)
+                                      group_size=data_args.group_size,
+                                      salient=getattr(training_args, "salient_span_ratio", 0) > 0)
         for name, corpus in (("train", data_args.corpus), ("eval", data_args.eval_corpus)) if corpus is not None
     }
     excluded = None if data_args.mask_stopwords else stopword_ids(tokenizer)

@@ -196,13 +196,14 @@ def word_flags(word_ids: list, special_tokens_mask: list, offsets: np.ndarray, t
 
 
 def prepare_training_blocks(corpus, tokenizer, block_size: int = 256, group_size: int = 16,
-                            text_column: str = "text"):
+                            text_column: str = "text", salient: bool = False):
     """Cut a corpus into NPM training blocks, in groups of consecutive blocks that form one contrastive batch.
 
     Documents are tokenized and concatenated in order and cut into blocks of `block_size` tokens, as for the
     index. `group_size` consecutive blocks (same or neighbouring documents, so that their spans co-occur) share a
     `group` id; a trailing incomplete group is dropped. Returns a `datasets.Dataset` with columns `input_ids`,
-    `word_start`, `word_end` (0/1 per token) and `group`.
+    `word_start`, `word_end` (0/1 per token) and `group`; with `salient`, also `salient` (0/1 per token, see
+    `salient_tokens`), which `NPMSpanCollator(salient_span_ratio=...)` masks first.
     """
     import datasets
 
@@ -211,8 +212,11 @@ def prepare_training_blocks(corpus, tokenizer, block_size: int = 256, group_size
             f"Need block_size >= 3 and group_size >= 2 (in-batch positives), got {block_size}, {group_size}."
         )
     stats = CorpusStats()
-    chunks = [records for _, records in tokenize_documents(iter_documents(corpus, text_column=text_column),
-                                                           tokenizer, stats)]
+    chunks, salient_chunks = [], []
+    for document, records in tokenize_documents(iter_documents(corpus, text_column=text_column), tokenizer, stats):
+        chunks.append(records)
+        if salient:
+            salient_chunks.append(salient_tokens(records, document["text"]))
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=TOKEN_DTYPE)
     num_groups = len(tokens) // block_size // group_size
     if num_groups == 0:
@@ -225,9 +229,36 @@ def prepare_training_blocks(corpus, tokenizer, block_size: int = 256, group_size
     if usable < len(tokens):
         logger.info(f"Dropping the last {len(tokens) - usable} tokens, which do not fill a whole group.")
     blocks = tokens[:usable].reshape(-1, block_size)
-    return datasets.Dataset.from_dict({
+    columns = {
         "input_ids": blocks["id"].tolist(),
         "word_start": ((blocks["flags"] & WORD_START) != 0).astype(np.int8).tolist(),
         "word_end": ((blocks["flags"] & WORD_END) != 0).astype(np.int8).tolist(),
         "group": np.repeat(np.arange(num_groups), group_size).tolist(),
-    })
+    }
+    if salient:
+        columns["salient"] = np.concatenate(salient_chunks)[:usable].reshape(-1, block_size).astype(np.int8).tolist()
+    return datasets.Dataset.from_dict(columns)
+
+
+_SENTENCE_OPENERS = frozenset(".!?:;\n")
+_BRIDGES = frozenset({"of", "-", "&"})  # may join two capitalised words into one name ("Bank of America")
+
+
+def salient_tokens(records: np.ndarray, text: str) -> np.ndarray:
+    """Which tokens belong to a name-like run: words that begin with a capital letter and do not open a sentence,
+    joined through "of", "-" and "&" ("Republic of Texas", "Mid-Atlantic Ridge"). Casing is read from the document
+    text, so this works with uncased tokenizers too. Salient span masking (REALM) masks such runs first."""
+    flags = records["flags"]
+    capitalised = np.zeros(len(records), dtype=bool)
+    bridge = np.zeros(len(records), dtype=bool)
+    word_starts = np.flatnonzero((flags & WORD_START) != 0)
+    word_ends = np.flatnonzero((flags & WORD_END) != 0)
+    for first, last in zip(word_starts, word_ends):
+        begin, end = int(records["start"][first]), int(records["end"][last])
+        before = text[:begin].rstrip(" \t\"'(\u201c\u2018")
+        if text[begin].isupper() and before and before[-1] not in _SENTENCE_OPENERS:
+            capitalised[first : last + 1] = True
+        elif text[begin:end].lower() in _BRIDGES:
+            bridge[first : last + 1] = True
+    joined = bridge & np.concatenate([[False], capitalised[:-1]]) & np.concatenate([capitalised[1:], [False]])
+    return capitalised | joined

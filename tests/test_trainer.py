@@ -401,3 +401,61 @@ def test_cli_train_is_killed_then_resumes_from_its_checkpoint(model_dir, tmp_pat
     state = json.loads((output / f"checkpoint-{done + 4}" / "trainer_state.json").read_text())
     assert state["global_step"] == done + 4
     assert type(AutoModel.from_pretrained(output)) is NPMModel
+
+
+# ------------------------------------------------------------------------------------------ salient span masking
+def test_salient_tokens_mark_name_runs_that_do_not_open_a_sentence(tokenizer):
+    from npm_hf.corpus import CorpusStats, salient_tokens, tokenize_documents
+
+    text = "Alice was born in Paris. The home town of Bob is Rome of Lima and Oslo-Riga."
+    ((_, records),) = tokenize_documents([{"id": "0", "title": "", "text": text}], tokenizer, CorpusStats())
+    marked = salient_tokens(records, text)
+    words = [text[s:e] for s, e, m in zip(records["start"], records["end"], marked) if m]
+    # "Alice" and "The" open sentences; "of" joins Rome and Lima, "-" joins Oslo and Riga; "of Bob" joins nothing
+    assert words == ["Paris", "Bob", "Rome", "of", "Lima", "Oslo", "-", "Riga"]
+
+
+def _capitalised_facts(count: int, seed: int) -> list[str]:
+    return [" ".join(word.capitalize() if word in PEOPLE + CITIES else word for word in document.split())
+            for document in fact_documents(count, seed)]
+
+
+def test_salient_masking_masks_whole_name_runs_first(tokenizer):
+    blocks = prepare_training_blocks(_capitalised_facts(60, seed=3), tokenizer, block_size=32, group_size=4,
+                                     salient=True)
+    features = [blocks[i] for i in range(8)]
+
+    def masked_spans(ratio):
+        batch = NPMSpanCollator(tokenizer, mask_ratio=0.1, salient_span_ratio=ratio)(features)
+        starts = [int(s) for s in batch["query_sequence"]]
+        spans = []
+        for sequence, ids, n in zip(starts, batch["query_ids"], batch["query_length"]):
+            spans.append((sequence, ids[: int(n)].tolist()))
+        return spans
+
+    def is_whole_run(sequence, ids):
+        salient, tokens = features[sequence]["salient"], features[sequence]["input_ids"]
+        for start in range(len(tokens) - len(ids) + 1):
+            if tokens[start : start + len(ids)] == ids:
+                end = start + len(ids)
+                if all(salient[start:end]) and (start == 0 or not salient[start - 1]) and (
+                        end == len(tokens) or not salient[end]):
+                    return True
+        return False
+
+    salient = masked_spans(1.0)
+    assert salient and all(is_whole_run(*span) for span in salient)
+    plain = masked_spans(0.0)
+    assert sum(is_whole_run(*span) for span in plain) < len(plain)  # without it, other n-grams are masked too
+
+
+def test_salient_masking_needs_the_salient_column(blocks, tokenizer, model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"salient=True"):
+        NPMSpanCollator(tokenizer, salient_span_ratio=0.5)([blocks[i] for i in range(4)])
+    with pytest.raises(ValueError, match=r"salient_span_ratio must be in \[0, 1\]"):
+        NPMSpanCollator(tokenizer, salient_span_ratio=1.5)
+    with pytest.raises(ValueError, match=r"salient_span_ratio must be in \[0, 1\]"):
+        quiet_args(tmp_path, salient_span_ratio=-0.1)
+    with pytest.raises(ValueError, match=r"lacks the columns \['salient'\].*salient=True"):
+        NPMTrainer(model=NPMModel.from_pretrained(model_dir), args=quiet_args(tmp_path, salient_span_ratio=1.0),
+                   train_dataset=blocks)

@@ -41,6 +41,10 @@ class NPMSpanCollator:
     span_edge_exclude_ids: frozenset | None = field(
         default=None, metadata={"help": "Token ids that may not begin or end a masked span (e.g. stop words): the "
                                         "masking budget then goes to content phrases."})
+    salient_span_ratio: float = field(
+        default=0.0, metadata={"help": "Share of the masking budget spent first on salient spans: whole name-like "
+                                       "runs (feature column `salient`, see npm_hf.corpus.salient_tokens) that occur "
+                                       "in another sequence of the group (REALM's salient span masking)."})
 
     def __post_init__(self):
         if getattr(self.tokenizer, "mask_token_id", None) is None:
@@ -51,6 +55,8 @@ class NPMSpanCollator:
             )
         if self.mode not in ("span", "single"):
             raise ValueError(f"mode={self.mode!r}; use 'span' or 'single'.")
+        if not 0.0 <= self.salient_span_ratio <= 1.0:
+            raise ValueError(f"salient_span_ratio must be in [0, 1], got {self.salient_span_ratio}.")
         if not 0.0 <= self.punctuation_keep_prob <= 1.0:
             raise ValueError(f"punctuation_keep_prob must be in [0, 1], got {self.punctuation_keep_prob}.")
         check_masking(mask_ratio=self.mask_ratio, geometric_p=self.geometric_p, max_span_length=self.max_span_length,
@@ -74,17 +80,20 @@ class NPMSpanCollator:
 
     # --------------------------------------------------------------------------------------------- sampling
     def _mask_group(self, sequences: list[dict], rng: np.random.Generator) -> list[list[tuple[int, int]]]:
-        """Choose (start, length) spans per sequence of one group."""
+        """Choose (start, length) spans per sequence of one group: salient runs first (up to their share of the
+        budget), then n-grams of Geometric lengths."""
         by_length = self._candidates(sequences)
         real = sum(sum(1 for t in seq["input_ids"] if t != self._pad_id) for seq in sequences)
         budget = int(self.mask_ratio * real)
-        chosen = [[] for _ in sequences]
-        taken = [np.zeros(len(seq["input_ids"]), dtype=bool) for seq in sequences]
-        growth = [0] * len(sequences)
-        uses = defaultdict(int)
-        masked = 0
+        state = _MaskingState(sequences)
+        if self.salient_span_ratio > 0:
+            salient = self._salient_candidates(sequences, by_length)
+            for i in rng.permutation(len(salient)):
+                if state.masked >= self.salient_span_ratio * budget:
+                    break
+                self._try_mask(state, sequences, *salient[i])
         pools = {n: [spans[i] for i in rng.permutation(len(spans))] for n, spans in by_length.items()}
-        while masked < budget:
+        while state.masked < budget:
             n = int(rng.geometric(self.geometric_p))
             while n > self.max_span_length:
                 n = int(rng.geometric(self.geometric_p))
@@ -92,19 +101,39 @@ class NPMSpanCollator:
                 n -= 1
             if n == 0:
                 break
-            seq, start, ngram = pools[n].pop()
-            grows = 1 if self.mode == "span" and n == 1 else 0
-            if (taken[seq][start : start + n].any() or len(chosen[seq]) >= self.max_spans_per_sequence
-                    or uses[ngram] >= self.max_ngram_uses or not self._fits(sequences[seq], growth[seq] + grows)):
-                continue
-            taken[seq][start : start + n] = True
-            chosen[seq].append((start, n))
-            growth[seq] += grows
-            uses[ngram] += 1
-            masked += n
-        if real and masked < 0.05 * real:
-            logger.info(f"Only {masked} of {real} tokens of a group could be masked (few spans co-occur in it).")
-        return [sorted(spans) for spans in chosen]
+            self._try_mask(state, sequences, *pools[n].pop())
+        if real and state.masked < 0.05 * real:
+            logger.info(f"Only {state.masked} of {real} tokens of a group could be masked (few spans co-occur in it).")
+        return [sorted(spans) for spans in state.chosen]
+
+    def _try_mask(self, state: "_MaskingState", sequences: list[dict], seq: int, start: int, ngram: tuple) -> None:
+        """Mask the n-gram at (seq, start) unless it overlaps a masked span or breaks a per-sequence limit."""
+        n = len(ngram)
+        grows = 1 if self.mode == "span" and n == 1 else 0
+        if (state.taken[seq][start : start + n].any() or len(state.chosen[seq]) >= self.max_spans_per_sequence
+                or state.uses[ngram] >= self.max_ngram_uses or not self._fits(sequences[seq], state.growth[seq] + grows)):
+            return
+        state.taken[seq][start : start + n] = True
+        state.chosen[seq].append((start, n))
+        state.growth[seq] += grows
+        state.uses[ngram] += 1
+        state.masked += n
+
+    @staticmethod
+    def _salient_candidates(sequences: list[dict], by_length: dict) -> list[tuple[int, int, tuple]]:
+        """The candidates that cover a whole salient run (no salient token just before or after them)."""
+        if any("salient" not in seq for seq in sequences):
+            raise ValueError("salient_span_ratio > 0 needs a `salient` column: build the blocks with "
+                             "npm_hf.prepare_training_blocks(..., salient=True).")
+        found = []
+        for candidates in by_length.values():
+            for seq, start, ngram in candidates:
+                flags = sequences[seq]["salient"]
+                end = start + len(ngram)
+                if (all(flags[start:end]) and (start == 0 or not flags[start - 1])
+                        and (end == len(flags) or not flags[end])):
+                    found.append((seq, start, ngram))
+        return found
 
     def _fits(self, sequence: dict, growth: int) -> bool:
         return self.max_length is None or len(sequence["input_ids"]) + growth <= self.max_length
@@ -175,6 +204,17 @@ class NPMSpanCollator:
         batch["query_ids"] = query_ids
         batch["query_length"] = torch.tensor([len(q[3]) for q in queries], dtype=torch.long)
         return batch
+
+
+class _MaskingState:
+    """What the masking of one group has chosen so far."""
+
+    def __init__(self, sequences: list[dict]):
+        self.chosen = [[] for _ in sequences]
+        self.taken = [np.zeros(len(seq["input_ids"]), dtype=bool) for seq in sequences]
+        self.growth = [0] * len(sequences)
+        self.uses = defaultdict(int)
+        self.masked = 0
 
 
 def check_masking(**settings) -> None:

@@ -94,7 +94,7 @@ class NPMTrainer(Trainer):
                 processing_class, mode=model.config.mode, mask_ratio=args.mask_ratio, geometric_p=args.geometric_p,
                 max_span_length=args.max_masked_span_length, max_spans_per_sequence=args.max_spans_per_sequence,
                 max_ngram_uses=args.max_ngram_uses, max_length=model.config.max_input_length, seed=args.masking_seed,
-                span_edge_exclude_ids=span_edge_exclude_ids,
+                span_edge_exclude_ids=span_edge_exclude_ids, salient_span_ratio=args.salient_span_ratio,
             )
         if args.freeze_embeddings:
             model.get_input_embeddings().requires_grad_(False)
@@ -130,10 +130,13 @@ class NPMTrainer(Trainer):
 
 
 def _check_dataset(name: str, dataset, args: NPMTrainingArguments, max_length: int) -> None:
-    missing = [column for column in REQUIRED_COLUMNS if column not in dataset.column_names]
+    required = REQUIRED_COLUMNS + (("salient",) if args.salient_span_ratio > 0 else ())
+    missing = [column for column in required if column not in dataset.column_names]
     if missing:
+        how = ", salient=True" if "salient" in missing else ""
         raise ValueError(
-            f"{name} lacks the columns {missing}; build it with npm_hf.prepare_training_blocks(corpus, tokenizer)."
+            f"{name} lacks the columns {missing}; build it with npm_hf.prepare_training_blocks(corpus, "
+            f"tokenizer{how})."
         )
     groups = np.asarray(dataset["group"])
     sizes = np.unique(np.unique(groups, return_counts=True)[1])

@@ -32,6 +32,9 @@ class NPMTrainingArguments(TrainingArguments):
     max_masked_span_length: int = field(default=10, metadata={"help": "Longest masked span in tokens (paper: 10)."})
     max_spans_per_sequence: int = field(default=64, metadata={"help": "Masked spans per sequence at most."})
     max_ngram_uses: int = field(default=10, metadata={"help": "Masks of one n-gram per group at most."})
+    salient_span_ratio: float = field(
+        default=0.0, metadata={"help": "Share of the masking budget spent first on whole name-like runs (salient span "
+                                       "masking; needs blocks built with prepare_training_blocks(..., salient=True))."})
     masking_seed: int = field(default=2022, metadata={"help": "Seed of the span masking (plus the group id)."})
     shuffle_groups: bool = field(default=True, metadata={"help": "Shuffle the order of groups every epoch."})
     max_train_minutes: float | None = field(
@@ -54,6 +57,8 @@ class NPMTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             raise ValueError(f"max_train_minutes must be > 0, got {self.max_train_minutes}.")
+        if not 0.0 <= self.salient_span_ratio <= 1.0:
+            raise ValueError(f"salient_span_ratio must be in [0, 1], got {self.salient_span_ratio}.")
         check_masking(mask_ratio=self.mask_ratio, geometric_p=self.geometric_p,
                       max_span_length=self.max_masked_span_length, max_spans_per_sequence=self.max_spans_per_sequence,
                       max_ngram_uses=self.max_ngram_uses)
