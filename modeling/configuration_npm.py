@@ -59,6 +59,9 @@ class NPMConfig(PreTrainedConfig):
         phrase_aggregation (`str`, *optional*, defaults to `"sum"`):
             A phrase scores the sum of its spans' scores (`"sum"`, the paper: frequent strings gain) or the best one
             (`"max"`).
+        exclude_query_phrases (`bool`, *optional*, defaults to `False`):
+            Span mode: never answer with a phrase the input already contains outside its masks (a cloze answer rarely
+            repeats its own sentence, while retrieved blocks that match the query are full of its words).
         prefilter (`str`, *optional*, defaults to `"none"`):
             Two-stage retrieval: `"bm25"` (the paper's open-set setting) or `"dense"` (the encoder's mean-pooled
             query against mean-pooled blocks) keeps `prefilter_blocks` blocks, whose tokens are then scored exactly.
@@ -96,6 +99,7 @@ class NPMConfig(PreTrainedConfig):
     expand_span_candidates: bool = False
     span_scoring: str = "sum"
     phrase_aggregation: str = "sum"
+    exclude_query_phrases: bool = False
     prefilter: str = "none"
     prefilter_blocks: int = 3
     nprobe: int | None = None

@@ -160,6 +160,9 @@ class NonparametricFillMaskPipeline(Pipeline):
         answer_slots = _answer_slots(outputs["runs"], single_mode)
         positions = self.prefilter_positions(outputs, prefilter or self.model.config.prefilter,
                                              prefilter_blocks or self.model.config.prefilter_blocks)
+        exclude = None
+        if not single_mode and targets is None and self.model.config.exclude_query_phrases:
+            exclude = self.predictor.query_phrase_hashes(outputs["input_ids"])
         results = []
         hits = outputs.get("hits") or [None] * len(answer_slots)  # searched in advance by a batched call
         for vectors, (start, length), found in zip(outputs["query_vectors"], answer_slots, hits):
@@ -169,10 +172,11 @@ class NonparametricFillMaskPipeline(Pipeline):
                 answers = self.predictor.predict_single(vectors[0], top_k, target_ids=target_ids, k=k,
                                                         nprobe=nprobe, ef_search=ef_search, hits=found)
             elif positions is not None:
-                answers = self.predictor.predict_span_among(vectors[0], vectors[1], positions, top_k, targets=targets)
+                answers = self.predictor.predict_span_among(vectors[0], vectors[1], positions, top_k, targets=targets,
+                                                            exclude=exclude)
             else:
                 answers = self.predictor.predict_span(vectors[0], vectors[1], top_k, targets=targets, k=k,
-                                                      nprobe=nprobe, ef_search=ef_search, hits=found)
+                                                      nprobe=nprobe, ef_search=ef_search, hits=found, exclude=exclude)
             for answer in answers:
                 answer["sequence"] = self._fill(outputs["input_ids"], start, length, answer.pop("token_ids"),
                                                 single=len(answer_slots) == 1)

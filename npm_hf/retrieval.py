@@ -109,8 +109,9 @@ class NPMPredictor:
     # ---------------------------------------------------------------------------------------------- NPM span
     def predict_span(self, q_start: np.ndarray, q_end: np.ndarray, top_k: int, targets=None,
                      k: int | None = None, nprobe: int | None = None, ef_search: int | None = None,
-                     hits=None) -> list[dict]:
-        """`hits`: the `(scores, rows)` of [q_start, q_end] when the caller searched many queries at once."""
+                     hits=None, exclude: np.ndarray | None = None) -> list[dict]:
+        """`hits`: the `(scores, rows)` of [q_start, q_end] when the caller searched many queries at once.
+        `exclude`: phrase hashes (`query_phrase_hashes`) that may not be answers."""
         scores, rows = hits if hits is not None else self.search(np.stack([q_start, q_end]), k, nprobe, ef_search)
         found = rows >= 0
         starts, ends = self.index.positions[rows[0][found[0]]], self.index.positions[rows[1][found[1]]]
@@ -133,10 +134,10 @@ class NPMPredictor:
             span_scores = self._combine(p_start[start_index], p_end[end_index])
         if len(span_starts) == 0:
             return [] if targets is None else [self._missing(t) for t in targets][:top_k]
-        return self._rank_spans(span_starts, span_ends, span_scores, top_k, targets)
+        return self._rank_spans(span_starts, span_ends, span_scores, top_k, targets, exclude)
 
     def predict_span_among(self, q_start: np.ndarray, q_end: np.ndarray, positions: np.ndarray, top_k: int,
-                           targets=None) -> list[dict]:
+                           targets=None, exclude: np.ndarray | None = None) -> list[dict]:
         """Span prediction scored exactly over given candidate positions (e.g. every token of BM25's top blocks,
         the paper's restricted open-set mode): P_s and P_e are softmaxes over those tokens only."""
         candidates, vectors = self._candidates(positions)
@@ -149,7 +150,7 @@ class NPMPredictor:
         if len(start_index) == 0:
             return [] if targets is None else [self._missing(t) for t in targets][:top_k]
         return self._rank_spans(candidates[start_index], candidates[end_index],
-                                self._combine(p_start[start_index], p_end[end_index]), top_k, targets)
+                                self._combine(p_start[start_index], p_end[end_index]), top_k, targets, exclude)
 
     # ---------------------------------------------------------------------------------- closed-set scoring
     def phrase_probabilities(self, queries: np.ndarray, phrases: list[list[int]], k: int | None = None,
@@ -262,12 +263,13 @@ class NPMPredictor:
         whole_word = (flags & (WORD_START | WORD_END)) == (WORD_START | WORD_END)
         return self._stopword_ids[np.asarray(self.index.token_ids[positions])] & whole_word
 
-    def _rank_spans(self, span_starts, span_ends, span_scores, top_k: int, targets) -> list[dict]:
+    def _rank_spans(self, span_starts, span_ends, span_scores, top_k: int, targets, exclude=None) -> list[dict]:
         """Sum (or max) span scores per phrase (decoded string), apply |v|^alpha, normalise over all phrases, keep
         `top_k`.
 
         Only the returned answers are decoded: spans are grouped by a hash of their decoded text, built from
-        per-token pieces (see `_piece_hashes`), so "ĠTexas" and "Tex"+"as" count as the same phrase.
+        per-token pieces (see `_piece_hashes`), so "ĠTexas" and "Tex"+"as" count as the same phrase. Phrases whose
+        hash is in `exclude` are dropped before normalising (not when scoring `targets`).
         """
         lengths = span_ends - span_starts + 1
         offsets = np.arange(self.config.max_span_length)
@@ -275,6 +277,12 @@ class NPMPredictor:
         grid = np.where(inside, span_starts[:, None] + offsets, span_starts[:, None])
         ids = np.where(inside, self.index.token_ids[grid], -1).astype(np.int64)
         keys = self._phrase_hashes(ids, inside)
+        if exclude is not None and targets is None:
+            kept = ~np.isin(keys, exclude)
+            span_starts, span_ends, span_scores = span_starts[kept], span_ends[kept], span_scores[kept]
+            lengths, ids, keys = lengths[kept], ids[kept], keys[kept]
+            if len(keys) == 0:
+                return []
         unique_keys, first_span, group_of_span = np.unique(keys, return_index=True, return_inverse=True)
         group_of_span = group_of_span.reshape(-1)
         if self.config.phrase_aggregation == "max":
@@ -303,6 +311,28 @@ class NPMPredictor:
                                         span=(int(span_starts[span]), int(span_ends[span]))))
         answers.sort(key=lambda answer: -answer["score"])
         return answers[:top_k]
+
+    def query_phrase_hashes(self, input_ids: list[int]) -> np.ndarray:
+        """Hashes of every phrase (up to `max_span_length` tokens, no special or mask token) of a tokenized input,
+        comparable with the phrase hashes of corpus spans."""
+        special = set(self.tokenizer.all_special_ids)
+        runs, current = [], []
+        for token in input_ids:
+            if token in special:
+                runs.append(current)
+                current = []
+            else:
+                current.append(token)
+        runs.append(current)
+        width = self.config.max_span_length
+        rows = [run[start : start + n] for run in runs for start in range(len(run))
+                for n in range(1, min(width, len(run) - start) + 1)]
+        if not rows:
+            return np.zeros(0, dtype=np.uint64)
+        ids = np.full((len(rows), width), -1, dtype=np.int64)
+        for row, phrase in enumerate(rows):
+            ids[row, : len(phrase)] = phrase
+        return self._phrase_hashes(ids, ids >= 0)
 
     def _phrase_hashes(self, ids: np.ndarray, inside: np.ndarray) -> np.ndarray:
         """Polynomial hash of each span's decoded, stripped text, combined from per-token piece hashes."""

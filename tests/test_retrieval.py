@@ -171,3 +171,24 @@ def test_spans_from_a_shared_search_are_those_of_each_pair_alone(npm_dir, mask, 
         assert shared == [predictor.predict_span(pair[0], pair[1], top_k, targets=targets, k=k) for pair in pairs]
         if k is None:  # each pair read its own slice of the hits
             assert any(other != shared[0] for other in shared[1:])
+
+
+@pytest.mark.parametrize("prefilter", ["none", "bm25"])
+def test_query_phrases_are_excluded_and_the_rest_renormalised(npm_dir, mask, make_pipeline, prefilter):
+    fill = make_pipeline(npm_dir, exclude_query_phrases=True, prefilter=prefilter, prefilter_blocks=2)
+    plain = make_pipeline(npm_dir, prefilter=prefilter, prefilter_blocks=2)
+    text = f"The Rio Grande flows through {mask} and Texas."
+    before, after = as_scores(plain(text, top_k=100_000)), as_scores(fill(text, top_k=100_000))
+    tokenizer = fill.tokenizer
+    left, right = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in text.split(mask))
+
+    def in_query(phrase):  # with or without a leading space (BPE spells a word after a space differently)
+        spellings = [tokenizer(form, add_special_tokens=False)["input_ids"] for form in (phrase, " " + phrase)]
+        return any(run[i : i + len(ids)] == ids for ids in spellings for run in (left, right) for i in range(len(run)))
+
+    excluded = {phrase for phrase in before if in_query(phrase)}
+    assert {fill.predictor.normalise_target("Texas")} <= excluded
+    assert len(excluded) >= 3 and any(" " in phrase for phrase in excluded)  # multi-word query phrases too
+    total = sum(score for phrase, score in before.items() if phrase not in excluded)
+    assert_same_scores(after, {phrase: score / total for phrase, score in before.items() if phrase not in excluded})
+    assert fill(text, targets=["Texas"])[0]["score"] > 0  # scoring given targets is never filtered
