@@ -2,6 +2,7 @@
 
     python benchmarks/cloze_table.py --cloze cloze.jsonl --model NPM_DIR [NPM_DIR ...] [--output table.json]
         [--prefilter none bm25 dense] [--scoring sum product] [--aggregation sum max] [--stopwords none edges any]
+        [--exclude-query-phrases false true]
 
 Each model retrieves from its own index (built over the corpus the cloze sentences were cut from). The lexical
 baseline takes BM25's top-3 blocks of the first model's index for the query (mask removed) and answers with their
@@ -42,19 +43,22 @@ def main(argv=None) -> int:
     parser.add_argument("--scoring", nargs="+", default=["sum", "product"], help="config.span_scoring values")
     parser.add_argument("--aggregation", nargs="+", default=["sum"], help="config.phrase_aggregation values")
     parser.add_argument("--stopwords", nargs="+", default=["none"], help="config.span_stopwords values")
+    parser.add_argument("--exclude-query-phrases", nargs="+", default=["false"], choices=["false", "true"],
+                        help="config.exclude_query_phrases values")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     rows = []
     for model in args.model:
         npm, tokenizer = npm_hf.load_npm(model)
-        for scoring, aggregation, stopwords, prefilter in itertools.product(args.scoring, args.aggregation,
-                                                                             args.stopwords, args.prefilter):
+        for scoring, aggregation, stopwords, exclude, prefilter in itertools.product(
+                args.scoring, args.aggregation, args.stopwords, args.exclude_query_phrases, args.prefilter):
             npm.config.span_scoring, npm.config.phrase_aggregation = scoring, aggregation
+            npm.config.exclude_query_phrases = exclude == "true"
             result = npm_hf.evaluate(npm, EvaluationArguments(task="cloze", data=args.cloze, prefilter=prefilter,
                                                               span_stopwords=stopwords, show_progress_bar=False),
                                      tokenizer=tokenizer)
             row = {"model": model, "span_scoring": scoring, "phrase_aggregation": aggregation,
-                   "span_stopwords": stopwords, "prefilter": prefilter, "em1": result["micro_exact_match"],
+                   "span_stopwords": stopwords, "exclude_query_phrases": exclude, "prefilter": prefilter, "em1": result["micro_exact_match"],
                    "em5": result["micro_exact_match_at_5"], "queries": result["num_examples"],
                    "seconds": result["seconds"]}
             rows.append(row)
@@ -64,12 +68,12 @@ def main(argv=None) -> int:
     print(json.dumps({"model": "lexical baseline (BM25 top-3 blocks, capitalised runs by frequency)", **lexical}))
     if args.output:
         save_results({"rows": rows, "lexical_baseline": lexical}, args.output)
-    print("| model | span scoring | aggregation | span stop words | pre-filter | EM@1 | EM@5 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | span scoring | aggregation | span stop words | query phrases excluded | pre-filter | EM@1 | EM@5 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['span_scoring']} | {r['phrase_aggregation']} | {r['span_stopwords']} | "
-              f"{r['prefilter']} | {100 * r['em1']:.1f} | {100 * r['em5']:.1f} |")
-    print(f"| lexical baseline | | | | BM25 top-3 | {100 * lexical['exact_match_at_1']:.1f} | "
+              f"{r['exclude_query_phrases']} | {r['prefilter']} | {100 * r['em1']:.1f} | {100 * r['em5']:.1f} |")
+    print(f"| lexical baseline | | | | | BM25 top-3 | {100 * lexical['exact_match_at_1']:.1f} | "
           f"{100 * lexical['exact_match_at_5']:.1f} |")
     return 0
 

@@ -74,9 +74,11 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir):
         assert all(a["evidence"]["text"][a["evidence"]["start"] : a["evidence"]["end"]] == a["phrase"] for a in answers)
     card = (model_dir / "README.md").read_text()
     assert "held-out cloze" in card and "Trained with `npm_hf.NPMTrainer`" in card and "key_gradients" in card
+    assert "salient_span_ratio" in card  # the demo recipe masks name-like runs first
     assert (model_dir / "pipeline.py").exists()  # the remote fill-mask code travels with the trained model
     config = json.loads((model_dir / "config.json").read_text())
     assert (config["span_scoring"], config["span_stopwords"], config["prefilter"]) == ("product", "any", "bm25")
+    assert config["exclude_query_phrases"] is True
     assert "fill-mask" in config["custom_pipelines"]
     assert not (tmp_path / "demo" / "checkpoints").exists()
     built = (model_dir / "index" / "manifest.json").stat().st_mtime_ns
