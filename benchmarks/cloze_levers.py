@@ -40,7 +40,8 @@ def run_lever(name: str, demo_dir: Path, output: Path, steps: int) -> dict:
     lever = LEVERS[name]
     training = dict(output_dir=str(output / "checkpoints"), max_steps=steps, learning_rate=1e-4, warmup_steps=30,
                     lr_scheduler_type="constant_with_warmup", key_gradients=False, save_strategy="no",
-                    logging_steps=25, report_to=[], disable_tqdm=True, dataloader_pin_memory=False, seed=0)
+                    logging_steps=min(25, steps), report_to=[], disable_tqdm=True, dataloader_pin_memory=False,
+                    seed=0)
     data = dict(model=minilm_path(), corpus=str(demo_dir / "corpus.jsonl"), output=str(output / "model"),
                 block_size=128, group_size=16, mask_stopwords=False)
     start = time.perf_counter()
