@@ -7,7 +7,8 @@ words off span edges, lr 1e-4 constant, 16 x 128-token groups, no salient maskin
 demo's held-out corpus (`DEMO_OUTPUT/corpus.jsonl`, the cloze sentences cut out), indexes that corpus, and measures
 exact match at 1 / 5 on `DEMO_OUTPUT/cloze.jsonl` with the demo's decoding, with the BM25 pre-filter and without.
 Fixed steps, not minutes, so that runs sharing the machine stay comparable; throughput is train_levers.py's job.
-Finished levers are kept in `DIR/<lever>/result.json` and skipped when rerun. One JSON line per lever, then a table.
+Finished levers are kept in `DIR/lever<N>/result.json` (N: the lever's place in LEVERS) and skipped when rerun.
+One JSON line per lever, then a table.
 """
 
 import argparse
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from npm_hf.api import TrainDataArguments, build_index, train
-from npm_hf.demo import DEMO_DECODING, minilm_path
+from npm_hf.demo import DemoArguments, _set_decoding, minilm_path
 from npm_hf.evaluation import EvaluationArguments, evaluate
 from npm_hf.index import IndexBuildArguments
 from npm_hf.trainer import NPMTrainingArguments
@@ -49,9 +50,7 @@ def run_lever(name: str, demo_dir: Path, output: Path, steps: int) -> dict:
                     NPMTrainingArguments(**{**training, **lever.get("train", {})}))
     seconds = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    config_path = output / "model" / "config.json"
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, **DEMO_DECODING}, indent=2, sort_keys=True))
+    _set_decoding(output / "model", DemoArguments(output=str(output), prefilter="bm25"))  # the demo's decoding
     build_index(output / "model", str(demo_dir / "corpus.jsonl"),
                 args=IndexBuildArguments(show_progress_bar=False, overwrite=True))
     result = {"lever": name, "steps": steps, "train_seconds": round(seconds, 1), "first_loss": losses[0],
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
     args = parser.parse_args(argv)
     demo_dir, results = Path(args.demo_dir), []
-    for number, name in enumerate(args.levers):
+    for name in args.levers:
         folder = Path(args.output) / f"lever{list(LEVERS).index(name)}"
         done = folder / "result.json"
         if done.exists() and json.loads(done.read_text())["steps"] == args.steps:

@@ -58,9 +58,9 @@ def main(argv=None) -> int:
                                                               span_stopwords=stopwords, show_progress_bar=False),
                                      tokenizer=tokenizer)
             row = {"model": model, "span_scoring": scoring, "phrase_aggregation": aggregation,
-                   "span_stopwords": stopwords, "exclude_query_phrases": exclude, "prefilter": prefilter, "em1": result["micro_exact_match"],
-                   "em5": result["micro_exact_match_at_5"], "queries": result["num_examples"],
-                   "seconds": result["seconds"]}
+                   "span_stopwords": stopwords, "exclude_query_phrases": exclude, "prefilter": prefilter,
+                   "em1": result["micro_exact_match"], "em5": result["micro_exact_match_at_5"],
+                   "queries": result["num_examples"], "seconds": result["seconds"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     examples = [json.loads(line) for line in open(args.cloze, encoding="utf-8")]
@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     print(json.dumps({"model": "lexical baseline (BM25 top-3 blocks, capitalised runs by frequency)", **lexical}))
     if args.output:
         save_results({"rows": rows, "lexical_baseline": lexical}, args.output)
-    print("| model | span scoring | aggregation | span stop words | query phrases excluded | pre-filter | EM@1 | EM@5 |")
+    print("| model | span scoring | aggregation | span stop words | query phrases excluded | pre-filter | EM@1 "
+          "| EM@5 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['span_scoring']} | {r['phrase_aggregation']} | {r['span_stopwords']} | "

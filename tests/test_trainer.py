@@ -427,9 +427,9 @@ def test_salient_masking_masks_whole_name_runs_first(tokenizer):
 
     def masked_spans(ratio):
         batch = NPMSpanCollator(tokenizer, mask_ratio=0.1, salient_span_ratio=ratio)(features)
-        starts = [int(s) for s in batch["query_sequence"]]
+        sequences = [int(s) for s in batch["query_sequence"]]
         spans = []
-        for sequence, ids, n in zip(starts, batch["query_ids"], batch["query_length"]):
+        for sequence, ids, n in zip(sequences, batch["query_ids"], batch["query_length"]):
             spans.append((sequence, ids[: int(n)].tolist()))
         return spans
 

@@ -55,12 +55,11 @@ class NPMSpanCollator:
             )
         if self.mode not in ("span", "single"):
             raise ValueError(f"mode={self.mode!r}; use 'span' or 'single'.")
-        if not 0.0 <= self.salient_span_ratio <= 1.0:
-            raise ValueError(f"salient_span_ratio must be in [0, 1], got {self.salient_span_ratio}.")
         if not 0.0 <= self.punctuation_keep_prob <= 1.0:
             raise ValueError(f"punctuation_keep_prob must be in [0, 1], got {self.punctuation_keep_prob}.")
         check_masking(mask_ratio=self.mask_ratio, geometric_p=self.geometric_p, max_span_length=self.max_span_length,
-                      max_spans_per_sequence=self.max_spans_per_sequence, max_ngram_uses=self.max_ngram_uses)
+                      max_spans_per_sequence=self.max_spans_per_sequence, max_ngram_uses=self.max_ngram_uses,
+                      salient_span_ratio=self.salient_span_ratio)
         pad = self.tokenizer.pad_token_id
         self._pad_id = 0 if pad is None else pad
         self._special_ids = frozenset(self.tokenizer.all_special_ids)
@@ -111,7 +110,8 @@ class NPMSpanCollator:
         n = len(ngram)
         grows = 1 if self.mode == "span" and n == 1 else 0
         if (state.taken[seq][start : start + n].any() or len(state.chosen[seq]) >= self.max_spans_per_sequence
-                or state.uses[ngram] >= self.max_ngram_uses or not self._fits(sequences[seq], state.growth[seq] + grows)):
+                or state.uses[ngram] >= self.max_ngram_uses
+                or not self._fits(sequences[seq], state.growth[seq] + grows)):
             return
         state.taken[seq][start : start + n] = True
         state.chosen[seq].append((start, n))
@@ -223,6 +223,8 @@ def check_masking(**settings) -> None:
         raise ValueError(f"mask_ratio must be in (0, 1], got {settings['mask_ratio']}.")
     if not 0.0 < settings["geometric_p"] <= 1.0:
         raise ValueError(f"geometric_p must be in (0, 1], got {settings['geometric_p']}.")
+    if not 0.0 <= settings["salient_span_ratio"] <= 1.0:
+        raise ValueError(f"salient_span_ratio must be in [0, 1], got {settings['salient_span_ratio']}.")
     for name in ("max_span_length", "max_spans_per_sequence", "max_ngram_uses"):
         if settings[name] < 1:
             raise ValueError(f"{name} must be >= 1, got {settings[name]}.")

@@ -57,11 +57,9 @@ class NPMTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             raise ValueError(f"max_train_minutes must be > 0, got {self.max_train_minutes}.")
-        if not 0.0 <= self.salient_span_ratio <= 1.0:
-            raise ValueError(f"salient_span_ratio must be in [0, 1], got {self.salient_span_ratio}.")
         check_masking(mask_ratio=self.mask_ratio, geometric_p=self.geometric_p,
                       max_span_length=self.max_masked_span_length, max_spans_per_sequence=self.max_spans_per_sequence,
-                      max_ngram_uses=self.max_ngram_uses)
+                      max_ngram_uses=self.max_ngram_uses, salient_span_ratio=self.salient_span_ratio)
         forced = {
             "remove_unused_columns": False,  # the collator needs word_start / word_end / group
             "dataloader_drop_last": True,  # every process gathers keys of the same shape
