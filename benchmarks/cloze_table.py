@@ -20,14 +20,15 @@ import npm_hf
 from npm_hf.evaluation import EvaluationArguments, save_results
 from npm_hf.evaluation.cloze import _CAPITALISED_RUN
 from npm_hf.evaluation.metrics import exact_match
-from npm_hf.prefilter import BM25BlockRetriever, block_texts
+from npm_hf.prefilter import BM25PassageRetriever, passage_texts
 
 
 def lexical_baseline(index, examples: list[dict], blocks: int = 3) -> dict:
-    retriever, texts = BM25BlockRetriever(index), block_texts(index)
+    retriever = BM25PassageRetriever(index)
+    texts = passage_texts(index, retriever.ranges)
     queries = [example["masked"].replace("[MASK]", " ") for example in examples]
     at1 = at5 = 0
-    for query, example, top in zip(queries, examples, retriever.top_blocks(queries, blocks)):
+    for query, example, (top, _) in zip(queries, examples, retriever.top_passages(queries, blocks)):
         counts = Counter(m.group(1) for b in top for m in _CAPITALISED_RUN.finditer(texts[b]))
         ranked = [phrase for phrase, _ in counts.most_common() if not re.search(rf"\b{re.escape(phrase)}\b", query)]
         at1 += bool(ranked) and exact_match(ranked[0], example["answer"])

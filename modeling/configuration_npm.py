@@ -64,9 +64,17 @@ class NPMConfig(PreTrainedConfig):
             repeats its own sentence, while retrieved blocks that match the query are full of its words).
         prefilter (`str`, *optional*, defaults to `"none"`):
             Two-stage retrieval: `"bm25"` (the paper's open-set setting) or `"dense"` (the encoder's mean-pooled
-            query against mean-pooled blocks) keeps `prefilter_blocks` blocks, whose tokens are then scored exactly.
+            query against mean-pooled passages) keeps `prefilter_blocks` passages, whose tokens are then scored
+            exactly.
         prefilter_blocks (`int`, *optional*, defaults to 3):
-            Blocks kept by the pre-filter (the paper: 3).
+            Passages kept by the pre-filter (the paper: 3 blocks).
+        prefilter_passage_tokens (`int`, *optional*):
+            Pre-filter passages: `None` = the index's blocks (the paper), or windows of this many tokens, overlapping
+            by half, inside each block (they single out the sentences that match the query).
+        prefilter_weight (`float`, *optional*, defaults to 0.0):
+            Fuses the pre-filter's relevance into token scoring: each kept token's start and end logits gain this
+            weight times its passage's score divided by the best passage's score. 0 = the kept passages are only a
+            restriction (the paper).
         nprobe (`int`, *optional*):
             IVF indexes: inverted lists visited per query (more = better recall, slower); `None` = FAISS's default.
         ef_search (`int`, *optional*):
@@ -102,6 +110,8 @@ class NPMConfig(PreTrainedConfig):
     exclude_query_phrases: bool = False
     prefilter: str = "none"
     prefilter_blocks: int = 3
+    prefilter_passage_tokens: int | None = None
+    prefilter_weight: float | int = 0.0
     nprobe: int | None = None
     ef_search: int | None = None
     pad_token_id: int | None = None
@@ -134,6 +144,11 @@ class NPMConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"NPMConfig.{name} must be a positive integer or None, got {value!r}.")
+        tokens = self.prefilter_passage_tokens
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2):
+            raise ValueError(f"NPMConfig.prefilter_passage_tokens must be an integer >= 2 or None, got {tokens!r}.")
+        if not (math.isfinite(self.prefilter_weight) and self.prefilter_weight >= 0):
+            raise ValueError(f"NPMConfig.prefilter_weight must be a finite number >= 0, got {self.prefilter_weight}.")
         if self.temperature <= 0:
             raise ValueError(f"NPMConfig.temperature must be > 0, got {self.temperature}.")
         if self.similarity_scale is not None and self.similarity_scale <= 0:

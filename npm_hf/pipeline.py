@@ -158,8 +158,8 @@ class NonparametricFillMaskPipeline(Pipeline):
         single_mode = self.model.config.mode == "single"
         target_ids = self._single_target_ids(targets) if single_mode and targets is not None else None
         answer_slots = _answer_slots(outputs["runs"], single_mode)
-        positions = self.prefilter_positions(outputs, prefilter or self.model.config.prefilter,
-                                             prefilter_blocks or self.model.config.prefilter_blocks)
+        positions, bias = self.prefilter_positions(outputs, prefilter or self.model.config.prefilter,
+                                                   prefilter_blocks or self.model.config.prefilter_blocks)
         exclude = None
         if not single_mode and targets is None and self.model.config.exclude_query_phrases:
             exclude = self.predictor.query_phrase_hashes(outputs["input_ids"])
@@ -167,13 +167,14 @@ class NonparametricFillMaskPipeline(Pipeline):
         hits = outputs.get("hits") or [None] * len(answer_slots)  # searched in advance by a batched call
         for vectors, (start, length), found in zip(outputs["query_vectors"], answer_slots, hits):
             if single_mode and positions is not None:
-                answers = self.predictor.predict_single_among(vectors[0], positions, top_k, target_ids=target_ids)
+                answers = self.predictor.predict_single_among(vectors[0], positions, top_k, target_ids=target_ids,
+                                                              bias=bias)
             elif single_mode:
                 answers = self.predictor.predict_single(vectors[0], top_k, target_ids=target_ids, k=k,
                                                         nprobe=nprobe, ef_search=ef_search, hits=found)
             elif positions is not None:
                 answers = self.predictor.predict_span_among(vectors[0], vectors[1], positions, top_k, targets=targets,
-                                                            exclude=exclude)
+                                                            exclude=exclude, bias=bias)
             else:
                 answers = self.predictor.predict_span(vectors[0], vectors[1], top_k, targets=targets, k=k,
                                                       nprobe=nprobe, ef_search=ef_search, hits=found, exclude=exclude)
@@ -183,20 +184,24 @@ class NonparametricFillMaskPipeline(Pipeline):
             results.append([_ordered(answer) for answer in answers])
         return results[0] if len(results) == 1 else results
 
-    def prefilter_positions(self, outputs, method: str, num_blocks: int):
-        """Corpus positions of the blocks the pre-filter keeps for this input, or None without a pre-filter."""
+    def prefilter_positions(self, outputs, method: str, num_passages: int):
+        """Corpus positions of the passages the pre-filter keeps for this input (sorted) and their logit bias
+        (`config.prefilter_weight`; None at weight 0), or (None, None) without a pre-filter."""
         if method == "none":
-            return None
-        from .prefilter import block_positions, bm25_query, make_block_retriever
+            return None, None
+        from .prefilter import bm25_query, make_passage_retriever, passage_positions
 
-        if method not in self._prefilters:  # built once per pipeline, on first use
-            self._prefilters[method] = make_block_retriever(method, self.index)
-        retriever = self._prefilters[method]
+        config = self.model.config
+        key = (method, config.prefilter_passage_tokens)
+        if key not in self._prefilters:  # built once per pipeline and passage size, on first use
+            self._prefilters[key] = make_passage_retriever(method, self.index, config.prefilter_passage_tokens)
+        retriever = self._prefilters[key]
         if method == "bm25":
-            (blocks,) = retriever.top_blocks([bm25_query(outputs["text"], self.tokenizer.mask_token)], num_blocks)
+            query = bm25_query(outputs["text"], self.tokenizer.mask_token)
+            ((passages, scores),) = retriever.top_passages([query], num_passages)
         else:
-            (blocks,) = retriever.top_blocks(outputs["query_embedding"], num_blocks)
-        return block_positions(self.index, blocks)
+            ((passages, scores),) = retriever.top_passages(outputs["query_embedding"], num_passages)
+        return passage_positions(self.index, retriever.ranges, passages, scores, config.prefilter_weight)
 
     def _fill(self, input_ids: list[int], start: int, length: int, answer_ids: list[int], single: bool) -> str:
         ids = input_ids[:start] + answer_ids + input_ids[start + length :]

@@ -1,9 +1,13 @@
-"""Passage pre-filters: pick a few blocks of the index before exact NPM scoring of their tokens.
+"""Passage pre-filters: pick a few passages of the index before exact NPM scoring of their tokens.
 
 BM25 over blocks is the paper's restricted open-set mode (method §3.3: top-3 blocks, query = the input with the
 mask replaced by "_____"); it runs on `bm25s`. The dense pre-filter compares the mean-pooled, normalised encoder
-states of the query with those of each block (the sentence embedding MiniLM-style encoders are trained for), read off
-the stored token vectors, so it costs no extra encoding.
+states of the query with those of each passage (the sentence embedding MiniLM-style encoders are trained for), read
+off the stored token vectors, so it costs no extra encoding.
+
+Passages are the index's blocks, or (`passage_tokens`) windows of that many tokens overlapping by half inside each
+block: spans never cross a block, and small windows point at the sentences that match the query rather than at a
+block full of distractors.
 """
 
 import numpy as np
@@ -12,92 +16,137 @@ import torch
 from .corpus import SPECIAL
 
 
-class BM25BlockRetriever:
-    """BM25 over the blocks of an [`NPMIndex`]; built in memory from the index's documents on first use."""
+def passage_ranges(index, passage_tokens: int | None = None) -> np.ndarray:
+    """`[lo, hi)` corpus positions of each passage: the blocks, or windows of `passage_tokens` tokens every
+    `passage_tokens // 2` tokens inside each block (the last one ending at the block's end)."""
+    num_blocks = -(-index.num_tokens // index.block_size)
+    if passage_tokens is not None and passage_tokens < 2:
+        raise ValueError(f"Pre-filter passages need at least 2 tokens, got passage_tokens={passage_tokens}.")
+    ranges = []
+    for block in range(num_blocks):
+        lo, hi = index.block_range(block)
+        if passage_tokens is None or passage_tokens >= hi - lo:
+            ranges.append((lo, hi))
+            continue
+        starts = list(range(lo, hi - passage_tokens + 1, passage_tokens // 2))
+        if starts[-1] + passage_tokens < hi:
+            starts.append(hi - passage_tokens)
+        ranges.extend((start, start + passage_tokens) for start in starts)
+    return np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
 
-    def __init__(self, index, k1: float = 1.5, b: float = 0.75):
+
+class BM25PassageRetriever:
+    """BM25 over the passages of an [`NPMIndex`]; built in memory from the index's documents on first use."""
+
+    def __init__(self, index, passage_tokens: int | None = None, k1: float = 1.5, b: float = 0.75):
         try:
             import bm25s
         except ImportError:
             raise ImportError("The BM25 pre-filter needs the bm25s package: pip install bm25s") from None
 
         self.index = index
+        self.ranges = passage_ranges(index, passage_tokens)
         self._bm25s = bm25s
         self._retriever = bm25s.BM25(k1=k1, b=b)
-        tokens = bm25s.tokenize(block_texts(index), stopwords="en", show_progress=False)
+        tokens = bm25s.tokenize(passage_texts(index, self.ranges), stopwords="en", show_progress=False)
         self._retriever.index(tokens, show_progress=False)
 
-    def top_blocks(self, queries: list[str], n: int = 3) -> list[np.ndarray]:
-        """The `n` best-scoring block ids per query, best first (blocks sharing no word with the query included
-        when fewer than `n` match: BM25 scores them 0)."""
-        if n < 1:
-            raise ValueError(f"The number of pre-filter blocks must be >= 1, got {n}.")
-        n = min(n, self.num_blocks)
+    def top_passages(self, queries: list[str], n: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The `n` best passage ids per query, best first, with their scores (passages sharing no word with the
+        query are included, with score 0, when fewer than `n` match)."""
+        _check_count(n)
         tokens = self._bm25s.tokenize(list(queries), stopwords="en", show_progress=False)
-        blocks, _ = self._retriever.retrieve(tokens, k=n, show_progress=False)
-        return [np.asarray(row, dtype=np.int64) for row in blocks]
-
-    @property
-    def num_blocks(self) -> int:
-        return -(-self.index.num_tokens // self.index.block_size)
+        ids, scores = self._retriever.retrieve(tokens, k=min(n, len(self.ranges)), show_progress=False)
+        return [(np.asarray(row, dtype=np.int64), np.asarray(score, dtype=np.float64))
+                for row, score in zip(ids, scores)]
 
 
-class DenseBlockRetriever:
-    """Cosine similarity between a query embedding and each block's mean stored token vector."""
+class DensePassageRetriever:
+    """Cosine similarity between a query embedding and each passage's mean stored token vector."""
 
     _CHUNK = 65_536
 
-    def __init__(self, index):
+    def __init__(self, index, passage_tokens: int | None = None):
         self.index = index
-        num_blocks = -(-index.num_tokens // index.block_size)
-        sums = torch.zeros(num_blocks, index.manifest.hidden_size)
-        counts = torch.zeros(num_blocks)
+        self.ranges = passage_ranges(index, passage_tokens)
+        # Sum the vectors per piece between consecutive passage edges, then each passage sums its pieces.
+        edges = np.unique(self.ranges)
+        sums = torch.zeros(len(edges), index.manifest.hidden_size, dtype=torch.float64)
+        counts = torch.zeros(len(edges), dtype=torch.float64)
         for lo in range(0, index.num_indexed, self._CHUNK):
-            blocks = torch.from_numpy(np.asarray(index.positions[lo : lo + self._CHUNK]) // index.block_size)
-            sums.index_add_(0, blocks, torch.from_numpy(index.vectors_for_rows(np.arange(lo, lo + len(blocks)))))
-            counts.index_add_(0, blocks, torch.ones(len(blocks)))
-        self.embeddings = torch.nn.functional.normalize(sums / counts.clamp(min=1)[:, None], dim=1)
+            positions = np.asarray(index.positions[lo : lo + self._CHUNK])
+            pieces = torch.from_numpy(np.searchsorted(edges, positions, side="right") - 1)
+            vectors = torch.from_numpy(index.vectors_for_rows(np.arange(lo, lo + len(positions))))
+            sums.index_add_(0, pieces, vectors.double())
+            counts.index_add_(0, pieces, torch.ones(len(positions), dtype=torch.float64))
+        sums, counts = torch.cumsum(sums, 0), torch.cumsum(counts, 0)
+        first, last = np.searchsorted(edges, self.ranges[:, 0]), np.searchsorted(edges, self.ranges[:, 1]) - 1
+        before_sums = torch.where(torch.from_numpy(first > 0)[:, None], sums[np.maximum(first - 1, 0)], 0.0)
+        before_counts = torch.where(torch.from_numpy(first > 0), counts[np.maximum(first - 1, 0)], 0.0)
+        means = (sums[last] - before_sums) / (counts[last] - before_counts).clamp(min=1)[:, None]
+        self.embeddings = torch.nn.functional.normalize(means, dim=1).float()
 
-    def top_blocks(self, query_embeddings: np.ndarray, n: int = 3) -> list[np.ndarray]:
-        if n < 1:
-            raise ValueError(f"The number of pre-filter blocks must be >= 1, got {n}.")
+    def top_passages(self, query_embeddings: np.ndarray, n: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
+        _check_count(n)
         queries = torch.nn.functional.normalize(torch.as_tensor(np.atleast_2d(query_embeddings), dtype=torch.float32),
                                                 dim=1)
-        top = torch.topk(queries @ self.embeddings.T, k=min(n, len(self.embeddings)), dim=1).indices
-        return [row.numpy().astype(np.int64) for row in top]
+        top = torch.topk(queries @ self.embeddings.T, k=min(n, len(self.embeddings)), dim=1)
+        return [(ids.numpy().astype(np.int64), scores.double().numpy()) for ids, scores in zip(top.indices, top.values)]
 
 
-def make_block_retriever(method: str, index):
-    """The pre-filter named `method` ("bm25" or "dense") over `index`."""
+def make_passage_retriever(method: str, index, passage_tokens: int | None = None):
+    """The pre-filter named `method` ("bm25" or "dense") over `index`'s passages."""
     if method == "bm25":
-        return BM25BlockRetriever(index)
+        return BM25PassageRetriever(index, passage_tokens)
     if method == "dense":
-        return DenseBlockRetriever(index)
+        return DensePassageRetriever(index, passage_tokens)
     raise ValueError(f"Unknown pre-filter {method!r}; use 'none', 'bm25' or 'dense'.")
 
 
-def block_texts(index) -> list[str]:
-    """The corpus text of each block: the stretch of each document its tokens cover, documents joined by a newline."""
+def passage_texts(index, ranges: np.ndarray) -> list[str]:
+    """The corpus text of each passage: the stretch of each document its tokens cover, widened to whole words (a
+    passage may begin or end inside a word), documents joined by a newline."""
     flags, docs, offsets = (np.asarray(a) for a in (index.token_flags, index.token_docs, index.token_offsets))
     texts = []
-    for block in range(-(-index.num_tokens // index.block_size)):
-        lo, hi = index.block_range(block)
+    for lo, hi in ranges.tolist():
         real = np.flatnonzero((flags[lo:hi] & SPECIAL) == 0) + lo
         parts = []
-        for doc in dict.fromkeys(docs[real].tolist()):  # documents in block order
+        for doc in dict.fromkeys(docs[real].tolist()):  # documents in passage order
             mine = real[docs[real] == doc]
-            parts.append(index.documents[doc]["text"][int(offsets[mine, 0].min()) : int(offsets[mine, 1].max())])
+            text = index.documents[doc]["text"]
+            start, end = int(offsets[mine, 0].min()), int(offsets[mine, 1].max())
+            while start > 0 and text[start - 1].isalnum() and text[start].isalnum():
+                start -= 1
+            while end < len(text) and text[end].isalnum() and text[end - 1].isalnum():
+                end += 1
+            parts.append(text[start:end])
         texts.append("\n".join(parts))
     return texts
 
 
-def block_positions(index, blocks: np.ndarray) -> np.ndarray:
-    """Every non-special corpus position in the given blocks, sorted."""
-    spans = [np.arange(*index.block_range(int(block))) for block in np.unique(blocks)]
+def passage_positions(index, ranges: np.ndarray, passages: np.ndarray, scores: np.ndarray | None = None,
+                      weight: float = 0.0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every non-special corpus position of the given passages, sorted, and (with `weight` > 0) each one's logit
+    bias: `weight` times the best score among its passages divided by the query's top score (the top passage gets
+    `weight`, a passage half as relevant half of it). No bias (None) without a weight or a positive top score."""
+    spans = [np.arange(*ranges[int(p)]) for p in passages]
     positions = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
-    return positions[(np.asarray(index.token_flags[positions]) & SPECIAL) == 0]
+    keep = (np.asarray(index.token_flags[positions]) & SPECIAL) == 0
+    if not weight or scores is None or len(scores) == 0 or max(scores) <= 0:
+        return np.unique(positions[keep]), None
+    relevance = np.repeat(np.asarray(scores, dtype=np.float64) / max(scores), [len(s) for s in spans])
+    positions, relevance = positions[keep], relevance[keep]
+    order = np.lexsort((-relevance, positions))  # by position, the most relevant passage first
+    positions, relevance = positions[order], relevance[order]
+    positions, first = np.unique(positions, return_index=True)
+    return positions, weight * relevance[first]
 
 
 def bm25_query(text: str, mask_token: str) -> str:
     """The BM25 query for a cloze input, as in the official code: the mask becomes "_____"."""
     return text.replace(mask_token, " _____ ")
+
+
+def _check_count(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"The number of pre-filter passages must be >= 1, got {n}.")

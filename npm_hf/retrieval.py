@@ -70,13 +70,15 @@ class NPMPredictor:
         probs = softmax(scores[0][found] * self.config.scale / self.config.temperature)
         return self._rank_tokens(self.index.positions[rows[0][found]], probs, top_k, target_ids)
 
-    def predict_single_among(self, query: np.ndarray, positions: np.ndarray, top_k: int, target_ids=None) -> list[dict]:
-        """NPM-single scored exactly over given candidate positions (e.g. the tokens of pre-filtered blocks)."""
-        candidates, vectors = self._candidates(positions)
+    def predict_single_among(self, query: np.ndarray, positions: np.ndarray, top_k: int, target_ids=None,
+                             bias: np.ndarray | None = None) -> list[dict]:
+        """NPM-single scored exactly over given candidate positions (e.g. the tokens of pre-filtered passages).
+        `bias`: added to each position's logit (sorted unique `positions`; see `prefilter.passage_positions`)."""
+        candidates, vectors, bias = self._candidates(positions, bias)
         if len(candidates) == 0:
             return self._rank_tokens(candidates, np.zeros(0), top_k, target_ids)
         logits = (vectors @ torch.from_numpy(np.asarray(query, dtype=np.float32))).numpy()
-        probs = softmax(logits * (self.config.scale / self.config.temperature))
+        probs = softmax(logits * (self.config.scale / self.config.temperature) + bias)
         return self._rank_tokens(candidates, probs, top_k, target_ids)
 
     def _rank_tokens(self, positions: np.ndarray, probs: np.ndarray, top_k: int, target_ids) -> list[dict]:
@@ -100,11 +102,18 @@ class NPMPredictor:
         answers.sort(key=lambda answer: -answer["score"])
         return answers[:top_k]
 
-    def _candidates(self, positions: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        """The indexed ones among `positions` (sorted, unique) and their stored vectors."""
-        rows, indexed = self.index.rows_for_positions(np.unique(np.asarray(positions, dtype=np.int64)))
+    def _candidates(self, positions: np.ndarray, bias: np.ndarray | None = None):
+        """The indexed ones among `positions`, their stored vectors and their logit bias (0 without `bias`, which
+        needs sorted unique `positions`)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if bias is None:
+            positions = np.unique(positions)
+            bias = np.zeros(len(positions))
+        elif len(bias) != len(positions) or np.any(np.diff(positions) <= 0):
+            raise ValueError("A logit bias needs one value per position, and sorted unique positions.")
+        rows, indexed = self.index.rows_for_positions(positions)
         rows = rows[indexed]
-        return self.index.positions[rows], torch.from_numpy(self.index.vectors_for_rows(rows))
+        return self.index.positions[rows], torch.from_numpy(self.index.vectors_for_rows(rows)), bias[indexed]
 
     # ---------------------------------------------------------------------------------------------- NPM span
     def predict_span(self, q_start: np.ndarray, q_end: np.ndarray, top_k: int, targets=None,
@@ -137,14 +146,16 @@ class NPMPredictor:
         return self._rank_spans(span_starts, span_ends, span_scores, top_k, targets, exclude)
 
     def predict_span_among(self, q_start: np.ndarray, q_end: np.ndarray, positions: np.ndarray, top_k: int,
-                           targets=None, exclude: np.ndarray | None = None) -> list[dict]:
+                           targets=None, exclude: np.ndarray | None = None,
+                           bias: np.ndarray | None = None) -> list[dict]:
         """Span prediction scored exactly over given candidate positions (e.g. every token of BM25's top blocks,
-        the paper's restricted open-set mode): P_s and P_e are softmaxes over those tokens only."""
-        candidates, vectors = self._candidates(positions)
+        the paper's restricted open-set mode): P_s and P_e are softmaxes over those tokens only. `bias`: added to
+        each position's start and end logits (the pre-filter's relevance, `prefilter.passage_positions`)."""
+        candidates, vectors, bias = self._candidates(positions, bias)
         if len(candidates) == 0:
             return [] if targets is None else [self._missing(t) for t in targets][:top_k]
         queries = torch.from_numpy(np.stack([q_start, q_end]).T.astype(np.float32, copy=True))
-        logits = (vectors @ queries).numpy() * (self.config.scale / self.config.span_temperature)
+        logits = (vectors @ queries).numpy() * (self.config.scale / self.config.span_temperature) + bias[:, None]
         p_start, p_end = softmax(logits[:, 0]), softmax(logits[:, 1])
         start_index, end_index = self._spans_between(candidates, candidates)
         if len(start_index) == 0:
@@ -242,15 +253,29 @@ class NPMPredictor:
         rule = self.config.span_stopwords
         if rule == "none" or len(span_starts) == 0:
             return slice(None)
-        is_stop = self._stopword_positions
-        if rule == "edges":
-            keep = ~(is_stop(span_starts) | is_stop(span_ends))
-        else:  # "any"
-            keep = np.ones(len(span_starts), dtype=bool)
-            for offset in range(self.config.max_span_length):
-                inside = span_starts + offset <= span_ends
-                keep &= ~(inside & is_stop(np.where(inside, span_starts + offset, span_starts)))
+        keep = ~(self._stopword_positions(span_starts) | self._stopword_positions(span_ends))
+        if rule == "any":  # inner tokens too, except punctuation inside a word ("Mid-Atlantic", "Daitō-ryū")
+            for offset in range(1, self.config.max_span_length - 1):
+                inner = span_starts + offset < span_ends
+                positions = np.where(inner, span_starts + offset, span_starts)
+                stop = inner & self._stopword_positions(positions)
+                stop[stop] = ~self._inside_word(positions[stop])
+                keep &= ~stop
         return keep
+
+    def _inside_word(self, positions: np.ndarray) -> np.ndarray:
+        """Whether each position touches both neighbours in the text, with no space between (the tokenizer split
+        one word there, e.g. at the "-" of "Mid-Atlantic"). False at the corpus ends and next to special tokens."""
+        n = self.index.num_tokens
+        valid = (positions >= 1) & (positions < n - 1)
+        here = np.clip(positions, 1, max(n - 2, 1))
+        before, after = here - 1, np.minimum(here + 1, n - 1)
+        flags, docs, offsets = self.index.token_flags, self.index.token_docs, self.index.token_offsets
+        same = (np.asarray(docs[before]) == np.asarray(docs[here])) & (np.asarray(docs[after]) == np.asarray(docs[here]))
+        plain = ((np.asarray(flags[before]) | np.asarray(flags[here]) | np.asarray(flags[after])) & SPECIAL) == 0
+        joined = ((np.asarray(offsets[before, 1]) == np.asarray(offsets[here, 0]))
+                  & (np.asarray(offsets[here, 1]) == np.asarray(offsets[after, 0])))
+        return valid & same & plain & joined
 
     def _stopword_positions(self, positions: np.ndarray) -> np.ndarray:
         """Whether each corpus position is a whole-word stop word or punctuation token."""

@@ -45,6 +45,20 @@ def test_minilm_answers_with_evidence_from_the_articles(minilm_npm, articles):
                 answer["phrase"].lower().replace(" ", "") == answer["token_str"].replace(" ", "")
 
 
+def test_any_rule_keeps_words_joined_by_punctuation(tmp_path):
+    folder = tmp_path / "npm"
+    npm_hf.convert_encoder(npm_hf.demo.minilm_path(), folder, span_stopwords="any")
+    text = "The Mid-Atlantic Ridge runs down the ocean floor, Lincoln's home."
+    npm_hf.build_index(folder, [{"id": "a", "title": "A", "text": text}],
+                       args=npm_hf.IndexBuildArguments(show_progress_bar=False))
+    fill = pipeline("fill-mask", model=str(folder))
+    positions = np.asarray(fill.index.positions)
+    phrases = {fill.index.surface_text(s, e) for s, e in zip(*fill.predictor.enumerate_spans(positions, positions))}
+    # "-" and "'" inside a word do not end a span; stop words and punctuation elsewhere do, and never edge one
+    assert {"Mid-Atlantic Ridge", "Mid-Atlantic", "Ridge runs", "ocean floor", "Lincoln's home", "Lincoln"} <= phrases
+    assert not {"-Atlantic", "Mid-", "Ridge runs down", "the ocean", "floor,", "Lincoln'"} & phrases
+
+
 def test_minilm_index_facts(minilm_npm):
     index = npm_hf.NPMIndex.load(minilm_npm / "index")
     m = index.manifest
@@ -56,7 +70,7 @@ def test_minilm_index_facts(minilm_npm):
     assert not [piece for piece in pieces if piece.startswith("##")]
 
 
-def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir):
+def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir, monkeypatch):
     corpus = shared_dir / "offline_data" / "enwiki_sample" / "enwiki_sample.jsonl"
     args = npm_hf.demo.DemoArguments(corpus=str(corpus), output=str(tmp_path / "demo"), num_documents=4,
                                      train_minutes=0.1, num_cloze=4, num_queries=2, show_progress_bar=False)
@@ -79,6 +93,7 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir):
     config = json.loads((model_dir / "config.json").read_text())
     assert (config["span_scoring"], config["span_stopwords"], config["prefilter"]) == ("product", "any", "bm25")
     assert config["exclude_query_phrases"] is True
+    assert (config["prefilter_passage_tokens"], config["prefilter_blocks"], config["prefilter_weight"]) == (64, 10, 4.0)
     assert "fill-mask" in config["custom_pipelines"]
     assert not (tmp_path / "demo" / "checkpoints").exists()
     built = (model_dir / "index" / "manifest.json").stat().st_mtime_ns
@@ -86,7 +101,8 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir):
     assert npm_hf.demo.run_demo(args) == report  # a second run reuses everything
     state_file = tmp_path / "demo" / "demo_state.json"
     state = json.loads(state_file.read_text())
-    del state["done"]["index"], state["done"]["evaluation-bm25"]  # as if interrupted after training
+    (evaluated,) = [name for name in state["done"] if name.startswith("evaluation")]
+    del state["done"]["index"], state["done"][evaluated]  # as if interrupted after training
     state_file.write_text(json.dumps(state))
     npm_hf.demo.run_demo(args)
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == weights  # training is not redone
@@ -99,6 +115,11 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir):
     assert json.loads((model_dir / "config.json").read_text())["prefilter"] == "bm25"
     assert "(bm25 prefilter)" in (model_dir / "README.md").read_text()
     assert "(dense prefilter)" not in (model_dir / "README.md").read_text()
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == weights
+    monkeypatch.setitem(npm_hf.demo.DEMO_DECODING, "prefilter_weight", 0.0)  # a new decoding: re-measured only
+    npm_hf.demo.run_demo(args)
+    assert json.loads((model_dir / "config.json").read_text())["prefilter_weight"] == 0.0
+    assert len([name for name in json.loads(state_file.read_text())["done"] if name.startswith("evaluation")]) == 3
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == weights
 
 

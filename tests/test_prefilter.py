@@ -1,13 +1,16 @@
-"""Two-stage retrieval: BM25 and dense block pre-filters, exact scoring of the kept blocks' tokens (brute force),
-and the pipeline's `prefilter` option."""
+"""Two-stage retrieval: BM25 and dense passage pre-filters (blocks or windows), exact scoring of the kept passages'
+tokens with and without the pre-filter's logit bias (brute force), and the pipeline's `prefilter` option."""
 
+import re
 from collections import Counter
 
 import numpy as np
 import pytest
 
 from npm_hf import NPMConfig, NPMIndex
-from npm_hf.prefilter import BM25BlockRetriever, DenseBlockRetriever, block_positions, block_texts, bm25_query
+from npm_hf.corpus import SPECIAL, WORD_END, WORD_START
+from npm_hf.prefilter import (BM25PassageRetriever, DensePassageRetriever, bm25_query, passage_positions,
+                              passage_ranges, passage_texts)
 
 
 def softmax(x):
@@ -15,22 +18,41 @@ def softmax(x):
     return e / e.sum()
 
 
+def _word_around(flags, position):
+    start, end = position, position
+    while not flags[start] & WORD_START:
+        start -= 1
+    while not flags[end] & WORD_END:
+        end += 1
+    return start, end
+
+
+def block_positions(index, blocks):
+    return passage_positions(index, passage_ranges(index), blocks)[0]
+
+
 def test_bm25_finds_the_block_of_the_query_words(npm_dir, corpus):
     index = NPMIndex.load(npm_dir / "index")
-    texts = block_texts(index)
-    # Blocks cover the corpus text (a block boundary may fall anywhere, even inside a word: compare without spaces).
-    squeeze = lambda text: "".join(text.split())  # noqa: E731
-    assert squeeze("".join(texts)) == squeeze("".join(d["text"] for d in corpus))
-    retriever = BM25BlockRetriever(index)
+    texts = passage_texts(index, passage_ranges(index))
+    # Blocks cover the corpus text in whole words (a block boundary inside a word gives the word to both blocks).
+    words = lambda text: re.findall(r"\w+", text)  # noqa: E731
+    for document in corpus:
+        assert set(words(document["text"])) <= {w for text in texts for w in words(text)}
+    flags = np.asarray(index.token_flags)
+    inside = next(p for p in range(1, index.num_tokens - 1) if not flags[p] & (WORD_START | WORD_END | SPECIAL))
+    (text,) = passage_texts(index, np.array([[inside, inside + 1]]))  # one piece from the middle of a word
+    assert text == index.surface_text(*_word_around(flags, inside))
+    retriever = BM25PassageRetriever(index)
     query = bm25_query("The Chihuahuan Desert covers parts of [MASK], Texas and the Rio Grande", "[MASK]")
-    (top,) = retriever.top_blocks([query], n=2)
+    ((top, scores),) = retriever.top_passages([query], n=2)
+    assert scores[0] >= scores[1] > 0
     assert len(top) == 2
     positions = block_positions(index, top)
     desert = [d["id"] for d in corpus].index("desert")
     assert desert in np.asarray(index.token_docs[block_positions(index, top[:1])]).tolist()
     assert set(np.asarray(index.token_docs[positions]).tolist()) <= set(range(len(corpus)))
-    with pytest.raises(ValueError, match="must be >= 1"):
-        retriever.top_blocks(["x"], n=0)
+    with pytest.raises(ValueError, match="number of pre-filter passages must be >= 1"):
+        retriever.top_passages(["x"], n=0)
 
 
 def test_span_prediction_among_positions_matches_brute_force(npm_dir, mask, make_pipeline):
@@ -59,14 +81,14 @@ def test_span_prediction_among_positions_matches_brute_force(npm_dir, mask, make
 
 def test_dense_blocks_are_normalised_mean_vectors(npm_dir):
     index = NPMIndex.load(npm_dir / "index")
-    retriever = DenseBlockRetriever(index)
+    retriever = DensePassageRetriever(index)
     block = 2
     lo, hi = index.block_range(block)
     rows = [r for r, p in enumerate(index.positions) if lo <= p < hi]
     mean = np.asarray(index.vectors[rows], dtype=np.float64).mean(axis=0)
     assert retriever.embeddings[block].numpy() == pytest.approx(mean / np.linalg.norm(mean), abs=1e-5)
-    (top,) = retriever.top_blocks(mean * 3.0, n=1)  # cosine: the scale of the query does not matter
-    assert top.tolist() == [block]
+    ((top, scores),) = retriever.top_passages(mean * 3.0, n=1)  # cosine: the scale of the query does not matter
+    assert top.tolist() == [block] and scores[0] == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("method", ["bm25", "dense"])
@@ -75,8 +97,9 @@ def test_pipeline_prefilter_scores_only_the_kept_blocks(npm_dir, mask, method, m
     text = f"The Chihuahuan Desert covers parts of {mask}."
     answers = fill(text, top_k=50, prefilter=method, prefilter_blocks=2)
     outputs = fill._forward(fill.preprocess(text))
-    positions = fill.prefilter_positions(outputs, method, 2)
-    assert len(np.unique(np.asarray(fill.index.token_flags[positions]) * 0 + positions // 16)) <= 2
+    positions, bias = fill.prefilter_positions(outputs, method, 2)
+    assert bias is None  # config.prefilter_weight is 0
+    assert len(np.unique(positions // fill.index.block_size)) <= 2
     vectors = outputs["query_vectors"][0]
     want = fill.predictor.predict_span_among(vectors[0], vectors[1], positions, top_k=50)
     assert [(a["token_str"], round(a["score"], 6)) for a in answers] == \
@@ -90,7 +113,7 @@ def test_single_mode_prefilter_matches_brute_force(npm_dir, mask, make_pipeline)
     fill = make_pipeline(npm_dir, mode="single")
     text = f"Abraham Lincoln was born in {mask}, Kentucky."
     outputs = fill._forward(fill.preprocess(text))
-    positions = fill.prefilter_positions(outputs, "bm25", 2)
+    positions, _ = fill.prefilter_positions(outputs, "bm25", 2)
     answers = fill(text, top_k=1000, prefilter="bm25", prefilter_blocks=2)
     rows, _ = fill.index.rows_for_positions(positions)
     probs = softmax(np.asarray(fill.index.vectors[rows], dtype=np.float64) @ outputs["query_vectors"][0][0]
@@ -113,3 +136,105 @@ def test_bad_prefilter_settings(npm_dir, mask, make_pipeline):
         fill(f"Texas borders {mask}.", prefilter="bm26")
     with pytest.raises(ValueError, match="prefilter_blocks must be a positive integer"):
         fill(f"Texas borders {mask}.", prefilter="bm25", prefilter_blocks=0)
+
+
+def test_passage_windows_overlap_by_half_inside_blocks(npm_dir):
+    index = NPMIndex.load(npm_dir / "index")
+    blocks = passage_ranges(index)
+    assert blocks.tolist() == [list(index.block_range(b)) for b in range(len(blocks))]
+    windows = passage_ranges(index, passage_tokens=6)
+    want = []
+    for lo, hi in blocks.tolist():  # 16-token blocks: starts every 3 tokens, the last window flush with the end
+        starts = list(range(lo, hi - 6 + 1, 3)) if hi - lo > 6 else [lo]
+        if starts[-1] + 6 < hi:
+            starts.append(hi - 6)
+        want += [[s, min(s + 6, hi)] for s in starts]
+    assert windows.tolist() == want
+    assert windows[:6].tolist() == [[0, 6], [3, 9], [6, 12], [9, 15], [10, 16], [16, 22]]
+    assert passage_ranges(index, passage_tokens=10_000).tolist() == blocks.tolist()
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        passage_ranges(index, passage_tokens=1)
+
+
+def test_dense_windows_are_normalised_mean_vectors(npm_dir):
+    index = NPMIndex.load(npm_dir / "index")
+    retriever = DensePassageRetriever(index, passage_tokens=6)
+    positions = np.asarray(index.positions)
+    for passage, (lo, hi) in enumerate(retriever.ranges.tolist()):
+        rows = np.flatnonzero((positions >= lo) & (positions < hi))
+        mean = np.asarray(index.vectors[rows], dtype=np.float64).mean(axis=0)
+        assert retriever.embeddings[passage].numpy() == pytest.approx(mean / np.linalg.norm(mean), abs=1e-5)
+
+
+def test_bm25_windows_find_the_sentence_of_the_query_words(npm_dir):
+    index = NPMIndex.load(npm_dir / "index")
+    retriever = BM25PassageRetriever(index, passage_tokens=8)
+    ((top, scores),) = retriever.top_passages([bm25_query("[MASK] lies in the Chihuahuan Desert", "[MASK]")], n=3)
+    assert "Chihuahuan" in passage_texts(index, retriever.ranges[top[:1]])[0]
+    assert list(scores) == sorted(scores, reverse=True)
+
+
+def test_passage_bias_is_the_weighted_best_relative_score(npm_dir):
+    index = NPMIndex.load(npm_dir / "index")
+    ranges = np.array([[0, 6], [3, 9], [16, 20]])
+    positions, bias = passage_positions(index, ranges, np.array([1, 0, 2]), np.array([4.0, 2.0, 1.0]), weight=3.0)
+    flags = np.asarray(index.token_flags)
+    want = {p: 3.0 for p in range(3, 9)} | {p: 1.5 for p in range(0, 3)} | {p: 0.75 for p in range(16, 20)}
+    want = {p: b for p, b in want.items() if not flags[p] & SPECIAL}
+    assert positions.tolist() == sorted(want) and bias.tolist() == [want[p] for p in sorted(want)]
+    same, none = passage_positions(index, ranges, np.array([1, 0, 2]), np.array([4.0, 2.0, 1.0]), weight=0.0)
+    assert same.tolist() == positions.tolist() and none is None
+    _, none = passage_positions(index, ranges, np.array([1, 0]), np.array([0.0, 0.0]), weight=3.0)
+    assert none is None  # BM25 scores 0 when no word matches: no relevance to share out
+
+
+@pytest.mark.parametrize("method", ["bm25", "dense"])
+def test_prefilter_weight_biases_span_logits_exactly(npm_dir, mask, method, make_pipeline):
+    fill = make_pipeline(npm_dir, prefilter_passage_tokens=8, prefilter_weight=2.5)
+    text = f"The Chihuahuan Desert covers parts of {mask}."
+    outputs = fill._forward(fill.preprocess(text))
+    positions, bias = fill.prefilter_positions(outputs, method, 3)
+    assert bias is not None and bias.max() == pytest.approx(2.5) and len(np.unique(bias)) > 1
+    answers = fill(text, top_k=1000, prefilter=method, prefilter_blocks=3)
+    queries = outputs["query_vectors"][0]
+    index, predictor = fill.index, fill.predictor
+    rows, indexed = index.rows_for_positions(positions)
+    positions, rows, bias = positions[indexed], rows[indexed], bias[indexed]
+    vectors = np.asarray(index.vectors[rows], dtype=np.float64)
+    factor = fill.model.config.scale / fill.model.config.span_temperature
+    p_start, p_end = softmax(vectors @ queries[0] * factor + bias), softmax(vectors @ queries[1] * factor + bias)
+    row_of = {int(p): r for r, p in enumerate(positions)}
+    totals = Counter()
+    for s, e in zip(*predictor.enumerate_spans(positions, positions)):
+        text_ = fill.tokenizer.decode(list(np.asarray(index.token_ids[s : e + 1]))).strip()
+        totals[text_] += p_start[row_of[int(s)]] + p_end[row_of[int(e)]]
+    norm = sum(totals.values())
+    assert {a["token_str"]: a["score"] for a in answers} == pytest.approx({t: v / norm for t, v in totals.items()},
+                                                                          abs=1e-5)
+    unbiased = fill.predictor.predict_span_among(queries[0], queries[1], positions, top_k=1000)
+    assert [a["score"] for a in unbiased] != pytest.approx([a["score"] for a in answers])
+
+
+def test_single_mode_prefilter_weight_matches_brute_force(npm_dir, mask, make_pipeline):
+    fill = make_pipeline(npm_dir, mode="single", prefilter_passage_tokens=8, prefilter_weight=1.5)
+    text = f"Abraham Lincoln was born in {mask}, Kentucky."
+    outputs = fill._forward(fill.preprocess(text))
+    positions, bias = fill.prefilter_positions(outputs, "bm25", 4)
+    answers = fill(text, top_k=1000, prefilter="bm25", prefilter_blocks=4)
+    rows, indexed = fill.index.rows_for_positions(positions)
+    probs = softmax(np.asarray(fill.index.vectors[rows[indexed]], dtype=np.float64) @ outputs["query_vectors"][0][0]
+                    * fill.model.config.scale / fill.model.config.temperature + bias[indexed])
+    want = Counter()
+    for position, prob in zip(positions[indexed].tolist(), probs):
+        want[int(fill.index.token_ids[position])] += prob
+    assert {a["token"]: a["score"] for a in answers} == pytest.approx(dict(want), abs=1e-6)
+
+
+def test_bad_passage_settings(npm_dir, make_pipeline):
+    with pytest.raises(ValueError, match="prefilter_passage_tokens must be an integer >= 2 or None, got 1"):
+        NPMConfig(prefilter_passage_tokens=1)
+    with pytest.raises(ValueError, match="prefilter_weight must be a finite number >= 0, got -1"):
+        NPMConfig(prefilter_weight=-1.0)
+    fill = make_pipeline(npm_dir)
+    with pytest.raises(ValueError, match="one value per position, and sorted unique positions"):
+        fill.predictor.predict_span_among(np.ones(32), np.ones(32), np.array([3, 2]), 5, bias=np.zeros(2))

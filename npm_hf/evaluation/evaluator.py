@@ -232,7 +232,8 @@ class NPMScorer(Scorer):
         return {"mode": config.mode, "k": config.k, "temperature": config.temperature,
                 "apply_temperature_twice": config.apply_temperature_twice, "span_stopwords": config.span_stopwords,
                 "prefilter": config.prefilter, "prefilter_blocks": config.prefilter_blocks,
-                "index_tokens": manifest.num_tokens, "index_documents": manifest.num_documents,
+                "prefilter_passage_tokens": config.prefilter_passage_tokens,
+                "prefilter_weight": config.prefilter_weight, "index_tokens": manifest.num_tokens, "index_documents": manifest.num_documents,
                 "faiss_factory": manifest.faiss_factory}
 
     def forward(self, texts: list[str], batch_size: int) -> list[dict]:
@@ -321,12 +322,17 @@ class MaskedLMScorer(Scorer):
 @contextlib.contextmanager
 def _config_overrides(model, args: EvaluationArguments):
     """Apply the run's k / temperature / T^2 settings to an NPM's config, and restore the config afterwards."""
-    names = [n for n in ("k", "temperature", "apply_temperature_twice", "span_stopwords", "prefilter", "prefilter_blocks")
-             if getattr(args, n) is not None and hasattr(model.config, n) and model.config.model_type == "npm"]
-    saved = {n: getattr(model.config, n) for n in names}
+    if model.config.model_type != "npm":
+        yield
+        return
+    names = ("k", "temperature", "apply_temperature_twice", "span_stopwords", "prefilter", "prefilter_blocks")
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.paper_protocol:  # the paper's pre-filter: whole blocks, a restriction only
+        overrides |= {"prefilter_passage_tokens": None, "prefilter_weight": 0.0}
+    saved = {n: getattr(model.config, n) for n in overrides}
     try:
-        for name in names:
-            setattr(model.config, name, getattr(args, name))
+        for name, value in overrides.items():
+            setattr(model.config, name, value)
         yield
     finally:
         for name, value in saved.items():
