@@ -2,9 +2,15 @@
 
     python benchmarks/cloze_table.py --cloze cloze.jsonl --model NPM_DIR [NPM_DIR ...] [--output table.json]
         [--prefilter none bm25 dense] [--scoring sum product] [--aggregation sum max] [--stopwords none edges any]
-        [--exclude-query-phrases false true]
+        [--exclude-query-phrases false true] [--passages blocks:3:0 64:10:4]
 
-Each model retrieves from its own index (built over the corpus the cloze sentences were cut from). The lexical
+A `--passages` value is TOKENS:KEPT:WEIGHT, the pre-filter's passages (`blocks`, or windows of that many tokens), how
+many it keeps and the weight of their relevance in the token logits (config.prefilter_passage_tokens,
+prefilter_blocks, prefilter_weight).
+
+Each row also gives EM@1 / EM@5 on the even and on the odd lines of the cloze file: settings chosen on one half are
+reported on the other. Each model retrieves from its own index (built over the corpus the cloze sentences were cut
+from). The lexical
 baseline takes BM25's top-3 blocks of the first model's index for the query (mask removed) and answers with their
 most frequent capitalised 1-4-word runs that the query does not already contain.
 """
@@ -15,6 +21,8 @@ import json
 import re
 import sys
 from collections import Counter
+
+import numpy as np
 
 import npm_hf
 from npm_hf.evaluation import EvaluationArguments, save_results
@@ -46,38 +54,70 @@ def main(argv=None) -> int:
     parser.add_argument("--stopwords", nargs="+", default=["none"], help="config.span_stopwords values")
     parser.add_argument("--exclude-query-phrases", nargs="+", default=["false"], choices=["false", "true"],
                         help="config.exclude_query_phrases values")
+    parser.add_argument("--passages", nargs="+", default=["blocks:3:0"], type=_passages,
+                        help="TOKENS:KEPT:WEIGHT pre-filter settings, TOKENS a number or 'blocks'")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
+    examples = [json.loads(line) for line in open(args.cloze, encoding="utf-8")]
     rows = []
     for model in args.model:
         npm, tokenizer = npm_hf.load_npm(model)
-        for scoring, aggregation, stopwords, exclude, prefilter in itertools.product(
-                args.scoring, args.aggregation, args.stopwords, args.exclude_query_phrases, args.prefilter):
+        for scoring, aggregation, stopwords, exclude, prefilter, passages in itertools.product(
+                args.scoring, args.aggregation, args.stopwords, args.exclude_query_phrases, args.prefilter,
+                args.passages):
             npm.config.span_scoring, npm.config.phrase_aggregation = scoring, aggregation
             npm.config.exclude_query_phrases = exclude == "true"
+            (npm.config.prefilter_passage_tokens, npm.config.prefilter_blocks,
+             npm.config.prefilter_weight) = passages
             result = npm_hf.evaluate(npm, EvaluationArguments(task="cloze", data=args.cloze, prefilter=prefilter,
                                                               span_stopwords=stopwords, show_progress_bar=False),
                                      tokenizer=tokenizer)
             row = {"model": model, "span_scoring": scoring, "phrase_aggregation": aggregation,
                    "span_stopwords": stopwords, "exclude_query_phrases": exclude, "prefilter": prefilter,
+                   "passages": _passages_name(passages),
                    "em1": result["micro_exact_match"], "em5": result["micro_exact_match_at_5"],
+                   **_halves(result["predictions"], examples),
                    "queries": result["num_examples"], "seconds": result["seconds"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    examples = [json.loads(line) for line in open(args.cloze, encoding="utf-8")]
     lexical = lexical_baseline(npm_hf.NPMIndex.for_model(npm_hf.load_npm(args.model[0])[0]), examples)
     print(json.dumps({"model": "lexical baseline (BM25 top-3 blocks, capitalised runs by frequency)", **lexical}))
     if args.output:
         save_results({"rows": rows, "lexical_baseline": lexical}, args.output)
-    print("| model | span scoring | aggregation | span stop words | query phrases excluded | pre-filter | EM@1 "
-          "| EM@5 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | span scoring | aggregation | span stop words | query phrases excluded | pre-filter | passages "
+          "| EM@1 / EM@5 | even lines | odd lines |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    pair = lambda at1, at5: f"{100 * at1:.1f} / {100 * at5:.1f}"  # noqa: E731
     for r in rows:
         print(f"| {r['model']} | {r['span_scoring']} | {r['phrase_aggregation']} | {r['span_stopwords']} | "
-              f"{r['exclude_query_phrases']} | {r['prefilter']} | {100 * r['em1']:.1f} | {100 * r['em5']:.1f} |")
-    print(f"| lexical baseline | | | | | BM25 top-3 | {100 * lexical['exact_match_at_1']:.1f} | "
-          f"{100 * lexical['exact_match_at_5']:.1f} |")
+              f"{r['exclude_query_phrases']} | {r['prefilter']} | {r['passages']} | {pair(r['em1'], r['em5'])} | "
+              f"{pair(*r['even'])} | {pair(*r['odd'])} |")
+    print(f"| lexical baseline | | | | | BM25 | top-3 blocks | "
+          f"{pair(lexical['exact_match_at_1'], lexical['exact_match_at_5'])} | | |")
     return 0
+
+
+def _halves(predictions: list[list[str]], examples: list[dict]) -> dict:
+    """EM@1 / EM@5 on the even and the odd lines of the cloze file (tune on one half, report the other)."""
+    if len(predictions) != len(examples):
+        raise ValueError("The evaluation sampled the cloze file; halves need every query, in file order.")
+    hits = np.array([[bool(p) and exact_match(p[0], e["answer"]), any(exact_match(a, e["answer"]) for a in p[:5])]
+                     for p, e in zip(predictions, examples)], dtype=float)
+    return {"even": hits[0::2].mean(axis=0).tolist(), "odd": hits[1::2].mean(axis=0).tolist()}
+
+
+def _passages(spec: str) -> tuple[int | None, int, float]:
+    try:
+        tokens, kept, weight = spec.split(":")
+        return (None if tokens == "blocks" else int(tokens)), int(kept), float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKENS:KEPT:WEIGHT (e.g. 64:10:4 or blocks:3:0), got {spec!r}")
+
+
+def _passages_name(passages: tuple) -> str:
+    tokens, kept, weight = passages
+    size = "blocks" if tokens is None else f"{tokens}-token windows"
+    return f"top-{kept} {size}" + (f", weight {weight:g}" if weight else "")
 
 
 if __name__ == "__main__":

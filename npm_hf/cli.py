@@ -235,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--k", type=int, default=None, help="Neighbours per query vector (default: config.k).")
     fill.add_argument("--targets", nargs="+", default=None, help="Only score these answers.")
     fill.add_argument("--prefilter", choices=["none", "bm25", "dense"], default=None,
-                      help="Two-stage retrieval: score only the tokens of the best blocks (default: config).")
+                      help="Two-stage retrieval: score only the tokens of the best passages (default: config).")
     fill.add_argument("--prefilter-blocks", dest="prefilter_blocks", type=int, default=None,
-                      help="Blocks the pre-filter keeps (default: config, 3).")
+                      help="Passages (blocks, or config.prefilter_passage_tokens windows) the pre-filter keeps "
+                           "(default: config, 3).")
     fill.add_argument("--nprobe", type=int, default=None,
                       help="IVF indexes: inverted lists visited per query (default: config.nprobe, else FAISS's).")
     fill.add_argument("--ef-search", dest="ef_search", type=int, default=None,

@@ -62,29 +62,32 @@ class BM25PassageRetriever:
 
 
 class DensePassageRetriever:
-    """Cosine similarity between a query embedding and each passage's mean stored token vector."""
+    """Cosine similarity between a query embedding and each passage's mean stored token vector (held in memory:
+    passages × hidden size × 4 bytes)."""
 
     _CHUNK = 65_536
 
     def __init__(self, index, passage_tokens: int | None = None):
         self.index = index
         self.ranges = passage_ranges(index, passage_tokens)
-        # Sum the vectors per piece between consecutive passage edges, then each passage sums its pieces.
+        # Sum the vectors per piece between consecutive passage edges; a passage is a run of a few pieces.
         edges = np.unique(self.ranges)
-        sums = torch.zeros(len(edges), index.manifest.hidden_size, dtype=torch.float64)
-        counts = torch.zeros(len(edges), dtype=torch.float64)
+        sums = torch.zeros(len(edges), index.manifest.hidden_size)
+        counts = torch.zeros(len(edges))
         for lo in range(0, index.num_indexed, self._CHUNK):
             positions = np.asarray(index.positions[lo : lo + self._CHUNK])
             pieces = torch.from_numpy(np.searchsorted(edges, positions, side="right") - 1)
-            vectors = torch.from_numpy(index.vectors_for_rows(np.arange(lo, lo + len(positions))))
-            sums.index_add_(0, pieces, vectors.double())
-            counts.index_add_(0, pieces, torch.ones(len(positions), dtype=torch.float64))
-        sums, counts = torch.cumsum(sums, 0), torch.cumsum(counts, 0)
-        first, last = np.searchsorted(edges, self.ranges[:, 0]), np.searchsorted(edges, self.ranges[:, 1]) - 1
-        before_sums = torch.where(torch.from_numpy(first > 0)[:, None], sums[np.maximum(first - 1, 0)], 0.0)
-        before_counts = torch.where(torch.from_numpy(first > 0), counts[np.maximum(first - 1, 0)], 0.0)
-        means = (sums[last] - before_sums) / (counts[last] - before_counts).clamp(min=1)[:, None]
-        self.embeddings = torch.nn.functional.normalize(means, dim=1).float()
+            sums.index_add_(0, pieces, torch.from_numpy(index.vectors_for_rows(np.arange(lo, lo + len(positions)))))
+            counts.index_add_(0, pieces, torch.ones(len(positions)))
+        first, end = np.searchsorted(edges, self.ranges[:, 0]), np.searchsorted(edges, self.ranges[:, 1])
+        passage_sums, passage_counts = torch.zeros(len(self.ranges), sums.shape[1]), torch.zeros(len(self.ranges))
+        for step in range(int((end - first).max(initial=0))):
+            inside = torch.from_numpy(first + step < end)
+            piece = torch.from_numpy(np.minimum(first + step, len(edges) - 1))
+            passage_sums += torch.where(inside[:, None], sums[piece], 0.0)
+            passage_counts += torch.where(inside, counts[piece], 0.0)
+        means = passage_sums / passage_counts.clamp(min=1)[:, None]
+        self.embeddings = torch.nn.functional.normalize(means, dim=1)
 
     def top_passages(self, query_embeddings: np.ndarray, n: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
         _check_count(n)

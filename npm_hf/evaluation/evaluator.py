@@ -61,8 +61,9 @@ class EvaluationArguments:
         metadata={"help": "Open-set candidates: 'none' (FAISS top-k over the whole index), 'bm25' (the paper: top "
                           "blocks by BM25) or 'dense' (top blocks by mean-pooled embedding) (default: config)."},
     )
-    prefilter_blocks: int | None = field(default=None, metadata={"help": "Blocks kept by the pre-filter (default: "
-                                                                          "config, 3)."})
+    prefilter_blocks: int | None = field(default=None, metadata={"help": "Passages kept by the pre-filter: blocks, "
+                                                                          "or config.prefilter_passage_tokens windows "
+                                                                          "(default: config, 3)."})
     evidence_corpus: bool = field(
         default=False,
         metadata={"help": "LAMA tasks: retrieve from an index over the evaluated facts' own evidence sentences "
