@@ -10,9 +10,8 @@ prefilter_blocks, prefilter_weight).
 
 Each row also gives EM@1 / EM@5 on the even and on the odd lines of the cloze file: settings chosen on one half are
 reported on the other. Each model retrieves from its own index (built over the corpus the cloze sentences were cut
-from). The lexical
-baseline takes BM25's top-3 blocks of the first model's index for the query (mask removed) and answers with their
-most frequent capitalised 1-4-word runs that the query does not already contain.
+from). The lexical baseline takes BM25's top-3 blocks of the first model's index for the query (mask removed) and
+answers with their most frequent capitalised 1-4-word runs that the query does not already contain.
 """
 
 import argparse

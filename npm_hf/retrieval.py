@@ -271,7 +271,8 @@ class NPMPredictor:
         here = np.clip(positions, 1, max(n - 2, 1))
         before, after = here - 1, np.minimum(here + 1, n - 1)
         flags, docs, offsets = self.index.token_flags, self.index.token_docs, self.index.token_offsets
-        same = (np.asarray(docs[before]) == np.asarray(docs[here])) & (np.asarray(docs[after]) == np.asarray(docs[here]))
+        doc = np.asarray(docs[here])
+        same = (np.asarray(docs[before]) == doc) & (np.asarray(docs[after]) == doc)
         plain = ((np.asarray(flags[before]) | np.asarray(flags[here]) | np.asarray(flags[after])) & SPECIAL) == 0
         joined = ((np.asarray(offsets[before, 1]) == np.asarray(offsets[here, 0]))
                   & (np.asarray(offsets[here, 1]) == np.asarray(offsets[after, 0])))

@@ -234,7 +234,8 @@ class NPMScorer(Scorer):
                 "apply_temperature_twice": config.apply_temperature_twice, "span_stopwords": config.span_stopwords,
                 "prefilter": config.prefilter, "prefilter_blocks": config.prefilter_blocks,
                 "prefilter_passage_tokens": config.prefilter_passage_tokens,
-                "prefilter_weight": config.prefilter_weight, "index_tokens": manifest.num_tokens, "index_documents": manifest.num_documents,
+                "prefilter_weight": config.prefilter_weight,
+                "index_tokens": manifest.num_tokens, "index_documents": manifest.num_documents,
                 "faiss_factory": manifest.faiss_factory}
 
     def forward(self, texts: list[str], batch_size: int) -> list[dict]:
