@@ -287,6 +287,32 @@ def test_time_budget_stops_training_and_carries_over_a_resume(model_dir, blocks,
         quiet_args(tmp_path, max_train_minutes=0)
 
 
+@pytest.mark.parametrize("decay, expected", [("linear", 0.75), ("cosine", 0.5 * (1 - np.cos(np.pi * 0.75)))])
+def test_schedule_by_time_decays_with_the_budget_spent(model_dir, blocks, tmp_path, monkeypatch, decay, expected):
+    now = [0.0]
+    monkeypatch.setattr("npm_hf.trainer.trainer.time.perf_counter", lambda: now[0])
+    args = quiet_args(tmp_path, max_train_minutes=10.0, schedule_by_time=True, lr_scheduler_type=decay,
+                      warmup_steps=2, learning_rate=1e-3)
+    trainer = NPMTrainer(model=NPMModel.from_pretrained(model_dir), args=args, train_dataset=blocks)
+    trainer.create_optimizer_and_scheduler(num_training_steps=1_000)
+    trainer.time_budget.started = 0.0
+    trainer.lr_scheduler.step()  # step 1 of a 2-step warm-up: half the rate, whatever the clock says
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.5e-3)
+    now[0] = 150.0  # a quarter of the 10-minute budget spent
+    trainer.lr_scheduler.step()
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-3 * expected)
+    now[0] = 700.0  # past the budget: nothing left to decay
+    trainer.lr_scheduler.step()
+    assert trainer.lr_scheduler.get_last_lr()[0] == 0.0
+
+
+def test_schedule_by_time_needs_a_budget_and_a_decay(tmp_path):
+    with pytest.raises(ValueError, match="schedule_by_time needs max_train_minutes"):
+        quiet_args(tmp_path, schedule_by_time=True, lr_scheduler_type="linear")
+    with pytest.raises(ValueError, match="lr_scheduler_type='constant'"):
+        quiet_args(tmp_path, schedule_by_time=True, max_train_minutes=1.0, lr_scheduler_type="constant")
+
+
 def test_trainer_rejects_bad_setups(model_dir, blocks, tmp_path, tokenizer):
     model = NPMModel.from_pretrained(model_dir)
     with pytest.raises(ValueError, match="needs NPMTrainingArguments"):

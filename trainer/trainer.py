@@ -3,6 +3,7 @@
 from collections import defaultdict
 
 import json
+import math
 import os
 import re
 import shutil
@@ -102,8 +103,10 @@ class NPMTrainer(Trainer):
                          processing_class=processing_class, data_collator=data_collator, **kwargs)
         for callback in self.default_callbacks:
             self.add_callback(callback())
+        self.time_budget = None
         if args.max_train_minutes is not None:
-            self.add_callback(TimeBudgetCallback(args.max_train_minutes))
+            self.time_budget = TimeBudgetCallback(args.max_train_minutes)
+            self.add_callback(self.time_budget)
         self.loss = loss if loss is not None else NPMContrastiveLoss(model, key_gradients=args.key_gradients)
         self._span_stats = defaultdict(float)
 
@@ -123,6 +126,23 @@ class NPMTrainer(Trainer):
             logs[f"{prefix}queries_with_positives"] = round(share, 4)
             logs[f"{prefix}span_accuracy"] = round(stats["correct_top1"] / max(stats["queries_with_positives"], 1), 4)
         super().log(logs, start_time)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if not self.args.schedule_by_time or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        decay = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
+        budget = self.time_budget
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return step / max(1, warmup)
+            left = max(0.0, 1.0 - budget.spent() / budget.budget)
+            return left if decay == "linear" else 0.5 * (1.0 - math.cos(math.pi * left))
+
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

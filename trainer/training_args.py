@@ -10,6 +10,8 @@ from .data_collator import check_masking
 
 logger = logging.get_logger(__name__)
 
+TIME_SCHEDULES = frozenset({"linear", "cosine"})  # decays that `schedule_by_time` can follow in wall time
+
 
 @dataclass
 class NPMTrainingArguments(TrainingArguments):
@@ -39,6 +41,10 @@ class NPMTrainingArguments(TrainingArguments):
     shuffle_groups: bool = field(default=True, metadata={"help": "Shuffle the order of groups every epoch."})
     max_train_minutes: float | None = field(
         default=None, metadata={"help": "Stop after this much training wall time (counted across resumed runs)."})
+    schedule_by_time: bool = field(
+        default=False, metadata={"help": "With max_train_minutes: the linear or cosine decay of lr_scheduler_type "
+                                         "follows training wall time, reaching its end as the budget runs out (the "
+                                         "step count is unknown in advance). Warm-up still counts steps."})
     freeze_embeddings: bool = field(default=False, metadata={"help": "Keep the encoder's input embeddings fixed "
                                                                        "(fewer parameters to update on small budgets)."})
     key_gradients: bool = field(default=True, metadata={"help": "Backpropagate through the unmasked key pass (the "
@@ -57,6 +63,14 @@ class NPMTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             raise ValueError(f"max_train_minutes must be > 0, got {self.max_train_minutes}.")
+        if self.schedule_by_time:
+            schedule = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
+            if self.max_train_minutes is None or schedule not in TIME_SCHEDULES:
+                raise ValueError(
+                    "schedule_by_time needs max_train_minutes and lr_scheduler_type in "
+                    f"{sorted(TIME_SCHEDULES)}; got max_train_minutes={self.max_train_minutes}, "
+                    f"lr_scheduler_type={schedule!r}."
+                )
         check_masking(mask_ratio=self.mask_ratio, geometric_p=self.geometric_p,
                       max_span_length=self.max_masked_span_length, max_spans_per_sequence=self.max_spans_per_sequence,
                       max_ngram_uses=self.max_ngram_uses, salient_span_ratio=self.salient_span_ratio)
