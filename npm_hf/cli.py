@@ -7,7 +7,8 @@
                        [--resume | --overwrite]
     npm-hf index add --index DIR --model DIR --corpus FILE
     npm-hf index delete --index DIR --ids ID1,ID2
-    npm-hf fill-mask --model DIR [--top-k 5] [--prefilter bm25|dense] [--nprobe N] [--ef-search N] [--json] "text with a [MASK]"
+    npm-hf fill-mask --model DIR [--top-k 5] [--prefilter bm25|dense] [--prefilter-passage-tokens N] [--nprobe N]
+                     [--ef-search N] [--json] "text with a [MASK]"
     npm-hf train --model ENCODER --corpus FILE --output DIR [any TrainingArguments flag, e.g. --max_steps 200]
     npm-hf push --model DIR --repo-id ORG/NAME [--private] [--revision R] [--create-pr] [--index-repo-id ORG/IDX]
     npm-hf demo [--corpus PATH] [--output DIR]
@@ -115,8 +116,9 @@ def _fill_mask(args) -> None:
             call_kwargs[name] = getattr(args, name)
     if args.targets:
         call_kwargs["targets"] = args.targets
-    if args.prefilter:
-        call_kwargs.update(prefilter=args.prefilter, prefilter_blocks=args.prefilter_blocks)
+    for name in ("prefilter", "prefilter_blocks", "prefilter_passage_tokens", "prefilter_weight"):
+        if getattr(args, name) is not None:
+            call_kwargs[name] = getattr(args, name)
     results = fill(args.text, **call_kwargs)
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=2))
@@ -186,6 +188,16 @@ def _evaluate(args) -> None:
             f"{name}: {100 * b['exact_match']:.1f} (n={b['count']})" for name, b in results["buckets"].items()))
 
 
+def _passage_tokens(value: str) -> int | str:
+    """--prefilter-passage-tokens: "blocks" or a window size (the pipeline checks the range)."""
+    if value == "blocks":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected an integer >= 2 or "blocks", got {value!r}') from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .api import TrainDataArguments
     from .demo import DemoArguments
@@ -239,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--prefilter-blocks", dest="prefilter_blocks", type=int, default=None,
                       help="Passages (blocks, or config.prefilter_passage_tokens windows) the pre-filter keeps "
                            "(default: config, 3).")
+    fill.add_argument("--prefilter-passage-tokens", dest="prefilter_passage_tokens", type=_passage_tokens,
+                      default=None, help='Pre-filter passages: windows of N tokens, or "blocks" (default: config).')
+    fill.add_argument("--prefilter-weight", dest="prefilter_weight", type=float, default=None,
+                      help="Logit bias of the best passage's tokens (default: config.prefilter_weight).")
     fill.add_argument("--nprobe", type=int, default=None,
                       help="IVF indexes: inverted lists visited per query (default: config.nprobe, else FAISS's).")
     fill.add_argument("--ef-search", dest="ef_search", type=int, default=None,

@@ -4,6 +4,8 @@
 [`NonparametricFillMaskPipeline`] for NPM models and the stock `FillMaskPipeline`, untouched, for every other model.
 """
 
+import math
+
 import numpy as np
 import torch
 from transformers import FillMaskPipeline, Pipeline
@@ -30,7 +32,8 @@ class NonparametricFillMaskPipeline(Pipeline):
         index_kwargs (`dict`, *optional*): Hub options for that download (`cache_dir`, `token`, `local_files_only`).
         k (`int`, *optional*): neighbours per query vector, overriding `config.k` (also accepted per call).
         prefilter (`str`, *optional*): "none", "bm25" or "dense" two-stage retrieval, overriding `config.prefilter`
-            (also accepted per call, with `prefilter_blocks`).
+            (also accepted per call, with `prefilter_blocks`, `prefilter_passage_tokens` (an integer >= 2, or
+            "blocks") and `prefilter_weight`, which override the config fields of the same names).
         nprobe (`int`, *optional*): IVF indexes: inverted lists visited per query, overriding `config.nprobe`
             (also per call). `ef_search` (`int`, *optional*): the same for HNSW's `efSearch`.
     """
@@ -57,7 +60,8 @@ class NonparametricFillMaskPipeline(Pipeline):
         self._prefilters = {}
 
     def _sanitize_parameters(self, top_k=None, targets=None, k=None, tokenizer_kwargs=None, nprobe=None,
-                             ef_search=None, prefilter=None, prefilter_blocks=None):
+                             ef_search=None, prefilter=None, prefilter_blocks=None, prefilter_passage_tokens=None,
+                             prefilter_weight=None):
         preprocess_params = {"tokenizer_kwargs": tokenizer_kwargs} if tokenizer_kwargs else {}
         postprocess_params = {}
         for name, value in (("top_k", top_k), ("k", k), ("nprobe", nprobe), ("ef_search", ef_search),
@@ -68,6 +72,17 @@ class NonparametricFillMaskPipeline(Pipeline):
                 postprocess_params[name] = value
         if prefilter is not None:
             postprocess_params["prefilter"] = prefilter
+        if prefilter_passage_tokens is not None:
+            if prefilter_passage_tokens != "blocks" and (isinstance(prefilter_passage_tokens, bool) or not isinstance(
+                    prefilter_passage_tokens, int) or prefilter_passage_tokens < 2):
+                raise ValueError('prefilter_passage_tokens must be an integer >= 2 (windows of that many tokens) or '
+                                 f'"blocks", got {prefilter_passage_tokens!r}.')
+            postprocess_params["prefilter_passage_tokens"] = prefilter_passage_tokens
+        if prefilter_weight is not None:
+            if isinstance(prefilter_weight, bool) or not isinstance(prefilter_weight, (int, float)) or not (
+                    math.isfinite(prefilter_weight) and prefilter_weight >= 0):
+                raise ValueError(f"prefilter_weight must be a finite number >= 0, got {prefilter_weight!r}.")
+            postprocess_params["prefilter_weight"] = float(prefilter_weight)
         if getattr(self, "index", None) is not None:  # per call (constructor values are checked in __init__)
             self.index.check_search_parameters(nprobe, ef_search)
         if targets is not None:
@@ -154,12 +169,13 @@ class NonparametricFillMaskPipeline(Pipeline):
 
     # ------------------------------------------------------------------------------------------- postprocess
     def postprocess(self, outputs, top_k=5, targets=None, k=None, nprobe=None, ef_search=None, prefilter=None,
-                    prefilter_blocks=None):
+                    prefilter_blocks=None, prefilter_passage_tokens=None, prefilter_weight=None):
         single_mode = self.model.config.mode == "single"
         target_ids = self._single_target_ids(targets) if single_mode and targets is not None else None
         answer_slots = _answer_slots(outputs["runs"], single_mode)
         positions, bias = self.prefilter_positions(outputs, prefilter or self.model.config.prefilter,
-                                                   prefilter_blocks or self.model.config.prefilter_blocks)
+                                                   prefilter_blocks or self.model.config.prefilter_blocks,
+                                                   prefilter_passage_tokens, prefilter_weight)
         exclude = None
         if not single_mode and targets is None and self.model.config.exclude_query_phrases:
             exclude = self.predictor.query_phrase_hashes(outputs["input_ids"])
@@ -184,24 +200,30 @@ class NonparametricFillMaskPipeline(Pipeline):
             results.append([_ordered(answer) for answer in answers])
         return results[0] if len(results) == 1 else results
 
-    def prefilter_positions(self, outputs, method: str, num_passages: int):
+    def prefilter_positions(self, outputs, method: str, num_passages: int, passage_tokens: int | str | None = None,
+                            weight: float | None = None):
         """Corpus positions of the passages the pre-filter keeps for this input (sorted) and their logit bias
-        (`config.prefilter_weight`; None at weight 0), or (None, None) without a pre-filter."""
+        (None at weight 0), or (None, None) without a pre-filter. `passage_tokens` ("blocks" or a window size) and
+        `weight` default to `config.prefilter_passage_tokens` and `config.prefilter_weight`."""
         if method == "none":
             return None, None
         from .prefilter import bm25_query, make_passage_retriever, passage_positions
 
         config = self.model.config
-        key = (method, config.prefilter_passage_tokens)
+        if passage_tokens is None:
+            passage_tokens = config.prefilter_passage_tokens
+        passage_tokens = None if passage_tokens == "blocks" else passage_tokens
+        weight = config.prefilter_weight if weight is None else weight
+        key = (method, passage_tokens)
         if key not in self._prefilters:  # built once per pipeline and passage size, on first use
-            self._prefilters[key] = make_passage_retriever(method, self.index, config.prefilter_passage_tokens)
+            self._prefilters[key] = make_passage_retriever(method, self.index, passage_tokens)
         retriever = self._prefilters[key]
         if method == "bm25":
             query = bm25_query(outputs["text"], self.tokenizer.mask_token)
             ((passages, scores),) = retriever.top_passages([query], num_passages)
         else:
             ((passages, scores),) = retriever.top_passages(outputs["query_embedding"], num_passages)
-        return passage_positions(self.index, retriever.ranges, passages, scores, config.prefilter_weight)
+        return passage_positions(self.index, retriever.ranges, passages, scores, weight)
 
     def _fill(self, input_ids: list[int], start: int, length: int, answer_ids: list[int], single: bool) -> str:
         ids = input_ids[:start] + answer_ids + input_ids[start + length :]

@@ -34,8 +34,15 @@ def test_convert_build_and_fill(tmp_path, encoder_dir, capsys, mask):
                  "--json", f"Lincoln was born in {mask}."]) == 0
     answers = json.loads(capsys.readouterr().out)  # both documents share one 32-token block, which BM25 keeps
     assert answers and {answer["evidence"]["doc_id"] for answer in answers} <= {"tx", "ky"}
+    assert main(["fill-mask", "--model", str(model), "--top-k", "5", "--prefilter", "bm25", "--prefilter-blocks", "2",
+                 "--prefilter-passage-tokens", "8", "--prefilter-weight", "2", "--json",
+                 f"Lincoln was born in {mask}."]) == 0
+    windows = json.loads(capsys.readouterr().out)
+    assert windows and windows != answers  # two 8-token windows hold fewer candidates than the whole block
     with pytest.raises(SystemExit):
         main(["fill-mask", "--model", str(model), "--prefilter", "bm26", f"Texas borders {mask}."])
+    with pytest.raises(SystemExit):
+        main(["fill-mask", "--model", str(model), "--prefilter-passage-tokens", "wide", f"Texas borders {mask}."])
 
 
 def test_errors_are_reported_not_raised(tmp_path, encoder_dir, capsys):

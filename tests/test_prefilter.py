@@ -230,7 +230,23 @@ def test_single_mode_prefilter_weight_matches_brute_force(npm_dir, mask, make_pi
     assert {a["token"]: a["score"] for a in answers} == pytest.approx(dict(want), abs=1e-6)
 
 
-def test_bad_passage_settings(npm_dir, make_pipeline):
+@pytest.mark.parametrize("method", ["bm25", "dense"])
+def test_passage_settings_per_call_override_the_config(npm_dir, mask, method, make_pipeline):
+    text = f"The Chihuahuan Desert covers parts of {mask}."
+    windows = make_pipeline(npm_dir, prefilter_passage_tokens=8, prefilter_weight=2.5)(
+        text, top_k=50, prefilter=method, prefilter_blocks=3)
+    blocks = make_pipeline(npm_dir)(text, top_k=50, prefilter=method, prefilter_blocks=3)
+    assert windows != blocks
+    fill = make_pipeline(npm_dir)
+    assert fill(text, top_k=50, prefilter=method, prefilter_blocks=3, prefilter_passage_tokens=8,
+                prefilter_weight=2.5) == windows
+    assert fill(text, top_k=50, prefilter=method, prefilter_blocks=3) == blocks  # the call changed nothing
+    configured = make_pipeline(npm_dir, prefilter_passage_tokens=8, prefilter_weight=2.5)
+    assert configured(text, top_k=50, prefilter=method, prefilter_blocks=3, prefilter_passage_tokens="blocks",
+                      prefilter_weight=0) == blocks
+
+
+def test_bad_passage_settings(npm_dir, mask, make_pipeline):
     with pytest.raises(ValueError, match="prefilter_passage_tokens must be an integer >= 2 or None, got 1"):
         NPMConfig(prefilter_passage_tokens=1)
     with pytest.raises(ValueError, match="prefilter_weight must be a finite number >= 0, got -1"):
@@ -238,3 +254,9 @@ def test_bad_passage_settings(npm_dir, make_pipeline):
     fill = make_pipeline(npm_dir)
     with pytest.raises(ValueError, match="one value per position, and sorted unique positions"):
         fill.predictor.predict_span_among(np.ones(32), np.ones(32), np.array([3, 2]), 5, bias=np.zeros(2))
+    for bad in (1, 8.0, "windows", True):
+        with pytest.raises(ValueError, match=f'integer >= 2 \\(windows of that many tokens\\) or "blocks", got {bad!r}'):
+            fill(f"The Chihuahuan Desert covers parts of {mask}.", prefilter="bm25", prefilter_passage_tokens=bad)
+    for bad in (-1.0, float("nan"), "2"):
+        with pytest.raises(ValueError, match="prefilter_weight must be a finite number >= 0"):
+            fill(f"The Chihuahuan Desert covers parts of {mask}.", prefilter="bm25", prefilter_weight=bad)
