@@ -3,8 +3,9 @@
     python benchmarks/train_levers.py --encoder MINILM_DIR --corpus corpus.jsonl [--steps 6] [--rounds 2]
 
 Levers: keys without gradients, frozen input embeddings, stop words kept off masked span edges (this one changes
-what is masked, not the cost), sequence length. Each configuration runs `--steps` steps per round after one warm-up
-step; rounds alternate the configurations so that machine noise hits all of them alike. One JSON line each.
+what is masked, not the cost), `torch.compile`, sequence length. Each configuration runs `--steps` steps per round
+after two untimed warm-up steps; rounds alternate the configurations so that machine noise hits all of them alike.
+One JSON line each.
 """
 
 import argparse
@@ -27,7 +28,9 @@ LEVERS = {
     "frozen embeddings": {"freeze_embeddings": True},
     "keys without gradients + frozen embeddings": {"key_gradients": False, "freeze_embeddings": True},
     "stop words off span edges": {"mask_stopwords": False},
+    "torch.compile": {"torch_compile": True},
 }
+UNTIMED_STEPS = 2  # the first steps compile (torch.compile, again for a second input shape) or warm caches
 
 
 class StepTimer(TrainerCallback):
@@ -42,7 +45,7 @@ def run(encoder, blocks, tokenizer, lever: dict, steps: int, block_size: int) ->
     lever = dict(lever)
     excluded = stopword_ids(tokenizer) if not lever.pop("mask_stopwords", True) else None
     with tempfile.TemporaryDirectory() as output:
-        args = npm_hf.NPMTrainingArguments(output_dir=output, max_steps=steps + 1, learning_rate=1e-4,
+        args = npm_hf.NPMTrainingArguments(output_dir=output, max_steps=steps + UNTIMED_STEPS, learning_rate=1e-4,
                                            report_to=[], save_strategy="no", logging_steps=1000,
                                            disable_tqdm=True, **lever)
         timer = StepTimer()
@@ -50,7 +53,7 @@ def run(encoder, blocks, tokenizer, lever: dict, steps: int, block_size: int) ->
                                     processing_class=tokenizer, span_edge_exclude_ids=excluded,
                                     callbacks=[timer])
         trainer.train()
-    seconds = timer.times[-1] - timer.times[0]  # the first step (warm-up) is not timed
+    seconds = timer.times[-1] - timer.times[UNTIMED_STEPS - 1]
     tokens = steps * args.per_device_train_batch_size * block_size
     return {"tokens_per_second": tokens / seconds, "seconds_per_step": seconds / steps}
 
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
     results = {}
     for block_size in args.block_sizes:
         blocks = npm_hf.prepare_training_blocks(args.corpus, tokenizer, block_size=block_size, group_size=16)
-        blocks = blocks.select(range(min(len(blocks), 16 * (args.steps + 1) * 2)))
+        blocks = blocks.select(range(min(len(blocks), 16 * (args.steps + UNTIMED_STEPS) * 2)))
         for _ in range(args.rounds):
             for name, lever in LEVERS.items():
                 key = f"{name}, block {block_size}"

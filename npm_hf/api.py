@@ -179,6 +179,10 @@ class TrainDataArguments:
     corpus: str = field(metadata={"help": "Training corpus: .txt, .jsonl or a datasets dataset."})
     output: str = field(metadata={"help": "Directory of the trained NPM (also the Trainer's output_dir)."})
     mode: str = field(default="span", metadata={"help": "'span' (NPM) or 'single' (NPM-single), for new NPMs."})
+    similarity_scale: float | None = field(
+        default=None, metadata={"help": "For new NPMs: multiplier of query-key inner products (default: the paper's "
+                                        "1/sqrt(hidden size)); small encoders with small hidden states learn "
+                                        "faster with a larger one."})
     block_size: int = field(default=256, metadata={"help": "Tokens per training sequence (paper: 256)."})
     group_size: int = field(default=16, metadata={"help": "Consecutive blocks per contrastive batch (paper: 16)."})
     eval_corpus: str | None = field(default=None, metadata={"help": "Optional held-out corpus for evaluation."})
@@ -189,6 +193,8 @@ class TrainDataArguments:
     def __post_init__(self):
         if self.mode not in ("span", "single"):
             raise ValueError(f"mode={self.mode!r}; use 'span' or 'single'.")
+        if self.similarity_scale is not None and not self.similarity_scale > 0:
+            raise ValueError(f"similarity_scale must be > 0 (or None for the paper's), got {self.similarity_scale}.")
 
 
 def train(data_args: TrainDataArguments, training_args):
@@ -204,7 +210,7 @@ def train(data_args: TrainDataArguments, training_args):
     if config.model_type == NPMConfig.model_type:
         model = NPMModel.from_pretrained(data_args.model)
     else:
-        model = NPMModel.from_encoder(data_args.model, mode=data_args.mode)
+        model = NPMModel.from_encoder(data_args.model, mode=data_args.mode, similarity_scale=data_args.similarity_scale)
     tokenizer = AutoTokenizer.from_pretrained(data_args.model)
     blocks = {
         name: prepare_training_blocks(corpus, tokenizer, block_size=data_args.block_size,

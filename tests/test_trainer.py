@@ -393,6 +393,20 @@ def test_training_learns_to_retrieve_held_out_spans(model_dir, blocks, tokenizer
     assert train_losses[-1] < train_losses[0]
 
 
+def test_train_gives_new_npms_the_similarity_scale_asked_for(model_dir, tmp_path):
+    from npm_hf.api import TrainDataArguments, train
+
+    corpus = tmp_path / "facts.txt"
+    corpus.write_text("\n".join(fact_documents(20, seed=4)) + "\n", encoding="utf-8")
+    data = TrainDataArguments(model=str(model_dir.parent / "encoder"), corpus=str(corpus), output=str(tmp_path / "npm"),
+                              block_size=32, group_size=4, similarity_scale=0.5)
+    trainer = train(data, quiet_args(tmp_path, max_steps=1))
+    assert trainer.model.config.scale == 0.5
+    assert NPMModel.from_pretrained(tmp_path / "npm").config.similarity_scale == 0.5
+    with pytest.raises(ValueError, match="similarity_scale must be > 0 \\(or None for the paper's\\), got 0"):
+        TrainDataArguments(model="m", corpus="c", output="o", similarity_scale=0)
+
+
 def _train_command(model, corpus, output, *flags):
     return [str(Path(sys.executable).parent / "npm-hf"), "train", "--model", str(model), "--corpus", str(corpus),
             "--output", str(output), "--block-size", "32", "--group-size", "4", "--per_device_train_batch_size", "4",
