@@ -93,7 +93,7 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir, monkeypa
     assert (model_dir / "pipeline.py").exists()  # the remote fill-mask code travels with the trained model
     config = json.loads((model_dir / "config.json").read_text())
     assert (config["span_scoring"], config["span_stopwords"], config["prefilter"]) == ("product", "any", "bm25")
-    assert config["exclude_query_phrases"] is True
+    assert config["exclude_query_phrases"] is True and config["similarity_scale"] == npm_hf.demo.SIMILARITY_SCALE == 0.2
     assert (config["prefilter_passage_tokens"], config["prefilter_blocks"], config["prefilter_weight"]) == (64, 10, 4.0)
     assert "fill-mask" in config["custom_pipelines"]
     assert not (tmp_path / "demo" / "checkpoints").exists()
