@@ -255,7 +255,8 @@ def test_bad_passage_settings(npm_dir, mask, make_pipeline):
     with pytest.raises(ValueError, match="one value per position, and sorted unique positions"):
         fill.predictor.predict_span_among(np.ones(32), np.ones(32), np.array([3, 2]), 5, bias=np.zeros(2))
     for bad in (1, 8.0, "windows", True):
-        with pytest.raises(ValueError, match=f'integer >= 2 \\(windows of that many tokens\\) or "blocks", got {bad!r}'):
+        allowed = 'an integer >= 2 \\(windows of that many tokens\\) or "blocks"'
+        with pytest.raises(ValueError, match=f"{allowed}, got {bad!r}"):
             fill(f"The Chihuahuan Desert covers parts of {mask}.", prefilter="bm25", prefilter_passage_tokens=bad)
     for bad in (-1.0, float("nan"), "2"):
         with pytest.raises(ValueError, match="prefilter_weight must be a finite number >= 0"):
