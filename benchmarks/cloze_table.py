@@ -2,7 +2,7 @@
 
     python benchmarks/cloze_table.py --cloze cloze.jsonl --model NPM_DIR [NPM_DIR ...] [--output table.json]
         [--prefilter none bm25 dense] [--scoring sum product] [--aggregation sum max] [--stopwords none edges any]
-        [--exclude-query-phrases false true] [--passages blocks:3:0 64:10:4]
+        [--exclude-query-phrases false true] [--cross-lines true false] [--passages blocks:3:0 64:10:4]
 
 A `--passages` value is TOKENS:KEPT:WEIGHT, the pre-filter's passages (`blocks`, or windows of that many tokens), how
 many it keeps and the weight of their relevance in the token logits (config.prefilter_passage_tokens,
@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stopwords", nargs="+", default=["none"], help="config.span_stopwords values")
     parser.add_argument("--exclude-query-phrases", nargs="+", default=["false"], choices=["false", "true"],
                         help="config.exclude_query_phrases values")
+    parser.add_argument("--cross-lines", nargs="+", default=["true"], choices=["false", "true"],
+                        help="config.spans_cross_lines values (false needs an index that marks line starts)")
     parser.add_argument("--passages", nargs="+", default=["blocks:3:0"], type=_passages,
                         help="TOKENS:KEPT:WEIGHT pre-filter settings, TOKENS a number or 'blocks'")
     parser.add_argument("--output", default=None)
@@ -61,18 +63,20 @@ def main(argv=None) -> int:
     rows = []
     for model in args.model:
         npm, tokenizer = npm_hf.load_npm(model)
-        for scoring, aggregation, stopwords, exclude, prefilter, passages in itertools.product(
-                args.scoring, args.aggregation, args.stopwords, args.exclude_query_phrases, args.prefilter,
-                args.passages):
+        for scoring, aggregation, stopwords, exclude, cross_lines, prefilter, passages in itertools.product(
+                args.scoring, args.aggregation, args.stopwords, args.exclude_query_phrases, args.cross_lines,
+                args.prefilter, args.passages):
             npm.config.span_scoring, npm.config.phrase_aggregation = scoring, aggregation
             npm.config.exclude_query_phrases = exclude == "true"
+            npm.config.spans_cross_lines = cross_lines == "true"
             (npm.config.prefilter_passage_tokens, npm.config.prefilter_blocks,
              npm.config.prefilter_weight) = passages
             result = npm_hf.evaluate(npm, EvaluationArguments(task="cloze", data=args.cloze, prefilter=prefilter,
                                                               span_stopwords=stopwords, show_progress_bar=False),
                                      tokenizer=tokenizer)
             row = {"model": model, "span_scoring": scoring, "phrase_aggregation": aggregation,
-                   "span_stopwords": stopwords, "exclude_query_phrases": exclude, "prefilter": prefilter,
+                   "span_stopwords": stopwords, "exclude_query_phrases": exclude, "spans_cross_lines": cross_lines,
+                   "prefilter": prefilter,
                    "passages": _passages_name(passages),
                    "em1": result["micro_exact_match"], "em5": result["micro_exact_match_at_5"],
                    **_halves(result["predictions"], examples),
@@ -83,15 +87,15 @@ def main(argv=None) -> int:
     print(json.dumps({"model": "lexical baseline (BM25 top-3 blocks, capitalised runs by frequency)", **lexical}))
     if args.output:
         save_results({"rows": rows, "lexical_baseline": lexical}, args.output)
-    print("| model | span scoring | aggregation | span stop words | query phrases excluded | pre-filter | passages "
-          "| EM@1 / EM@5 | even lines | odd lines |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | span scoring | aggregation | span stop words | query phrases excluded | spans cross lines "
+          "| pre-filter | passages | EM@1 / EM@5 | even lines | odd lines |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     pair = lambda at1, at5: f"{100 * at1:.1f} / {100 * at5:.1f}"  # noqa: E731
     for r in rows:
         print(f"| {r['model']} | {r['span_scoring']} | {r['phrase_aggregation']} | {r['span_stopwords']} | "
-              f"{r['exclude_query_phrases']} | {r['prefilter']} | {r['passages']} | {pair(r['em1'], r['em5'])} | "
-              f"{pair(*r['even'])} | {pair(*r['odd'])} |")
-    print(f"| lexical baseline | | | | | BM25 | top-3 blocks | "
+              f"{r['exclude_query_phrases']} | {r['spans_cross_lines']} | {r['prefilter']} | {r['passages']} | "
+              f"{pair(r['em1'], r['em5'])} | {pair(*r['even'])} | {pair(*r['odd'])} |")
+    print(f"| lexical baseline | | | | | | BM25 | top-3 blocks | "
           f"{pair(lexical['exact_match_at_1'], lexical['exact_match_at_5'])} | | |")
     return 0
 

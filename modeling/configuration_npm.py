@@ -59,6 +59,10 @@ class NPMConfig(PreTrainedConfig):
         phrase_aggregation (`str`, *optional*, defaults to `"sum"`):
             A phrase scores the sum of its spans' scores (`"sum"`, the paper: frequent strings gain) or the best one
             (`"max"`).
+        spans_cross_lines (`bool`, *optional*, defaults to `True`):
+            Span mode: an answer may run over a line break of its document (the paper). `False` keeps each answer
+            within one line, so list items, table cells and headings no longer run together ("Nigeria\n* Ada");
+            it needs an index that marks line starts (built by npm_hf since this field exists).
         exclude_query_phrases (`bool`, *optional*, defaults to `False`):
             Span mode: never answer with a phrase the input already contains outside its masks (a cloze answer rarely
             repeats its own sentence, while retrieved blocks that match the query are full of its words).
@@ -107,6 +111,7 @@ class NPMConfig(PreTrainedConfig):
     expand_span_candidates: bool = False
     span_scoring: str = "sum"
     phrase_aggregation: str = "sum"
+    spans_cross_lines: bool = True
     exclude_query_phrases: bool = False
     prefilter: str = "none"
     prefilter_blocks: int = 3

@@ -18,6 +18,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 WORD_START, WORD_END, SPECIAL = 1, 2, 4
+LINE_START = 8  # first visible token after a line break (indexes that have it say so: manifest.line_starts_marked)
 # One record per corpus token; memory-mappable, no Python objects (loads without pickle).
 TOKEN_DTYPE = np.dtype([("id", "<i4"), ("doc", "<i4"), ("start", "<i4"), ("end", "<i4"), ("flags", "u1")])
 
@@ -175,10 +176,12 @@ def _whitespace_codepoints() -> np.ndarray:
 
 
 def word_flags(word_ids: list, special_tokens_mask: list, offsets: np.ndarray, text: str) -> np.ndarray:
-    """WORD_START / WORD_END / SPECIAL bits per token from a fast tokenizer's word ids.
+    """WORD_START / WORD_END / SPECIAL / LINE_START bits per token from a fast tokenizer's word ids.
 
     A word starts at its first and ends at its last token that covers visible text: whitespace-only pieces
-    (a bare BPE "Ġ", a newline token) are never boundaries, so no span starts or ends with whitespace.
+    (a bare BPE "Ġ", a newline token) are never boundaries, so no span starts or ends with whitespace. LINE_START
+    marks a visible token with a line break between it and the previous visible one (lists, tables and headings of
+    a document are lines: `NPMConfig.spans_cross_lines=False` keeps answers within one).
     """
     special = np.asarray(special_tokens_mask, dtype=bool) | np.array([w is None for w in word_ids], dtype=bool)
     words = np.array([-1 if w is None else w for w in word_ids], dtype=np.int64)
@@ -191,6 +194,9 @@ def word_flags(word_ids: list, special_tokens_mask: list, offsets: np.ndarray, t
     flags = np.zeros(len(words), dtype=np.uint8)
     flags[covering[covered_words != np.concatenate([[-2], covered_words[:-1]])]] |= WORD_START
     flags[covering[covered_words != np.concatenate([covered_words[1:], [-2]])]] |= WORD_END
+    newlines = np.concatenate([[0], np.cumsum(codepoints == ord("\n"))])
+    previous_end = offsets[covering[:-1], 1]
+    flags[covering[1:][newlines[offsets[covering[1:], 1]] > newlines[previous_end]]] |= LINE_START
     flags[special] = SPECIAL
     return flags
 

@@ -4,7 +4,7 @@ Layout of an index directory (`<model>/index` by default); every file loads with
 
     manifest.json          IndexManifest: counts, dims, fingerprints of encoder and tokenizer, file checksums
     token_ids.npy          token id of every corpus token (blocks are consecutive runs of block_size tokens)
-    token_flags.npy        WORD_START / WORD_END / SPECIAL bits per token
+    token_flags.npy        WORD_START / WORD_END / SPECIAL / LINE_START bits per token
     token_docs.npy         document of every token
     token_offsets.npy      (start, end) character offsets of every token in its document's text
     positions.npy          corpus position of every indexed (non-special) token = row of the vectors
@@ -173,6 +173,7 @@ class IndexManifest:
     # [{"file", "start", "stop"}] per vector shard, rows [start, stop); empty = one vectors.npy (format 1 indexes)
     vector_shards: list = field(default_factory=list)
     max_shard_bytes: int | None = None  # the rule the shards were cut by; edits cut new shards by it too
+    line_starts_marked: bool = False  # token_flags carry LINE_START (builds since it exists; older ones do not)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -221,6 +221,7 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
             versions=_versions(),
             vector_shards=layout,
             max_shard_bytes=parse_shard_size(args.max_shard_size),
+            line_starts_marked=True,
         )
         processes.run(lambda: _finish(partial, index_dir, output_dir, manifest), main_only=True)
     except BaseException:

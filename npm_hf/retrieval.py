@@ -2,19 +2,23 @@
 
 NPM-single: p = softmax(s · h_i · scale / T) over the k retrieved tokens, summed per vocabulary id.
 NPM span:   P_s and P_e are softmaxes of the start and end queries over their top-k tokens; a span (s, e) with s
-            among the start and e among the end candidates, in one block, s a word start, e a word end,
-            at most `max_span_length` tokens and no special token, scores P_s(s) + P_e(e) (or P_s(s) * P_e(e):
-            `span_scoring="product"`); spans are summed (or, with `phrase_aggregation="max"`, maxed) per decoded
-            string v, multiplied by |v|^alpha and normalised over all candidates. With
-            `expand_span_candidates`, as in the official code, the candidates also include every token that
-            completes a span from a retrieved one (both softmaxes then run over that larger set).
+            among the start and e among the end candidates, in one block, s a word start, e a word end, at most
+            `max_span_length` tokens, no special token (nor line break: `spans_cross_lines=False`), scores
+            P_s(s) + P_e(e) (or P_s(s) * P_e(e): `span_scoring="product"`); spans are summed (or, with
+            `phrase_aggregation="max"`, maxed) per decoded string v, multiplied by |v|^alpha and normalised over all
+            candidates. With `expand_span_candidates`, as in the official code, the candidates also include every
+            token that completes a span from a retrieved one (both softmaxes then run over that larger set).
 With k >= the number of indexed tokens all of these are exact.
 """
 
 import numpy as np
 import torch
+from transformers.utils import logging
 
-from .corpus import SPECIAL, WORD_END, WORD_START
+from .corpus import LINE_START, SPECIAL, WORD_END, WORD_START
+
+
+logger = logging.get_logger(__name__)
 
 
 # Function words and punctuation for `span_stopwords` ("any": the official open-set rule; "edges": ours).
@@ -51,6 +55,7 @@ class NPMPredictor:
         self.index = index
         self._stopword_ids = None
         self._pieces = None
+        self._warned_unmarked_lines = False
 
     def search(self, queries: np.ndarray, k: int | None = None, nprobe: int | None = None,
                ef_search: int | None = None, batch: bool = False):
@@ -229,8 +234,17 @@ class NPMPredictor:
 
     def _walk(self, anchors: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
         """From each anchor, walk up to max_span_length tokens (forward or backward) inside its block without
-        crossing a special token. Returns, per word-bounded span found, the anchor's index and the other end."""
+        crossing a special token (nor, with `spans_cross_lines=False`, a line break). Returns, per word-bounded span
+        found, the anchor's index and the other end."""
         flags, n = self.index.token_flags, self.index.num_tokens
+        line_breaks = not getattr(self.config, "spans_cross_lines", True)
+        if line_breaks and not getattr(getattr(self.index, "manifest", None), "line_starts_marked", True):
+            if not self._warned_unmarked_lines:
+                self._warned_unmarked_lines = True
+                logger.warning("spans_cross_lines=False has no effect: this index was built before npm_hf marked "
+                               "line starts; rebuild it (npm-hf build-index --overwrite) to keep answers within one "
+                               "line.")
+            line_breaks = False
         anchor_flags = flags[anchors]
         need_anchor, need_other = (WORD_START, WORD_END) if step == 1 else (WORD_END, WORD_START)
         alive = (anchor_flags & SPECIAL) == 0
@@ -243,6 +257,8 @@ class NPMPredictor:
             other = np.where(alive, other, anchors)
             other_flags = flags[other]
             alive &= ((other_flags & SPECIAL) == 0) & (other // self.index.block_size == anchor_block)
+            if line_breaks and offset:  # a line start ends the walk: `other` forward, the token after it backward
+                alive &= (flags[other if step == 1 else np.minimum(other + 1, n - 1)] & LINE_START) == 0
             ok = np.flatnonzero(alive & anchor_ok & ((other_flags & need_other) != 0))
             found_index.append(ok)
             found_other.append(other[ok])

@@ -6,7 +6,8 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from npm_hf.corpus import SPECIAL, WORD_END, WORD_START, CorpusStats, iter_documents, tokenize_documents
+from npm_hf.corpus import (LINE_START, SPECIAL, WORD_END, WORD_START, CorpusStats, iter_documents,
+                           tokenize_documents)
 
 
 def flags_by_token(tokenizer, text):
@@ -46,6 +47,17 @@ def test_bpe_space_pieces_are_never_boundaries(encoder_dir):
             assert flag & WORD_START, token
     starts = [records["start"][i] for i, (_, f) in enumerate(flagged) if f & WORD_START]
     assert starts == [0, 13, 16, 20, 24, 30, 33]
+
+
+def test_line_starts_mark_the_first_visible_token_after_a_line_break(encoder_dir):
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    text = "Texas borders:\n* New Mexico\n\n  Kentucky is far.\n"
+    flagged, records = flags_by_token(tokenizer, text)
+    marked = [i for i, (_, flag) in enumerate(flagged) if flag & LINE_START]
+    first_visible = [records["start"][i] + len(text[records["start"][i]:]) - len(text[records["start"][i]:].lstrip())
+                     for i in marked]
+    assert first_visible == [text.index("*"), text.index("Kentucky")]  # none for the first line nor the last break
+    assert all(flagged[i][1] & WORD_START for i in marked)
 
 
 def test_readers_agree_on_every_format(tmp_path):

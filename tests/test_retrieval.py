@@ -1,10 +1,13 @@
 """NPM scores against a brute-force NumPy computation over every indexed token (k >= N makes NPM exact)."""
 
+import json
+
 import numpy as np
 import pytest
 
+import npm_hf
 from npm_hf import NPMIndex
-from npm_hf.corpus import WORD_END, WORD_START
+from npm_hf.corpus import LINE_START, WORD_END, WORD_START
 from npm_hf.retrieval import STOPWORDS
 
 
@@ -192,3 +195,56 @@ def test_query_phrases_are_excluded_and_the_rest_renormalised(npm_dir, mask, mak
     total = sum(score for phrase, score in before.items() if phrase not in excluded)
     assert_same_scores(after, {phrase: score / total for phrase, score in before.items() if phrase not in excluded})
     assert fill(text, targets=["Texas"])[0]["score"] > 0  # scoring given targets is never filtered
+
+
+LINE_CORPUS = [
+    {"id": "list", "title": "Neighbours",
+     "text": "Texas borders:\n* New Mexico\n* Oklahoma\nLincoln was born in Kentucky."},
+    {"id": "plain", "title": "Rivers", "text": "The Rio Grande flows through New Mexico and Texas."},
+]
+
+
+@pytest.fixture(scope="module")
+def lines_npm_dir(encoder_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lines") / "model"
+    npm_hf.convert_encoder(str(encoder_dir), folder, k=4096)
+    npm_hf.build_index(folder, LINE_CORPUS, args=npm_hf.IndexBuildArguments(block_size=16, show_progress_bar=False))
+    return folder
+
+
+def test_spans_within_lines_match_brute_force(lines_npm_dir, brute_force, make_pipeline):
+    fill = make_pipeline(lines_npm_dir, spans_cross_lines=False)
+    assert fill.index.manifest.line_starts_marked
+    flags = np.asarray(fill.index.token_flags)
+    text = f"Texas borders {fill.tokenizer.mask_token} and Oklahoma."
+    (vectors,) = query_vectors(fill, text)
+    config = fill.model.config
+    within_a_line = lambda s, e: not (flags[s + 1 : e + 1] & LINE_START).any()  # noqa: E731
+    want = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale, config.temperature,
+                             config.max_span_length, stopwords=within_a_line)
+    assert_same_scores(as_scores(fill(text, top_k=100_000)), want)
+    crossing = as_scores(make_pipeline(lines_npm_dir)(text, top_k=100_000))
+    assert set(want) < set(crossing)  # the paper's rule also finds spans over a line break ("borders:\n*", ...)
+    fill.model.config.expand_span_candidates = True  # the official candidate expansion walks within lines too
+    assert set(as_scores(fill(text, top_k=100_000))) == set(want)
+
+
+def test_spans_within_lines_warn_on_an_index_without_line_marks(lines_npm_dir, tmp_path, make_pipeline, caplog):
+    import shutil
+
+    from transformers.utils import logging as hf_logging
+
+    old = tmp_path / "model"
+    shutil.copytree(lines_npm_dir, old)
+    manifest = json.loads((old / "index" / "manifest.json").read_text())
+    del manifest["line_starts_marked"]  # as written before the field existed
+    (old / "index" / "manifest.json").write_text(json.dumps(manifest))
+    text = f"Texas borders {make_pipeline(old).tokenizer.mask_token} and Oklahoma."
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            within = make_pipeline(old, spans_cross_lines=False)(text, top_k=100_000)
+    finally:
+        hf_logging.disable_propagation()
+    assert "spans_cross_lines=False has no effect: this index was built before npm_hf marked line starts" in caplog.text
+    assert as_scores(within) == pytest.approx(as_scores(make_pipeline(old)(text, top_k=100_000)))
