@@ -94,7 +94,9 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir, monkeypa
     config = json.loads((model_dir / "config.json").read_text())
     assert (config["span_scoring"], config["span_stopwords"], config["prefilter"]) == ("product", "any", "bm25")
     assert config["exclude_query_phrases"] is True and config["similarity_scale"] == npm_hf.demo.SIMILARITY_SCALE == 0.2
-    assert (config["prefilter_passage_tokens"], config["prefilter_blocks"], config["prefilter_weight"]) == (64, 10, 4.0)
+    assert config["spans_cross_lines"] is False
+    assert npm_hf.NPMIndex.load(model_dir / "index").manifest.line_starts_marked
+    assert (config["prefilter_passage_tokens"], config["prefilter_blocks"], config["prefilter_weight"]) == (64, 20, 4.0)
     assert "fill-mask" in config["custom_pipelines"]
     assert not (tmp_path / "demo" / "checkpoints").exists()
     built = (model_dir / "index" / "manifest.json").stat().st_mtime_ns
@@ -103,7 +105,7 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir, monkeypa
     state_file = tmp_path / "demo" / "demo_state.json"
     state = json.loads(state_file.read_text())
     (evaluated,) = [name for name in state["done"] if name.startswith("evaluation")]
-    del state["done"]["index"], state["done"][evaluated]  # as if interrupted after training
+    del state["done"]["index 2"], state["done"][evaluated]  # as if interrupted after training
     state_file.write_text(json.dumps(state))
     npm_hf.demo.run_demo(args)
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == weights  # training is not redone
