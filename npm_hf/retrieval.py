@@ -258,7 +258,8 @@ class NPMPredictor:
             other_flags = flags[other]
             alive &= ((other_flags & SPECIAL) == 0) & (other // self.index.block_size == anchor_block)
             if line_breaks and offset:  # a line start ends the walk: `other` forward, the token after it backward
-                alive &= (flags[other if step == 1 else np.minimum(other + 1, n - 1)] & LINE_START) == 0
+                crossed = other_flags if step == 1 else flags[np.minimum(other + 1, n - 1)]
+                alive &= (crossed & LINE_START) == 0
             ok = np.flatnonzero(alive & anchor_ok & ((other_flags & need_other) != 0))
             found_index.append(ok)
             found_other.append(other[ok])
