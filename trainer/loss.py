@@ -20,13 +20,17 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     (summed over the processes that used it). A single process gets `tensor` itself."""
     if _world()[1] == 1:
         return tensor
-    try:  # torch >= 2.6 deprecates torch.distributed.nn's gather for this (private but supported) one
-        from torch.distributed._functional_collectives import all_gather_tensor_autograd
-    except ImportError:
+    # torch.distributed.nn's gather is deprecated since torch 2.6 for the functional collectives, whose
+    # autograd gather was renamed in later releases (the old name warns); take the newest one present.
+    from torch.distributed import _functional_collectives as functional
+
+    autograd_gather = getattr(functional, "all_gather_single_autograd", None) or getattr(
+        functional, "all_gather_tensor_autograd", None)
+    if autograd_gather is None:
         import torch.distributed.nn.functional as distributed_functional
 
         return torch.cat(distributed_functional.all_gather(tensor), dim=0)
-    return all_gather_tensor_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    return autograd_gather(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,11 @@
 Usage: train_one_step.py MODEL_DIR DATASET_DIR OUTPUT_DIR GROUPS_PER_PROCESS
 """
 
+import gc
 import sys
 
 import datasets
+import torch.distributed as dist
 
 from npm_hf import NPMModel, NPMTrainer, NPMTrainingArguments
 
@@ -23,6 +25,13 @@ def main(model_dir: str, dataset_dir: str, output_dir: str, groups_per_process: 
     trainer = NPMTrainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
     trainer.save_model(output_dir)
+    # Tear down in order: the DDP wrapper (and its reducer) while the process group lives, then the group with
+    # both ranks present. Left to interpreter exit, gloo's threads sometimes aborted or hung one rank (1 in ~10).
+    del trainer, model
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
