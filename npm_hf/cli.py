@@ -138,7 +138,7 @@ def _train(args, remaining: list[str]) -> None:
     from transformers import HfArgumentParser
 
     from .api import TrainDataArguments, train
-    from .trainer import NPMTrainingArguments
+    from .trainer import NPMTrainingArguments, end_distributed_run
 
     (training_args,) = HfArgumentParser(NPMTrainingArguments).parse_args_into_dataclasses(
         args=[*remaining, "--output_dir", args.output]
@@ -146,6 +146,7 @@ def _train(args, remaining: list[str]) -> None:
     trainer = train(_dataclass_from(TrainDataArguments, args), training_args)
     if trainer.is_world_process_zero():
         print(f"Trained for {trainer.state.global_step} steps; saved the NPM to {args.output}")
+    end_distributed_run(trainer)
 
 
 def _push(args) -> None:

@@ -2,10 +2,10 @@
 
 from .data_collator import NPMSpanCollator
 from .loss import NPMContrastiveLoss, gather, gather_with_grad
-from .trainer import GroupSampler, NPMTrainer, TimeBudgetCallback, last_complete_checkpoint, save_final_model
+from .trainer import (GroupSampler, NPMTrainer, TimeBudgetCallback, end_distributed_run, last_complete_checkpoint,
+                      save_final_model)
 from .training_args import NPMTrainingArguments
 
 
 __all__ = ["GroupSampler", "NPMContrastiveLoss", "NPMSpanCollator", "NPMTrainer", "NPMTrainingArguments", "TimeBudgetCallback",
-           "gather",
-           "gather_with_grad", "last_complete_checkpoint", "save_final_model"]
+           "end_distributed_run", "gather", "gather_with_grad", "last_complete_checkpoint", "save_final_model"]

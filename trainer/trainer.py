@@ -2,6 +2,7 @@
 
 from collections import defaultdict
 
+import gc
 import json
 import math
 import os
@@ -236,3 +237,17 @@ def save_final_model(trainer: Trainer, output_dir) -> None:
         for name in names:
             os.replace(staging / name, output_dir / name)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def end_distributed_run(trainer: Trainer) -> None:
+    """Finish a `torchrun` / `accelerate launch` run: drop the trainer's DDP wrapper while the process group still
+    lives, then leave the group with every process present. Left to interpreter exit, gloo's threads sometimes
+    aborted ("terminate called without an active exception") or hung one rank. The trainer cannot train again
+    afterwards; a single process is left as it is."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

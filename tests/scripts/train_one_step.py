@@ -3,13 +3,12 @@
 Usage: train_one_step.py MODEL_DIR DATASET_DIR OUTPUT_DIR GROUPS_PER_PROCESS
 """
 
-import gc
 import sys
 
 import datasets
-import torch.distributed as dist
 
 from npm_hf import NPMModel, NPMTrainer, NPMTrainingArguments
+from npm_hf.trainer import end_distributed_run
 
 
 def main(model_dir: str, dataset_dir: str, output_dir: str, groups_per_process: int) -> None:
@@ -25,13 +24,7 @@ def main(model_dir: str, dataset_dir: str, output_dir: str, groups_per_process: 
     trainer = NPMTrainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
     trainer.save_model(output_dir)
-    # Tear down in order: the DDP wrapper (and its reducer) while the process group lives, then the group with
-    # both ranks present. Left to interpreter exit, gloo's threads sometimes aborted or hung one rank (1 in ~10).
-    del trainer, model
-    gc.collect()
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    end_distributed_run(trainer)
 
 
 if __name__ == "__main__":
