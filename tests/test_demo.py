@@ -16,3 +16,13 @@ def test_a_changed_recipe_restarts_and_drops_old_checkpoints(tmp_path):
     assert not (tmp_path / "checkpoints").exists()  # another recipe's training is never resumed
     assert changed.stage("cloze", lambda: [3]) == [3]
     assert json.loads((tmp_path / "demo_state.json").read_text())["done"] == {"cloze": [3]}
+
+
+def test_the_default_budget_halves_where_bf16_autocast_doubles_the_steps(tmp_path, monkeypatch):
+    import npm_hf.demo
+
+    for native, minutes in ((True, 20.0), (False, 40.0)):
+        monkeypatch.setattr(npm_hf.demo, "bf16_training", lambda native=native: native)
+        assert DemoArguments(output=str(tmp_path)).train_minutes == minutes
+        assert DemoArguments(output=str(tmp_path), train_minutes=7).train_minutes == 7  # a user's budget stands
+        assert DemoArguments(output=str(tmp_path)).recipe()["train_minutes"] == minutes  # saved demos see it

