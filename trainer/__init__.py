@@ -7,5 +7,6 @@ from .trainer import (GroupSampler, NPMTrainer, TimeBudgetCallback, end_distribu
 from .training_args import NPMTrainingArguments, cpu_has_native_bf16
 
 
-__all__ = ["GroupSampler", "NPMContrastiveLoss", "NPMSpanCollator", "NPMTrainer", "NPMTrainingArguments", "TimeBudgetCallback",
-           "cpu_has_native_bf16", "end_distributed_run", "gather", "gather_with_grad", "last_complete_checkpoint", "save_final_model"]
+__all__ = ["GroupSampler", "NPMContrastiveLoss", "NPMSpanCollator", "NPMTrainer", "NPMTrainingArguments",
+           "TimeBudgetCallback", "cpu_has_native_bf16", "end_distributed_run", "gather", "gather_with_grad",
+           "last_complete_checkpoint", "save_final_model"]

@@ -11,6 +11,7 @@ from .data_collator import check_masking
 
 logger = logging.get_logger(__name__)
 
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 matrix products natively (AVX-512 BF16 or AMX), so that `bf16=True` with
     `use_cpu=True` (autocast) speeds training up; elsewhere bf16 is emulated and slower than fp32.
