@@ -40,8 +40,8 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[s
             parser.add_argument(flag, dest=f.name, required=True, help=help_text)
         else:
             kind = next((t for t in (int, float) if f.type in (t, t.__name__, t | None)), str)
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default,
-                                help=f"{help_text} (default: {f.default})")
+            shown = "" if f.default is None else f" (default: {f.default})"  # None: the help text says what happens
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text + shown)
 
 
 def _dataclass_from(cls, namespace: argparse.Namespace):
