@@ -251,7 +251,6 @@ def test_frozen_embeddings_stay_fixed(model_dir, blocks, tmp_path):
     assert not torch.equal(next(p for n, p in model.named_parameters() if "layer.0" in n), layer)
 
 
-
 def _first_losses(model_dir, blocks, tmp_path, **overrides) -> list[float]:
     args = quiet_args(tmp_path, max_steps=2, logging_steps=1, learning_rate=1e-3, **overrides)
     trainer = NPMTrainer(model=NPMModel.from_pretrained(model_dir), args=args, train_dataset=blocks)
