@@ -17,30 +17,13 @@ answers with their most frequent capitalised 1-4-word runs that the query does n
 import argparse
 import itertools
 import json
-import re
 import sys
-from collections import Counter
 
 import numpy as np
 
 import npm_hf
-from npm_hf.evaluation import EvaluationArguments, save_results
-from npm_hf.evaluation.cloze import _CAPITALISED_RUN
+from npm_hf.evaluation import EvaluationArguments, lexical_cloze_baseline, save_results
 from npm_hf.evaluation.metrics import exact_match
-from npm_hf.prefilter import BM25PassageRetriever, passage_texts
-
-
-def lexical_baseline(index, examples: list[dict], blocks: int = 3) -> dict:
-    retriever = BM25PassageRetriever(index)
-    texts = passage_texts(index, retriever.ranges)
-    queries = [example["masked"].replace("[MASK]", " ") for example in examples]
-    at1 = at5 = 0
-    for query, example, (top, _) in zip(queries, examples, retriever.top_passages(queries, blocks)):
-        counts = Counter(m.group(1) for b in top for m in _CAPITALISED_RUN.finditer(texts[b]))
-        ranked = [phrase for phrase, _ in counts.most_common() if not re.search(rf"\b{re.escape(phrase)}\b", query)]
-        at1 += bool(ranked) and exact_match(ranked[0], example["answer"])
-        at5 += any(exact_match(p, example["answer"]) for p in ranked[:5])
-    return {"exact_match_at_1": at1 / len(examples), "exact_match_at_5": at5 / len(examples)}
 
 
 def main(argv=None) -> int:
@@ -83,7 +66,7 @@ def main(argv=None) -> int:
                    "queries": result["num_examples"], "seconds": result["seconds"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    lexical = lexical_baseline(npm_hf.NPMIndex.for_model(npm_hf.load_npm(args.model[0])[0]), examples)
+    lexical = lexical_cloze_baseline(npm_hf.NPMIndex.for_model(npm_hf.load_npm(args.model[0])[0]), examples)
     print(json.dumps({"model": "lexical baseline (BM25 top-3 blocks, capitalised runs by frequency)", **lexical}))
     if args.output:
         save_results({"rows": rows, "lexical_baseline": lexical}, args.output)

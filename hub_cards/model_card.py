@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import TrainerCallback
 from transformers.utils import logging
 
@@ -26,8 +28,10 @@ TAGS = ["npm", "nonparametric", "retrieval", "fill-mask"]
 
 
 def update_model_card(model_dir, **facts) -> bool:
-    """Merge `facts` (base_model, model_id, mode, index, training, eval_results, versions, license, datasets,
-    language) into the directory's card facts and re-render its README. Returns whether the card was written."""
+    """Merge `facts` (base_model, model_id, mode, index, training, eval_results, baselines, versions, license,
+    datasets, language) into the directory's card facts and re-render its README. Returns whether the card was
+    written. `baselines` are other models' results on the same data, eval_results' keys plus `model`: shown in the
+    text, never in the model-index metadata."""
     try:
         model_dir = Path(model_dir)
         merged = _merge(load_card_facts(model_dir), facts)
@@ -47,7 +51,8 @@ def load_card_facts(model_dir) -> dict:
 def render_model_card(facts: dict, existing_readme: Path | None = None) -> str:
     """The README text for `facts`, keeping the user's parts of an existing README."""
     data = ModelCardData(
-        library_name="transformers", pipeline_tag="fill-mask", tags=list(TAGS), base_model=facts.get("base_model"),
+        library_name="transformers", pipeline_tag="fill-mask", tags=list(TAGS),
+        base_model=_hub_repo_id(facts.get("base_model")),
         license=facts.get("license"), datasets=facts.get("datasets"), language=facts.get("language"),
         model_name=facts.get("model_id"), eval_results=_eval_results(facts.get("eval_results", [])) or None,
     )
@@ -60,6 +65,7 @@ def render_model_card(facts: dict, existing_readme: Path | None = None) -> str:
         "index": facts.get("index"),
         "training": facts.get("training"),
         "eval_results": facts.get("eval_results"),
+        "baselines": facts.get("baselines"),
         "npm_hf_version": facts.get("versions", {}).get("npm_hf", ""),
     }
     card = ModelCard.from_template(data, template_path=str(TEMPLATE), **variables)
@@ -83,6 +89,18 @@ def _merge_into_existing(existing: ModelCard, fresh: ModelCard) -> str:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     return f"---\n{ModelCardData(**header).to_yaml()}\n---\n{text}"
+
+
+def _hub_repo_id(name: str | None) -> str | None:
+    """`name` when it can be a Hub repo id: the Hub rejects a card whose `base_model` is a local path (the card's
+    text still names the path)."""
+    if not name or os.path.isabs(name) or name.startswith(("~", ".")) or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def _eval_results(results: list[dict]) -> list[EvalResult]:
@@ -122,7 +140,7 @@ class NPMModelCardCallback(TrainerCallback):
         shown = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
                  "num_train_epochs", "warmup_steps", "weight_decay", "max_grad_norm", "lr_scheduler_type", "seed",
                  "mask_ratio", "geometric_p", "max_masked_span_length", "bf16", "fp16", "key_gradients",
-                 "freeze_embeddings", "salient_span_ratio", "max_train_minutes")
+                 "freeze_embeddings", "salient_span_ratio", "max_train_minutes", "schedule_by_time")
         current = args.to_dict()
         self.hyperparameters = {name: current[name] for name in shown
                                 if name in current and (name not in defaults or current[name] != defaults[name]

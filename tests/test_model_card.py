@@ -17,7 +17,8 @@ def test_card_follows_convert_and_index_build(tmp_path, encoder_dir, corpus):
     card = ModelCard.load(model_dir / "README.md")
     header = card.data.to_dict()
     assert header["library_name"] == "transformers" and header["pipeline_tag"] == "fill-mask"
-    assert "npm" in header["tags"] and header["base_model"] == str(encoder_dir)
+    assert "npm" in header["tags"] and "base_model" not in header  # a local path is no Hub id: text only
+    assert f"Encoder initialised from `{encoder_dir}`" in card.text
     assert "No index was built yet" in card.text
     npm_hf.build_index(model_dir, corpus, args=IndexBuildArguments(block_size=32, show_progress_bar=False))
     text = (model_dir / "README.md").read_text()
@@ -40,6 +41,27 @@ def test_existing_readme_is_updated_not_overwritten(tmp_path):
     assert card.text.startswith("# My model\n\nHand-written intro.")
     assert card.text.count("<!-- npm-hf:start -->") == 1 and "NPM-single" in card.text
     assert card.data.eval_results[0].metric_value == 0.61 and "| sst2 | sst2 | accuracy | 0.61 |" in card.text
+
+
+def test_base_model_metadata_only_for_hub_repo_ids(tmp_path):
+    assert update_model_card(tmp_path, base_model="sentence-transformers/all-MiniLM-L6-v2")
+    assert ModelCard.load(tmp_path / "README.md").data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    for number, local in enumerate((str(tmp_path), "./encoder", "~/models/encoder", "a/b/c")):
+        folder = tmp_path / str(number)
+        folder.mkdir()
+        assert update_model_card(folder, base_model=local)
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.base_model is None and f"Encoder initialised from `{local}`" in card.text
+
+
+def test_baselines_are_shown_beside_but_not_in_the_model_index(tmp_path):
+    ours = {"task": "held-out cloze", "dataset": "demo corpus", "metric": "exact match@1", "value": 29.2}
+    theirs = {**ours, "value": 5.2, "model": "lexical baseline"}
+    assert update_model_card(tmp_path, model_id="org/demo", eval_results=[ours], baselines=[theirs])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert [result.metric_value for result in card.data.eval_results] == [29.2]
+    assert "| lexical baseline | held-out cloze | demo corpus | exact match@1 | 5.2 |" in card.text
+    assert card.text.index("## Evaluation") < card.text.index("### Baselines on the same data")
 
 
 def test_card_problems_are_logged_not_raised(tmp_path, caplog):

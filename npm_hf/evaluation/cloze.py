@@ -3,6 +3,7 @@ in the corpus, with the query sentences cut out of the documents used for traini
 
     queries, documents = build_cloze_set(documents, num_queries=100)
     # queries: [{"masked": "... [MASK] ...", "answer": "Ohio River", "doc_id": ...}]; documents: the rest
+    lexical_cloze_baseline(index, queries)  # what retrieval alone answers, no encoder: the floor to beat
 """
 
 import re
@@ -10,7 +11,9 @@ from collections import Counter
 
 import numpy as np
 
+from ..prefilter import BM25PassageRetriever, passage_texts
 from ..retrieval import STOPWORDS
+from .metrics import exact_match
 
 
 MASK_PLACEHOLDER = "[MASK]"
@@ -93,3 +96,18 @@ def _answerable(sentence: str, answer: str, pattern, sentences) -> bool:
 
 def _content_words(text: str) -> set[str]:
     return {w.lower() for w in _WORD.findall(text) if w.lower() not in STOPWORDS}
+
+
+def lexical_cloze_baseline(index, queries: list[dict], blocks: int = 3) -> dict:
+    """Exact match at 1 and 5 of a baseline without any encoder: BM25's top `blocks` blocks of `index` for each
+    query (mask removed), answered with their most frequent capitalised 1-4-word runs that the query lacks."""
+    retriever = BM25PassageRetriever(index)
+    texts = passage_texts(index, retriever.ranges)
+    masked = [query["masked"].replace(MASK_PLACEHOLDER, " ") for query in queries]
+    at1 = at5 = 0
+    for text, query, (top, _) in zip(masked, queries, retriever.top_passages(masked, blocks)):
+        counts = Counter(m.group(1) for b in top for m in _CAPITALISED_RUN.finditer(texts[b]))
+        ranked = [phrase for phrase, _ in counts.most_common() if not re.search(rf"\b{re.escape(phrase)}\b", text)]
+        at1 += bool(ranked) and exact_match(ranked[0], query["answer"])
+        at5 += any(exact_match(phrase, query["answer"]) for phrase in ranked[:5])
+    return {"exact_match_at_1": at1 / len(queries), "exact_match_at_5": at5 / len(queries)}
