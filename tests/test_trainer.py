@@ -316,6 +316,25 @@ def test_time_budget_stops_training_and_carries_over_a_resume(model_dir, blocks,
         quiet_args(tmp_path, max_train_minutes=0)
 
 
+def test_a_time_budget_shows_its_minutes_not_max_steps(model_dir, blocks, tmp_path, monkeypatch, capsys):
+    from transformers.trainer_callback import ProgressCallback
+
+    from npm_hf.trainer.trainer import TimeBudgetProgressCallback
+
+    clock = iter(range(0, 10_000, 30))
+    monkeypatch.setattr("npm_hf.trainer.trainer.time.perf_counter", lambda: float(next(clock)))
+    args = quiet_args(tmp_path, max_steps=1_000_000, max_train_minutes=2.0, disable_tqdm=False)
+    trainer = NPMTrainer(model=NPMModel.from_pretrained(model_dir), args=args, train_dataset=blocks)
+    bars = [type(c) for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)]
+    assert bars == [TimeBudgetProgressCallback]
+    trainer.train()
+    shown = capsys.readouterr().err
+    assert "2.0/2.0 min" in shown and f"step {trainer.state.global_step}" in shown and "1000000" not in shown
+    quiet = NPMTrainer(model=NPMModel.from_pretrained(model_dir), train_dataset=blocks,
+                       args=quiet_args(tmp_path, max_train_minutes=2.0, disable_tqdm=True))
+    assert not [c for c in quiet.callback_handler.callbacks if isinstance(c, ProgressCallback)]
+
+
 @pytest.mark.parametrize("decay, expected", [("linear", 0.75), ("cosine", 0.5 * (1 - np.cos(np.pi * 0.75)))])
 def test_schedule_by_time_decays_with_the_budget_spent(model_dir, blocks, tmp_path, monkeypatch, decay, expected):
     now = [0.0]
@@ -470,6 +489,8 @@ def test_cli_train_is_killed_then_resumes_from_its_checkpoint(model_dir, tmp_pat
     state = json.loads((output / f"checkpoint-{done + 4}" / "trainer_state.json").read_text())
     assert state["global_step"] == done + 4
     assert type(AutoModel.from_pretrained(output)) is NPMModel
+    assert not (output / "training_args.bin").exists()  # no pickle in the model's directory (checkpoints keep it)
+    assert (output / f"checkpoint-{done + 4}" / "training_args.bin").exists()
 
 
 # ------------------------------------------------------------------------------------------ salient span masking

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging
 
 from .data_collator import NPMSpanCollator
@@ -108,6 +111,8 @@ class NPMTrainer(Trainer):
         if args.max_train_minutes is not None:
             self.time_budget = TimeBudgetCallback(args.max_train_minutes)
             self.add_callback(self.time_budget)
+            if self.pop_callback(ProgressCallback) is not None:  # a bar over max_steps would show a meaningless ETA
+                self.add_callback(TimeBudgetProgressCallback(self.time_budget))
         self.loss = loss if loss is not None else NPMContrastiveLoss(model, key_gradients=args.key_gradients)
         self._span_stats = defaultdict(float)
 
@@ -208,6 +213,29 @@ class TimeBudgetCallback(TrainerCallback):
             (folder / self.CLOCK_FILE).write_text(json.dumps({"train_seconds": self.spent()}))
 
 
+class TimeBudgetProgressCallback(ProgressCallback):
+    """The training bar of a wall-clock budget: minutes spent of the budget (resumed runs start where they left),
+    with the step count beside it, instead of steps out of a `max_steps` that the budget ends long before."""
+
+    def __init__(self, time_budget: TimeBudgetCallback):
+        super().__init__()
+        self.time_budget = time_budget
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.current_step = state.global_step
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=round(self.time_budget.budget / 60, 2), unit="min", dynamic_ncols=True,
+                                     bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} min [{elapsed}<{remaining}{postfix}]")
+            self.training_bar.update(round(self.time_budget.spent() / 60, 2))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            spent = min(self.time_budget.spent(), self.time_budget.budget) / 60
+            self.training_bar.set_postfix_str(f"step {state.global_step}", refresh=False)
+            self.training_bar.update(spent - self.training_bar.n)
+        self.current_step = state.global_step
+
+
 def last_complete_checkpoint(output_dir) -> str | None:
     """The newest `checkpoint-N` folder whose trainer_state.json (written last by Trainer) is complete.
 
@@ -228,11 +256,14 @@ def last_complete_checkpoint(output_dir) -> str | None:
 
 def save_final_model(trainer: Trainer, output_dir) -> None:
     """`trainer.save_model(output_dir)` without a window in which a kill leaves a half-written model there:
-    files are written to a staging folder and moved in, config.json last."""
+    files are written to a staging folder and moved in, config.json last. The Trainer's pickled arguments stay
+    out: the model's directory holds no pickle (checkpoints keep theirs for resuming; the card lists the
+    hyper-parameters)."""
     output_dir = Path(output_dir)
     staging = output_dir / ".final-model.tmp"
     trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
+        (staging / TRAINING_ARGS_NAME).unlink(missing_ok=True)
         names = sorted(os.listdir(staging), key=lambda name: name == "config.json")
         for name in names:
             os.replace(staging / name, output_dir / name)
