@@ -18,10 +18,10 @@ def test_a_changed_recipe_restarts_and_drops_old_checkpoints(tmp_path):
     assert json.loads((tmp_path / "demo_state.json").read_text())["done"] == {"cloze": [3]}
 
 
-def test_the_default_budget_halves_where_bf16_autocast_doubles_the_steps(tmp_path, monkeypatch):
+def test_the_default_budget_is_shorter_where_bf16_autocast_doubles_the_steps(tmp_path, monkeypatch):
     import npm_hf.demo
 
-    for native, minutes in ((True, 20.0), (False, 40.0)):
+    for native, minutes in ((True, 30.0), (False, 40.0)):
         monkeypatch.setattr(npm_hf.demo, "bf16_training", lambda native=native: native)
         assert DemoArguments(output=str(tmp_path)).train_minutes == minutes
         assert DemoArguments(output=str(tmp_path), train_minutes=7).train_minutes == 7  # a user's budget stands

@@ -82,6 +82,9 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir, monkeypa
     assert report["training"]["bf16"] is cpu_has_native_bf16()
     assert [row["prefilter"] for row in report["evaluation"]] == ["none", "bm25"]
     assert all(row["num_examples"] >= 1 for row in report["evaluation"])
+    assert [(row["model"].split(" ")[0], row["prefilter"]) for row in report["baselines"]] == [
+        ("lexical", "bm25"), ("untrained", "none"), ("untrained", "bm25")]
+    assert not (tmp_path / "demo" / "untrained.tmp").exists()  # the untrained index only served its numbers
     held_out = [json.loads(line) for line in (tmp_path / "demo" / "cloze.jsonl").read_text().splitlines()]
     corpus_text = (tmp_path / "demo" / "corpus.jsonl").read_text()
     assert held_out and all(json.dumps(q["sentence"])[1:-1] not in corpus_text for q in held_out)  # cut out
@@ -91,6 +94,8 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir, monkeypa
         assert all(a["evidence"]["text"][a["evidence"]["start"] : a["evidence"]["end"]] == a["phrase"] for a in answers)
     card = (model_dir / "README.md").read_text()
     assert "held-out cloze" in card and "Trained with `npm_hf.NPMTrainer`" in card
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
+    assert "| untrained sentence-transformers/all-MiniLM-L6-v2 | held-out cloze |" in card
     assert "salient_span_ratio" in card  # the demo recipe masks name-like runs first
     assert "key_gradients" not in card  # ... and keeps the paper's keys with gradients (the card lists changes)
     assert (model_dir / "pipeline.py").exists()  # the remote fill-mask code travels with the trained model
@@ -99,7 +104,7 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir, monkeypa
     assert config["exclude_query_phrases"] is True and config["similarity_scale"] == npm_hf.demo.SIMILARITY_SCALE == 0.2
     assert config["spans_cross_lines"] is False
     assert npm_hf.NPMIndex.load(model_dir / "index").manifest.line_starts_marked
-    assert (config["prefilter_passage_tokens"], config["prefilter_blocks"], config["prefilter_weight"]) == (64, 20, 4.0)
+    assert (config["prefilter_passage_tokens"], config["prefilter_blocks"], config["prefilter_weight"]) == (64, 40, 2.0)
     assert "fill-mask" in config["custom_pipelines"]
     assert not (tmp_path / "demo" / "checkpoints").exists()
     built = (model_dir / "index" / "manifest.json").stat().st_mtime_ns
