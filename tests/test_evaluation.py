@@ -227,6 +227,18 @@ def test_open_set_evaluation_with_the_evidence_corpus(npm_dir, data_dir):
         assert results["macro_exact_match_at_5"] == float(any(normalize_answer(a) == "hodgenville" for a in answers))
 
 
+def test_evaluation_overrides_the_prefilter_weight_for_the_run_only(npm_dir, data_dir):
+    model = NPMModel.from_pretrained(npm_dir)
+    model.config.prefilter_weight = 4.0
+    for weight in (0.0, 2.5):
+        args = EvaluationArguments(task="lama-trex", data_dir=str(data_dir), evidence_corpus=True, prefilter="bm25",
+                                   prefilter_weight=weight, show_progress_bar=False)
+        assert npm_hf.evaluate(model, args)["settings"]["prefilter_weight"] == weight
+    assert model.config.prefilter_weight == 4.0  # restored
+    with pytest.raises(ValueError, match="prefilter_weight must be >= 0, got -1"):
+        EvaluationArguments(task="lama-trex", prefilter_weight=-1.0)
+
+
 def test_open_set_needs_span_mode(npm_dir, data_dir, tmp_path):
     model = NPMModel.from_pretrained(npm_dir)
     model.config.mode = "single"
@@ -311,3 +323,33 @@ def test_cli_evaluate_records_results_in_the_card(npm_dir, data_dir, tmp_path):
     assert "| cr | cr (2 examples) | accuracy (FAISS top-k) |" in card and "3 examples" not in card
     with pytest.raises(ValueError, match="not a local model directory"):
         npm_hf.evaluation.record_results_in_card("org/some-model", [])
+
+
+# ---------------------------------------------------------------------------------------- held-out cloze set
+def test_cloze_set_cuts_answerable_sentences_out_of_the_corpus(shared_dir):
+    from npm_hf.evaluation import build_cloze_set
+
+    lines = (shared_dir / "offline_data" / "enwiki_sample" / "enwiki_sample.jsonl").read_text().splitlines()
+    documents = [json.loads(line) for line in lines[:30]]
+    queries, remaining = build_cloze_set(documents, num_queries=12, seed=0)
+    assert len(queries) == 12 and len({q["doc_id"] for q in queries}) == 12  # at most one query per document
+    rest = "\n".join(doc["text"] for doc in remaining)
+    for query in queries:
+        assert query["sentence"].count(query["answer"]) == 1
+        assert query["masked"] == query["sentence"].replace(query["answer"], "[MASK]")
+        assert query["sentence"] not in rest  # cut out of training and index ...
+        assert rest.count(query["answer"]) >= 2  # ... while the answer stays findable elsewhere
+    assert build_cloze_set(documents, num_queries=12, seed=0) == (queries, remaining)  # a seed is a fixed cut
+    other, _ = build_cloze_set(documents, num_queries=12, seed=1)
+    assert {q["sentence"] for q in other} != {q["sentence"] for q in queries}
+    with pytest.raises(ValueError, match="num_queries must be >= 1"):
+        build_cloze_set(documents, num_queries=0)
+
+
+def test_lexical_cloze_baseline_answers_with_the_top_blocks_most_frequent_name(npm_dir):
+    from npm_hf.evaluation import lexical_cloze_baseline
+
+    index = npm_hf.NPMIndex.load(npm_dir / "index")
+    queries = [{"masked": "The church of Hagios Demetrios is the main sanctuary of [MASK].", "answer": "Thessaloniki"},
+               {"masked": "Abraham Lincoln was born in [MASK].", "answer": "Paris"}]  # never in the corpus
+    assert lexical_cloze_baseline(index, queries) == {"exact_match_at_1": 0.5, "exact_match_at_5": 0.5}

@@ -64,6 +64,10 @@ class EvaluationArguments:
     prefilter_blocks: int | None = field(default=None, metadata={"help": "Passages kept by the pre-filter: blocks, "
                                                                           "or config.prefilter_passage_tokens windows "
                                                                           "(default: config, 3)."})
+    prefilter_weight: float | None = field(
+        default=None, metadata={"help": "Weight of the pre-filter's passage relevance in the token logits (0: a "
+                                        "restriction only; default: config). Lexical tasks such as LAMA over "
+                                        "evidence sentences gain from more of it than the demo's cloze set."})
     evidence_corpus: bool = field(
         default=False,
         metadata={"help": "LAMA tasks: retrieve from an index over the evaluated facts' own evidence sentences "
@@ -84,6 +88,8 @@ class EvaluationArguments:
                 raise ValueError(f"EvaluationArguments.{name} must be >= 1, got {getattr(self, name)}.")
         if self.k is not None and self.k < 1:
             raise ValueError(f"EvaluationArguments.k must be >= 1, got {self.k}.")
+        if self.prefilter_weight is not None and self.prefilter_weight < 0:
+            raise ValueError(f"EvaluationArguments.prefilter_weight must be >= 0, got {self.prefilter_weight}.")
         if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"EvaluationArguments.temperature must be > 0, got {self.temperature}.")
         if self.span_stopwords not in (None, "none", "any", "edges"):
@@ -323,11 +329,13 @@ class MaskedLMScorer(Scorer):
 
 @contextlib.contextmanager
 def _config_overrides(model, args: EvaluationArguments):
-    """Apply the run's k / temperature / T^2 settings to an NPM's config, and restore the config afterwards."""
+    """Apply the run's k / temperature / T^2 / pre-filter settings to an NPM's config, and restore the config
+    afterwards."""
     if model.config.model_type != "npm":
         yield
         return
-    names = ("k", "temperature", "apply_temperature_twice", "span_stopwords", "prefilter", "prefilter_blocks")
+    names = ("k", "temperature", "apply_temperature_twice", "span_stopwords", "prefilter", "prefilter_blocks",
+             "prefilter_weight")
     overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.paper_protocol:  # the paper's pre-filter: whole blocks, a restriction only
         overrides |= {"prefilter_passage_tokens": None, "prefilter_weight": 0.0}
