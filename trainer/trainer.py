@@ -217,15 +217,16 @@ class TimeBudgetProgressCallback(ProgressCallback):
     """The training bar of a wall-clock budget: minutes spent of the budget (resumed runs start where they left),
     with the step count beside it, instead of steps out of a `max_steps` that the budget ends long before."""
 
+    BAR_FORMAT = "{l_bar}{bar}| {n:.1f}/{total_fmt} min [{elapsed}<{remaining}{postfix}]"
+
     def __init__(self, time_budget: TimeBudgetCallback):
         super().__init__()
         self.time_budget = time_budget
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.current_step = state.global_step
         if state.is_world_process_zero:
             self.training_bar = tqdm(total=round(self.time_budget.budget / 60, 2), unit="min", dynamic_ncols=True,
-                                     bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} min [{elapsed}<{remaining}{postfix}]")
+                                     bar_format=self.BAR_FORMAT)
             self.training_bar.update(round(self.time_budget.spent() / 60, 2))
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -233,7 +234,6 @@ class TimeBudgetProgressCallback(ProgressCallback):
             spent = min(self.time_budget.spent(), self.time_budget.budget) / 60
             self.training_bar.set_postfix_str(f"step {state.global_step}", refresh=False)
             self.training_bar.update(spent - self.training_bar.n)
-        self.current_step = state.global_step
 
 
 def last_complete_checkpoint(output_dir) -> str | None:
