@@ -147,7 +147,7 @@ def run_demo(args: DemoArguments) -> dict:
     state.stage("index 2", lambda: _build_index(args, output))  # 2: marks line starts (a saved older one rebuilds)
     measured = json.dumps(decoding["decoding"], sort_keys=True)
     evaluation = state.stage(f"evaluation {measured}", lambda: _evaluate(args, output))
-    baselines = state.stage(f"baselines {measured}", lambda: _evaluate_baselines(args, output))
+    baselines = state.stage(f"baselines {measured}", lambda: _evaluate_baselines(args, output, queries))
     _record_in_card(output / MODEL_SUBFOLDER, evaluation, baselines)
     report = {"model_dir": str(output / MODEL_SUBFOLDER), "training": training, "evaluation": evaluation,
               "baselines": baselines, "answers": []}
@@ -300,11 +300,10 @@ def _evaluate(args: DemoArguments, output: Path) -> list[dict]:
     return results
 
 
-def _evaluate_baselines(args: DemoArguments, output: Path) -> list[dict]:
+def _evaluate_baselines(args: DemoArguments, output: Path, queries: list[dict]) -> list[dict]:
     """What the training buys, on the same held-out queries: the lexical baseline and the untrained encoder as an
     NPM with the demo's decoding (indexed in a scratch folder, removed afterwards: the comparison needs only its
     numbers)."""
-    queries = [json.loads(line) for line in open(output / "cloze.jsonl", encoding="utf-8")]
     lexical = lexical_cloze_baseline(NPMIndex.load(output / MODEL_SUBFOLDER / "index"), queries)
     rows = [{"model": "lexical baseline (most frequent capitalised phrase in BM25's top-3 blocks)",
              "prefilter": "bm25", "micro_exact_match": lexical["exact_match_at_1"],
