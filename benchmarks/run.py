@@ -221,17 +221,20 @@ def directory_bytes(path: Path) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------------- P2
-def pack_batches(ids: np.ndarray, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The blocks NPMIndex.build encodes: token ids cut into BLOCK_SIZE blocks, BATCH_SIZE blocks per forward."""
+def pack_batches(ids: np.ndarray, flags: np.ndarray, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The blocks NPMIndex.build encodes: the index's token ids in BLOCK_SIZE blocks (paragraphs packed per document,
+    PAD tokens not attended to), BATCH_SIZE blocks per forward."""
+    from npm_hf.corpus import PAD
+
     span = BLOCK_SIZE * BATCH_SIZE
     batches = []
     for lo in range(0, len(ids), span):
-        chunk = ids[lo : lo + span]
+        chunk, attend = ids[lo : lo + span], (flags[lo : lo + span] & PAD) == 0
         blocks = -(-len(chunk) // BLOCK_SIZE)
         padded = np.full(blocks * BLOCK_SIZE, pad_id, dtype=np.int64)
-        padded[: len(chunk)] = chunk
+        padded[: len(chunk)] = np.where(attend, chunk, pad_id)
         attention = np.zeros(blocks * BLOCK_SIZE, dtype=np.int64)
-        attention[: len(chunk)] = 1
+        attention[: len(chunk)] = attend
         batches.append((torch.from_numpy(padded.reshape(blocks, BLOCK_SIZE)),
                         torch.from_numpy(attention.reshape(blocks, BLOCK_SIZE))))
     return batches
@@ -284,7 +287,8 @@ def figure_p2(model, tokenizer, documents, workdir: Path, rounds: tuple[int, int
                 build_load.append(load.cores())
                 if batches is None:
                     num_tokens = index.manifest.num_tokens
-                    batches = pack_batches(np.asarray(index.token_ids, dtype=np.int64), pad_id)
+                    batches = pack_batches(np.asarray(index.token_ids, dtype=np.int64),
+                                           np.asarray(index.token_flags), pad_id)
                 assert index.manifest.num_tokens == num_tokens
                 del index
                 shutil.rmtree(out_dir, ignore_errors=True)

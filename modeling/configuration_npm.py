@@ -12,7 +12,7 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 
 NPM_MODES = ("span", "single")
-SPAN_STOPWORD_RULES = ("none", "any", "edges")
+SPAN_STOPWORD_RULES = ("none", "any", "edges", "reference")
 SPAN_SCORINGS = ("sum", "product")
 PHRASE_AGGREGATIONS = ("sum", "max")
 PREFILTERS = ("none", "bm25", "dense")
@@ -40,8 +40,10 @@ class NPMConfig(PreTrainedConfig):
         length_penalty_alpha (`float`, *optional*, defaults to 0.0):
             A span answer `v` scores `S(v) * |v| ** alpha` (|v| in tokens).
         span_stopwords (`str`, *optional*, defaults to `"none"`):
-            `"none"` keeps every span, `"any"` drops spans containing a stop word or punctuation (the official
-            open-set rule), `"edges"` drops spans that start or end with one.
+            `"none"` keeps every span; `"reference"` drops spans holding any stop-word or punctuation id, wherever it
+            sits in a word (the official open-set rule, which also rejects "the ##ssa ##lon ##iki"); `"any"` drops
+            spans holding a whole-word stop word or punctuation outside a word ("Mid-Atlantic" stays); `"edges"`
+            drops spans that start or end with one.
         index_subfolder (`str`, *optional*, defaults to `"index"`):
             Where the reference-corpus index lives, relative to the model directory or Hub repo.
         apply_temperature_twice (`bool`, *optional*, defaults to `False`):
@@ -51,8 +53,9 @@ class NPMConfig(PreTrainedConfig):
         index_revision (`str`, *optional*):
             The commit of `index_repo_id` the index was uploaded at (pinned, so weights and index stay matched).
         expand_span_candidates (`bool`, *optional*, defaults to `False`):
-            Span mode: also score the tokens that complete a span from a retrieved start or end token (the official
-            code's candidate expansion). Finds spans with only one retrieved end, at several times the cost.
+            Span mode: the official code's candidate expansion. The start candidates are the retrieved word starts
+            and the starts of spans that end at a retrieved word end; the end candidates likewise; P_s and P_e are
+            softmaxes over those two sets. Finds spans with only one retrieved end, at several times the cost.
         span_scoring (`str`, *optional*, defaults to `"sum"`):
             A span scores `P_s(s) + P_e(e)` (`"sum"`, the paper) or `P_s(s) * P_e(e)` (`"product"`: a span needs
             both ends, so one-word fragments of a phrase no longer win on their start alone).
@@ -60,9 +63,10 @@ class NPMConfig(PreTrainedConfig):
             A phrase scores the sum of its spans' scores (`"sum"`, the paper: frequent strings gain) or the best one
             (`"max"`).
         spans_cross_lines (`bool`, *optional*, defaults to `True`):
-            Span mode: an answer may run over a line break of its document (the paper). `False` keeps each answer
-            within one line, so list items, table cells and headings no longer run together ("Nigeria\n* Ada");
-            it needs an index that marks line starts (built by npm_hf since this field exists).
+            Span mode, indexes built before paragraph blocks (whose blocks run over line breaks): `False` keeps each
+            answer within one line, so list items, table cells and headings no longer run together ("Nigeria\n*
+            Ada"). Current indexes tokenize every line as a paragraph of its own, as the official code does, so no
+            span crosses a line there anyway.
         exclude_query_phrases (`bool`, *optional*, defaults to `False`):
             Span mode: never answer with a phrase the input already contains outside its masks (a cloze answer rarely
             repeats its own sentence, while retrieved blocks that match the query are full of its words).

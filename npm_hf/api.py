@@ -14,7 +14,7 @@ from .hub_cards import load_card_facts, update_model_card
 from .index import IndexBuildArguments, NPMIndex
 from .modeling import NPMConfig, NPMModel
 from .pipeline import add_remote_pipeline
-from .retrieval import stopword_ids
+from .stopwords import stopword_ids
 from .version import __version__
 
 

@@ -1,8 +1,13 @@
 """Reading a reference corpus and cutting it into NPM blocks.
 
-A corpus is a sequence of documents `{"id", "title", "text"}`. Each document is tokenized with its special tokens
-(`[CLS] … [SEP]` / `<s> … </s>`), the token streams are concatenated and cut into blocks of `block_size` tokens
-without overlap (the official recipe): a document that does not fit continues in the next block.
+A corpus is a sequence of documents `{"id", "title", "text"}`. As in the official code
+(`preprocess/create_blocks_from_plain_text`, method §2), each paragraph (a line with visible text) is tokenized as its
+own sequence with its special tokens (`[CLS] … [SEP]` / `<s> … </s>`), and a document's paragraphs are packed greedily
+into blocks of at most `block_size` tokens: a paragraph that fits joins the current block, one that does not but fits
+a block starts a new one, and only a paragraph longer than a block is split (it fills the current block, then
+continues in new ones). A block never holds two documents; a paragraph that contains the mask token is skipped.
+Stored blocks are padded to `block_size` with PAD tokens (special, never attended to, never indexed), so block b is
+always the positions `[b * block_size, (b + 1) * block_size)`.
 """
 
 import functools
@@ -19,6 +24,7 @@ logger = logging.get_logger(__name__)
 
 WORD_START, WORD_END, SPECIAL = 1, 2, 4
 LINE_START = 8  # first visible token after a line break (indexes that have it say so: manifest.line_starts_marked)
+PAD = 16  # filler after a block's last paragraph, always with SPECIAL (indexes that have it: manifest.paragraph_blocks)
 # One record per corpus token; memory-mappable, no Python objects (loads without pickle).
 TOKEN_DTYPE = np.dtype([("id", "<i4"), ("doc", "<i4"), ("start", "<i4"), ("end", "<i4"), ("flags", "u1")])
 
@@ -27,7 +33,9 @@ TOKEN_DTYPE = np.dtype([("id", "<i4"), ("doc", "<i4"), ("start", "<i4"), ("end",
 class CorpusStats:
     num_documents: int = 0
     num_skipped_empty: int = 0
-    num_tokens: int = 0
+    num_tokens: int = 0  # stored tokens, padding included
+    num_padding: int = 0
+    num_skipped_paragraphs: int = 0  # paragraphs holding the mask token (the official code skips them too)
 
 
 def iter_documents(corpus, split: str = "train", text_column: str = "text") -> Iterator[dict]:
@@ -125,17 +133,23 @@ def _normalise(item, number: int, source: str, text_column: str) -> dict:
     }
 
 
-def tokenize_documents(documents: Iterable[dict], tokenizer, stats: CorpusStats, batch_size: int = 64):
-    """Yield `(document, token_records)` for every non-empty document, counting skipped ones in `stats`.
+def tokenize_documents(documents: Iterable[dict], tokenizer, stats: CorpusStats, block_size: int | None = None,
+                       batch_size: int = 64):
+    """Yield `(document, token_records)` for every document with text, counting skipped ones in `stats`.
 
-    Word boundaries come from the fast tokenizer's word ids, which mark the pre-tokenizer's words generically:
-    WordPiece `##` continuations and BPE pieces without a leading `Ġ` are not word starts.
+    Each paragraph is tokenized with its special tokens; with `block_size`, a document's paragraphs are packed into
+    blocks of that many tokens, padded with PAD tokens (see the module docstring), else they simply follow each
+    other. Offsets are characters of the document's text. Word boundaries come from the fast tokenizer's word ids,
+    which mark the pre-tokenizer's words generically: WordPiece `##` continuations and BPE pieces without a leading
+    `Ġ` are not word starts.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"{type(tokenizer).__name__} is a slow tokenizer; NPM needs a fast (Rust) tokenizer for word "
             "boundaries and character offsets. Load it with AutoTokenizer.from_pretrained(..., use_fast=True)."
         )
+    if block_size is not None and block_size < 3:
+        raise ValueError(f"block_size must be >= 3 (room for special tokens), got {block_size}.")
     batch = []
     for document in documents:
         if not document["text"].strip():
@@ -143,15 +157,26 @@ def tokenize_documents(documents: Iterable[dict], tokenizer, stats: CorpusStats,
             continue
         batch.append(document)
         if len(batch) == batch_size:
-            yield from _tokenize_batch(batch, tokenizer, stats)
+            yield from _tokenize_batch(batch, tokenizer, stats, block_size)
             batch = []
     if batch:
-        yield from _tokenize_batch(batch, tokenizer, stats)
+        yield from _tokenize_batch(batch, tokenizer, stats, block_size)
 
 
-def _tokenize_batch(batch: list[dict], tokenizer, stats: CorpusStats):
+def paragraphs(text: str) -> list[tuple[int, str]]:
+    """`(character offset, line)` of every line of `text` that holds visible text: the units tokenized alone."""
+    found, offset = [], 0
+    for line in text.split("\n"):
+        if line.strip():
+            found.append((offset, line))
+        offset += len(line) + 1
+    return found
+
+
+def _tokenize_batch(batch: list[dict], tokenizer, stats: CorpusStats, block_size: int | None):
+    units = [(d, offset, line) for d, document in enumerate(batch) for offset, line in paragraphs(document["text"])]
     encoded = tokenizer(
-        [document["text"] for document in batch],
+        [line for _, _, line in units],
         add_special_tokens=True,
         return_offsets_mapping=True,
         return_special_tokens_mask=True,
@@ -159,15 +184,68 @@ def _tokenize_batch(batch: list[dict], tokenizer, stats: CorpusStats):
         return_token_type_ids=False,
         verbose=False,
     )
-    for i, document in enumerate(batch):
-        records = np.zeros(len(encoded["input_ids"][i]), dtype=TOKEN_DTYPE)
-        records["id"] = encoded["input_ids"][i]
-        offsets = np.asarray(encoded["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
-        records["start"], records["end"] = offsets[:, 0], offsets[:, 1]
-        records["flags"] = word_flags(encoded.word_ids(i), encoded["special_tokens_mask"][i], offsets, document["text"])
+    per_document = [[] for _ in batch]
+    mask_id = tokenizer.mask_token_id
+    for u, (d, offset, line) in enumerate(units):
+        ids = encoded["input_ids"][u]
+        if mask_id is not None and mask_id in ids:
+            stats.num_skipped_paragraphs += 1
+            continue
+        records = np.zeros(len(ids), dtype=TOKEN_DTYPE)
+        records["id"] = ids
+        offsets = np.asarray(encoded["offset_mapping"][u], dtype=np.int64).reshape(-1, 2)
+        flags = word_flags(encoded.word_ids(u), encoded["special_tokens_mask"][u], offsets, line)
+        if per_document[d]:  # a line break separates it from the previous paragraph
+            visible = np.flatnonzero(flags & (WORD_START | WORD_END))
+            if len(visible):
+                flags[visible[0]] |= LINE_START
+        real = (flags & SPECIAL) == 0
+        records["start"] = np.where(real, offsets[:, 0] + offset, 0)
+        records["end"] = np.where(real, offsets[:, 1] + offset, 0)
+        records["flags"] = flags
+        per_document[d].append(records)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for document, pieces in zip(batch, per_document):
+        if not pieces:
+            stats.num_skipped_empty += 1
+            continue
+        records = np.concatenate(pieces) if block_size is None else pack_paragraphs(pieces, block_size, pad_id)
         stats.num_documents += 1
         stats.num_tokens += len(records)
+        stats.num_padding += int(((records["flags"] & PAD) != 0).sum())
         yield document, records
+
+
+def pack_paragraphs(pieces: list[np.ndarray], block_size: int, pad_id: int) -> np.ndarray:
+    """One document's paragraph records packed into blocks of `block_size` (the official rule, module docstring),
+    each block padded to `block_size` with PAD tokens."""
+    blocks, current, used = [], [], 0
+    for tokens in pieces:
+        if used + len(tokens) <= block_size:
+            current.append(tokens)
+            used += len(tokens)
+            continue
+        if len(tokens) <= block_size:
+            blocks.append(current)
+            current, used = [tokens], len(tokens)
+            continue
+        while len(tokens) > block_size:  # too long for any block: fill this one, continue in new ones
+            room = block_size - used
+            current.append(tokens[:room])
+            tokens = tokens[room:]
+            blocks.append(current)
+            current, used = [], 0
+        current, used = [tokens], len(tokens)
+    blocks.append(current)
+    padded = []
+    for block in blocks:
+        used = sum(len(part) for part in block)
+        if used == 0:
+            continue
+        padding = np.zeros(block_size - used, dtype=TOKEN_DTYPE)
+        padding["id"], padding["flags"] = pad_id, SPECIAL | PAD
+        padded.extend([*block, padding])
+    return np.concatenate(padded)
 
 
 @functools.cache
@@ -205,11 +283,12 @@ def prepare_training_blocks(corpus, tokenizer, block_size: int = 256, group_size
                             text_column: str = "text", salient: bool = False):
     """Cut a corpus into NPM training blocks, in groups of consecutive blocks that form one contrastive batch.
 
-    Documents are tokenized and concatenated in order and cut into blocks of `block_size` tokens, as for the
-    index. `group_size` consecutive blocks (same or neighbouring documents, so that their spans co-occur) share a
-    `group` id; a trailing incomplete group is dropped. Returns a `datasets.Dataset` with columns `input_ids`,
-    `word_start`, `word_end` (0/1 per token) and `group`; with `salient`, also `salient` (0/1 per token, see
-    `salient_tokens`), which `NPMSpanCollator(salient_span_ratio=...)` masks first.
+    Paragraphs are tokenized and packed into blocks of at most `block_size` tokens per document, exactly as for the
+    index (module docstring; the padding is left to the collator). `group_size` consecutive blocks (same or
+    neighbouring documents, so that their spans co-occur) share a `group` id; a trailing incomplete group is
+    dropped. Returns a `datasets.Dataset` with columns `input_ids`, `word_start`, `word_end` (0/1 per token) and
+    `group`; with `salient`, also `salient` (0/1 per token, see `salient_tokens`), which
+    `NPMSpanCollator(salient_span_ratio=...)` masks first.
     """
     import datasets
 
@@ -218,31 +297,34 @@ def prepare_training_blocks(corpus, tokenizer, block_size: int = 256, group_size
             f"Need block_size >= 3 and group_size >= 2 (in-batch positives), got {block_size}, {group_size}."
         )
     stats = CorpusStats()
-    chunks, salient_chunks = [], []
-    for document, records in tokenize_documents(iter_documents(corpus, text_column=text_column), tokenizer, stats):
-        chunks.append(records)
-        if salient:
-            salient_chunks.append(salient_tokens(records, document["text"]))
-    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=TOKEN_DTYPE)
-    num_groups = len(tokens) // block_size // group_size
+    blocks, salient_blocks = [], []
+    documents = iter_documents(corpus, text_column=text_column)
+    for document, records in tokenize_documents(documents, tokenizer, stats, block_size=block_size):
+        marks = salient_tokens(records, document["text"]) if salient else None
+        for lo in range(0, len(records), block_size):
+            real = (records["flags"][lo : lo + block_size] & PAD) == 0
+            blocks.append(records[lo : lo + block_size][real])
+            if salient:
+                salient_blocks.append(marks[lo : lo + block_size][real])
+    num_groups = len(blocks) // group_size
     if num_groups == 0:
         raise ValueError(
-            f"The corpus has {len(tokens)} tokens ({stats.num_documents} documents), fewer than one group of "
-            f"{group_size} blocks of {block_size} tokens ({group_size * block_size} tokens); add text or lower "
-            "group_size / block_size."
+            f"The corpus makes {len(blocks)} blocks of at most {block_size} tokens ({stats.num_documents} documents, "
+            f"{stats.num_tokens - stats.num_padding} tokens), fewer than one group of {group_size} blocks; add "
+            "text or lower group_size / block_size."
         )
-    usable = num_groups * group_size * block_size
-    if usable < len(tokens):
-        logger.info(f"Dropping the last {len(tokens) - usable} tokens, which do not fill a whole group.")
-    blocks = tokens[:usable].reshape(-1, block_size)
+    usable = num_groups * group_size
+    if usable < len(blocks):
+        logger.info(f"Dropping the last {len(blocks) - usable} blocks, which do not fill a whole group.")
+    blocks = blocks[:usable]
     columns = {
-        "input_ids": blocks["id"].tolist(),
-        "word_start": ((blocks["flags"] & WORD_START) != 0).astype(np.int8).tolist(),
-        "word_end": ((blocks["flags"] & WORD_END) != 0).astype(np.int8).tolist(),
+        "input_ids": [block["id"].tolist() for block in blocks],
+        "word_start": [((block["flags"] & WORD_START) != 0).astype(np.int8).tolist() for block in blocks],
+        "word_end": [((block["flags"] & WORD_END) != 0).astype(np.int8).tolist() for block in blocks],
         "group": np.repeat(np.arange(num_groups), group_size).tolist(),
     }
     if salient:
-        columns["salient"] = np.concatenate(salient_chunks)[:usable].reshape(-1, block_size).astype(np.int8).tolist()
+        columns["salient"] = [marks.astype(np.int8).tolist() for marks in salient_blocks[:usable]]
     return datasets.Dataset.from_dict(columns)
 
 

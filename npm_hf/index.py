@@ -3,11 +3,14 @@
 Layout of an index directory (`<model>/index` by default); every file loads without pickle:
 
     manifest.json          IndexManifest: counts, dims, fingerprints of encoder and tokenizer, file checksums
-    token_ids.npy          token id of every corpus token (blocks are consecutive runs of block_size tokens)
-    token_flags.npy        WORD_START / WORD_END / SPECIAL / LINE_START bits per token
+    token_ids.npy          token id of every corpus token (blocks are consecutive runs of block_size tokens: packed
+                           paragraphs of one document, then PAD tokens, see `corpus`)
+    token_flags.npy        WORD_START / WORD_END / SPECIAL / LINE_START / PAD bits per token
     token_docs.npy         document of every token
     token_offsets.npy      (start, end) character offsets of every token in its document's text
-    positions.npy          corpus position of every indexed (non-special) token = row of the vectors
+    positions.npy          corpus position of every indexed token = row of the vectors: as in the official
+                           datastore, word starts and word ends only (not mid-word pieces), and with
+                           remove_stopwords no stop-word id (`indexed_token_mask`)
     vectors.npy            (num_indexed, hidden_size) float16 last hidden states, memory-mapped; when they exceed
                            max_shard_size, row shards vectors-00000-of-0000N.npy instead (see `shard_layout`)
     index.faiss            FAISS inner-product index over the rows of the vectors (a flat one is stored empty and
@@ -37,7 +40,8 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .corpus import SPECIAL, TOKEN_DTYPE, CorpusStats, iter_documents, tokenize_documents
+from .corpus import PAD, SPECIAL, TOKEN_DTYPE, WORD_END, WORD_START, CorpusStats, iter_documents, tokenize_documents
+from .stopwords import id_table, reference_stopword_ids
 
 
 logger = logging.get_logger(__name__)
@@ -130,6 +134,17 @@ class IndexBuildArguments:
     )
     show_progress_bar: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
     seed: int = field(default=0, metadata={"help": "Seed of the FAISS training sample."})
+    remove_stopwords: bool = field(
+        default=False,
+        metadata={"help": "Leave stop-word and punctuation ids out of the index (the paper's open-set datastore, "
+                          "`npm_hf.stopwords.reference_stopword_ids`): they are in neither softmax. The paper "
+                          "protocol's open-set evaluation needs such an index."},
+    )
+    index_all_tokens: bool = field(
+        default=False,
+        metadata={"help": "Index mid-word pieces too (npm_hf before 0.2). By default only word starts and word ends "
+                          "get a vector, as in the official datastore: the others can never start or end an answer."},
+    )
 
     def __post_init__(self):
         for name in ("block_size", "batch_size", "train_sample_size", "blocks_per_unit"):
@@ -174,6 +189,10 @@ class IndexManifest:
     vector_shards: list = field(default_factory=list)
     max_shard_bytes: int | None = None  # the rule the shards were cut by; edits cut new shards by it too
     line_starts_marked: bool = False  # token_flags carry LINE_START (builds since it exists; older ones do not)
+    # What is indexed and how blocks are cut (older builds: every non-special token, one running token stream)
+    boundary_tokens_only: bool = False
+    stopwords_removed: bool = False
+    paragraph_blocks: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -572,6 +591,12 @@ class NPMIndex:
         for name, (got, want) in expected.items():
             if tuple(got) != tuple(want):
                 raise NPMIndexError(f"{path}: {name} has shape {tuple(got)}, the manifest says {tuple(want)}; rebuild.")
+        if not manifest.paragraph_blocks:
+            logger.warning(
+                f"The index at {path} was built by an npm_hf before 0.2: its blocks are cut from one running token "
+                "stream and it indexes mid-word pieces too, unlike the official NPM datastore, so its answers differ "
+                "from the reference's. It is answered as before; rebuild it for the faithful index: `npm-hf "
+                "build-index --model MODEL --corpus CORPUS --output DIR --overwrite`.")
         return cls(path, manifest, token_arrays, positions, vectors, faiss_index,
                    DocumentStore(path / DOCUMENTS_FILE, offsets))
 
@@ -795,7 +820,7 @@ def _write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) -
         columns = {name: stack.enter_context(open(path, "wb")) for name, path in raw.items()}
         documents = tqdm(iter_documents(corpus), desc="Tokenizing corpus", unit="doc",
                          disable=not args.show_progress_bar)
-        for document, records in tokenize_documents(documents, tokenizer, stats):
+        for document, records in tokenize_documents(documents, tokenizer, stats, block_size=args.block_size):
             columns["token_ids"].write(records["id"].tobytes())
             columns["token_flags"].write(records["flags"].tobytes())
             columns["token_docs"].write(np.full(len(records), stats.num_documents - 1, np.int32).tobytes())
@@ -806,6 +831,9 @@ def _write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) -
             offsets.append(offsets[-1] + len(line))
     if stats.num_skipped_empty:
         logger.warning(f"Skipped {stats.num_skipped_empty} empty or whitespace-only documents.")
+    if stats.num_skipped_paragraphs:
+        logger.warning(f"Skipped {stats.num_skipped_paragraphs} paragraphs that contain the mask token "
+                       f"{tokenizer.mask_token!r} (as the official code does): a query could retrieve them.")
     if stats.num_documents == 0:
         raise ValueError(
             "The corpus has no non-empty document"
@@ -837,25 +865,49 @@ def _raw_to_npy(raw: Path, npy: Path, dtype: np.dtype, shape: tuple) -> None:
     raw.unlink()
 
 
-def _write_positions(staging: Path, flags: np.ndarray, chunk: int = 1 << 22) -> None:
-    """positions.npy: the corpus position of every non-special token, computed chunk by chunk."""
+def indexed_token_mask(ids, flags, boundaries_only: bool = True, stopwords: np.ndarray | None = None) -> np.ndarray:
+    """Which corpus tokens get a vector: never special ones; with `boundaries_only` only word starts and word ends
+    (the official datastore, method §2); never an id whose entry in the boolean table `stopwords` is set."""
+    ids, flags = np.asarray(ids), np.asarray(flags)
+    keep = (flags & SPECIAL) == 0
+    if boundaries_only:
+        keep &= (flags & (WORD_START | WORD_END)) != 0
+    if stopwords is not None:
+        keep &= ~stopwords[ids]
+    return keep
+
+
+def index_rule(manifest_or_args, tokenizer) -> dict:
+    """`indexed_token_mask` keyword arguments for an index manifest or IndexBuildArguments."""
+    if isinstance(manifest_or_args, IndexBuildArguments):
+        boundaries, stopwords = not manifest_or_args.index_all_tokens, manifest_or_args.remove_stopwords
+    else:
+        boundaries, stopwords = manifest_or_args.boundary_tokens_only, manifest_or_args.stopwords_removed
+    table = id_table(tokenizer, reference_stopword_ids(tokenizer)) if stopwords else None
+    return {"boundaries_only": boundaries, "stopwords": table}
+
+
+def _write_positions(staging: Path, ids: np.ndarray, flags: np.ndarray, rule: dict, chunk: int = 1 << 22) -> None:
+    """positions.npy: the corpus position of every indexed token (`indexed_token_mask`), computed chunk by chunk."""
     raw = staging / f".{POSITIONS_FILE}.raw"
     count = 0
     with open(raw, "wb") as out:
         for lo in range(0, len(flags), chunk):
-            rows = np.flatnonzero((np.asarray(flags[lo : lo + chunk]) & SPECIAL) == 0).astype(np.int64) + lo
+            keep = indexed_token_mask(ids[lo : lo + chunk], flags[lo : lo + chunk], **rule)
+            rows = np.flatnonzero(keep).astype(np.int64) + lo
             out.write(rows.tobytes())
             count += len(rows)
     _raw_to_npy(raw, staging / POSITIONS_FILE, np.dtype(np.int64), (count,))
 
 
-def encode_into(vectors: np.ndarray, row: int, model, ids, flags, args: IndexBuildArguments,
+def encode_into(vectors: np.ndarray, row: int, model, ids, flags, keep, args: IndexBuildArguments,
                 on_vectors=None) -> int:
     """Encode the tokens `ids` (a run starting at a block boundary) in blocks of `args.block_size` and write the
-    float16 hidden states of their non-special tokens to `vectors[row:]`. Returns the row after the last one."""
+    float16 hidden states of the tokens where `keep` is set to `vectors[row:]`. PAD tokens are not attended to.
+    Returns the row after the last one."""
     from tqdm.auto import tqdm
 
-    ids, flags = np.asarray(ids), np.asarray(flags)
+    ids, flags, keep = np.asarray(ids), np.asarray(flags), np.asarray(keep, dtype=bool)
     pad_id = _pad_token_id(model)
     span = args.block_size * args.batch_size
     device = model.device
@@ -865,11 +917,10 @@ def encode_into(vectors: np.ndarray, row: int, model, ids, flags, args: IndexBui
                                       disable=not args.show_progress_bar) as progress:
         for lo in range(0, len(ids), span):
             hi = min(lo + span, len(ids))
-            input_ids, attention = _pack_blocks(ids[lo:hi], args.block_size, pad_id)
+            input_ids, attention = _pack_blocks(ids[lo:hi], (flags[lo:hi] & PAD) == 0, args.block_size, pad_id)
             hidden = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
-            hidden = hidden[attention.to(device).bool()]
-            keep = torch.from_numpy((flags[lo:hi] & SPECIAL) == 0).to(device)
-            chosen = hidden[keep].to(torch.float16)
+            chosen = hidden.reshape(-1, hidden.shape[-1])[: hi - lo][torch.from_numpy(keep[lo:hi]).to(device)]
+            chosen = chosen.to(torch.float16)
             vectors[row : row + len(chosen)] = chosen.cpu().numpy()
             if on_vectors is not None:
                 on_vectors(chosen.float().cpu().numpy())
@@ -879,12 +930,14 @@ def encode_into(vectors: np.ndarray, row: int, model, ids, flags, args: IndexBui
     return row
 
 
-def _pack_blocks(ids: np.ndarray, block_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pack_blocks(ids: np.ndarray, attend: np.ndarray, block_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of shape (blocks, block_size): the tokens, then padding to a whole block; tokens
+    where `attend` is False (PAD) are masked too."""
     num_blocks = -(-len(ids) // block_size)
     padded = np.full(num_blocks * block_size, pad_id, dtype=np.int64)
-    padded[: len(ids)] = ids
+    padded[: len(ids)] = np.where(attend, ids, pad_id)
     attention = np.zeros(num_blocks * block_size, dtype=np.int64)
-    attention[: len(ids)] = 1
+    attention[: len(ids)] = attend
     return (torch.from_numpy(padded.reshape(num_blocks, block_size)),
             torch.from_numpy(attention.reshape(num_blocks, block_size)))
 

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .corpus import SPECIAL
 from .index import (AUTO_FACTORY, FAISS_FILE, IVFDATA_FILE, POSITIONS_FILE, TOKEN_FILES, BuildMemoryPlan,
                     IndexBuildArguments, IndexManifest, NPMIndexError, _add_vectors, _core_index, _extract_ivf,
                     _FAISS_ADD_CHUNK, _is_flat, _new_faiss_index, _publish, _versions, _write_corpus, _write_positions,
+                    index_rule,
                     check_training_size, create_vector_shards, encode_into, encoder_fingerprint,
                     layout_format_version, open_vector_shards, parse_shard_size, shard_layout, suggest_faiss_factory,
                     tokenizer_fingerprint)
@@ -55,7 +55,7 @@ _VECTORS_DONE = "vectors.done"
 _FAISS_DONE = "faiss.done"
 # Arguments that shape the result (or the units already encoded): a resume must use the same ones.
 _PLAN_ARGUMENTS = ("block_size", "batch_size", "blocks_per_unit", "faiss_factory", "max_memory", "train_sample_size",
-                   "max_shard_size", "seed")
+                   "max_shard_size", "seed", "remove_stopwords", "index_all_tokens")
 
 
 def partial_dir(output_dir) -> Path:
@@ -222,6 +222,9 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
             vector_shards=layout,
             max_shard_bytes=parse_shard_size(args.max_shard_size),
             line_starts_marked=True,
+            boundary_tokens_only=not args.index_all_tokens,
+            stopwords_removed=args.remove_stopwords,
+            paragraph_blocks=True,
         )
         processes.run(lambda: _finish(partial, index_dir, output_dir, manifest), main_only=True)
     except BaseException:
@@ -265,7 +268,8 @@ def _tokenize(index_dir: Path, state_dir: Path, model, corpus, tokenizer, args: 
         return
     hidden_size = model.config.hidden_size
     stats = _write_corpus(index_dir, corpus, tokenizer, args)
-    _write_positions(index_dir, np.load(index_dir / TOKEN_FILES["token_flags"], mmap_mode="r"))
+    _write_positions(index_dir, np.load(index_dir / TOKEN_FILES["token_ids"], mmap_mode="r"),
+                     np.load(index_dir / TOKEN_FILES["token_flags"], mmap_mode="r"), index_rule(args, tokenizer))
     num_vectors = len(np.load(index_dir / POSITIONS_FILE, mmap_mode="r"))
     memory = BuildMemoryPlan.measure(model, args, num_vectors, stats.num_documents)
     factory = args.faiss_factory
@@ -302,6 +306,7 @@ def _encode_units(processes: _Processes, index_dir: Path, state_dir: Path, model
 
     ids = np.load(index_dir / TOKEN_FILES["token_ids"], mmap_mode="r")
     flags = np.load(index_dir / TOKEN_FILES["token_flags"], mmap_mode="r")
+    positions = np.load(index_dir / POSITIONS_FILE, mmap_mode="r")
     units = work_units(len(ids), args)
     assigned = range(processes.rank, len(units), processes.world_size)
     mine = [u for u in assigned if not _unit_file(state_dir, u).exists()]
@@ -314,16 +319,20 @@ def _encode_units(processes: _Processes, index_dir: Path, state_dir: Path, model
     with tqdm(total=total, desc=desc, unit="tok", disable=not args.show_progress_bar or not processes.main) as bar:
         for u in mine:
             start, stop = units[u]
-            _encode_unit(_unit_file(state_dir, u), model, ids[start:stop], flags[start:stop], quiet)
+            lo, hi = np.searchsorted(positions, [start, stop])
+            keep = np.zeros(stop - start, dtype=bool)
+            keep[np.asarray(positions[lo:hi]) - start] = True  # the tokens _tokenize chose to index
+            _encode_unit(_unit_file(state_dir, u), model, ids[start:stop], flags[start:stop], keep, quiet)
             bar.update(stop - start)
 
 
-def _encode_unit(path: Path, model, ids, flags, args: IndexBuildArguments) -> None:
-    """Write the vectors of one unit to `path`, complete or not at all (a temporary name, then a rename)."""
-    rows = int(((np.asarray(flags) & SPECIAL) == 0).sum())
+def _encode_unit(path: Path, model, ids, flags, keep: np.ndarray, args: IndexBuildArguments) -> None:
+    """Write the vectors of the `keep` tokens of one unit to `path`, complete or not at all (a temporary name, then
+    a rename)."""
+    rows = int(keep.sum())
     tmp = path.with_name(path.name + ".tmp")
     vectors = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, model.config.hidden_size))
-    encode_into(vectors, 0, model, ids, flags, args)
+    encode_into(vectors, 0, model, ids, flags, keep, args)
     vectors.flush()
     del vectors
     os.replace(tmp, path)

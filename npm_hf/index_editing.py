@@ -27,7 +27,8 @@ from transformers.utils import logging
 from .corpus import SPECIAL, CorpusStats, iter_documents, tokenize_documents
 from .index import (DEFAULT_MAX_SHARD_SIZE, DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, MANIFEST_FILE,
                     POSITIONS_FILE, TOKEN_FILES, IndexBuildArguments, NPMIndexError, _add_vectors, _is_flat,
-                    _pad_token_id, _publish, _versions, create_vector_shards, encode_into,
+                    _pad_token_id, _publish, _versions, create_vector_shards, encode_into, index_rule,
+                    indexed_token_mask,
                     layout_format_version, parse_shard_size, read_faiss_index, shard_layout, vector_layout)
 
 
@@ -44,7 +45,8 @@ def add_documents(index, model, tokenizer, documents, batch_size: int = 16, show
     new_documents, records, stats = _tokenize_new(index, tokenizer, documents)
     start = -(-m.num_tokens // m.block_size) * m.block_size  # new documents begin a block
     tokens = _padded_tokens(index, records, start - m.num_tokens, _pad_token_id(model))
-    new_positions = start + np.flatnonzero((records["flags"] & SPECIAL) == 0)
+    keep = indexed_token_mask(records["id"], records["flags"], **index_rule(m, tokenizer))  # the index's own rule
+    new_positions = start + np.flatnonzero(keep)
     positions = np.concatenate([np.asarray(index.positions), new_positions]).astype(np.int64)
     args = IndexBuildArguments(block_size=m.block_size, batch_size=batch_size, show_progress_bar=show_progress_bar)
 
@@ -52,7 +54,7 @@ def add_documents(index, model, tokenizer, documents, batch_size: int = 16, show
         _save_tokens(staging, tokens)
         np.save(staging / POSITIONS_FILE, positions)
         vectors, layout = _copy_vectors(index, staging, np.arange(index.num_indexed), extra_rows=len(new_positions))
-        encode_into(vectors, index.num_indexed, model, records["id"], records["flags"], args)
+        encode_into(vectors, index.num_indexed, model, records["id"], records["flags"], keep, args)
         vectors.flush()
         if not _is_flat(index.faiss_index):  # a flat index is stored empty and filled on load
             _write_faiss(index, staging, vectors, start=index.num_indexed, reset=False)
@@ -74,7 +76,8 @@ def _tokenize_new(index, tokenizer, documents):
     taken = set(_live_ids(index))
     stats = CorpusStats()
     new_documents, chunks = [], []
-    for document, records in tokenize_documents(iter_documents(documents), tokenizer, stats):
+    block_size = index.manifest.block_size if index.manifest.paragraph_blocks else None  # as the index was built
+    for document, records in tokenize_documents(iter_documents(documents), tokenizer, stats, block_size=block_size):
         if document["id"] in taken:
             raise NPMIndexError(
                 f"A document with id {document['id']!r} is already in the index at {index.path}. Delete it first "

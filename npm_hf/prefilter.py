@@ -129,12 +129,15 @@ def passage_texts(index, ranges: np.ndarray) -> list[str]:
 
 def passage_positions(index, ranges: np.ndarray, passages: np.ndarray, scores: np.ndarray | None = None,
                       weight: float = 0.0) -> tuple[np.ndarray, np.ndarray | None]:
-    """Every non-special corpus position of the given passages, sorted, and (with `weight` > 0) each one's logit
-    bias: `weight` times the best score among its passages divided by the query's top score (the top passage gets
-    `weight`, a passage half as relevant half of it). No bias (None) without a weight or a positive top score."""
+    """Every indexed corpus position (a token with a vector) of the given passages, sorted, and (with `weight` > 0)
+    each one's logit bias: `weight` times the best score among its passages divided by the query's top score (the
+    top passage gets `weight`, a passage half as relevant half of it). No bias (None) without a weight or a
+    positive top score."""
     spans = [np.arange(*ranges[int(p)]) for p in passages]
     positions = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
     keep = (np.asarray(index.token_flags[positions]) & SPECIAL) == 0
+    if keep.any():
+        keep[keep] = index.rows_for_positions(positions[keep])[1]
     if not weight or scores is None or len(scores) == 0 or max(scores) <= 0:
         return np.unique(positions[keep]), None
     relevance = np.repeat(np.asarray(scores, dtype=np.float64) / max(scores), [len(s) for s in spans])

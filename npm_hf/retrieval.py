@@ -1,13 +1,14 @@
 """NPM inference over an index (method §3): token distributions (NPM-single) and span scores (NPM).
 
 NPM-single: p = softmax(s · h_i · scale / T) over the k retrieved tokens, summed per vocabulary id.
-NPM span:   P_s and P_e are softmaxes of the start and end queries over their top-k tokens; a span (s, e) with s
-            among the start and e among the end candidates, in one block, s a word start, e a word end, at most
-            `max_span_length` tokens, no special token (nor line break: `spans_cross_lines=False`), scores
-            P_s(s) + P_e(e) (or P_s(s) * P_e(e): `span_scoring="product"`); spans are summed (or, with
-            `phrase_aggregation="max"`, maxed) per decoded string v, multiplied by |v|^alpha and normalised over all
-            candidates. With `expand_span_candidates`, as in the official code, the candidates also include every
-            token that completes a span from a retrieved one (both softmaxes then run over that larger set).
+NPM span:   P_s is a softmax of the start query over its retrieved word-start tokens, P_e one of the end query over
+            its retrieved word-end tokens, each normalised separately (the official non-restricted mode). A span
+            (s, e) with s among the start and e among the end candidates, in one block, at most `max_span_length`
+            tokens, no special token (nor line break: `spans_cross_lines=False`), scores P_s(s) + P_e(e) (or
+            P_s(s) * P_e(e): `span_scoring="product"`); spans are summed (or, with `phrase_aggregation="max"`, maxed)
+            per decoded string v, multiplied by |v|^alpha and normalised over all candidates. With
+            `expand_span_candidates`, as in the official code, the start candidates also include the starts of
+            spans ending at a retrieved end and the end candidates the ends of spans beginning at a retrieved start.
 With k >= the number of indexed tokens all of these are exact.
 """
 
@@ -16,32 +17,15 @@ import torch
 from transformers.utils import logging
 
 from .corpus import LINE_START, SPECIAL, WORD_END, WORD_START
+from .stopwords import STOPWORDS, id_table, reference_stopword_ids
 
 
 logger = logging.get_logger(__name__)
 
 
-# Function words and punctuation for `span_stopwords` ("any": the official open-set rule; "edges": ours).
-STOPWORDS = frozenset(
-    """a about above after again against all am an and any are as at be because been before being below between both
-    but by can could did do does doing down during each few for from further had has have having he her here hers
-    herself him himself his how i if in into is it its itself just me more most my myself no nor not now of off on
-    once only or other our ours ourselves out over own same she should so some such than that the their theirs them
-    themselves then there these they this those through to too under until up very was we were what when where which
-    while who whom why will with would you your yours yourself yourselves 's 't . , ; : ! ? ' " ( ) [ ] - -- ...
-    """.split()
-)
-
-
-def stopword_ids(tokenizer) -> frozenset:
-    """Vocabulary ids whose text is a stop word or punctuation."""
-    vocab = tokenizer.get_vocab()
-    ids = list(vocab.values())
-    words = tokenizer.batch_decode([[i] for i in ids])
-    return frozenset(i for i, word in zip(ids, words) if word.strip().lower() in STOPWORDS)
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
+    if len(logits) == 0:
+        return np.zeros(0)
     shifted = np.exp(logits - logits.max())
     return shifted / shifted.sum()
 
@@ -53,7 +37,9 @@ class NPMPredictor:
         self.config = config
         self.tokenizer = tokenizer
         self.index = index
-        self._stopword_ids = None
+        self._stopword_hash_list = None  # phrase hashes of the stop words (`_stopword_hashes`)
+        self._reference_stopwords = None
+        self._initial = None
         self._pieces = None
         self._warned_unmarked_lines = False
 
@@ -127,18 +113,21 @@ class NPMPredictor:
         """`hits`: the `(scores, rows)` of [q_start, q_end] when the caller searched many queries at once.
         `exclude`: phrase hashes (`query_phrase_hashes`) that may not be answers."""
         scores, rows = hits if hits is not None else self.search(np.stack([q_start, q_end]), k, nprobe, ef_search)
+        flags = self.index.token_flags
+        # Only retrieved word starts are start candidates, only word ends end candidates (the official get_candidates)
         found = rows >= 0
+        found[0] &= (flags[self.index.positions[np.where(found[0], rows[0], 0)]] & WORD_START) != 0
+        found[1] &= (flags[self.index.positions[np.where(found[1], rows[1], 0)]] & WORD_END) != 0
         starts, ends = self.index.positions[rows[0][found[0]]], self.index.positions[rows[1][found[1]]]
         factor = self.config.scale / self.config.span_temperature
         if self.config.expand_span_candidates:
             span_starts, span_ends = self.enumerate_spans(starts, ends, expand=True)
-            candidates = np.unique(np.concatenate([starts, ends, span_starts, span_ends]))
-            cand_rows, _ = self.index.rows_for_positions(candidates)
-            vectors = torch.from_numpy(self.index.vectors_for_rows(cand_rows))
-            logits = (vectors @ torch.from_numpy(np.stack([q_start, q_end]).T.copy())).numpy() * factor
-            p_start, p_end = softmax(logits[:, 0]), softmax(logits[:, 1])
-            span_scores = self._combine(p_start[np.searchsorted(candidates, span_starts)],
-                                        p_end[np.searchsorted(candidates, span_ends)])
+            start_set = np.unique(np.concatenate([starts, span_starts]))
+            end_set = np.unique(np.concatenate([ends, span_ends]))
+            p_start = self._softmax_at(start_set, q_start, factor)
+            p_end = self._softmax_at(end_set, q_end, factor)
+            span_scores = self._combine(p_start[np.searchsorted(start_set, span_starts)],
+                                        p_end[np.searchsorted(end_set, span_ends)])
         else:
             p_start = softmax(scores[0][found[0]] * factor)
             end_order = np.argsort(ends)
@@ -149,6 +138,14 @@ class NPMPredictor:
         if len(span_starts) == 0:
             return [] if targets is None else [self._missing(t) for t in targets][:top_k]
         return self._rank_spans(span_starts, span_ends, span_scores, top_k, targets, exclude)
+
+    def _softmax_at(self, positions: np.ndarray, query: np.ndarray, factor: float) -> np.ndarray:
+        """softmax(query · h · factor) over the stored vectors of the (sorted, indexed) corpus `positions`."""
+        if len(positions) == 0:
+            return np.zeros(0)
+        rows, _ = self.index.rows_for_positions(positions)
+        vectors = torch.from_numpy(self.index.vectors_for_rows(rows))
+        return softmax((vectors @ torch.from_numpy(np.asarray(query, dtype=np.float32))).numpy() * factor)
 
     def predict_span_among(self, q_start: np.ndarray, q_end: np.ndarray, positions: np.ndarray, top_k: int,
                            targets=None, exclude: np.ndarray | None = None,
@@ -210,7 +207,8 @@ class NPMPredictor:
 
     def enumerate_spans(self, starts: np.ndarray, ends: np.ndarray, expand: bool = False):
         """Valid spans (s, e), each once: s in `starts` and e in `ends`, or with `expand` every span that begins at
-        one of `starts` or finishes at one of `ends` (the official code's candidate expansion)."""
+        one of `starts` or finishes at one of `ends` (the official code's candidate expansion; unlike its backward
+        walk, which stops one token short, spans ending at a retrieved end reach back the whole max_span_length)."""
         starts, ends = np.unique(starts), np.unique(ends)
         if not expand:
             start_index, end_index = self._spans_between(starts, ends)
@@ -221,6 +219,9 @@ class NPMPredictor:
         found_e = np.concatenate([forward_e, ends[end_index]])
         keys = np.unique(found_s * self.index.num_tokens + found_e)
         found_s, found_e = keys // self.index.num_tokens, keys % self.index.num_tokens
+        # both ends need a vector (a remove_stopwords index has none for "the", which a walk can reach)
+        indexed = self.index.rows_for_positions(found_s)[1] & self.index.rows_for_positions(found_e)[1]
+        found_s, found_e = found_s[indexed], found_e[indexed]
         keep = self._stopword_filter(found_s, found_e)
         return found_s[keep], found_e[keep]
 
@@ -270,6 +271,14 @@ class NPMPredictor:
         rule = self.config.span_stopwords
         if rule == "none" or len(span_starts) == 0:
             return slice(None)
+        if rule == "reference":  # any stop-word id anywhere in the span, as the official valid_func
+            table = self._reference_stopword_table
+            keep = np.ones(len(span_starts), dtype=bool)
+            for offset in range(self.config.max_span_length):
+                inside = span_starts + offset <= span_ends
+                positions = np.where(inside, span_starts + offset, span_starts)
+                keep &= ~(inside & table[np.asarray(self.index.token_ids[positions])])
+            return keep
         keep = ~(self._stopword_positions(span_starts) | self._stopword_positions(span_ends))
         if rule == "any":  # inner tokens too, except punctuation inside a word ("Mid-Atlantic", "Daitō-ryū")
             for offset in range(1, self.config.max_span_length - 1):
@@ -295,16 +304,36 @@ class NPMPredictor:
                   & (np.asarray(offsets[here, 1]) == np.asarray(offsets[after, 0])))
         return valid & same & plain & joined
 
+    @property
+    def _reference_stopword_table(self) -> np.ndarray:
+        """A boolean table over the vocabulary: the official kind of stop-word ids (`reference_stopword_ids`)."""
+        if self._reference_stopwords is None:
+            self._reference_stopwords = id_table(self.tokenizer, reference_stopword_ids(self.tokenizer))
+        return self._reference_stopwords
+
     def _stopword_positions(self, positions: np.ndarray) -> np.ndarray:
-        """Whether each corpus position is a whole-word stop word or punctuation token."""
-        if self._stopword_ids is None:
-            size = max(max(self.tokenizer.get_vocab().values()) + 1, len(self.tokenizer))
-            table = np.zeros(size, dtype=bool)
-            table[list(stopword_ids(self.tokenizer))] = True
-            self._stopword_ids = table
-        flags = np.asarray(self.index.token_flags[positions])
-        whole_word = (flags & (WORD_START | WORD_END)) == (WORD_START | WORD_END)
-        return self._stopword_ids[np.asarray(self.index.token_ids[positions])] & whole_word
+        """Whether each corpus position lies in a word whose text is a stop word or punctuation ("the" whether it is
+        one token or "th" + "##e"; not the "the" piece of "the ##ssa ##lon ##iki")."""
+        positions = np.asarray(positions, dtype=np.int64)
+        flags, n, width = self.index.token_flags, self.index.num_tokens, _LONGEST_STOPWORD_PIECES
+        first, last = positions.copy(), positions.copy()
+        for _ in range(width - 1):  # walk to the word's first and last piece (stop words are a few pieces at most)
+            first -= ((np.asarray(flags[first]) & (WORD_START | SPECIAL)) == 0) & (first > 0)
+            last += ((np.asarray(flags[last]) & (WORD_END | SPECIAL)) == 0) & (last < n - 1)
+        bounded = ((np.asarray(flags[first]) & WORD_START) != 0) & ((np.asarray(flags[last]) & WORD_END) != 0)
+        offsets = np.arange(width)
+        inside = offsets < (last - first + 1)[:, None]
+        grid = np.where(inside, first[:, None] + offsets, first[:, None])
+        ids = np.where(inside, self.index.token_ids[np.minimum(grid, n - 1)], -1).astype(np.int64)
+        return bounded & np.isin(self._phrase_hashes(ids, inside), self._stopword_hashes)
+
+    @property
+    def _stopword_hashes(self) -> np.ndarray:
+        """Phrase hashes of the stop words as written in lower case, capitalised and upper case."""
+        if self._stopword_hash_list is None:
+            variants = {form for word in STOPWORDS for form in (word, word.capitalize(), word.upper())}
+            self._stopword_hash_list = np.array(sorted(_text_hash(form) for form in variants), dtype=np.uint64)
+        return self._stopword_hash_list
 
     def _rank_spans(self, span_starts, span_ends, span_scores, top_k: int, targets, exclude=None) -> list[dict]:
         """Sum (or max) span scores per phrase (decoded string), apply |v|^alpha, normalise over all phrases, keep
@@ -326,15 +355,17 @@ class NPMPredictor:
             lengths, ids, keys = lengths[kept], ids[kept], keys[kept]
             if len(keys) == 0:
                 return []
-        unique_keys, first_span, group_of_span = np.unique(keys, return_index=True, return_inverse=True)
+        unique_keys, group_of_span = np.unique(keys, return_inverse=True)
         group_of_span = group_of_span.reshape(-1)
         if self.config.phrase_aggregation == "max":
             totals = np.zeros(len(unique_keys))
             np.maximum.at(totals, group_of_span, span_scores)
         else:
             totals = np.bincount(group_of_span, weights=span_scores, minlength=len(unique_keys))
-        if self.config.length_penalty_alpha:  # |v| in tokens (spellings of one phrase rarely differ in length)
-            totals = totals * lengths[first_span].astype(np.float64) ** self.config.length_penalty_alpha
+        if self.config.length_penalty_alpha:  # |v| in tokens: its shortest spelling ("ĠTexas", not "Tex"+"as")
+            shortest = np.full(len(unique_keys), np.iinfo(np.int64).max)
+            np.minimum.at(shortest, group_of_span, lengths)
+            totals = totals * shortest.astype(np.float64) ** self.config.length_penalty_alpha
         totals = totals / totals.sum()
         if targets is not None:
             lookup = dict(zip(unique_keys.tolist(), range(len(unique_keys))))
@@ -367,9 +398,11 @@ class NPMPredictor:
             else:
                 current.append(token)
         runs.append(current)
-        width = self.config.max_span_length
-        rows = [run[start : start + n] for run in runs for start in range(len(run))
-                for n in range(1, min(width, len(run) - start) + 1)]
+        width, initial = self.config.max_span_length, self._word_initial
+        # word-bounded phrases only: "##a" inside a query word is not the word "a"
+        bounded = [(run, [i for i in range(len(run)) if i == 0 or initial[run[i]]] + [len(run)]) for run in runs]
+        rows = [run[start:stop] for run, cuts in bounded for a, start in enumerate(cuts[:-1]) for stop in cuts[a + 1 :]
+                if stop - start <= width]
         if not rows:
             return np.zeros(0, dtype=np.uint64)
         ids = np.full((len(rows), width), -1, dtype=np.int64)
@@ -387,6 +420,22 @@ class NPMPredictor:
                 combined = keys * next_power[token] + next_hash[token]
                 keys = np.where(inside[:, offset], combined, keys)
         return keys
+
+    @property
+    def _word_initial(self) -> np.ndarray:
+        """Per vocabulary id: whether the piece begins a word after another one (it decodes with a space before it,
+        or it is punctuation)."""
+        if self._initial is None:
+            size = max(len(self.tokenizer), max(self.tokenizer.get_vocab().values()) + 1)
+            anchor = self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize("a"))[0]
+            prefix = self.tokenizer.decode([anchor])
+            pairs = self.tokenizer.batch_decode([[anchor, i] for i in range(size)])
+            table = np.zeros(size, dtype=bool)
+            for i, text in enumerate(pairs):
+                piece = text[len(prefix):] if text.startswith(prefix) else text
+                table[i] = piece[:1].isspace() or (bool(piece.strip()) and not any(c.isalnum() for c in piece))
+            self._initial = table
+        return self._initial
 
     @property
     def _piece_hashes(self):
@@ -421,6 +470,9 @@ class NPMPredictor:
         phrase = token_str if span is None else self.index.surface_text(*span)
         return {"score": score, "token": token, "token_str": token_str, "phrase": phrase,
                 "evidence": evidence, "token_ids": token_ids}
+
+
+_LONGEST_STOPWORD_PIECES = 8  # a word of more pieces is never taken for a stop word
 
 
 def _top_indices(values: np.ndarray, count: int) -> np.ndarray:

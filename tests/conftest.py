@@ -1,4 +1,7 @@
-"""Tiny BERT (WordPiece) and RoBERTa (byte-level BPE) tokenizers and encoders built in code, no downloads."""
+"""Tiny BERT (WordPiece) and RoBERTa (byte-level BPE) tokenizers and encoders built in code, no downloads.
+
+Both vocabularies are small enough that most corpus words are two or more pieces (52 % of CORPUS's words with
+WordPiece, 61 % with BPE), as with every real vocabulary on rare words: the word-piece case NPM's rules are about."""
 
 import json
 from collections import defaultdict
@@ -32,14 +35,14 @@ TRAINING_TEXT = [doc["text"] for doc in CORPUS] * 3 + ["Thessaloniki is a city. 
 
 def _tiny_bert_tokenizer():
     trainer = BertWordPieceTokenizer(lowercase=True)
-    trainer.train_from_iterator(TRAINING_TEXT, vocab_size=150, min_frequency=1,
+    trainer.train_from_iterator(TRAINING_TEXT, vocab_size=90, min_frequency=1,
                                 special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     return BertTokenizer(vocab=trainer.get_vocab())
 
 
 def _tiny_roberta_tokenizer(tmp_path_factory):
     trainer = ByteLevelBPETokenizer()
-    trainer.train_from_iterator(TRAINING_TEXT, vocab_size=330, min_frequency=2,
+    trainer.train_from_iterator(TRAINING_TEXT, vocab_size=300, min_frequency=2,
                                 special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     folder = tmp_path_factory.mktemp("bpe")
     trainer.save_model(str(folder))
@@ -95,7 +98,16 @@ def softmax(x):
 
 @pytest.fixture(scope="session")
 def brute_force():
-    """Reference NPM scores computed naively over every indexed token (method §3), for k >= N checks."""
+    """Reference NPM scores computed naively, following the official code's rules (method §2-3), not npm_hf's:
+
+    * the datastore: every indexed token (the tests check separately that these are the official ones);
+    * NPM-single: one softmax over the top-k tokens (all of them by default), summed per vocabulary id;
+    * NPM span: the top-k tokens of each query (all by default); retrieved word starts are start candidates,
+      retrieved word ends end candidates; `expand` adds, as `get_candidates`, the starts and ends of valid spans
+      walked forward from a retrieved start or back from a retrieved end (the whole max_len both ways); P_s and
+      P_e are softmaxes over the start and the end candidates, separately; spans are grouped by decoded text
+      (npm_hf's deliberate difference: token-id tuples in the reference).
+    """
 
     class BruteForce:
         @staticmethod
@@ -103,41 +115,68 @@ def brute_force():
             vectors = np.asarray(index.vectors, dtype=np.float64)
             return vectors @ np.asarray(query, dtype=np.float64) * scale
 
+        @staticmethod
+        def top(logits, k):
+            return np.arange(len(logits)) if k is None else np.argsort(-logits, kind="stable")[:k]
+
         @classmethod
-        def single(cls, index, query, scale, temperature):
-            probs = softmax(cls.logits(index, query, scale) / temperature)
+        def single(cls, index, query, scale, temperature, k=None):
+            logits = cls.logits(index, query, scale) / temperature
+            rows = cls.top(logits, k)
+            probs = softmax(logits[rows])
             totals = defaultdict(float)
-            for row, position in enumerate(index.positions):
-                totals[int(index.token_ids[position])] += probs[row]
+            for row, p in zip(rows, probs):
+                totals[int(index.token_ids[index.positions[row]])] += p
             return dict(totals)
 
         @classmethod
         def spans(cls, index, tokenizer, q_start, q_end, scale, temperature, max_len, alpha=0.0, stopwords=None,
-                  scoring="sum", aggregation="sum"):
-            p_start = softmax(cls.logits(index, q_start, scale) / temperature)
-            p_end = softmax(cls.logits(index, q_end, scale) / temperature)
-            row_of = {int(p): r for r, p in enumerate(index.positions)}
+                  scoring="sum", aggregation="sum", k=None, expand=False):
+            logits_s = cls.logits(index, q_start, scale) / temperature
+            logits_e = cls.logits(index, q_end, scale) / temperature
+            positions = [int(p) for p in index.positions]
+            row_of = {p: r for r, p in enumerate(positions)}
             flags, ids, n = np.asarray(index.token_flags), np.asarray(index.token_ids), index.num_tokens
             block = np.arange(n) // index.manifest.block_size  # blocks: consecutive runs of block_size tokens
+
+            def valid(s, e):  # both ends indexed, a word start and a word end, one block, nothing special between
+                return (s in row_of and e in row_of and flags[s] & WORD_START and flags[e] & WORD_END
+                        and 0 <= e - s < max_len and block[s] == block[e]
+                        and not any(flags[p] & SPECIAL for p in range(s, e + 1))
+                        and (stopwords is None or stopwords(s, e)))
+
+            starts = {positions[r] for r in cls.top(logits_s, k) if flags[positions[r]] & WORD_START}
+            ends = {positions[r] for r in cls.top(logits_e, k) if flags[positions[r]] & WORD_END}
+            if expand:
+                pairs = {(s, s + d) for s in starts for d in range(max_len) if valid(s, s + d)}
+                pairs |= {(e - d, e) for e in ends for d in range(max_len) if valid(e - d, e)}
+                starts |= {s for s, _ in pairs}
+                ends |= {e for _, e in pairs}
+            else:
+                pairs = {(s, e) for s in starts for e in ends if valid(s, e)}
+            start_list, end_list = sorted(starts), sorted(ends)
+            p_start = dict(zip(start_list, softmax(np.array([logits_s[row_of[s]] for s in start_list]))))
+            p_end = dict(zip(end_list, softmax(np.array([logits_e[row_of[e]] for e in end_list]))))
             totals, lengths = defaultdict(float), {}
-            for s in range(n):
-                if flags[s] & SPECIAL or not flags[s] & WORD_START:
-                    continue
-                for e in range(s, min(s + max_len, n)):
-                    if flags[e] & SPECIAL or block[e] != block[s]:
-                        break
-                    if not flags[e] & WORD_END:
-                        continue
-                    if stopwords is not None and not stopwords(s, e):
-                        continue
-                    text = tokenizer.decode([int(i) for i in ids[s : e + 1]]).strip()
-                    score = p_start[row_of[s]] * p_end[row_of[e]] if scoring == "product" else \
-                        p_start[row_of[s]] + p_end[row_of[e]]
-                    totals[text] = max(totals[text], score) if aggregation == "max" else totals[text] + score
-                    lengths[text] = e - s + 1
+            for s, e in sorted(pairs):
+                text = tokenizer.decode([int(i) for i in ids[s : e + 1]]).strip()
+                score = p_start[s] * p_end[e] if scoring == "product" else p_start[s] + p_end[e]
+                totals[text] = max(totals[text], score) if aggregation == "max" else totals[text] + score
+                lengths[text] = min(lengths.get(text, max_len), e - s + 1)  # |v|: its shortest spelling
             scored = {text: value * lengths[text] ** alpha for text, value in totals.items()}
             total = sum(scored.values())
             return {text: value / total for text, value in scored.items()}
+
+        @staticmethod
+        def datastore(index, tokenizer, remove_stopwords=False):
+            """The corpus positions the official datastore embeds: word starts and ends, no special token, and
+            (open-set corpora) no stop-word id."""
+            from npm_hf.stopwords import reference_stopword_ids
+
+            stop = reference_stopword_ids(tokenizer) if remove_stopwords else set()
+            flags, ids = np.asarray(index.token_flags), np.asarray(index.token_ids)
+            return [p for p in range(index.num_tokens) if not flags[p] & SPECIAL
+                    and flags[p] & (WORD_START | WORD_END) and int(ids[p]) not in stop]
 
     return BruteForce
 

@@ -3,11 +3,13 @@
 import json
 
 import datasets
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from npm_hf.corpus import (LINE_START, SPECIAL, WORD_END, WORD_START, CorpusStats, iter_documents,
-                           tokenize_documents)
+import npm_hf
+from npm_hf.corpus import (LINE_START, PAD, SPECIAL, TOKEN_DTYPE, WORD_END, WORD_START, CorpusStats, iter_documents,
+                           pack_paragraphs, paragraphs, tokenize_documents)
 
 
 def flags_by_token(tokenizer, text):
@@ -121,3 +123,86 @@ def test_empty_documents_are_counted_not_tokenized(encoder_dir):
     kept = [doc["id"] for doc, _ in tokenize_documents(docs, tokenizer, stats)]
     assert kept == ["0", "3"] and stats.num_skipped_empty == 2 and stats.num_documents == 2
     assert stats.num_tokens == len(tokenizer("Texas")["input_ids"]) + len(tokenizer("New Mexico")["input_ids"])
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+def reference_packing(lengths, block_size):
+    """The official create_blocks_from_plain_text rule on paragraph lengths: the block lengths it makes."""
+    blocks = [0]
+    for n in lengths:
+        if blocks[-1] + n <= block_size:
+            blocks[-1] += n
+        elif n <= block_size:
+            blocks.append(n)
+        else:
+            while n > block_size:
+                room = block_size - blocks[-1]
+                blocks[-1] += room
+                n -= room
+                blocks.append(0)
+            blocks[-1] += n
+    return [b for b in blocks if b]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_paragraph_packing_follows_the_official_rule(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 40, size=12).tolist() + [55, 3, 16, 16, 33]
+    rng.shuffle(lengths)
+    pieces, next_id = [], 100
+    for n in lengths:
+        records = np.zeros(n, dtype=TOKEN_DTYPE)
+        records["id"] = np.arange(next_id, next_id + n)
+        next_id += n
+        pieces.append(records)
+    packed = pack_paragraphs(pieces, 16, pad_id=1)
+    assert len(packed) % 16 == 0
+    blocks = packed.reshape(-1, 16)
+    real = (blocks["flags"] & PAD) == 0
+    assert [int(r.sum()) for r in real] == reference_packing(lengths, 16)
+    assert np.all(np.diff(real.astype(int), axis=1) <= 0)  # padding only at a block's end
+    assert blocks["id"][real].tolist() == list(range(100, next_id))  # every token once, in order
+    assert np.all(blocks["id"][~real] == 1) and np.all(blocks["flags"][~real] == SPECIAL | PAD)
+
+
+def test_documents_are_packed_paragraph_by_paragraph(encoder_dir):
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    documents = [{"id": "a", "title": "", "text": "Texas borders New Mexico.\n\nThe Rio Grande flows to the Gulf."},
+                 {"id": "b", "title": "", "text": "Hagios Demetrios is the main sanctuary of Thessaloniki. " * 3}]
+    out = list(tokenize_documents(documents, tokenizer, CorpusStats(), block_size=32))
+    for document, records in out:
+        units = [tokenizer(line)["input_ids"] for _, line in paragraphs(document["text"])]
+        real = records[(records["flags"] & PAD) == 0]
+        assert real["id"].tolist() == [i for ids in units for i in ids]  # each paragraph with its own specials
+        assert len(records) % 32 == 0
+        words = real[(real["flags"] & SPECIAL) == 0]
+        for token, start, end in zip(words["id"], words["start"], words["end"]):  # offsets into the document
+            piece = tokenizer.decode([int(token)]).replace("##", "").strip().lower()
+            assert piece in document["text"][start:end].lower() or not piece.isalnum()
+    assert len(paragraphs(documents[0]["text"])) == 2  # the blank line is no paragraph
+    a_blocks, b_blocks = out[0][1].reshape(-1, 32), out[1][1].reshape(-1, 32)
+    first, second = (len(tokenizer(line)["input_ids"]) for _, line in paragraphs(documents[0]["text"]))
+    assert first <= 32 and second <= 32 < first + second  # so the second paragraph starts a block: never split
+    assert len(a_blocks) == 2 and a_blocks[1]["id"][0] == tokenizer.cls_token_id
+    assert len(b_blocks) > 1 and all(((block["flags"] & PAD) == 0).all() for block in b_blocks[:-1])  # a long one
+
+
+def test_no_block_holds_two_documents(npm_dir):
+    index = npm_hf.NPMIndex.load(npm_dir / "index")
+    docs, flags = np.asarray(index.token_docs), np.asarray(index.token_flags)
+    for block in range(index.manifest.num_blocks):
+        lo, hi = index.block_range(block)
+        assert len(set(docs[lo:hi][(flags[lo:hi] & PAD) == 0].tolist())) == 1
+
+
+def test_training_blocks_are_packed_paragraphs(encoder_dir):
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    documents = [f"Person {i} was born in Texas.\nPerson {i} moved to Kentucky later." for i in range(24)]
+    blocks = npm_hf.prepare_training_blocks(documents, tokenizer, block_size=40, group_size=4)
+    pad = tokenizer.pad_token_id
+    per_document = [list(tokenize_documents([{"id": str(i), "title": "", "text": t}], tokenizer, CorpusStats(),
+                                            block_size=40))[0][1] for i, t in enumerate(documents)]
+    want = [b["id"][(b["flags"] & PAD) == 0].tolist() for records in per_document for b in records.reshape(-1, 40)]
+    assert blocks["input_ids"] == want[: len(blocks)]
+    assert all(len(ids) <= 40 and pad not in ids for ids in blocks["input_ids"])
+    assert all(ids[0] == tokenizer.cls_token_id for ids in blocks["input_ids"])  # each block starts a paragraph

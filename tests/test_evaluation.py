@@ -122,7 +122,7 @@ def test_paper_protocol_settings():
     assert EvaluationArguments(task="subj", paper_protocol=True).fuzzy_verbalizer is False  # none in the paper
     open_set = EvaluationArguments(task="lama-trex", paper_protocol=True)
     assert (open_set.k, open_set.temperature, open_set.prefilter, open_set.prefilter_blocks,
-            open_set.span_stopwords) == (4096, 1.0, "bm25", 3, "any")
+            open_set.span_stopwords) == (4096, 1.0, "bm25", 3, "reference")
 
 
 # ------------------------------------------------------------------------------------------------- metrics
@@ -225,6 +225,21 @@ def test_open_set_evaluation_with_the_evidence_corpus(npm_dir, data_dir):
         assert all(a in "Abraham Lincoln was born in Hodgenville, Kentucky." for a in answers)  # from the evidence
         assert results["score"] == float(normalize_answer(answers[0]) == "hodgenville")
         assert results["macro_exact_match_at_5"] == float(any(normalize_answer(a) == "hodgenville" for a in answers))
+
+
+def test_paper_protocol_open_set_needs_an_index_without_stop_words(npm_dir, data_dir, tmp_path):
+    args = EvaluationArguments(task="lama-trex", data_dir=str(data_dir), paper_protocol=True, show_progress_bar=False)
+    with pytest.raises(ValueError, match="index without stop-word tokens.*--remove-stopwords"):
+        npm_hf.evaluate(str(npm_dir), args)  # the model's own index keeps its stop words
+    model = NPMModel.from_pretrained(npm_dir)
+    index = npm_hf.build_index(model, [{"id": "0", "title": "", "text": "Abraham Lincoln was born in Hodgenville."}],
+                               output_dir=tmp_path / "index", tokenizer=AutoTokenizer.from_pretrained(npm_dir),
+                               args=npm_hf.IndexBuildArguments(block_size=32, remove_stopwords=True,
+                                                               show_progress_bar=False))
+    results = npm_hf.evaluate(model, args, index=index)
+    assert results["settings"]["span_stopwords"] == "reference" and results["num_examples"] == 1
+    evidence = npm_hf.evaluate(model, dataclasses.replace(args, evidence_corpus=True))  # builds one without them
+    assert evidence["settings"]["index_documents"] == 1
 
 
 def test_evaluation_overrides_the_prefilter_weight_for_the_run_only(npm_dir, data_dir):

@@ -55,7 +55,7 @@ def test_push_uploads_weights_code_card_and_index_in_one_commit(model_copy):
     assert (call.kwargs["repo_id"], call.kwargs["revision"], call.kwargs["create_pr"]) == ("org/npm-tiny", "dev", True)
     index_files = {f"index/{name}" for name in os.listdir(model_copy / "index")}
     remote_code = {"configuration_npm.py", "modeling_npm.py", "pipeline.py", "index.py", "index_editing.py",
-                   "index_build.py", "prefilter.py", "retrieval.py", "corpus.py", "version.py"}
+                   "index_build.py", "prefilter.py", "retrieval.py", "corpus.py", "stopwords.py", "version.py"}
     expected = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
                 "npm_card.json"} | remote_code | index_files
     assert uploaded_files(call) == expected

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from npm_hf import IndexBuildArguments, IndexMismatchError, NPMIndex, NPMIndexError, NPMModel, build_index
-from npm_hf.corpus import SPECIAL
+from npm_hf.corpus import PAD, SPECIAL, WORD_END, WORD_START
 from npm_hf.index import VECTORS_FILE
 
 
@@ -22,17 +22,24 @@ def model_and_tokenizer(npm_dir):
     return NPMModel.from_pretrained(npm_dir), AutoTokenizer.from_pretrained(npm_dir)
 
 
-def test_layout_counts_and_manifest(npm_dir):
+def test_layout_counts_and_manifest(npm_dir, brute_force):
     index = NPMIndex.load(npm_dir / "index")
     m = index.manifest
     assert m.num_documents == 5 and m.num_skipped_empty_documents == 1
     assert m.num_tokens == len(index.token_ids) == len(index.token_offsets) == len(index.token_docs)
     assert m.num_indexed_tokens == len(index.positions)
-    specials = (np.asarray(index.token_flags) & SPECIAL) != 0
-    assert specials.sum() == 2 * m.num_documents  # one [CLS]/<s> and one [SEP]/</s> per document
-    assert m.num_indexed_tokens == m.num_tokens - specials.sum()
-    assert not specials[index.positions].any()
-    assert m.num_blocks == -(-m.num_tokens // 16) and index.block_range(m.num_blocks - 1)[1] == m.num_tokens
+    flags = np.asarray(index.token_flags)
+    specials, pads = (flags & SPECIAL) != 0, (flags & PAD) != 0
+    assert not (pads & ~specials).any()
+    assert (specials & ~pads).sum() == 2 * m.num_documents  # each document is one paragraph: [CLS] … [SEP] / <s> … </s>
+    # the official datastore: word starts and word ends only; the tiny vocabularies split most words into pieces
+    tokenizer = AutoTokenizer.from_pretrained(npm_dir)
+    assert index.positions.tolist() == brute_force.datastore(index, tokenizer)
+    mid_word = ~specials & ((flags & (WORD_START | WORD_END)) == 0)
+    assert mid_word.sum() > 20 and not mid_word[index.positions].any()
+    assert m.boundary_tokens_only and m.paragraph_blocks and not m.stopwords_removed
+    assert m.num_tokens % 16 == 0 and m.num_blocks == m.num_tokens // 16  # blocks are padded to block_size
+    assert index.block_range(m.num_blocks - 1)[1] == m.num_tokens
     assert index.vectors.dtype == np.float16 and index.vectors.shape == (m.num_indexed_tokens, m.hidden_size)
     assert index.faiss_index.ntotal == m.num_indexed_tokens and m.metric == "inner_product"
     assert set(m.versions) >= {"npm_hf", "transformers", "torch", "faiss"}
@@ -42,13 +49,16 @@ def test_layout_counts_and_manifest(npm_dir):
 def test_vectors_are_the_encoder_states_of_unmasked_blocks(npm_dir, model_and_tokenizer):
     model, _ = model_and_tokenizer
     index = NPMIndex.load(npm_dir / "index")
-    ids = np.asarray(index.token_ids)
-    for block in (0, 3, index.manifest.num_blocks - 1):  # the last block is shorter than 16 and padded
+    ids, flags = np.asarray(index.token_ids), np.asarray(index.token_flags)
+    for block in (0, 3, index.manifest.num_blocks - 1):  # the last block ends with PAD tokens
         lo, hi = index.block_range(block)
+        attention = torch.from_numpy(((flags[None, lo:hi] & PAD) == 0).astype(np.int64))
         with torch.no_grad():
-            hidden = model(torch.from_numpy(ids[None, lo:hi].astype(np.int64))).last_hidden_state[0].numpy()
+            hidden = model(torch.from_numpy(ids[None, lo:hi].astype(np.int64)),
+                           attention_mask=attention).last_hidden_state[0].numpy()
         rows, indexed = index.rows_for_positions(np.arange(lo, hi))
         np.testing.assert_allclose(index.vectors_for_rows(rows[indexed]), hidden[indexed], atol=2e-3, rtol=2e-3)
+    assert ((flags & PAD) != 0).any()
 
 
 def test_evidence_points_at_the_phrase(npm_dir, corpus):
@@ -230,3 +240,26 @@ def test_blocks_longer_than_the_encoder_are_refused(tmp_path, model_and_tokenize
     with pytest.raises(ValueError, match=f"use block_size <= {limit}"):
         NPMIndex.build(model, tokenizer, ["Texas."], tmp_path / "i", IndexBuildArguments(block_size=limit + 1))
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------- old indexes
+def test_an_index_from_an_older_npm_hf_loads_and_warns(npm_dir, tmp_path, mask, make_pipeline, caplog):
+    from transformers.utils import logging as hf_logging
+
+    old = tmp_path / "model"
+    shutil.copytree(npm_dir, old)
+    manifest = json.loads((old / "index" / "manifest.json").read_text())
+    for key in ("boundary_tokens_only", "stopwords_removed", "paragraph_blocks"):
+        del manifest[key]  # as written before the fields existed
+    (old / "index" / "manifest.json").write_text(json.dumps(manifest))
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            fill = make_pipeline(old)
+    finally:
+        hf_logging.disable_propagation()
+    assert "built by an npm_hf before 0.2" in caplog.text and "npm-hf build-index" in caplog.text
+    assert "--overwrite" in caplog.text
+    text = f"The Rio Grande flows through {mask} and Texas."
+    scores = lambda answers: {a["token_str"]: a["score"] for a in answers}  # noqa: E731
+    assert scores(fill(text, top_k=50)) == pytest.approx(scores(make_pipeline(npm_dir)(text, top_k=50)))

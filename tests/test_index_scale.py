@@ -47,14 +47,15 @@ def test_streamed_token_files_equal_np_save_of_the_whole_corpus(tmp_path, model_
     index = NPMIndex.build(model, tokenizer, documents, tmp_path / "index", IndexBuildArguments(**QUIET))
     # what the files held when a build concatenated every record in memory and saved the arrays
     chunks = []
-    for number, (_, records) in enumerate(tokenize_documents(iter_documents(documents), tokenizer, CorpusStats())):
+    for number, (_, records) in enumerate(tokenize_documents(iter_documents(documents), tokenizer, CorpusStats(),
+                                                             block_size=16)):
         records["doc"] = number
         chunks.append(records)
     tokens = np.concatenate(chunks)
     expected = {
         "token_ids.npy": tokens["id"], "token_flags.npy": tokens["flags"], "token_docs.npy": tokens["doc"],
         "token_offsets.npy": np.stack([tokens["start"], tokens["end"]], axis=1),
-        "positions.npy": np.flatnonzero((tokens["flags"] & 4) == 0).astype(np.int64),
+        "positions.npy": np.flatnonzero(((tokens["flags"] & 4) == 0) & ((tokens["flags"] & 3) != 0)).astype(np.int64),
     }
     for name, array in expected.items():
         assert (index.path / name).read_bytes() == _npy_bytes(array), name
@@ -62,10 +63,17 @@ def test_streamed_token_files_equal_np_save_of_the_whole_corpus(tmp_path, model_
 
 
 def test_positions_are_computed_chunk_by_chunk(tmp_path):
-    flags = np.array([4, 0, 1, 4, 4, 2, 0, 4, 1], dtype=np.uint8)
-    for chunk in (1, 2, 4, 100):
-        index_module._write_positions(tmp_path, flags, chunk=chunk)
-        assert np.load(tmp_path / "positions.npy").tolist() == [1, 2, 5, 6, 8]
+    flags = np.array([4, 0, 1, 4, 4, 2, 0, 4, 1, 3], dtype=np.uint8)
+    ids = np.array([0, 5, 6, 0, 0, 7, 8, 0, 9, 7])
+    stop = np.zeros(10, dtype=bool)
+    stop[7] = True
+    rules = [({"boundaries_only": True, "stopwords": None}, [2, 5, 8, 9]),
+             ({"boundaries_only": False, "stopwords": None}, [1, 2, 5, 6, 8, 9]),
+             ({"boundaries_only": True, "stopwords": stop}, [2, 8])]
+    for rule, want in rules:
+        for chunk in (1, 2, 4, 100):
+            index_module._write_positions(tmp_path, ids, flags, rule, chunk=chunk)
+            assert np.load(tmp_path / "positions.npy").tolist() == want
 
 
 # ------------------------------------------------------------------------------------------ memory budget

@@ -9,7 +9,7 @@ from transformers import pipeline
 
 import npm_hf
 import npm_hf.demo
-from npm_hf.corpus import WORD_START
+from npm_hf.corpus import PAD, SPECIAL, WORD_END, WORD_START
 from npm_hf.trainer import cpu_has_native_bf16
 
 
@@ -64,7 +64,13 @@ def test_minilm_index_facts(minilm_npm):
     index = npm_hf.NPMIndex.load(minilm_npm / "index")
     m = index.manifest
     assert m.hidden_size == 384 and m.block_size == 256 and m.num_documents == 3
-    assert m.num_tokens > 20_000 and m.num_indexed_tokens == m.num_tokens - 2 * m.num_documents
+    flags = np.asarray(index.token_flags)
+    real = (flags & PAD) == 0
+    assert real.sum() > 20_000 and m.num_tokens % 256 == 0
+    paragraphs = sum(len(npm_hf.corpus.paragraphs(index.documents[d]["text"])) for d in range(m.num_documents))
+    assert (flags[real] & SPECIAL != 0).sum() == 2 * paragraphs  # [CLS] ... [SEP] around every paragraph
+    mid_word = real & (flags & (SPECIAL | WORD_START | WORD_END) == 0)  # "##" pieces inside a word: no vector
+    assert m.num_indexed_tokens == real.sum() - 2 * paragraphs - mid_word.sum() and mid_word.sum() > 1000
     tokenizer = npm_hf.load_npm(minilm_npm)[1]
     starts = np.flatnonzero(np.asarray(index.token_flags) & WORD_START)
     pieces = tokenizer.convert_ids_to_tokens(np.asarray(index.token_ids)[starts[:5000]].tolist())

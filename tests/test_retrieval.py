@@ -1,14 +1,16 @@
-"""NPM scores against a brute-force NumPy computation over every indexed token (k >= N makes NPM exact)."""
+"""NPM scores against a brute-force NumPy computation that follows the official code's rules (conftest), on the tiny
+word-piece vocabularies of conftest (WordPiece and byte-level BPE: most corpus words are two or more pieces)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 import npm_hf
 from npm_hf import NPMIndex
-from npm_hf.corpus import LINE_START, WORD_END, WORD_START
-from npm_hf.retrieval import STOPWORDS
+from npm_hf.corpus import LINE_START, SPECIAL, WORD_END, WORD_START
+from npm_hf.stopwords import STOPWORDS, reference_stopword_ids
 
 
 
@@ -73,9 +75,14 @@ def test_span_stopword_rules(npm_dir, mask, brute_force, rule, make_pipeline):
     fill = make_pipeline(npm_dir, span_stopwords=rule)
     flags, ids = fill.index.token_flags, fill.index.token_ids
 
-    def is_stop(position):
-        whole = flags[position] & (WORD_START | WORD_END) == (WORD_START | WORD_END)
-        return bool(whole) and fill.tokenizer.decode([int(ids[position])]).strip().lower() in STOPWORDS
+    def is_stop(position):  # the word around the position reads as a stop word, however many pieces it has
+        first, last = position, position
+        while not flags[first] & (WORD_START | SPECIAL):
+            first -= 1
+        while not flags[last] & (WORD_END | SPECIAL):
+            last += 1
+        word = fill.tokenizer.decode([int(i) for i in ids[first : last + 1]]).strip().lower()
+        return bool(flags[first] & WORD_START and flags[last] & WORD_END) and word in STOPWORDS
 
     def keep(s, e):
         if rule == "edges":
@@ -90,6 +97,8 @@ def test_span_stopword_rules(npm_dir, mask, brute_force, rule, make_pipeline):
     got = as_scores(fill(text, top_k=100_000))
     assert_same_scores(got, want)
     assert "the" not in got and "." not in got
+    pieces = [p for p in range(fill.index.num_tokens) if flags[p] & WORD_START and not flags[p] & WORD_END]
+    assert any(is_stop(p) for p in pieces)  # a stop word of several pieces ("th ##e") is found too
 
 
 def test_small_k_uses_only_retrieved_candidates(npm_dir, mask, make_pipeline):
@@ -224,7 +233,9 @@ def test_spans_within_lines_match_brute_force(lines_npm_dir, brute_force, make_p
                              config.max_span_length, stopwords=within_a_line)
     assert_same_scores(as_scores(fill(text, top_k=100_000)), want)
     crossing = as_scores(make_pipeline(lines_npm_dir)(text, top_k=100_000))
-    assert set(want) < set(crossing)  # the paper's rule also finds spans over a line break ("borders:\n*", ...)
+    # each line is a paragraph of its own, with its own special tokens (the official blocks): no span crosses one
+    assert set(want) == set(crossing) and not any("\n" in phrase for phrase in crossing)
+    assert "mexico oklahoma" not in {phrase.lower() for phrase in crossing}
     fill.model.config.expand_span_candidates = True  # the official candidate expansion walks within lines too
     assert set(as_scores(fill(text, top_k=100_000))) == set(want)
 
@@ -248,3 +259,121 @@ def test_spans_within_lines_warn_on_an_index_without_line_marks(lines_npm_dir, t
         hf_logging.disable_propagation()
     assert "spans_cross_lines=False has no effect: this index was built before npm_hf marked line starts" in caplog.text
     assert as_scores(within) == pytest.approx(as_scores(make_pipeline(old)(text, top_k=100_000)))
+
+
+# ------------------------------------------------------------------- fidelity to the official code (issue 16)
+TEXTS = ["The Rio Grande flows through {mask} and Texas.", "Abraham Lincoln was born in {mask}, Kentucky.",
+         "Hagios Demetrios is located in {mask}."]
+
+
+def test_most_corpus_words_are_several_pieces(npm_dir):
+    index = NPMIndex.load(npm_dir / "index")
+    flags, ids = np.asarray(index.token_flags), np.asarray(index.token_ids)
+    starts, ends = np.flatnonzero(flags & WORD_START), np.flatnonzero(flags & WORD_END)
+    words = {tuple(ids[s : e + 1].tolist()) for s, e in zip(starts, ends)}
+    assert sum(len(word) > 1 for word in words) > 0.6 * len(words)  # the word-piece case the issue is about
+
+
+def test_single_mode_never_answers_a_mid_word_piece(npm_dir, mask, brute_force, make_pipeline):
+    fill = make_pipeline(npm_dir, mode="single")
+    text = f"Abraham Lincoln was born in {mask}, Kentucky."
+    answers = fill(text, top_k=10_000)
+    (query,) = query_vectors(fill, text)
+    assert {a["token"]: a["score"] for a in answers} == pytest.approx(
+        brute_force.single(fill.index, query[0], fill.model.config.scale, 1.0), abs=1e-5)
+    flags, ids = np.asarray(fill.index.token_flags), np.asarray(fill.index.token_ids)
+    boundary = (flags & (WORD_START | WORD_END)) != 0
+    only_mid_word = set(ids[~boundary & ((flags & SPECIAL) == 0)].tolist()) - set(ids[boundary].tolist())
+    assert len(only_mid_word) > 3  # pieces that only ever occur inside a word ...
+    assert not only_mid_word & {a["token"] for a in answers}  # ... are never an answer
+    assert len(answers) == len(set(ids[fill.index.positions].tolist()))
+
+
+@pytest.mark.parametrize("k", [None, 60])
+@pytest.mark.parametrize("expand", [False, True])
+def test_span_softmaxes_over_retrieved_starts_and_ends(npm_dir, mask, brute_force, make_pipeline, k, expand):
+    """P_s over the retrieved word starts, P_e over the retrieved word ends (with `expand`, plus the starts and ends
+    of spans walked from them), each normalised on its own; at k < N too."""
+    fill = make_pipeline(npm_dir, expand_span_candidates=expand)
+    config = fill.model.config
+    for template in TEXTS:
+        text = template.format(mask=mask)
+        (vectors,) = query_vectors(fill, text)
+        want = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale,
+                                 config.temperature, config.max_span_length, k=k, expand=expand)
+        got = as_scores(fill(text, top_k=100_000, k=k or fill.index.num_indexed))
+        assert_same_scores(got, want)
+    if k is not None and expand:  # expansion finds spans whose other end was not retrieved
+        plain = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale,
+                                  config.temperature, config.max_span_length, k=k)
+        assert set(plain) < set(want)
+
+
+def test_one_softmax_over_the_union_would_differ(npm_dir, mask, brute_force, make_pipeline):
+    """The separate normalisation is observable: a single softmax over start and end candidates together (what
+    npm_hf did before) gives other scores, so the parity tests above can fail."""
+    fill = make_pipeline(npm_dir, expand_span_candidates=True)
+    text = TEXTS[0].format(mask=mask)
+    (vectors,) = query_vectors(fill, text)
+    predictor, index = fill.predictor, fill.index
+    _, rows = index.search(np.stack(vectors), 60)
+    starts, ends = index.positions[rows[0]], index.positions[rows[1]]
+    starts = starts[(index.token_flags[starts] & WORD_START) != 0]
+    ends = ends[(index.token_flags[ends] & WORD_END) != 0]
+    span_starts, span_ends = predictor.enumerate_spans(starts, ends, expand=True)
+    start_set = set(starts.tolist()) | set(span_starts.tolist())
+    end_set = set(ends.tolist()) | set(span_ends.tolist())
+    assert start_set != end_set and start_set & end_set  # overlapping but different candidate sets
+
+
+def test_remove_stopwords_index(npm_dir, corpus, mask, brute_force, make_pipeline, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(npm_dir, folder, ignore=shutil.ignore_patterns("index"))
+    npm_hf.build_index(folder, corpus, args=npm_hf.IndexBuildArguments(block_size=16, remove_stopwords=True,
+                                                                       show_progress_bar=False))
+    fill = make_pipeline(folder, span_stopwords="reference")
+    tokenizer, index = fill.tokenizer, fill.index
+    assert index.manifest.stopwords_removed
+    stop = reference_stopword_ids(tokenizer)
+    assert {tokenizer.convert_tokens_to_ids(t) for t in (".", ",")} <= stop
+    assert index.positions.tolist() == brute_force.datastore(index, tokenizer, remove_stopwords=True)
+    assert len(index.positions) < len(npm_hf.NPMIndex.load(npm_dir / "index").positions)
+    assert not set(np.asarray(index.token_ids)[index.positions].tolist()) & stop  # in neither softmax
+    ids = np.asarray(index.token_ids)
+    no_stop_word = lambda s, e: not any(int(i) in stop for i in ids[s : e + 1])  # noqa: E731
+    config = fill.model.config
+    for expand in (False, True):
+        config.expand_span_candidates = expand
+        for template in TEXTS:
+            text = template.format(mask=mask)
+            (vectors,) = query_vectors(fill, text)
+            want = brute_force.spans(index, tokenizer, vectors[0], vectors[1], config.scale, config.temperature,
+                                     config.max_span_length, stopwords=no_stop_word, expand=expand)
+            assert_same_scores(as_scores(fill(text, top_k=100_000)), want)
+    config.span_stopwords = "none"  # spans may still hold a stop word inside, never at an end (it has no vector)
+    for answer in fill(TEXTS[0].format(mask=mask), top_k=100_000):
+        first, last = answer["token"][0], answer["token"][-1]
+        assert first not in stop and last not in stop
+    single = make_pipeline(folder, mode="single")(TEXTS[1].format(mask=mask), top_k=10_000)
+    assert not {a["token"] for a in single} & stop
+
+
+def test_reference_rule_rejects_a_word_whose_first_piece_is_a_stop_word(encoder_dir, tmp_path, make_pipeline):
+    """"the ##ssa ##lon ##iki": the official rule looks at ids, wherever they sit; npm_hf's "any" at whole words."""
+    folder = tmp_path / "model"
+    npm_hf.convert_encoder(str(encoder_dir), folder, k=4096)
+    text = "Atlantic Island Tobacco Onward Theodore Inland Isabel Andes Upton Ofelia."
+    npm_hf.build_index(folder, [text], args=npm_hf.IndexBuildArguments(block_size=64, show_progress_bar=False))
+    fill = make_pipeline(folder, max_span_length=20)
+    tokenizer, index = fill.tokenizer, fill.index
+    stop = reference_stopword_ids(tokenizer)
+    flags, ids = np.asarray(index.token_flags), np.asarray(index.token_ids)
+    firsts = [p for p in np.flatnonzero(flags & WORD_START) if not flags[p] & WORD_END and int(ids[p]) in stop]
+    assert firsts  # e.g. "a ##t ##l ##an ##t ##i ##c" or "ĠA tl antic"
+    word_end = next(e for e in range(firsts[0], firsts[0] + 20) if flags[e] & WORD_END)
+    word = tokenizer.decode([int(i) for i in ids[firsts[0] : word_end + 1]]).strip()
+    query = f"{fill.tokenizer.mask_token} is a word."
+    assert word in as_scores(make_pipeline(folder, span_stopwords="any")(query, top_k=100_000))
+    reference = make_pipeline(folder, span_stopwords="reference")(query, top_k=100_000)
+    assert reference and word not in as_scores(reference)
+    assert all(not set(answer["token"]) & stop for answer in reference)

@@ -74,8 +74,9 @@ def quiet_args(tmp_path, **overrides):
 def test_blocks_come_in_whole_groups(blocks, tokenizer):
     groups = np.asarray(blocks["group"])
     assert len(blocks) % 4 == 0 and np.all(np.bincount(groups) == 4)
-    assert all(len(ids) == 32 for ids in blocks["input_ids"])
-    with pytest.raises(ValueError, match="fewer than one group of 4 blocks of 32 tokens"):
+    lengths = [len(ids) for ids in blocks["input_ids"]]
+    assert max(lengths) == 32 and min(lengths) < 32  # a document's last block is shorter (not padded)
+    with pytest.raises(ValueError, match="fewer than one group of 4 blocks"):
         prepare_training_blocks(["alice was born in paris ."], tokenizer, block_size=32, group_size=4)
 
 
@@ -112,7 +113,10 @@ def test_collator_masks_co_occurring_spans_deterministically(blocks, tokenizer):
         n = len(span)
         assert any(other[m : m + n] == span for other in others for m in range(len(other) - n + 1))
         assert tokenizer.mask_token_id not in span and not set(span) & set(tokenizer.all_special_ids)
-    assert torch.equal(batch["key_input_ids"], torch.tensor([f["input_ids"] for f in features]))
+    width = batch["key_input_ids"].shape[1]
+    padded = [f["input_ids"] + [tokenizer.pad_token_id] * (width - len(f["input_ids"])) for f in features]
+    assert torch.equal(batch["key_input_ids"], torch.tensor(padded))
+    assert torch.equal(batch["key_attention_mask"].sum(1), torch.tensor([len(f["input_ids"]) for f in features]))
     masked_tokens = int(batch["query_length"][:].sum())
     real = sum(len(f["input_ids"]) for f in features)
     assert 0.05 * real <= masked_tokens <= 0.15 * real + 2 * 10
@@ -372,7 +376,8 @@ def test_trainer_rejects_bad_setups(model_dir, blocks, tmp_path, tokenizer):
     with pytest.raises(ValueError, match="wrap your encoder"):
         NPMTrainer(model=BertModel(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1,
                                               num_attention_heads=1, intermediate_size=8)), train_dataset=blocks)
-    long_blocks = prepare_training_blocks(fact_documents(40, seed=3), tokenizer, block_size=70, group_size=4)
+    long_documents = [" ".join(fact_documents(3, seed=s)) for s in range(16)]  # paragraphs longer than a block
+    long_blocks = prepare_training_blocks(long_documents, tokenizer, block_size=70, group_size=4)
     with pytest.raises(ValueError, match="more than the encoder accepts \\(64\\)"):
         NPMTrainer(model=model, args=quiet_args(tmp_path), train_dataset=long_blocks)
     with pytest.raises(ValueError, match="mask_ratio must be in"):

@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 
 from ..prefilter import BM25PassageRetriever, passage_texts
-from ..retrieval import STOPWORDS
+from ..stopwords import STOPWORDS
 from .metrics import exact_match
 
 

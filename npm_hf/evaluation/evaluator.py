@@ -51,7 +51,8 @@ class EvaluationArguments:
         default=None, metadata={"help": "The official closed-set T^2 quirk (default: config)."}
     )
     span_stopwords: str | None = field(
-        default=None, metadata={"help": "Open-set span filter: none, any (the paper) or edges (default: config)."}
+        default=None, metadata={"help": "Open-set span filter: none, reference (the paper), any or edges (default: "
+                                        "config)."}
     )
     fuzzy_verbalizer: bool = field(
         default=False, metadata={"help": "Score each label by a list of synonyms (closed-set tasks that have one)."}
@@ -76,7 +77,8 @@ class EvaluationArguments:
     paper_protocol: bool = field(
         default=False,
         metadata={"help": "The paper's settings: k=4096; closed set T=5 with the T^2 quirk and fuzzy verbalisers; "
-                          "open set T=1, spans without stop words, BM25 top-3 pre-filter."},
+                          "open set T=1, spans without any stop-word id, BM25 top-3 pre-filter, over an index "
+                          "without stop words (build-index --remove-stopwords; one built from --corpus is)."},
     )
     device: str | None = field(default=None, metadata={"help": "torch device, e.g. cpu or cuda:0 (default: cpu)."})
     show_progress_bar: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
@@ -92,8 +94,8 @@ class EvaluationArguments:
             raise ValueError(f"EvaluationArguments.prefilter_weight must be >= 0, got {self.prefilter_weight}.")
         if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"EvaluationArguments.temperature must be > 0, got {self.temperature}.")
-        if self.span_stopwords not in (None, "none", "any", "edges"):
-            raise ValueError(f"EvaluationArguments.span_stopwords must be none, any or edges, got "
+        if self.span_stopwords not in (None, "none", "any", "edges", "reference"):
+            raise ValueError(f"EvaluationArguments.span_stopwords must be none, reference, any or edges, got "
                              f"{self.span_stopwords!r}.")
         if self.prefilter not in (None, "none", "bm25", "dense"):
             raise ValueError(f"EvaluationArguments.prefilter must be 'none', 'bm25' or 'dense', got "
@@ -113,7 +115,7 @@ class EvaluationArguments:
             self.temperature, self.apply_temperature_twice = PAPER_CLOSED_TEMPERATURE, True
             self.fuzzy_verbalizer = get_task(self.task).fuzzy_words is not None
         else:
-            self.temperature, self.apply_temperature_twice, self.span_stopwords = 1.0, False, "any"
+            self.temperature, self.apply_temperature_twice, self.span_stopwords = 1.0, False, "reference"
             self.prefilter, self.prefilter_blocks = "bm25", PAPER_PREFILTER_BLOCKS
 
 
@@ -384,12 +386,14 @@ def _scorer(model, tokenizer, args: EvaluationArguments, index, corpus, scratch:
                              "do not retrieve. Convert it first (npm-hf convert) to evaluate it as an NPM.")
         return MaskedLMScorer(FillMaskPipeline(model=model, tokenizer=tokenizer, device=args.device),
                               args.show_progress_bar)
+    paper_open_set = args.paper_protocol and get_task(args.task).kind != "closed"
     if index is None and corpus is not None:
         from ..api import build_index
         from ..index import IndexBuildArguments
 
         index = build_index(model, corpus, output_dir=Path(scratch) / "index", tokenizer=tokenizer,
                             args=IndexBuildArguments(block_size=min(256, model.config.max_input_length),
+                                                     remove_stopwords=paper_open_set,
                                                      show_progress_bar=args.show_progress_bar))
     if index is None:
         try:
@@ -399,6 +403,13 @@ def _scorer(model, tokenizer, args: EvaluationArguments, index, corpus, scratch:
                              "to evaluate it.") from None
     elif isinstance(index, (str, os.PathLike)):  # a folder; index objects (NPMIndex, wrappers of it) pass as they are
         index = NPMIndex.load(index)
+    manifest = getattr(index, "manifest", None)
+    if paper_open_set and not getattr(manifest, "stopwords_removed", False):
+        raise ValueError(
+            "The paper protocol's open-set evaluation retrieves from an index without stop-word tokens (the official "
+            "open-set datastore: they are in neither softmax), and this index has them. Build one with `npm-hf "
+            "build-index --model MODEL --corpus CORPUS --output DIR --remove-stopwords` (IndexBuildArguments("
+            "remove_stopwords=True)) and pass it as --index, or pass --corpus to have one built.")
     pipe = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index, device=args.device)
     return NPMScorer(pipe, args.show_progress_bar)
 

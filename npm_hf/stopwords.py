@@ -1,0 +1,67 @@
+"""Stop words: which vocabulary ids count as function words or punctuation.
+
+Two sets, because the official code and npm_hf's own span rules ask different questions:
+
+* `stopword_ids`: ids whose text is a stop word, however the word is split; `span_stopwords="edges"` / `"any"`
+  apply it to whole-word tokens only (a word whose first piece happens to read "the" is not a stop word).
+* `reference_stopword_ids`: the official code's notion (method §2), a fixed id list: the word-initial form of each
+  stop word (" the", " of", "[the]" but not "##the" or a BPE piece without its leading space) and every punctuation
+  piece. It decides which tokens a `remove_stopwords` index leaves out and which spans
+  `span_stopwords="reference"` rejects (any span holding one of these ids, wherever it sits in a word). The
+  official list of 211 RoBERTa ids is not in its repository; this rebuilds the same kind of list for any tokenizer.
+"""
+
+import unicodedata
+
+import numpy as np
+
+
+STOPWORDS = frozenset(
+    """a about above after again against all am an and any are as at be because been before being below between both
+    but by can could did do does doing down during each few for from further had has have having he her here hers
+    herself him himself his how i if in into is it its itself just me more most my myself no nor not now of off on
+    once only or other our ours ourselves out over own same she should so some such than that the their theirs them
+    themselves then there these they this those through to too under until up very was we were what when where which
+    while who whom why will with would you your yours yourself yourselves 's 't . , ; : ! ? ' " ( ) [ ] - -- ...
+    """.split()
+)
+
+
+def stopword_ids(tokenizer) -> frozenset:
+    """Vocabulary ids whose text is a stop word or punctuation."""
+    vocab = tokenizer.get_vocab()
+    ids = list(vocab.values())
+    words = tokenizer.batch_decode([[i] for i in ids])
+    return frozenset(i for i, word in zip(ids, words) if word.strip().lower() in STOPWORDS)
+
+
+def reference_stopword_ids(tokenizer) -> frozenset:
+    """The official code's kind of stop-word id list for `tokenizer`: word-initial stop-word pieces and punctuation.
+
+    A piece is word-initial when it decodes with a space after a preceding word (`decode([anchor, id])`): true of
+    BPE pieces that carry the leading-space marker and of WordPiece pieces without `##`."""
+    vocab = tokenizer.get_vocab()
+    ids = sorted(vocab.values())
+    anchor = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("a"))[0]
+    prefix = tokenizer.decode([anchor])
+    alone = tokenizer.batch_decode([[i] for i in ids])
+    after = tokenizer.batch_decode([[anchor, i] for i in ids])
+    special = set(tokenizer.all_special_ids)
+    chosen = set()
+    for i, word, pair in zip(ids, alone, after):
+        text = word.strip()
+        if i in special or not text:
+            continue
+        if all(unicodedata.category(c).startswith("P") for c in text):
+            chosen.add(i)
+        elif text.lower() in STOPWORDS and pair.startswith(prefix) and pair[len(prefix):][:1].isspace():
+            chosen.add(i)
+    return frozenset(chosen)
+
+
+def id_table(tokenizer, ids) -> np.ndarray:
+    """A boolean table over `tokenizer`'s vocabulary, True at `ids` (for vectorised lookups of token arrays)."""
+    size = max(max(tokenizer.get_vocab().values()) + 1, len(tokenizer))
+    table = np.zeros(size, dtype=bool)
+    table[list(ids)] = True
+    return table
