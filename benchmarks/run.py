@@ -5,7 +5,7 @@
 Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"}`; progress goes to stderr.
 
     P2  index-build tokens/s (the whole NPMIndex.build: tokenization, encoding, FAISS, manifest, reload)
-        / bare encoder forward tokens/s over exactly the same blocks and batch size.          goal >= 0.9
+        / bare encoder forward tokens/s over exactly the same forward passes (blocks, batches, lengths). goal >= 0.9
     P1  fill-mask pipeline seconds per query / (bare encoder forward of the same query with the mask duplicated,
         as span mode does, + raw FAISS search of its 2 query vectors with the same k).         goal <= 1.2
     B   bytes of the index directory per indexed token, with a per-file breakdown.             report
@@ -222,22 +222,21 @@ def directory_bytes(path: Path) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------------------- P2
 def pack_batches(ids: np.ndarray, flags: np.ndarray, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The blocks NPMIndex.build encodes: the index's token ids in BLOCK_SIZE blocks (paragraphs packed per document,
-    PAD tokens not attended to), BATCH_SIZE blocks per forward."""
+    """The forward passes NPMIndex.build runs over the index's tokens (`npm_hf.index.encoding_plan`: its blocks of
+    packed paragraphs, sorted by length within a work unit, BATCH_SIZE per pass, each pass trimmed to its longest)."""
+    from npm_hf import IndexBuildArguments
     from npm_hf.corpus import PAD
+    from npm_hf.index import encoding_plan
 
-    span = BLOCK_SIZE * BATCH_SIZE
-    batches = []
-    for lo in range(0, len(ids), span):
-        chunk, attend = ids[lo : lo + span], (flags[lo : lo + span] & PAD) == 0
-        blocks = -(-len(chunk) // BLOCK_SIZE)
-        padded = np.full(blocks * BLOCK_SIZE, pad_id, dtype=np.int64)
-        padded[: len(chunk)] = np.where(attend, chunk, pad_id)
-        attention = np.zeros(blocks * BLOCK_SIZE, dtype=np.int64)
-        attention[: len(chunk)] = attend
-        batches.append((torch.from_numpy(padded.reshape(blocks, BLOCK_SIZE)),
-                        torch.from_numpy(attention.reshape(blocks, BLOCK_SIZE))))
-    return batches
+    args = IndexBuildArguments(block_size=BLOCK_SIZE, batch_size=BATCH_SIZE)
+    num_blocks = -(-len(ids) // BLOCK_SIZE)
+    blocks = np.full(num_blocks * BLOCK_SIZE, pad_id, dtype=np.int64)
+    attend = np.zeros(num_blocks * BLOCK_SIZE, dtype=np.int64)
+    attend[: len(ids)] = (flags & PAD) == 0
+    blocks[: len(ids)] = np.where(attend[: len(ids)] == 1, ids, pad_id)
+    blocks, attend = blocks.reshape(num_blocks, BLOCK_SIZE), attend.reshape(num_blocks, BLOCK_SIZE)
+    return [(torch.from_numpy(blocks[members, :length]), torch.from_numpy(attend[members, :length]))
+            for unit in encoding_plan(flags, args) for members, length in unit]
 
 
 def bare_forward_seconds(model, batches) -> float:
@@ -305,7 +304,8 @@ def figure_p2(model, tokenizer, documents, workdir: Path, rounds: tuple[int, int
     round_ratios = [bare / build for build, bare in zip(build_times, bare_times)]
     build_tps, bare_tps = num_tokens / min(build_times), num_tokens / min(bare_times)
     emit("P2", statistics.median(round_ratios), ">= 0.9",
-         f"{num_tokens} tokens, {len(documents)} docs, {len(batches)} batches of {BATCH_SIZE}x{BLOCK_SIZE}; "
+         f"{num_tokens} tokens, {len(documents)} docs, {len(batches)} forward passes of <= {BATCH_SIZE}x{BLOCK_SIZE} "
+         f"({sum(int(a.sum()) for _, a in batches)} attended tokens); "
          f"median of {len(round_ratios)} alternating rounds' ratios {[round(x, 3) for x in round_ratios]}; "
          f"best-of: build {build_tps:.0f} tok/s ({min(build_times):.2f}s), bare forward {bare_tps:.0f} tok/s "
          f"({min(bare_times):.2f}s), ratio {build_tps / bare_tps:.3f}; build s {[round(t, 2) for t in build_times]}, "

@@ -900,46 +900,73 @@ def _write_positions(staging: Path, ids: np.ndarray, flags: np.ndarray, rule: di
     _raw_to_npy(raw, staging / POSITIONS_FILE, np.dtype(np.int64), (count,))
 
 
-def encode_into(vectors: np.ndarray, row: int, model, ids, flags, keep, args: IndexBuildArguments,
-                on_vectors=None) -> int:
-    """Encode the tokens `ids` (a run starting at a block boundary) in blocks of `args.block_size` and write the
-    float16 hidden states of the tokens where `keep` is set to `vectors[row:]`. PAD tokens are not attended to.
-    Returns the row after the last one."""
+def unit_blocks(args: IndexBuildArguments) -> int:
+    """Blocks per work unit: `blocks_per_unit` rounded up to whole batches (`index_build.work_units`)."""
+    return -(-args.blocks_per_unit // args.batch_size) * args.batch_size
+
+
+def encoding_plan(flags, args: IndexBuildArguments) -> list[list[tuple[np.ndarray, int]]]:
+    """The forward passes that encode a run of tokens starting at a block boundary: per work unit, its blocks sorted
+    by length (tokens before their PAD), longest first, in batches of `batch_size`, each batch trimmed to its longest
+    block. Returns, per unit, `(block numbers, length)` per forward pass. Packed paragraphs leave blocks of many
+    lengths, and a batch of short blocks costs what its longest one does, not `block_size`; every block is encoded
+    on its own (attention never crosses blocks), so the order changes no vector."""
+    flags, size = np.asarray(flags), args.block_size
+    num_blocks = -(-len(flags) // size)
+    real = np.zeros(num_blocks * size, dtype=bool)
+    real[: len(flags)] = (flags & PAD) == 0
+    real = real.reshape(num_blocks, size)
+    lengths = np.where(real.any(axis=1), size - np.argmax(real[:, ::-1], axis=1), 0)
+    plan, per_unit = [], unit_blocks(args)
+    for lo in range(0, num_blocks, per_unit):
+        blocks = np.arange(lo, min(lo + per_unit, num_blocks))
+        blocks = blocks[lengths[blocks] > 0]
+        order = blocks[np.argsort(-lengths[blocks], kind="stable")]
+        plan.append([(order[b : b + args.batch_size], int(lengths[order[b]]))
+                     for b in range(0, len(order), args.batch_size)])
+    return plan
+
+
+def encode_into(vectors: np.ndarray, row: int, model, ids, flags, keep, args: IndexBuildArguments) -> int:
+    """Encode the tokens `ids` (a run starting at a block boundary) block by block (`encoding_plan`) and write the
+    float16 hidden states of the tokens where `keep` is set to `vectors[row:]`, in corpus order. PAD tokens are not
+    attended to. Returns the row after the last one."""
     from tqdm.auto import tqdm
 
     ids, flags, keep = np.asarray(ids), np.asarray(flags), np.asarray(keep, dtype=bool)
-    pad_id = _pad_token_id(model)
-    span = args.block_size * args.batch_size
+    size, pad_id = args.block_size, _pad_token_id(model)
+    num_blocks = -(-len(ids) // size)
+    blocks = np.full(num_blocks * size, pad_id, dtype=np.int64)
+    attend = np.zeros(num_blocks * size, dtype=bool)
+    attend[: len(ids)] = (flags & PAD) == 0
+    blocks[: len(ids)] = np.where(attend[: len(ids)], ids, pad_id)
+    chosen = np.zeros(num_blocks * size, dtype=bool)
+    chosen[: len(ids)] = keep
+    blocks, attend, chosen = (a.reshape(num_blocks, size) for a in (blocks, attend, chosen))
     device = model.device
     was_training = model.training
     model.eval()
+    done = 0
     with torch.inference_mode(), tqdm(total=len(ids), desc="Encoding corpus", unit="tok",
                                       disable=not args.show_progress_bar) as progress:
-        for lo in range(0, len(ids), span):
-            hi = min(lo + span, len(ids))
-            input_ids, attention = _pack_blocks(ids[lo:hi], (flags[lo:hi] & PAD) == 0, args.block_size, pad_id)
-            hidden = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
-            chosen = hidden.reshape(-1, hidden.shape[-1])[: hi - lo][torch.from_numpy(keep[lo:hi]).to(device)]
-            chosen = chosen.to(torch.float16)
-            vectors[row : row + len(chosen)] = chosen.cpu().numpy()
-            if on_vectors is not None:
-                on_vectors(chosen.float().cpu().numpy())
-            row += len(chosen)
-            progress.update(hi - lo)
+        for unit in encoding_plan(flags, args):
+            states = {}
+            for members, length in unit:
+                hidden = model(input_ids=torch.from_numpy(blocks[members, :length]).to(device),
+                               attention_mask=torch.from_numpy(attend[members, :length].astype(np.int64)).to(device),
+                               ).last_hidden_state
+                for j, block in enumerate(members.tolist()):
+                    states[block] = hidden[j][torch.from_numpy(chosen[block, :length]).to(device)]
+            for block in sorted(states):  # back in corpus order
+                state = states[block].to(torch.float16).cpu().numpy()
+                vectors[row : row + len(state)] = state
+                row += len(state)
+            if states:
+                reached = min((max(states) + 1) * size, len(ids))
+                progress.update(reached - done)
+                done = reached
     model.train(was_training)
     return row
-
-
-def _pack_blocks(ids: np.ndarray, attend: np.ndarray, block_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of shape (blocks, block_size): the tokens, then padding to a whole block; tokens
-    where `attend` is False (PAD) are masked too."""
-    num_blocks = -(-len(ids) // block_size)
-    padded = np.full(num_blocks * block_size, pad_id, dtype=np.int64)
-    padded[: len(ids)] = np.where(attend, ids, pad_id)
-    attention = np.zeros(num_blocks * block_size, dtype=np.int64)
-    attention[: len(ids)] = attend
-    return (torch.from_numpy(padded.reshape(num_blocks, block_size)),
-            torch.from_numpy(attention.reshape(num_blocks, block_size)))
 
 
 def _pad_token_id(model) -> int:

@@ -43,7 +43,7 @@ from .index import (AUTO_FACTORY, FAISS_FILE, IVFDATA_FILE, POSITIONS_FILE, TOKE
                     index_rule,
                     check_training_size, create_vector_shards, encode_into, encoder_fingerprint,
                     layout_format_version, open_vector_shards, parse_shard_size, shard_layout, suggest_faiss_factory,
-                    tokenizer_fingerprint)
+                    tokenizer_fingerprint, unit_blocks)
 
 
 logger = logging.get_logger(__name__)
@@ -291,8 +291,7 @@ def _tokenize(index_dir: Path, state_dir: Path, model, corpus, tokenizer, args: 
 def work_units(num_tokens: int, args: IndexBuildArguments) -> list[tuple[int, int]]:
     """Token ranges [start, stop) of the work units: runs of blocks_per_unit blocks (rounded up to whole batches,
     so that a unit's forward passes hold the same blocks as a one-process build's)."""
-    batches = -(-args.blocks_per_unit // args.batch_size)
-    span = batches * args.batch_size * args.block_size
+    span = unit_blocks(args) * args.block_size
     return [(lo, min(lo + span, num_tokens)) for lo in range(0, num_tokens, span)]
 
 

@@ -61,6 +61,26 @@ def test_vectors_are_the_encoder_states_of_unmasked_blocks(npm_dir, model_and_to
     assert ((flags & PAD) != 0).any()
 
 
+def test_encoding_plan_sorts_blocks_by_length_within_work_units(npm_dir):
+    from npm_hf.index import encoding_plan
+
+    index = NPMIndex.load(npm_dir / "index")
+    flags = np.asarray(index.token_flags)
+    args = IndexBuildArguments(block_size=16, batch_size=3, blocks_per_unit=5)  # units of 6 blocks
+    plan = encoding_plan(flags, args)
+    lengths = [16 - int(np.argmax(((flags[b * 16 : (b + 1) * 16] & PAD) == 0)[::-1])) for b in range(len(flags) // 16)]
+    assert len(set(lengths)) > 2  # packed paragraphs: blocks of several lengths
+    seen = []
+    for number, unit in enumerate(plan):
+        members = [int(b) for batch, _ in unit for b in batch]
+        assert sorted(members) == list(range(6 * number, min(6 * number + 6, len(lengths))))  # a unit's own blocks
+        assert [lengths[b] for b in members] == sorted((lengths[b] for b in members), reverse=True)
+        for batch, length in unit:
+            assert len(batch) <= 3 and length == max(lengths[b] for b in batch)
+        seen += members
+    assert sorted(seen) == list(range(len(lengths))) and seen != sorted(seen)
+
+
 def test_evidence_points_at_the_phrase(npm_dir, corpus):
     index = NPMIndex.load(npm_dir / "index")
     text = corpus[1]["text"]
