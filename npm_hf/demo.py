@@ -262,15 +262,16 @@ def _train_model(args: DemoArguments, output: Path) -> dict:
     return {"trained": True, "bf16": bf16, "steps": steps, "training_tokens": steps * GROUP_SIZE * TRAIN_BLOCK_SIZE}
 
 
-# Decoding measured best for the CPU-trained demo model on its held-out cloze set (README, "Held-out cloze"):
-# P_s * P_e against one-word fragments, stop-word-free spans as in the paper's open-set runs, no phrase the query
-# already contains, no span over a line break, and a pre-filter of 40 passages of 64 tokens whose relevance adds up
-# to 2 to their tokens' logits (64-token windows chosen on half of the queries with an early model; 40 windows at
-# weight 2 rather than 20 at 4 summed over the recipe 6, 7 and 8 models: -2 queries at 1, +8 at 5. The better the
-# model, the less lexical help it needs).
+# Decoding measured best for the CPU-trained demo model on its held-out cloze set (README, "Held-out cloze";
+# docs/fidelity.md): P_s * P_e against one-word fragments, stop-word-free spans, no phrase the query already
+# contains, no span over a line break (a no-op on indexes of paragraph blocks), and a pre-filter of 20 passages of 64
+# tokens whose relevance adds up to 4 to their tokens' logits. With the faithful index and training blocks (issue 16)
+# the fp32 model of 791 steps wins with 20 windows at weight 4 on both halves of the queries (25.0 / 45.8 against 18.8
+# / 46.9 for 40 at 2, which won for the stronger bf16 models of 1,500 steps: the better the model, the less lexical
+# help it needs).
 DEMO_DECODING = {"span_scoring": "product", "span_stopwords": "any", "exclude_query_phrases": True,
-                 "spans_cross_lines": False, "prefilter_passage_tokens": 64, "prefilter_blocks": 40,
-                 "prefilter_weight": 2.0}
+                 "spans_cross_lines": False, "prefilter_passage_tokens": 64, "prefilter_blocks": 20,
+                 "prefilter_weight": 4.0}
 
 
 def _set_decoding(model_dir: Path, args: DemoArguments) -> dict:

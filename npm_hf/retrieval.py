@@ -17,7 +17,7 @@ import torch
 from transformers.utils import logging
 
 from .corpus import LINE_START, SPECIAL, WORD_END, WORD_START
-from .stopwords import STOPWORDS, id_table, reference_stopword_ids
+from .stopwords import STOPWORDS, id_table, pieces_after_a_word, reference_stopword_ids
 
 
 logger = logging.get_logger(__name__)
@@ -426,15 +426,9 @@ class NPMPredictor:
         """Per vocabulary id: whether the piece begins a word after another one (it decodes with a space before it,
         or it is punctuation)."""
         if self._initial is None:
-            size = max(len(self.tokenizer), max(self.tokenizer.get_vocab().values()) + 1)
-            anchor = self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize("a"))[0]
-            prefix = self.tokenizer.decode([anchor])
-            pairs = self.tokenizer.batch_decode([[anchor, i] for i in range(size)])
-            table = np.zeros(size, dtype=bool)
-            for i, text in enumerate(pairs):
-                piece = text[len(prefix):] if text.startswith(prefix) else text
-                table[i] = piece[:1].isspace() or (bool(piece.strip()) and not any(c.isalnum() for c in piece))
-            self._initial = table
+            pieces = pieces_after_a_word(self.tokenizer)
+            punctuation = [bool(piece.strip()) and not any(c.isalnum() for c in piece) for piece in pieces]
+            self._initial = np.array([piece[:1].isspace() for piece in pieces]) | np.array(punctuation, dtype=bool)
         return self._initial
 
     @property

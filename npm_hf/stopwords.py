@@ -35,26 +35,32 @@ def stopword_ids(tokenizer) -> frozenset:
     return frozenset(i for i, word in zip(ids, words) if word.strip().lower() in STOPWORDS)
 
 
-def reference_stopword_ids(tokenizer) -> frozenset:
-    """The official code's kind of stop-word id list for `tokenizer`: word-initial stop-word pieces and punctuation.
-
-    A piece is word-initial when it decodes with a space after a preceding word (`decode([anchor, id])`): true of
-    BPE pieces that carry the leading-space marker and of WordPiece pieces without `##`."""
-    vocab = tokenizer.get_vocab()
-    ids = sorted(vocab.values())
+def pieces_after_a_word(tokenizer) -> list[str]:
+    """Each vocabulary id's text as decoded right after a word (`decode([anchor, id])` less the anchor's text), listed
+    by id: a word-initial piece begins with a space (BPE pieces with the leading-space marker, WordPiece pieces
+    without `##`), a continuation piece does not."""
+    size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
     anchor = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("a"))[0]
     prefix = tokenizer.decode([anchor])
+    pairs = tokenizer.batch_decode([[anchor, i] for i in range(size)])
+    return [text[len(prefix):] if text.startswith(prefix) else text for text in pairs]
+
+
+def reference_stopword_ids(tokenizer) -> frozenset:
+    """The official code's kind of stop-word id list for `tokenizer`: word-initial stop-word pieces
+    (`pieces_after_a_word`) and punctuation."""
+    ids = sorted(tokenizer.get_vocab().values())
     alone = tokenizer.batch_decode([[i] for i in ids])
-    after = tokenizer.batch_decode([[anchor, i] for i in ids])
+    after = pieces_after_a_word(tokenizer)
     special = set(tokenizer.all_special_ids)
     chosen = set()
-    for i, word, pair in zip(ids, alone, after):
+    for i, word in zip(ids, alone):
         text = word.strip()
         if i in special or not text:
             continue
         if all(unicodedata.category(c).startswith("P") for c in text):
             chosen.add(i)
-        elif text.lower() in STOPWORDS and pair.startswith(prefix) and pair[len(prefix):][:1].isspace():
+        elif text.lower() in STOPWORDS and after[i][:1].isspace():
             chosen.add(i)
     return frozenset(chosen)
 
