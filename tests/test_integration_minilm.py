@@ -110,7 +110,7 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir, monkeypa
     assert config["exclude_query_phrases"] is True and config["similarity_scale"] == npm_hf.demo.SIMILARITY_SCALE == 0.2
     assert config["spans_cross_lines"] is False
     assert npm_hf.NPMIndex.load(model_dir / "index").manifest.line_starts_marked
-    assert (config["prefilter_passage_tokens"], config["prefilter_blocks"], config["prefilter_weight"]) == (64, 40, 2.0)
+    assert (config["prefilter_passage_tokens"], config["prefilter_blocks"], config["prefilter_weight"]) == (64, 20, 4.0)
     assert "fill-mask" in config["custom_pipelines"]
     assert not (tmp_path / "demo" / "checkpoints").exists()
     built = (model_dir / "index" / "manifest.json").stat().st_mtime_ns
