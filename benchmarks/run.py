@@ -225,16 +225,10 @@ def pack_batches(ids: np.ndarray, flags: np.ndarray, pad_id: int) -> list[tuple[
     """The forward passes NPMIndex.build runs over the index's tokens (`npm_hf.index.encoding_plan`: its blocks of
     packed paragraphs, sorted by length within a work unit, BATCH_SIZE per pass, each pass trimmed to its longest)."""
     from npm_hf import IndexBuildArguments
-    from npm_hf.corpus import PAD
-    from npm_hf.index import encoding_plan
+    from npm_hf.index import encoding_plan, padded_blocks
 
     args = IndexBuildArguments(block_size=BLOCK_SIZE, batch_size=BATCH_SIZE)
-    num_blocks = -(-len(ids) // BLOCK_SIZE)
-    blocks = np.full(num_blocks * BLOCK_SIZE, pad_id, dtype=np.int64)
-    attend = np.zeros(num_blocks * BLOCK_SIZE, dtype=np.int64)
-    attend[: len(ids)] = (flags & PAD) == 0
-    blocks[: len(ids)] = np.where(attend[: len(ids)] == 1, ids, pad_id)
-    blocks, attend = blocks.reshape(num_blocks, BLOCK_SIZE), attend.reshape(num_blocks, BLOCK_SIZE)
+    blocks, attend = padded_blocks(ids, flags, BLOCK_SIZE, pad_id)
     return [(torch.from_numpy(blocks[members, :length]), torch.from_numpy(attend[members, :length]))
             for unit in encoding_plan(flags, args) for members, length in unit]
 

@@ -927,6 +927,18 @@ def encoding_plan(flags, args: IndexBuildArguments) -> list[list[tuple[np.ndarra
     return plan
 
 
+def padded_blocks(ids, flags, block_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(input ids, attention mask)` of shape (blocks, block_size), both int64: the tokens of a run starting at a block
+    boundary, PAD tokens (and the rest of a last partial block) replaced by `pad_id` and not attended to."""
+    ids, flags = np.asarray(ids), np.asarray(flags)
+    num_blocks = -(-len(ids) // block_size)
+    blocks = np.full(num_blocks * block_size, pad_id, dtype=np.int64)
+    attend = np.zeros(num_blocks * block_size, dtype=np.int64)
+    attend[: len(ids)] = (flags & PAD) == 0
+    blocks[: len(ids)] = np.where(attend[: len(ids)] == 1, ids, pad_id)
+    return blocks.reshape(num_blocks, block_size), attend.reshape(num_blocks, block_size)
+
+
 def encode_into(vectors: np.ndarray, row: int, model, ids, flags, keep, args: IndexBuildArguments) -> int:
     """Encode the tokens `ids` (a run starting at a block boundary) block by block (`encoding_plan`) and write the
     float16 hidden states of the tokens where `keep` is set to `vectors[row:]`, in corpus order. PAD tokens are not
@@ -934,15 +946,11 @@ def encode_into(vectors: np.ndarray, row: int, model, ids, flags, keep, args: In
     from tqdm.auto import tqdm
 
     ids, flags, keep = np.asarray(ids), np.asarray(flags), np.asarray(keep, dtype=bool)
-    size, pad_id = args.block_size, _pad_token_id(model)
-    num_blocks = -(-len(ids) // size)
-    blocks = np.full(num_blocks * size, pad_id, dtype=np.int64)
-    attend = np.zeros(num_blocks * size, dtype=bool)
-    attend[: len(ids)] = (flags & PAD) == 0
-    blocks[: len(ids)] = np.where(attend[: len(ids)], ids, pad_id)
-    chosen = np.zeros(num_blocks * size, dtype=bool)
+    size = args.block_size
+    blocks, attend = padded_blocks(ids, flags, size, _pad_token_id(model))
+    chosen = np.zeros(blocks.size, dtype=bool)
     chosen[: len(ids)] = keep
-    blocks, attend, chosen = (a.reshape(num_blocks, size) for a in (blocks, attend, chosen))
+    chosen = chosen.reshape(blocks.shape)
     device = model.device
     was_training = model.training
     model.eval()
@@ -953,7 +961,7 @@ def encode_into(vectors: np.ndarray, row: int, model, ids, flags, keep, args: In
             states = {}
             for members, length in unit:
                 hidden = model(input_ids=torch.from_numpy(blocks[members, :length]).to(device),
-                               attention_mask=torch.from_numpy(attend[members, :length].astype(np.int64)).to(device),
+                               attention_mask=torch.from_numpy(attend[members, :length]).to(device),
                                ).last_hidden_state
                 for j, block in enumerate(members.tolist()):
                     states[block] = hidden[j][torch.from_numpy(chosen[block, :length]).to(device)]
