@@ -56,7 +56,8 @@ def main(model_dir: str, corpus: str, output: str, max_memory: str, factory: str
     import transformers
 
     import npm_hf
-    from npm_hf.index import (_TRAIN_BYTES_PER_DIM, BuildMemoryPlan, IndexBuildArguments, NPMIndex,
+    from npm_hf.index.memory import TRAIN_BYTES_PER_DIM
+    from npm_hf.index import (BuildMemoryPlan, IndexBuildArguments, NPMIndex,
                               process_resident_bytes)
 
     importlib.import_module("faiss")  # everything a build imports, so that "after imports" holds it
@@ -90,7 +91,7 @@ def main(model_dir: str, corpus: str, output: str, max_memory: str, factory: str
         "peak_rss": status_bytes("VmHWM"), "peak_anonymous": anonymous_peak,
         "budget": plan.budget, "plan": {"baseline": plan.baseline, "encoding": plan.encoding,
                                         "metadata": plan.metadata, "available_for_faiss": plan.available()},
-        "train_sample_fits": plan.available() // (_TRAIN_BYTES_PER_DIM * plan.hidden_size),
+        "train_sample_fits": plan.available() // (TRAIN_BYTES_PER_DIM * plan.hidden_size),
         "factory": index.manifest.faiss_factory, "num_indexed": index.num_indexed, "seconds": round(seconds, 1),
         "vectors_bytes": sum((Path(output) / s["file"]).stat().st_size for s in index.manifest.vector_shards),
     }))

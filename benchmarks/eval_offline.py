@@ -23,7 +23,7 @@ from npm_hf.evaluation import EvaluationArguments, results_to_markdown, save_res
 from npm_hf.evaluation import metrics
 from npm_hf.evaluation.evaluator import _sample_per_bucket, evidence_documents
 from npm_hf.evaluation.tasks import get_task, load_examples
-from npm_hf.stopwords import STOPWORDS
+from npm_hf.inference.stopwords import STOPWORDS
 
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "offline_data"

@@ -20,11 +20,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from npm_hf.corpus import WORD_END, WORD_START  # noqa: E402
-from npm_hf.index import (  # noqa: E402
+from npm_hf.inference.tokens import WORD_END, WORD_START  # noqa: E402
+from npm_hf.index.faiss_build import ivf_lists  # noqa: E402
+from npm_hf.index.writing import library_versions, publish  # noqa: E402
+from npm_hf.inference.index_files import (  # noqa: E402
     DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES, IndexManifest,
-    _ivf_lists, _publish, _versions, create_vector_shards, layout_format_version, parse_shard_size,
-    shard_layout,
+)
+from npm_hf.inference.vector_shards import (  # noqa: E402
+    create_vector_shards, layout_format_version, parse_shard_size, shard_layout,
 )
 
 HIDDEN_SIZE = 384  # MiniLM's
@@ -107,7 +110,7 @@ def write(directory: Path, num_vectors: int, seed: int = 0, max_shard_size: str 
 
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    nlist = _ivf_lists(num_vectors)
+    nlist = ivf_lists(num_vectors)
     centres = _centres(nlist, seed)
     num_documents = _write_token_files(staging, num_vectors, seed)
     max_shard_bytes = parse_shard_size(max_shard_size)
@@ -136,9 +139,9 @@ def write(directory: Path, num_vectors: int, seed: int = 0, max_shard_size: str 
         encoder_name_or_path="synthetic", hidden_size=HIDDEN_SIZE, block_size=BLOCK_SIZE,
         faiss_factory=f"IVF{nlist},SQ8", num_documents=num_documents, num_skipped_empty_documents=0,
         num_tokens=num_vectors, num_indexed_tokens=num_vectors, num_blocks=-(-num_vectors // BLOCK_SIZE),
-        build_seconds=0.0, versions=_versions(), vector_shards=layout, max_shard_bytes=max_shard_bytes,
+        build_seconds=0.0, versions=library_versions(), vector_shards=layout, max_shard_bytes=max_shard_bytes,
     )
-    _publish(staging, directory, manifest)
+    publish(staging, directory, manifest)
     stats = {"num_vectors": num_vectors, "nlist": nlist, "assignment_agreement": float(np.mean(agree)),
              "seconds": round(time.perf_counter() - started, 1),
              "bytes": {name: entry["bytes"] for name, entry in manifest.files.items()}}

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, TrainerCallback
 from transformers.utils import logging
 
 import npm_hf
-from npm_hf.stopwords import stopword_ids
+from npm_hf.inference.stopwords import stopword_ids
 
 
 LEVERS = {

@@ -47,7 +47,7 @@ def push_to_hub(model_dir, repo_id: str, *, private: bool | None = None, revisio
         index_commit = api.upload_folder(repo_id=index_repo_id, repo_type="dataset",
                                          folder_path=str(model_dir / subfolder), path_in_repo=subfolder,
                                          commit_message=f"{commit_message} (index)", ignore_patterns=IGNORE_PATTERNS)
-        _set_config_fields(model_dir, index_repo_id=index_repo_id, index_revision=index_commit.oid)
+        update_config_file(model_dir, {"index_repo_id": index_repo_id, "index_revision": index_commit.oid})
         ignore += [subfolder, f"{subfolder}/*"]
     return api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), revision=revision, create_pr=create_pr,
                              commit_message=commit_message, ignore_patterns=ignore)
@@ -70,10 +70,13 @@ def check_file_sizes(model_dir, subfolder: str = "index") -> None:
                          f"{HUB_MAX_FILE_BYTES} bytes (50 GB); {fix}. Nothing was uploaded.")
 
 
-def _set_config_fields(model_dir: Path, **fields) -> None:
-    path = model_dir / "config.json"
+def update_config_file(model_dir, fields) -> dict:
+    """Set `fields` in `model_dir`/config.json (a dict, or a function of the current config that returns one),
+    atomically: a temporary file renamed over it. Returns the new config."""
+    path = Path(model_dir) / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
-    config.update(fields)
+    config.update(fields(config) if callable(fields) else fields)
     staging = path.with_name(f".config.json.tmp-{uuid.uuid4().hex[:8]}")
     staging.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(staging, path)
+    return config

@@ -7,9 +7,10 @@
 from .version import __version__
 from .modeling import NPMConfig, NPMModel, NPMOutput, NPMPreTrainedModel
 from .corpus import iter_documents, prepare_training_blocks
-from .index import IndexBuildArguments, IndexManifest, IndexMismatchError, NPMIndex, NPMIndexError
-from .pipeline import FillMaskDispatcher, NonparametricFillMaskPipeline
-from .retrieval import NPMPredictor
+from .index import IndexBuildArguments, IndexManifest, IndexMismatchError, NPMIndex, NPMIndexError, NPMIndexReader
+from .inference.pipeline import NonparametricFillMaskPipeline
+from .inference.retrieval import NPMPredictor
+from .fill_mask import FillMaskDispatcher
 from .trainer import NPMContrastiveLoss, NPMSpanCollator, NPMTrainer, NPMTrainingArguments
 from .api import (TrainDataArguments, build_index, convert_encoder, convert_lightning_checkpoint, load_npm,
                   push_to_hub, train)
@@ -33,6 +34,7 @@ __all__ = [
     "NPMConfig",
     "NPMIndex",
     "NPMIndexError",
+    "NPMIndexReader",
     "NPMModel",
     "NPMOutput",
     "NPMPredictor",

@@ -10,11 +10,14 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging
 
+from .corpus import prepare_training_blocks
 from .hub_cards import load_card_facts, update_model_card
+from .hub_cards import push_to_hub as upload
 from .index import IndexBuildArguments, NPMIndex
+from .inference.stopwords import stopword_ids
 from .modeling import NPMConfig, NPMModel
-from .pipeline import add_remote_pipeline
-from .stopwords import stopword_ids
+from .remote_code import add_remote_pipeline
+from .trainer import NPMTrainer, last_complete_checkpoint, save_final_model
 from .version import __version__
 
 
@@ -113,8 +116,6 @@ def _read_checkpoint(path: Path) -> dict:
 def push_to_hub(model_dir, repo_id: str, **kwargs):
     """Upload an NPM directory to the Hub with its index, card and remote code (model and fill-mask pipeline).
     Keyword arguments as `npm_hf.hub_cards.push_to_hub` (private, revision, create_pr, token, index_repo_id)."""
-    from .hub_cards import push_to_hub as upload
-
     add_remote_pipeline(model_dir)
     return upload(model_dir, repo_id, **kwargs)
 
@@ -142,7 +143,7 @@ def build_index(model, corpus, output_dir=None, args: IndexBuildArguments | None
         args: [`IndexBuildArguments`] (block size, batch size, FAISS factory, overwrite, resume, ...).
         tokenizer: the model's tokenizer; loaded from the directory when `model` is a path.
 
-    Under `torchrun` / `accelerate launch` every process encodes its share of the corpus (see `npm_hf.index_build`);
+    Under `torchrun` / `accelerate launch` every process encodes its share of the corpus (see `npm_hf.index.build`);
     each returns the finished index.
     """
     model_dir = None
@@ -203,9 +204,6 @@ def train(data_args: TrainDataArguments, training_args):
     `training_args` is an `NPMTrainingArguments`; its `resume_from_checkpoint` may be a checkpoint path or
     "true"/"last" for the newest checkpoint in the output directory. Returns the trainer.
     """
-    from .corpus import prepare_training_blocks
-    from .trainer import NPMTrainer, last_complete_checkpoint, save_final_model
-
     config = AutoConfig.from_pretrained(data_args.model)
     if config.model_type == NPMConfig.model_type:
         model = NPMModel.from_pretrained(data_args.model)

@@ -25,6 +25,15 @@ import json
 import os
 import sys
 
+from transformers import HfArgumentParser, pipeline
+
+from .api import (TrainDataArguments, build_index, convert_encoder, convert_lightning_checkpoint, load_npm, push_to_hub,
+                  train)
+from .demo import DemoArguments, run_demo
+from .evaluation import EvaluationArguments, evaluate, record_results_in_card, results_to_markdown, save_results
+from .index import IndexBuildArguments, NPMIndex
+from .trainer import NPMTrainingArguments, end_distributed_run
+
 
 def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     """One `--dashed-name` option per dataclass field, with its type, default and help."""
@@ -49,7 +58,6 @@ def _dataclass_from(cls, namespace: argparse.Namespace):
 
 
 def _convert(args) -> None:
-    from .api import convert_encoder, convert_lightning_checkpoint
 
     mode = {"mode": args.mode} if args.mode else {}
     if args.checkpoint:
@@ -65,8 +73,6 @@ def _convert(args) -> None:
 
 
 def _build_index(args) -> None:
-    from .api import build_index
-    from .index import IndexBuildArguments
 
     build_args = _dataclass_from(IndexBuildArguments, args)
     index = build_index(args.model, args.corpus, output_dir=args.output, args=build_args)
@@ -79,8 +85,6 @@ def _build_index(args) -> None:
 
 
 def _index_add(args) -> None:
-    from .api import load_npm
-    from .index import NPMIndex
 
     model, tokenizer = load_npm(args.model)
     index = NPMIndex.load(args.index)
@@ -92,7 +96,6 @@ def _index_add(args) -> None:
 
 
 def _index_delete(args) -> None:
-    from .index import NPMIndex
 
     ids = [doc_id.strip() for doc_id in args.ids.split(",") if doc_id.strip()]
     index = NPMIndex.load(args.index)
@@ -102,9 +105,7 @@ def _index_delete(args) -> None:
 
 
 def _fill_mask(args) -> None:
-    from transformers import pipeline
 
-    from .index import NPMIndex
 
     extra = {}
     if args.index:
@@ -135,10 +136,7 @@ def _fill_mask(args) -> None:
 
 
 def _train(args, remaining: list[str]) -> None:
-    from transformers import HfArgumentParser
 
-    from .api import TrainDataArguments, train
-    from .trainer import NPMTrainingArguments, end_distributed_run
 
     (training_args,) = HfArgumentParser(NPMTrainingArguments).parse_args_into_dataclasses(
         args=[*remaining, "--output_dir", args.output]
@@ -150,7 +148,6 @@ def _train(args, remaining: list[str]) -> None:
 
 
 def _push(args) -> None:
-    from .api import push_to_hub
 
     commit = push_to_hub(args.model, args.repo_id, private=args.private, revision=args.revision,
                          create_pr=args.create_pr, index_repo_id=args.index_repo_id)
@@ -158,7 +155,6 @@ def _push(args) -> None:
 
 
 def _demo(args) -> None:
-    from .demo import DemoArguments, run_demo
 
     report = run_demo(_dataclass_from(DemoArguments, args))
     print(f"Demo NPM: {report['model_dir']}")
@@ -176,7 +172,6 @@ def _demo(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from .evaluation import EvaluationArguments, evaluate, record_results_in_card, results_to_markdown, save_results
 
     results = evaluate(args.model, _dataclass_from(EvaluationArguments, args), index=args.index, corpus=args.corpus)
     if args.output:
@@ -200,10 +195,6 @@ def _passage_tokens(value: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .api import TrainDataArguments
-    from .demo import DemoArguments
-    from .evaluation import EvaluationArguments
-    from .index import IndexBuildArguments
 
     parser = argparse.ArgumentParser(prog="npm-hf", description="Nonparametric Masked Language Models (NPM).")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -16,16 +16,18 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer
 from transformers.utils import logging
 
 from .api import TrainDataArguments, build_index, convert_encoder, train
-from .corpus import iter_documents
+from .corpus import iter_documents, prepare_training_blocks
 from .evaluation import EvaluationArguments, build_cloze_set, evaluate, lexical_cloze_baseline, save_results
 from .hub_cards import update_model_card
 from .index import IndexBuildArguments, NPMIndex
+from .inference.pipeline import NonparametricFillMaskPipeline
 from .modeling import NPMModel
-from .pipeline import NonparametricFillMaskPipeline
+from .trainer import NPMTrainingArguments, cpu_has_native_bf16
 
 
 logger = logging.get_logger(__name__)
@@ -37,11 +39,10 @@ TRAIN_BLOCK_SIZE, GROUP_SIZE = 128, 16
 MIN_TRAINING_TOKENS = 2 * TRAIN_BLOCK_SIZE * GROUP_SIZE  # two contrastive batches
 MODEL_SUBFOLDER = "model"  # the NPM directory (weights, tokenizer, card, index); data and checkpoints beside it
 # MiniLM's hidden states are small (norm ~4.6), so the paper's 1/sqrt(384) = 0.051 leaves the contrastive logits
-# nearly flat and the first minutes go to growing norms; 0.2 learns faster (README, "Held-out cloze").
+# nearly flat and the first minutes go to growing norms; 0.2 learns faster (docs/demo_recipe.md, "Held-out cloze").
 SIMILARITY_SCALE = 0.2
-# Peak learning rate (1e-4: higher loss throughout; 3e-4: no lower). It decays along a cosine over the wall-clock
-# budget: the bf16 model of 30 such minutes retrieves better from the whole index than 20 constant-lr minutes
-# (FAISS 16.7 / 36.5 against 12.5 / 29.2), where 40 constant ones over-fit (README, "Held-out cloze").
+# Peak learning rate, decayed along a cosine over the budget: a constant rate over-fits the small corpus before the
+# budget ends, lower peaks leave the loss higher throughout (measured: docs/demo_recipe.md, "Held-out cloze").
 LEARNING_RATE = 2e-4
 # Training budget by whether bf16 autocast runs (it doubles the steps per minute); fp32 gets what fits the 45-minute
 # first run.
@@ -50,10 +51,6 @@ DEFAULT_TRAIN_MINUTES = {False: 40.0, True: 30.0}
 
 def bf16_training() -> bool:
     """Whether the demo trains with bf16 autocast: on a CPU (no CUDA) that computes bf16 natively."""
-    import torch
-
-    from .trainer import cpu_has_native_bf16
-
     return not torch.cuda.is_available() and cpu_has_native_bf16()
 
 
@@ -228,8 +225,6 @@ def _train_model(args: DemoArguments, output: Path) -> dict:
     if args.train_minutes == 0:
         convert_encoder(minilm_path(), output / MODEL_SUBFOLDER, overwrite=True)
         return {"trained": False}
-    from .corpus import prepare_training_blocks
-    from .trainer import NPMTrainingArguments
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     too_small = (f"The corpus is too small to train the demo on: at least {MIN_TRAINING_TOKENS} tokens are needed "
@@ -262,13 +257,11 @@ def _train_model(args: DemoArguments, output: Path) -> dict:
     return {"trained": True, "bf16": bf16, "steps": steps, "training_tokens": steps * GROUP_SIZE * TRAIN_BLOCK_SIZE}
 
 
-# Decoding measured best for the CPU-trained demo model on its held-out cloze set (README, "Held-out cloze";
-# docs/fidelity.md): P_s * P_e against one-word fragments, stop-word-free spans, no phrase the query already
-# contains, no span over a line break (a no-op on indexes of paragraph blocks), and a pre-filter of 20 passages of 64
-# tokens whose relevance adds up to 4 to their tokens' logits. With the faithful index and training blocks (issue 16)
-# the fp32 model of 791 steps wins with 20 windows at weight 4 on both halves of the queries (25.0 / 45.8 against 18.8
-# / 46.9 for 40 at 2, which won for the stronger bf16 models of 1,500 steps: the better the model, the less lexical
-# help it needs).
+# Decoding chosen for the CPU-trained demo model on its held-out cloze set (measured: docs/demo_recipe.md,
+# "Held-out cloze", and docs/fidelity.md): P_s * P_e, so that one-word fragments of a phrase do not win on their start
+# alone; stop-word-free spans; no phrase the query already contains (retrieved blocks that match the query are full of
+# its words); no span over a line break; and a pre-filter of 20 passages of 64 tokens whose relevance adds up to 4 to
+# their tokens' logits, lexical help that a small, briefly trained encoder needs.
 DEMO_DECODING = {"span_scoring": "product", "span_stopwords": "any", "exclude_query_phrases": True,
                  "spans_cross_lines": False, "prefilter_passage_tokens": 64, "prefilter_blocks": 20,
                  "prefilter_weight": 4.0}

@@ -5,7 +5,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .hub_cards import NPMModelCardCallback
 from .modeling import NPMConfig, NPMModel
-from .pipeline import FillMaskDispatcher
+from .fill_mask import FillMaskDispatcher
 from .trainer import NPMTrainer
 
 

@@ -19,7 +19,7 @@ import hashlib
 import numpy as np
 from transformers.utils import logging
 
-from .index import NPMIndexError
+from .inference.index_files import NPMIndexError
 
 
 logger = logging.get_logger(__name__)

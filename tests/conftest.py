@@ -171,7 +171,7 @@ def brute_force():
         def datastore(index, tokenizer, remove_stopwords=False):
             """The corpus positions the official datastore embeds: word starts and ends, no special token, and
             (open-set corpora) no stop-word id."""
-            from npm_hf.stopwords import reference_stopword_ids
+            from npm_hf.inference.stopwords import reference_stopword_ids
 
             stop = reference_stopword_ids(tokenizer) if remove_stopwords else set()
             flags, ids = np.asarray(index.token_flags), np.asarray(index.token_ids)
@@ -198,7 +198,7 @@ def make_pipeline():
     """A factory: the NPM pipeline of an NPM directory (its own index), with config fields overridden."""
     from transformers import AutoTokenizer
 
-    from npm_hf.pipeline import NonparametricFillMaskPipeline
+    from npm_hf.inference.pipeline import NonparametricFillMaskPipeline
 
     def make(npm_dir, **config_overrides):
         model = npm_hf.NPMModel.from_pretrained(npm_dir)

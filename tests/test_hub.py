@@ -54,8 +54,8 @@ def test_push_uploads_weights_code_card_and_index_in_one_commit(model_copy):
     (call,) = api.upload_folder.call_args_list
     assert (call.kwargs["repo_id"], call.kwargs["revision"], call.kwargs["create_pr"]) == ("org/npm-tiny", "dev", True)
     index_files = {f"index/{name}" for name in os.listdir(model_copy / "index")}
-    remote_code = {"configuration_npm.py", "modeling_npm.py", "pipeline.py", "index.py", "index_editing.py",
-                   "index_build.py", "prefilter.py", "retrieval.py", "corpus.py", "stopwords.py", "version.py"}
+    remote_code = {"configuration_npm.py", "modeling_npm.py", "pipeline.py", "retrieval.py", "prefilter.py", "reader.py",
+                   "faiss_io.py", "vector_shards.py", "index_files.py", "stopwords.py", "tokens.py"}
     expected = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
                 "npm_card.json"} | remote_code | index_files
     assert uploaded_files(call) == expected
@@ -109,7 +109,7 @@ def test_download_fetches_every_vector_shard(tmp_path, sharded_copy):
             shutil.copyfile(sharded_copy / name, snapshot / name)
         return str(snapshot)
 
-    with mock.patch("huggingface_hub.snapshot_download", snapshot_download):
+    with mock.patch("npm_hf.inference.reader.snapshot_download", snapshot_download):
         index = NPMIndex.from_pretrained("org/npm-tiny", verify="full")
     assert _shards(tmp_path / "snapshot") == _shards(sharded_copy)
     assert len(index.vectors.shards) == len(_shards(sharded_copy))

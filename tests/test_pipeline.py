@@ -10,6 +10,7 @@ from transformers.pipelines.base import PipelineException
 
 from npm_hf import (IndexBuildArguments, NonparametricFillMaskPipeline, NPMIndex, NPMIndexError, NPMModel,
                     build_index, convert_encoder)
+from npm_hf.remote_code import remote_code_files
 
 
 KEYS = ["score", "token", "token_str", "sequence", "phrase", "evidence"]
@@ -193,7 +194,8 @@ def test_pipeline_runs_as_remote_code_without_npm_hf(tmp_path, npm_dir, mask):
 
     config = json.loads((npm_dir / "config.json").read_text())
     assert config["custom_pipelines"]["fill-mask"]["impl"] == "pipeline.NonparametricFillMaskPipeline"
-    assert {"pipeline.py", "index.py", "retrieval.py", "corpus.py"} <= {p.name for p in npm_dir.iterdir()}
+    code = {p.name for p in npm_dir.iterdir() if p.suffix == ".py"}
+    assert code == {"configuration_npm.py", "modeling_npm.py", *remote_code_files()}  # the closure, nothing more
     folder = tmp_path / "npm"
     shutil.copytree(npm_dir, folder)
     text = f"Texas borders {mask}."
@@ -273,7 +275,7 @@ def test_answers_from_a_batch_search_are_exactly_one_text_at_a_time(npm_dir, mas
 
 
 def test_length_groups_cover_every_input_with_little_padding():
-    from npm_hf.pipeline import _length_groups
+    from npm_hf.inference.pipeline import _length_groups
 
     lengths = [14, 47, 15, 30, 31, 29, 44, 16, 5, 5, 46]
     groups = _length_groups(lengths)

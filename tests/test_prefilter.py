@@ -9,7 +9,7 @@ import pytest
 
 from npm_hf import NPMConfig, NPMIndex
 from npm_hf.corpus import SPECIAL, WORD_END, WORD_START
-from npm_hf.prefilter import (BM25PassageRetriever, DensePassageRetriever, bm25_query, passage_positions,
+from npm_hf.inference.prefilter import (BM25PassageRetriever, DensePassageRetriever, bm25_query, passage_positions,
                               passage_ranges, passage_texts)
 
 

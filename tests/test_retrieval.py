@@ -10,7 +10,7 @@ import pytest
 import npm_hf
 from npm_hf import NPMIndex
 from npm_hf.corpus import LINE_START, SPECIAL, WORD_END, WORD_START
-from npm_hf.stopwords import STOPWORDS, reference_stopword_ids
+from npm_hf.inference.stopwords import STOPWORDS, reference_stopword_ids
 
 
 

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 import npm_hf
 from npm_hf import NPMIndex, NPMIndexError, NPMModel
-from npm_hf.pipeline import NonparametricFillMaskPipeline
+from npm_hf.inference.pipeline import NonparametricFillMaskPipeline
 from npm_hf.vector_store import QdrantSearchIndex, collection_name_for, upload_index
 
 

@@ -11,8 +11,8 @@ from collections import Counter
 
 import numpy as np
 
-from ..prefilter import BM25PassageRetriever, passage_texts
-from ..stopwords import STOPWORDS
+from ..inference.prefilter import BM25PassageRetriever, passage_texts
+from ..inference.stopwords import STOPWORDS
 from .metrics import exact_match
 
 

@@ -14,8 +14,14 @@ from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, FillMaskPipeline
 from transformers.utils import logging
 
+from ..api import build_index
+from ..fill_mask import is_npm_model
+from ..hub_cards import load_card_facts, update_model_card
+from ..index import IndexBuildArguments, NPMIndex
+from ..inference.pipeline import NonparametricFillMaskPipeline
 from ..version import __version__
 from . import metrics
 from .tasks import Task, get_task, load_examples
@@ -352,20 +358,14 @@ def _config_overrides(model, args: EvaluationArguments):
 
 
 def _load(model, tokenizer):
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
-
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(name)
         if AutoConfig.from_pretrained(name).model_type == "npm":
-            from transformers import AutoModel
-
             model = AutoModel.from_pretrained(name)
         else:
             model = AutoModelForMaskedLM.from_pretrained(name)
     elif tokenizer is None:
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
     if tokenizer.mask_token is None:
         raise ValueError("The tokenizer has no mask token; evaluation needs a masked language model's tokenizer.")
@@ -373,11 +373,6 @@ def _load(model, tokenizer):
 
 
 def _scorer(model, tokenizer, args: EvaluationArguments, index, corpus, scratch: str):
-    from transformers import FillMaskPipeline
-
-    from ..index import NPMIndex
-    from ..pipeline import NonparametricFillMaskPipeline, is_npm_model
-
     if args.device is not None:
         model.to(args.device)  # before any index build, which encodes on the model's device
     if not is_npm_model(model):
@@ -388,9 +383,6 @@ def _scorer(model, tokenizer, args: EvaluationArguments, index, corpus, scratch:
                               args.show_progress_bar)
     paper_open_set = args.paper_protocol and get_task(args.task).kind != "closed"
     if index is None and corpus is not None:
-        from ..api import build_index
-        from ..index import IndexBuildArguments
-
         index = build_index(model, corpus, output_dir=Path(scratch) / "index", tokenizer=tokenizer,
                             args=IndexBuildArguments(block_size=min(256, model.config.max_input_length),
                                                      remove_stopwords=paper_open_set,
@@ -442,8 +434,6 @@ def _retrieval_name(result: dict) -> str:
 def record_results_in_card(model_dir, results: list[dict]) -> None:
     """Add evaluation results to the Evaluation table of a local model directory's card (README.md): one row per
     metric, named by task, metric and retrieval; a result measured again replaces its old rows."""
-    from ..hub_cards import load_card_facts, update_model_card
-
     if not Path(model_dir).is_dir():
         raise ValueError(f"Cannot record results in the card of {model_dir!r}: it is not a local model directory "
                          "(for a Hub model, download it first, then push the updated card).")

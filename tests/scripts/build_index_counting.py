@@ -7,13 +7,13 @@ Process FAIL_RANK raises after encoding FAIL_AFTER units (-1: no process fails).
 import os
 import sys
 
-import npm_hf.index_build as index_build
+import npm_hf.index.build as index_build
 from npm_hf.cli import main
 
 
 def run(fail_rank: int, fail_after: int, argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
-    encode_unit = index_build._encode_unit
+    encode_unit = index_build.encode_unit
     encoded = []
 
     def counting(path, *args):
@@ -22,7 +22,7 @@ def run(fail_rank: int, fail_after: int, argv: list[str]) -> int:
         encoded.append(path.name)
         return encode_unit(path, *args)
 
-    index_build._encode_unit = counting
+    index_build.encode_unit = counting
     try:
         return main(argv)
     finally:

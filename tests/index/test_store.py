@@ -119,7 +119,7 @@ def test_interrupted_build_leaves_no_index(tmp_path, model_and_tokenizer, monkey
     with pytest.raises(KeyboardInterrupt):
         NPMIndex.build(model, tokenizer, corpus, tmp_path / "index",
                        IndexBuildArguments(batch_size=1, **{**QUIET, "block_size": 8}))
-    assert os.listdir(tmp_path) == [".index.partial"]  # kept for a resume (see test_index_build.py), hidden
+    assert os.listdir(tmp_path) == [".index.partial"]  # kept for a resume (see index/test_build.py), hidden
     for path in (tmp_path / ".index.partial", tmp_path / ".index.partial" / "index"):
         with pytest.raises(NPMIndexError, match="missing manifest.json"):
             NPMIndex.load(path)

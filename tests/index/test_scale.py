@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-import npm_hf.index as index_module
+import npm_hf.index.memory as memory_module
+import npm_hf.inference.faiss_io as faiss_io
+import npm_hf.inference.reader as reader_module
 from npm_hf import IndexBuildArguments, NPMIndex, NPMModel
 from npm_hf.corpus import CorpusStats, iter_documents, tokenize_documents
-from npm_hf.index import (
-    BuildMemoryPlan, encoding_peak_bytes, faiss_memory_bytes, parse_memory_size, process_resident_bytes,
-    read_faiss_index, streamed_exact_search,
-)
-from npm_hf.index_build import load_lists_into_memory
+from npm_hf.index import parse_memory_size, read_faiss_index, streamed_exact_search
+from npm_hf.index.faiss_build import load_lists_into_memory
+from npm_hf.index.memory import BuildMemoryPlan, encoding_peak_bytes, faiss_memory_bytes, process_resident_bytes
+from npm_hf.index.writing import write_positions
 
 
 QUIET = dict(show_progress_bar=False, block_size=16)
@@ -72,7 +73,7 @@ def test_positions_are_computed_chunk_by_chunk(tmp_path):
              ({"boundaries_only": True, "stopwords": stop}, [2, 8])]
     for rule, want in rules:
         for chunk in (1, 2, 4, 100):
-            index_module._write_positions(tmp_path, ids, flags, rule, chunk=chunk)
+            write_positions(tmp_path, ids, flags, rule, chunk=chunk)
             assert np.load(tmp_path / "positions.npy").tolist() == want
 
 
@@ -107,7 +108,7 @@ def test_training_sample_is_capped_with_a_warning(tmp_path, model_and_tokenizer,
     # 1 MB left after the fixed costs, and training vectors that cost a third of it each: 3 fit
     hidden = model.config.hidden_size
     monkeypatch.setattr(BuildMemoryPlan, "available", lambda self: 10**6)
-    monkeypatch.setattr(index_module, "_TRAIN_BYTES_PER_DIM", 10**6 // (3 * hidden))
+    monkeypatch.setattr(memory_module, "TRAIN_BYTES_PER_DIM", 10**6 // (3 * hidden))
     with caplog.at_level("WARNING"):
         index = NPMIndex.build(model, tokenizer, corpus, tmp_path / "index",
                                IndexBuildArguments(faiss_factory="IVF2,Flat", max_memory="64GB", **QUIET))
@@ -117,7 +118,7 @@ def test_training_sample_is_capped_with_a_warning(tmp_path, model_and_tokenizer,
 
 def test_memory_estimates():
     assert faiss_memory_bytes(faiss.index_factory(8, "Flat"), 10) == 4 * 8 * 10
-    assert faiss_memory_bytes(faiss.index_factory(8, "Flat"), index_module.FLAT_FILL_MAX_VECTORS + 1) == 0  # streamed
+    assert faiss_memory_bytes(faiss.index_factory(8, "Flat"), faiss_io.FLAT_FILL_MAX_VECTORS + 1) == 0  # streamed
     assert faiss_memory_bytes(faiss.index_factory(8, "IVF4,SQ8"), 100) == 100 * (8 + 8) + 4 * 8 * 4
     assert faiss_memory_bytes(faiss.index_factory(16, "PQ4np"), 100) == 100 * 4
     assert faiss_memory_bytes(faiss.index_factory(8, "HNSW16"), 100) > 100 * (32 + 4 * 32)
@@ -165,7 +166,7 @@ def test_memory_mapped_ivf_is_not_read_into_ram(tmp_path):
               "b = rss(); m = read_faiss_index(sys.argv[1]); mapped = rss() - b; "
               "p = faiss.read_index(sys.argv[1]); print(mapped, rss() - b - mapped)")
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "index.faiss")], capture_output=True,
-                            text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+                            text=True, check=True, cwd=Path(__file__).resolve().parents[2])
     mapped, plain = map(int, result.stdout.split())
     assert mapped < size / 4  # pages come in when a search visits their lists
     assert plain > size / 2  # (the measure does see a read into RAM)
@@ -204,8 +205,8 @@ def test_large_flat_index_is_searched_streamed_like_faiss(tmp_path, model_and_to
     model, tokenizer = model_and_tokenizer
     built = NPMIndex.build(model, tokenizer, corpus, tmp_path / "index", IndexBuildArguments(**QUIET))
     assert not built.streamed_exact_search and built.faiss_index.ntotal == built.num_indexed
-    monkeypatch.setattr(index_module, "FLAT_FILL_MAX_VECTORS", built.num_indexed - 1)
-    monkeypatch.setattr(index_module, "_STREAM_CHUNK_ROWS", 5)
+    monkeypatch.setattr(reader_module, "FLAT_FILL_MAX_VECTORS", built.num_indexed - 1)
+    monkeypatch.setattr(faiss_io, "STREAM_CHUNK_ROWS", 5)
     streamed = NPMIndex.load(tmp_path / "index")
     assert streamed.streamed_exact_search and streamed.faiss_index.ntotal == 0  # no float32 copy
     queries = np.asarray(built.vectors[::3], dtype=np.float32) + 0.01

@@ -162,10 +162,9 @@ def test_an_interrupted_edit_leaves_the_old_index(index, model_and_tokenizer, mo
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("npm_hf.index_editing._rewrite_documents", crash)  # after tokens, vectors and FAISS
+    monkeypatch.setattr("npm_hf.index.editing.publish", crash)  # after tokens, vectors, FAISS and documents
     with pytest.raises(KeyboardInterrupt):
         index.delete_documents(["texas"])
-    monkeypatch.setattr("npm_hf.index_editing._append_documents", crash)
     with pytest.raises(KeyboardInterrupt):
         index.add_documents(*model_and_tokenizer, [NEW])
     assert sorted(os.listdir(index.path.parent)) == ["index"]  # no staging directory left

@@ -11,7 +11,8 @@
 Every edit writes a staging copy of the directory (unchanged files are hard links, never written to), hashes the
 new files into the manifest and swaps the copy in like a build: an interrupted edit leaves the old index, or (killed
 between the two renames) no index at the path and the old one beside it, never a directory that loads wrongly.
-The vectors are rewritten in shards cut by the index's own rule (`index.shard_layout`, its manifest's max_shard_bytes).
+The vectors are rewritten in shards cut by the index's own rule (`shard_layout`, by its
+manifest's max_shard_bytes).
 """
 
 import dataclasses
@@ -21,15 +22,21 @@ import shutil
 import uuid
 from pathlib import Path
 
+import faiss
 import numpy as np
 from transformers.utils import logging
 
-from .corpus import SPECIAL, CorpusStats, iter_documents, tokenize_documents
-from .index import (DEFAULT_MAX_SHARD_SIZE, DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, MANIFEST_FILE,
-                    POSITIONS_FILE, TOKEN_FILES, IndexBuildArguments, NPMIndexError, _add_vectors, _is_flat,
-                    _pad_token_id, _publish, _versions, create_vector_shards, encode_into, index_rule,
-                    indexed_token_mask,
-                    layout_format_version, parse_shard_size, read_faiss_index, shard_layout, vector_layout)
+from ..corpus import CorpusStats, iter_documents, tokenize_documents
+from ..inference.faiss_io import add_vectors, is_flat, is_on_disk, read_faiss_index
+from ..inference.index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, MANIFEST_FILE, POSITIONS_FILE,
+                                     TOKEN_FILES, NPMIndexError)
+from ..inference.tokens import SPECIAL
+from ..inference.vector_shards import (DEFAULT_MAX_SHARD_SIZE, create_vector_shards, layout_format_version,
+                                       parse_shard_size, shard_layout, vector_layout)
+from .arguments import IndexBuildArguments
+from .encoding import encode_into, index_rule, indexed_token_mask, pad_token_id
+from .faiss_build import load_lists_into_memory, write_on_disk
+from .writing import library_versions, publish
 
 
 logger = logging.get_logger(__name__)
@@ -44,7 +51,7 @@ def add_documents(index, model, tokenizer, documents, batch_size: int = 16, show
     m = index.manifest
     new_documents, records, stats = _tokenize_new(index, tokenizer, documents)
     start = -(-m.num_tokens // m.block_size) * m.block_size  # new documents begin a block
-    tokens = _padded_tokens(index, records, start - m.num_tokens, _pad_token_id(model))
+    tokens = _padded_tokens(index, records, start - m.num_tokens, pad_token_id(model))
     keep = indexed_token_mask(records["id"], records["flags"], **index_rule(m, tokenizer))  # the index's own rule
     new_positions = start + np.flatnonzero(keep)
     positions = np.concatenate([np.asarray(index.positions), new_positions]).astype(np.int64)
@@ -56,7 +63,7 @@ def add_documents(index, model, tokenizer, documents, batch_size: int = 16, show
         vectors, layout = _copy_vectors(index, staging, np.arange(index.num_indexed), extra_rows=len(new_positions))
         encode_into(vectors, index.num_indexed, model, records["id"], records["flags"], keep, args)
         vectors.flush()
-        if not _is_flat(index.faiss_index):  # a flat index is stored empty and filled on load
+        if not is_flat(index.faiss_index):  # a flat index is stored empty and filled on load
             _write_faiss(index, staging, vectors, start=index.num_indexed, reset=False)
         del vectors
         _append_documents(index, staging, new_documents)
@@ -64,7 +71,7 @@ def add_documents(index, model, tokenizer, documents, batch_size: int = 16, show
             m, **_layout_fields(m, layout), num_documents=m.num_documents + stats.num_documents,
             num_skipped_empty_documents=m.num_skipped_empty_documents + stats.num_skipped_empty,
             num_tokens=len(tokens["id"]), num_indexed_tokens=len(positions),
-            num_blocks=-(-len(tokens["id"]) // m.block_size), versions=_versions(),
+            num_blocks=-(-len(tokens["id"]) // m.block_size), versions=library_versions(),
         )
 
     _edit(index, write)
@@ -142,12 +149,12 @@ def delete_documents(index, doc_ids) -> None:
         np.save(staging / POSITIONS_FILE, np.asarray(index.positions)[keep_rows])
         vectors, layout = _copy_vectors(index, staging, keep_rows)
         vectors.flush()
-        if not _is_flat(index.faiss_index):
+        if not is_flat(index.faiss_index):
             _write_faiss(index, staging, vectors, start=0, reset=True)
         del vectors
         _rewrite_documents(index, staging, set(doomed.tolist()))
         return dataclasses.replace(m, **_layout_fields(m, layout), num_indexed_tokens=len(keep_rows),
-                                   versions=_versions(),
+                                   versions=library_versions(),
                                    num_deleted_documents=m.num_deleted_documents + len(doomed))
 
     _edit(index, write)
@@ -218,17 +225,13 @@ def _layout_fields(manifest, layout: list[dict]) -> dict:
 def _write_faiss(index, staging: Path, vectors, start: int, reset: bool) -> None:
     """The index's FAISS index read from disk, emptied (keeping its training) if `reset`, plus `vectors[start:]`.
     An index merged on disk is edited in memory (never in its live index.ivfdata) and written on disk again."""
-    import faiss
-
-    from .index_build import is_on_disk, load_lists_into_memory, write_on_disk
-
     faiss_index = read_faiss_index(index.path / FAISS_FILE, mapped=False)  # grows: in memory
     on_disk = is_on_disk(faiss_index)
     if on_disk:
         load_lists_into_memory(faiss_index)
     if reset:
         faiss_index.reset()
-    _add_vectors(faiss_index, vectors, start)
+    add_vectors(faiss_index, vectors, start)
     if on_disk:
         write_on_disk(faiss_index, staging)
     else:
@@ -249,7 +252,7 @@ def _edit(index, write) -> None:
         for name in set(index.manifest.files) - changed - dropped - {MANIFEST_FILE}:
             _link_or_copy(path / name, staging / name)
         unchanged = {name: entry for name, entry in index.manifest.files.items() if name not in changed}
-        _publish(staging, path, manifest, known_files=unchanged)
+        publish(staging, path, manifest, known_files=unchanged)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

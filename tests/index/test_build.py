@@ -1,4 +1,4 @@
-"""Resumable and multi-process index builds (npm_hf.index_build), and IVF indexes merged on disk."""
+"""Resumable and multi-process index builds (npm_hf.index.build), and IVF indexes merged on disk."""
 
 import hashlib
 import json
@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-import npm_hf.index_build as index_build
+import npm_hf.index.build as index_build
+from npm_hf.inference.faiss_io import is_on_disk
 from npm_hf import IndexBuildArguments, NPMIndex, NPMIndexError, NPMModel
 
 
 # Units of one batch of 2 blocks of 16 tokens: a corpus of a few hundred tokens makes many units.
 SMALL_UNITS = dict(block_size=16, batch_size=2, blocks_per_unit=2, show_progress_bar=False)
-_ENCODE_UNIT = index_build._encode_unit
+_ENCODE_UNIT = index_build.encode_unit
 CLI_FLAGS = ["--block-size", "16", "--batch-size", "2", "--blocks-per-unit", "2", "--no-show-progress-bar"]
 
 
@@ -60,7 +61,7 @@ def _count_units(monkeypatch, fail_after: int | None = None) -> list:
         encoded.append(path.name)
         return original(path, *args)
 
-    monkeypatch.setattr(index_build, "_encode_unit", encode_unit)
+    monkeypatch.setattr(index_build, "encode_unit", encode_unit)
     return encoded
 
 
@@ -162,7 +163,7 @@ def test_an_ivf_index_is_merged_on_disk_and_loads_after_a_move(tmp_path, model_a
     model, tokenizer = model_and_tokenizer
     built = NPMIndex.build(model, tokenizer, big_corpus, tmp_path / "index",
                            IndexBuildArguments(faiss_factory="IVF4,Flat", **SMALL_UNITS))
-    assert index_build.is_on_disk(built.faiss_index)
+    assert is_on_disk(built.faiss_index)
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert manifest["files"]["index.ivfdata"]["sha256"] == _sha256(tmp_path / "index" / "index.ivfdata")
     queries = _vectors(built)[::7]
@@ -188,7 +189,7 @@ def test_editing_an_on_disk_index_never_writes_its_live_ivfdata(tmp_path, model_
     index.add_documents(model, tokenizer, [{"id": "new", "title": "New", "text": "Kentucky borders Ohio."}])
     index.delete_documents([big_corpus[0]["id"]])
     assert _sha256(witness) == original
-    assert index_build.is_on_disk(index.faiss_index)
+    assert is_on_disk(index.faiss_index)
     reloaded = NPMIndex.load(tmp_path / "index", verify="full")
     assert reloaded.faiss_index.ntotal == reloaded.num_indexed
     queries = _vectors(reloaded)[::5]
@@ -242,7 +243,7 @@ def test_two_processes_resume_the_build_one_of_them_failed(tmp_path, encoder_dir
     if "roberta" in encoder_dir.name:
         pytest.skip("one tokenizer family is enough for the launchers (each launch takes seconds)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
-    script = Path(__file__).parent / "scripts" / "build_index_counting.py"
+    script = Path(__file__).parents[1] / "scripts" / "build_index_counting.py"
 
     def launch(attempt: int, fail_rank: int, corpus, *flags):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .corpus import LINE_START, SPECIAL, WORD_END, WORD_START
+from .tokens import LINE_START, SPECIAL, WORD_END, WORD_START
 from .stopwords import STOPWORDS, id_table, pieces_after_a_word, reference_stopword_ids
 
 

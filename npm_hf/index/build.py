@@ -16,8 +16,9 @@ same plan from the files on disk: process 0 tokenizes, every process encodes the
 into its own unit files, and process 0 assembles them into the vector shards. Units begin at multiples of
 `batch_size` blocks, so every forward pass sees the same blocks as in a one-process build. IVF indexes are trained
 by process 0; each process adds its share of the vectors to a copy and writes a part, and process 0 merges the parts
-with FAISS's on-disk merge into `index.faiss` + `index.ivfdata` (`index.read_faiss_index` maps the ivfdata found
-beside index.faiss, so the directory can move). Flat indexes are stored empty as always; other indexes (HNSW) are filled by process 0.
+with FAISS's on-disk merge into `index.faiss` + `index.ivfdata` (`npm_hf.inference.faiss_io.read_faiss_index` maps
+the ivfdata found beside index.faiss, so the directory can move). Flat indexes are stored empty as always; other
+indexes (HNSW) are filled by process 0.
 
 The stages synchronise through `_Processes.run`: when one process fails the others raise too instead of waiting
 forever. An interrupted build keeps its partial directory once the corpus is tokenized; `resume=True` (CLI
@@ -33,17 +34,24 @@ import shutil
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .index import (AUTO_FACTORY, FAISS_FILE, IVFDATA_FILE, POSITIONS_FILE, TOKEN_FILES, BuildMemoryPlan,
-                    IndexBuildArguments, IndexManifest, NPMIndexError, _add_vectors, _core_index, _extract_ivf,
-                    _FAISS_ADD_CHUNK, _is_flat, _new_faiss_index, _publish, _versions, _write_corpus, _write_positions,
-                    index_rule,
-                    check_training_size, create_vector_shards, encode_into, encoder_fingerprint,
-                    layout_format_version, open_vector_shards, parse_shard_size, shard_layout, suggest_faiss_factory,
-                    tokenizer_fingerprint, unit_blocks)
+from ..inference.faiss_io import FAISS_ADD_CHUNK, add_vectors, core_index, extract_ivf, is_flat
+from ..inference.index_files import (FAISS_FILE, IVFDATA_FILE, POSITIONS_FILE, TOKEN_FILES, IndexManifest,
+                                     NPMIndexError, encoder_fingerprint, tokenizer_fingerprint)
+from ..inference.vector_shards import (create_vector_shards, layout_format_version, open_vector_shards,
+                                       parse_shard_size, shard_layout)
+from .arguments import AUTO_FACTORY, IndexBuildArguments
+from .encoding import encode_into, index_rule, unit_blocks
+from .faiss_build import (check_training_size, merge_on_disk, new_faiss_index, suggest_faiss_factory,
+                          write_index_atomically)
+from .memory import BuildMemoryPlan
+from .writing import library_versions, publish, write_corpus, write_positions
 
 
 logger = logging.get_logger(__name__)
@@ -70,8 +78,6 @@ class _Processes:
     without one), and collective stages that fail together."""
 
     def __init__(self):
-        import torch.distributed as dist
-
         self.created_group = False
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and dist.is_available() and not dist.is_initialized():
@@ -92,8 +98,6 @@ class _Processes:
         """Whether every process reports ok (a barrier too)."""
         if not self.distributed:
             return ok
-        import torch.distributed as dist
-
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         flag = torch.tensor([int(ok)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -115,9 +119,7 @@ class _Processes:
 
     def close(self) -> None:
         if self.created_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+                dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints
@@ -186,7 +188,7 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
     index_dir, state_dir = partial / "index", partial / "state"
     hidden_size = model.config.hidden_size
     if args.faiss_factory != AUTO_FACTORY:
-        _new_faiss_index(hidden_size, args.faiss_factory)  # a bad factory fails before any work
+        new_faiss_index(hidden_size, args.faiss_factory)  # a bad factory fails before any work
     processes.run(lambda: _prepare(partial, output_dir, model, tokenizer, corpus, args), main_only=True)
     try:
         processes.run(lambda: _tokenize(index_dir, state_dir, model, corpus, tokenizer, args), main_only=True)
@@ -218,7 +220,7 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
             num_indexed_tokens=tokenized["num_indexed_tokens"],
             num_blocks=-(-tokenized["num_tokens"] // args.block_size),
             build_seconds=round(time.perf_counter() - started, 3),
-            versions=_versions(),
+            versions=library_versions(),
             vector_shards=layout,
             max_shard_bytes=parse_shard_size(args.max_shard_size),
             line_starts_marked=True,
@@ -267,8 +269,8 @@ def _tokenize(index_dir: Path, state_dir: Path, model, corpus, tokenizer, args: 
     if (state_dir / _TOKENIZED_FILE).exists():
         return
     hidden_size = model.config.hidden_size
-    stats = _write_corpus(index_dir, corpus, tokenizer, args)
-    _write_positions(index_dir, np.load(index_dir / TOKEN_FILES["token_ids"], mmap_mode="r"),
+    stats = write_corpus(index_dir, corpus, tokenizer, args)
+    write_positions(index_dir, np.load(index_dir / TOKEN_FILES["token_ids"], mmap_mode="r"),
                      np.load(index_dir / TOKEN_FILES["token_flags"], mmap_mode="r"), index_rule(args, tokenizer))
     num_vectors = len(np.load(index_dir / POSITIONS_FILE, mmap_mode="r"))
     memory = BuildMemoryPlan.measure(model, args, num_vectors, stats.num_documents)
@@ -276,7 +278,7 @@ def _tokenize(index_dir: Path, state_dir: Path, model, corpus, tokenizer, args: 
     if factory == AUTO_FACTORY:
         factory = suggest_faiss_factory(num_vectors, hidden_size, memory and memory.faiss_budget())
         logger.info(f"faiss_factory='auto' chose {factory!r} for {num_vectors} vectors.")
-    faiss_index = _new_faiss_index(hidden_size, factory)
+    faiss_index = new_faiss_index(hidden_size, factory)
     if memory is not None:  # refuses a factory that cannot fit; caps the training sample
         args = memory.fit(faiss_index, factory, args)
     check_training_size(faiss_index, factory, num_vectors, args.train_sample_size)
@@ -301,8 +303,6 @@ def _unit_file(state_dir: Path, unit: int) -> Path:
 
 def _encode_units(processes: _Processes, index_dir: Path, state_dir: Path, model, args: IndexBuildArguments) -> None:
     """Encode this process's units that no earlier run finished, each into its own file."""
-    from tqdm.auto import tqdm
-
     ids = np.load(index_dir / TOKEN_FILES["token_ids"], mmap_mode="r")
     flags = np.load(index_dir / TOKEN_FILES["token_flags"], mmap_mode="r")
     positions = np.load(index_dir / POSITIONS_FILE, mmap_mode="r")
@@ -321,11 +321,11 @@ def _encode_units(processes: _Processes, index_dir: Path, state_dir: Path, model
             lo, hi = np.searchsorted(positions, [start, stop])
             keep = np.zeros(stop - start, dtype=bool)
             keep[np.asarray(positions[lo:hi]) - start] = True  # the tokens _tokenize chose to index
-            _encode_unit(_unit_file(state_dir, u), model, ids[start:stop], flags[start:stop], keep, quiet)
+            encode_unit(_unit_file(state_dir, u), model, ids[start:stop], flags[start:stop], keep, quiet)
             bar.update(stop - start)
 
 
-def _encode_unit(path: Path, model, ids, flags, keep: np.ndarray, args: IndexBuildArguments) -> None:
+def encode_unit(path: Path, model, ids, flags, keep: np.ndarray, args: IndexBuildArguments) -> None:
     """Write the vectors of the `keep` tokens of one unit to `path`, complete or not at all (a temporary name, then
     a rename)."""
     rows = int(keep.sum())
@@ -343,8 +343,8 @@ def _assemble_vectors(index_dir: Path, state_dir: Path, layout: list[dict], hidd
     row = 0
     for path in sorted((state_dir / "units").glob("unit-*.npy")):
         unit = np.load(path, mmap_mode="r", allow_pickle=False)
-        for lo in range(0, len(unit), _FAISS_ADD_CHUNK):
-            chunk = unit[lo : lo + _FAISS_ADD_CHUNK]
+        for lo in range(0, len(unit), FAISS_ADD_CHUNK):
+            chunk = unit[lo : lo + FAISS_ADD_CHUNK]
             vectors[row : row + len(chunk)] = chunk
             row += len(chunk)
     if row != len(vectors):
@@ -360,11 +360,9 @@ def _assemble_vectors(index_dir: Path, state_dir: Path, layout: list[dict], hidd
 def merges_on_disk(faiss_index) -> bool:
     """Whether an index is built from per-process parts merged on disk: an IVF index (under pre-transforms or not)
     that needs training."""
-    import faiss
-
-    core = _core_index(faiss_index)
+    core = core_index(faiss_index)
     return (not faiss_index.is_trained and isinstance(core, faiss.IndexIVF)
-            and not isinstance(core, faiss.IndexIVFPQR) and _extract_ivf(faiss_index) is not None)
+            and not isinstance(core, faiss.IndexIVFPQR) and extract_ivf(faiss_index) is not None)
 
 
 def _train(faiss_index, vectors, args: IndexBuildArguments) -> None:
@@ -377,7 +375,7 @@ def _train(faiss_index, vectors, args: IndexBuildArguments) -> None:
 def _build_faiss(processes: _Processes, index_dir: Path, state_dir: Path, layout: list[dict], hidden_size: int,
                  factory: str, args: IndexBuildArguments) -> None:
     vectors = open_vector_shards(index_dir, layout, hidden_size)
-    faiss_index = _new_faiss_index(hidden_size, factory)
+    faiss_index = new_faiss_index(hidden_size, factory)
     if merges_on_disk(faiss_index):
         _build_ivf_on_disk(processes, index_dir, state_dir, vectors, faiss_index, args)
     else:
@@ -387,12 +385,10 @@ def _build_faiss(processes: _Processes, index_dir: Path, state_dir: Path, layout
 
 def _fill_in_memory(index_dir: Path, vectors, faiss_index, args: IndexBuildArguments) -> None:
     """A flat index is stored empty (filled from the vectors on load); others are trained and filled here."""
-    import faiss
-
-    if not _is_flat(faiss_index):
+    if not is_flat(faiss_index):
         if not faiss_index.is_trained:
             _train(faiss_index, vectors, args)
-        _add_vectors(faiss_index, vectors)
+        add_vectors(faiss_index, vectors)
     faiss.write_index(faiss_index, str(index_dir / FAISS_FILE))
 
 
@@ -408,8 +404,6 @@ def _part_file(state_dir: Path, lo: int, hi: int) -> Path:
 def _build_ivf_on_disk(processes: _Processes, index_dir: Path, state_dir: Path, vectors, faiss_index,
                        args: IndexBuildArguments) -> None:
     """Train once, add each process's rows to its own copy (a part), merge the parts into index.ivfdata."""
-    import faiss
-
     trained = state_dir / "trained.faiss"
     parts = [_part_file(state_dir, lo, hi) for lo, hi in _part_ranges(len(vectors), processes.world_size)]
 
@@ -419,7 +413,7 @@ def _build_ivf_on_disk(processes: _Processes, index_dir: Path, state_dir: Path, 
             stale.unlink()
         if not trained.exists():
             _train(faiss_index, vectors, args)
-            _write_index_atomically(faiss_index, trained)
+            write_index_atomically(faiss_index, trained)
 
     def add_my_part():
         lo, hi = _part_ranges(len(vectors), processes.world_size)[processes.rank]
@@ -427,74 +421,21 @@ def _build_ivf_on_disk(processes: _Processes, index_dir: Path, state_dir: Path, 
         if path.exists():
             return
         part = faiss.read_index(str(trained))
-        for start in range(lo, hi, _FAISS_ADD_CHUNK):
-            stop = min(start + _FAISS_ADD_CHUNK, hi)
+        for start in range(lo, hi, FAISS_ADD_CHUNK):
+            stop = min(start + FAISS_ADD_CHUNK, hi)
             part.add_with_ids(np.asarray(vectors[start:stop], dtype=np.float32), np.arange(start, stop))
-        _write_index_atomically(part, path)
+        write_index_atomically(part, path)
 
     def merge():
         (index_dir / IVFDATA_FILE).unlink(missing_ok=True)  # a merge cut short by a kill
-        _merge_on_disk(faiss.read_index(str(trained)), parts, index_dir)
+        merge_on_disk(faiss.read_index(str(trained)), parts, index_dir)
 
     processes.run(train, main_only=True)
     processes.run(add_my_part)
     processes.run(merge, main_only=True)
 
 
-def _write_index_atomically(faiss_index, path: Path) -> None:
-    import faiss
-
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(faiss_index, str(tmp))
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------ publish
 def _finish(partial: Path, index_dir: Path, output_dir: Path, manifest: IndexManifest) -> None:
-    _publish(index_dir, output_dir, manifest)
+    publish(index_dir, output_dir, manifest)
     shutil.rmtree(partial, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------- on-disk indexes
-def is_on_disk(faiss_index) -> bool:
-    import faiss
-
-    ivf = _extract_ivf(faiss_index)
-    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
-
-
-def load_lists_into_memory(faiss_index) -> None:
-    """Replace the on-disk inverted lists of `faiss_index` by an in-memory copy (edits never touch the file)."""
-    import faiss
-
-    ivf = _extract_ivf(faiss_index)
-    source = ivf.invlists
-    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
-    for i in range(ivf.nlist):
-        size = source.list_size(i)
-        if size:
-            lists.add_entries(i, size, source.get_ids(i), source.get_codes(i))
-    ivf.replace_invlists(lists, True)
-    lists.this.disown()
-
-
-def write_on_disk(faiss_index, directory: Path) -> None:
-    """Write `faiss_index` (IVF, in memory) to `directory` as index.faiss + index.ivfdata."""
-    import faiss
-
-    part = directory / "part.tmp.faiss"
-    faiss.write_index(faiss_index, str(part))
-    empty = faiss.clone_index(faiss_index)
-    empty.reset()
-    _merge_on_disk(empty, [part], directory)
-    part.unlink()
-
-
-def _merge_on_disk(empty_index, parts: list[Path], directory: Path) -> None:
-    """Merge the inverted lists of the IVF index files `parts` into `directory`/index.ivfdata, with `empty_index`
-    (trained, no vectors) written as `directory`/index.faiss pointing at them."""
-    import faiss
-    from faiss.contrib.ondisk import merge_ondisk
-
-    merge_ondisk(empty_index, [str(p) for p in parts], str(directory / IVFDATA_FILE))
-    faiss.write_index(empty_index, str(directory / FAISS_FILE))

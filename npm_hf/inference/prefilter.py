@@ -13,7 +13,7 @@ block full of distractors.
 import numpy as np
 import torch
 
-from .corpus import SPECIAL
+from .tokens import SPECIAL
 
 
 def passage_ranges(index, passage_tokens: int | None = None) -> np.ndarray:

@@ -194,7 +194,7 @@ def test_invalid_factory_string_is_refused_before_work(tmp_path, model_and_token
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("the factory must be checked before the corpus is read")
 
-    monkeypatch.setattr("npm_hf.index._write_corpus", no_tokenizing)
+    monkeypatch.setattr("npm_hf.index.build.write_corpus", no_tokenizing)
     with pytest.raises(ValueError, match="Invalid FAISS factory string 'IVF,,PQ'"):
         NPMIndex.build(model, tokenizer, ["Texas."], tmp_path / "i",
                        IndexBuildArguments(faiss_factory="IVF,,PQ", **QUIET))
@@ -290,7 +290,7 @@ def test_search_many_of_an_approximate_index_is_search(build):
 
 def test_spans_from_a_shared_search_of_an_approximate_index(build, model_and_tokenizer):
     """nprobe=1 leaves rows unfilled (-1), so the pairs of a batch have different numbers of candidates."""
-    from npm_hf.retrieval import NPMPredictor
+    from npm_hf.inference.retrieval import NPMPredictor
 
     index = build("IVF4,Flat")
     model, tokenizer = model_and_tokenizer

@@ -1,18 +1,19 @@
 """`pipeline("fill-mask")` for NPM models: answers retrieved from the reference corpus, with evidence.
 
-`FillMaskDispatcher` replaces the "fill-mask" entry of the transformers pipeline registry: it builds a
-[`NonparametricFillMaskPipeline`] for NPM models and the stock `FillMaskPipeline`, untouched, for every other model.
+This is the entry point of the remote code every saved NPM carries (see `npm_hf.inference`); with npm_hf installed,
+`npm_hf.fill_mask.FillMaskDispatcher` builds it for NPM models.
 """
 
 import math
 
 import numpy as np
 import torch
-from transformers import FillMaskPipeline, Pipeline
+from transformers import Pipeline
 from transformers.pipelines.base import PipelineException
 from transformers.utils import logging
 
-from .index import NPMIndex
+from .prefilter import bm25_query, make_passage_retriever, passage_positions
+from .reader import NPMIndexReader
 from .retrieval import NPMPredictor
 
 
@@ -27,8 +28,9 @@ class NonparametricFillMaskPipeline(Pipeline):
     `text`). In span mode `token` is the list of the phrase's token ids.
 
     Args:
-        index (`NPMIndex`, *optional*): the reference-corpus index; by default the model's own (its directory's or
-            Hub repo's `config.index_subfolder`, at the same commit as the weights, or `config.index_repo_id`).
+        index (`NPMIndexReader`, *optional*): the reference-corpus index (an `npm_hf.NPMIndex` is one); by default
+            the model's own (its directory's or Hub repo's `config.index_subfolder`, at the same commit as the
+            weights, or `config.index_repo_id`).
         index_kwargs (`dict`, *optional*): Hub options for that download (`cache_dir`, `token`, `local_files_only`).
         k (`int`, *optional*): neighbours per query vector, overriding `config.k` (also accepted per call).
         prefilter (`str`, *optional*): "none", "bm25" or "dense" two-stage retrieval, overriding `config.prefilter`
@@ -44,13 +46,13 @@ class NonparametricFillMaskPipeline(Pipeline):
     _load_feature_extractor = False
     _load_video_processor = False
 
-    def __init__(self, model, tokenizer=None, index: NPMIndex | None = None, index_kwargs: dict | None = None,
+    def __init__(self, model, tokenizer=None, index: NPMIndexReader | None = None, index_kwargs: dict | None = None,
                  **kwargs):
         super().__init__(model, tokenizer=tokenizer, **kwargs)
         if self.tokenizer is None or self.tokenizer.mask_token_id is None:
             raise PipelineException("fill-mask", NPM_MODEL_TYPE, "The tokenizer does not define a `mask_token`.")
         if index is None:
-            index = NPMIndex.for_model(self.model, **(index_kwargs or {}))
+            index = NPMIndexReader.for_model(self.model, **(index_kwargs or {}))
         index.check_compatible(self.model, self.tokenizer)
         knobs = {name: self._postprocess_params.get(name, getattr(self.model.config, name, None))
                  for name in ("nprobe", "ef_search")}
@@ -207,8 +209,6 @@ class NonparametricFillMaskPipeline(Pipeline):
         `weight` default to `config.prefilter_passage_tokens` and `config.prefilter_weight`."""
         if method == "none":
             return None, None
-        from .prefilter import bm25_query, make_passage_retriever, passage_positions
-
         config = self.model.config
         if passage_tokens is None:
             passage_tokens = config.prefilter_passage_tokens
@@ -289,8 +289,8 @@ class NonparametricFillMaskPipeline(Pipeline):
         return outputs
 
     def search_batch(self, outputs: list[dict], params: dict) -> None:
-        """Search every query vector of the batch in one call (`NPMIndex.search_many`); each output gets its slots'
-        `hits`."""
+        """Search every query vector of the batch in one call (`NPMIndexReader.search_many`); each output gets its
+        slots' `hits`."""
         if (params.get("prefilter") or self.model.config.prefilter) != "none":
             return  # pre-filtered answers are scored over their own blocks, not searched
         vectors = [slot for output in outputs for slot in output["query_vectors"]]
@@ -302,55 +302,6 @@ class NonparametricFillMaskPipeline(Pipeline):
             for slot in output["query_vectors"]:
                 output["hits"].append((scores[cursor : cursor + len(slot)], rows[cursor : cursor + len(slot)]))
                 cursor += len(slot)
-
-
-class FillMaskDispatcher:
-    """The "fill-mask" task's implementation once npm_hf is imported: NPM models get
-    [`NonparametricFillMaskPipeline`], every other model the stock `FillMaskPipeline`, unchanged."""
-
-    _load_tokenizer = FillMaskPipeline._load_tokenizer
-    _load_processor = FillMaskPipeline._load_processor
-    _load_image_processor = FillMaskPipeline._load_image_processor
-    _load_feature_extractor = FillMaskPipeline._load_feature_extractor
-    _load_video_processor = getattr(FillMaskPipeline, "_load_video_processor", False)
-
-    def __new__(cls, model, *args, **kwargs):
-        if is_npm_model(model):
-            return NonparametricFillMaskPipeline(model, *args, **kwargs)
-        if kwargs.get("index") is not None:
-            raise ValueError(
-                f"index= was passed to pipeline('fill-mask') with a {type(model).__name__}, which is not an NPM "
-                "model; load an NPM model (config.model_type == 'npm') to retrieve from an index."
-            )
-        kwargs.pop("index", None)
-        return FillMaskPipeline(model, *args, **kwargs)
-
-
-REMOTE_FILL_MASK = {"impl": "pipeline.NonparametricFillMaskPipeline", "pt": ["AutoModel"], "type": "text"}
-
-
-def add_remote_pipeline(model_dir) -> None:
-    """Copy this pipeline's code (and the flat modules it imports) into an NPM directory and declare it as the
-    repo's "fill-mask" pipeline, so that a process without npm_hf runs
-    `pipeline("fill-mask", model=..., trust_remote_code=True)` (with faiss installed)."""
-    import json
-    import os
-
-    from transformers.dynamic_module_utils import custom_object_save
-
-    custom_object_save(NonparametricFillMaskPipeline, model_dir)
-    path = os.path.join(model_dir, "config.json")
-    with open(path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    config["custom_pipelines"] = {**config.get("custom_pipelines", {}), "fill-mask": REMOTE_FILL_MASK}
-    staging = f"{path}.tmp"
-    with open(staging, "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
-    os.replace(staging, path)
-
-
-def is_npm_model(model) -> bool:
-    return getattr(getattr(model, "config", None), "model_type", None) == NPM_MODEL_TYPE
 
 
 def _mask_runs(input_ids: list[int], mask_id: int) -> list[tuple[int, int]]:

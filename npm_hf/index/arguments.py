@@ -1,0 +1,85 @@
+"""How an index is built: `IndexBuildArguments` (`npm_hf.build_index`, `npm-hf build-index`)."""
+
+from dataclasses import dataclass, field
+
+from transformers.utils import logging
+
+from ..hub_cards import HUB_MAX_FILE_BYTES
+from ..inference.vector_shards import DEFAULT_MAX_SHARD_SIZE, parse_memory_size, parse_shard_size
+
+
+logger = logging.get_logger(__name__)
+
+AUTO_FACTORY = "auto"  # faiss_factory value: pick a factory from the corpus size and max_memory
+
+
+@dataclass
+class IndexBuildArguments:
+    """How to build a reference-corpus index (`npm_hf.build_index`, `npm-hf build-index`)."""
+
+    block_size: int = field(default=256, metadata={"help": "Tokens per encoded block (the paper uses 256)."})
+    batch_size: int = field(default=16, metadata={"help": "Blocks encoded per forward pass."})
+    faiss_factory: str = field(
+        default="Flat",
+        metadata={"help": "FAISS index_factory string, always with inner product (e.g. Flat, HNSW32, IVF1024,PQ64), "
+                          "or 'auto' to pick one from the corpus size and --max-memory."},
+    )
+    max_memory: str | None = field(
+        default=None,
+        metadata={"help": "Memory budget of the whole build, e.g. 8GB or 512MiB: the process's resident memory "
+                          "(interpreter, libraries, model weights, encoding batches, FAISS training sample and "
+                          "index). The build caps the training sample to it and refuses, before encoding, a "
+                          "faiss_factory that cannot fit; 'auto' picks a factory that fits. Memory-mapped files "
+                          "(vectors, token arrays) are not counted: the kernel pages them in and out."},
+    )
+    train_sample_size: int = field(
+        default=1_000_000, metadata={"help": "Vectors sampled to train FAISS indexes that need training."}
+    )
+    max_shard_size: int | str = field(
+        default=DEFAULT_MAX_SHARD_SIZE,
+        metadata={"help": "Largest vectors file, in bytes or as e.g. 500MB, 10GB or 2GiB; larger vectors are split "
+                          "into vectors-00000-of-0000N.npy shards (the Hub refuses files above 50GB)."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace an existing index at the output path (and an interrupted build's partial work)."},
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue an interrupted build of the same output (kept in the hidden .NAME.partial "
+                          "directory beside it) from the work units it finished."},
+    )
+    blocks_per_unit: int = field(
+        default=256,
+        metadata={"help": "Blocks per resumable work unit (rounded up to whole batches): what a process encodes "
+                          "and saves at a time, and what a resumed build does not encode again."},
+    )
+    show_progress_bar: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+    seed: int = field(default=0, metadata={"help": "Seed of the FAISS training sample."})
+    remove_stopwords: bool = field(
+        default=False,
+        metadata={"help": "Leave stop-word and punctuation ids out of the index (the paper's open-set datastore, "
+                          "`npm_hf.inference.stopwords.reference_stopword_ids`): they are in neither softmax. The "
+                          "paper protocol's open-set evaluation needs such an index."},
+    )
+    index_all_tokens: bool = field(
+        default=False,
+        metadata={"help": "Index mid-word pieces too (npm_hf before 0.2). By default only word starts and word ends "
+                          "get a vector, as in the official datastore: the others can never start or end an answer."},
+    )
+
+    def __post_init__(self):
+        for name in ("block_size", "batch_size", "train_sample_size", "blocks_per_unit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"IndexBuildArguments.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.block_size < 3:
+            raise ValueError(
+                f"IndexBuildArguments.block_size must be >= 3 (room for special tokens), got {self.block_size}."
+            )
+        if not self.faiss_factory.strip():
+            raise ValueError("IndexBuildArguments.faiss_factory must be a FAISS factory string such as 'Flat'.")
+        if self.max_memory is not None:
+            parse_memory_size(self.max_memory)  # a malformed size fails here, before any work
+        if parse_shard_size(self.max_shard_size) > HUB_MAX_FILE_BYTES:
+            logger.warning(f"max_shard_size={self.max_shard_size!r} allows vector files above the Hub's 50 GB "
+                           "per-file limit; such an index cannot be pushed to the Hub.")

@@ -1,0 +1,125 @@
+"""Writing an index directory: the corpus files (documents, token arrays, positions), then the manifest with every
+file's size and checksum, and the atomic swap into place."""
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..corpus import CorpusStats, iter_documents, tokenize_documents
+from ..inference.index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES,
+                                     IndexManifest, sha256_file)
+from ..inference.tokens import TOKEN_DTYPE
+from ..version import __version__
+from .arguments import IndexBuildArguments
+from .encoding import indexed_token_mask
+
+
+logger = logging.get_logger(__name__)
+
+
+def write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) -> CorpusStats:
+    """Tokenize every document; write documents.jsonl, its offsets and the per-token arrays. Token records stream
+    to raw files as documents are tokenized (memory stays flat whatever the corpus size) and become .npy files at
+    the end, byte for byte what `np.save` writes."""
+    stats = CorpusStats()
+    offsets = [0]
+    raw = {name: staging / f".{file}.raw" for name, file in TOKEN_FILES.items()}
+    with open(staging / DOCUMENTS_FILE, "wb") as handle, contextlib.ExitStack() as stack:
+        columns = {name: stack.enter_context(open(path, "wb")) for name, path in raw.items()}
+        documents = tqdm(iter_documents(corpus), desc="Tokenizing corpus", unit="doc",
+                         disable=not args.show_progress_bar)
+        for document, records in tokenize_documents(documents, tokenizer, stats, block_size=args.block_size):
+            columns["token_ids"].write(records["id"].tobytes())
+            columns["token_flags"].write(records["flags"].tobytes())
+            columns["token_docs"].write(np.full(len(records), stats.num_documents - 1, np.int32).tobytes())
+            columns["token_offsets"].write(np.stack([records["start"], records["end"]], axis=1).tobytes())
+            line = json.dumps({"id": document["id"], "title": document["title"], "text": document["text"]},
+                              ensure_ascii=False).encode("utf-8") + b"\n"
+            handle.write(line)
+            offsets.append(offsets[-1] + len(line))
+    if stats.num_skipped_empty:
+        logger.warning(f"Skipped {stats.num_skipped_empty} empty or whitespace-only documents.")
+    if stats.num_skipped_paragraphs:
+        logger.warning(f"Skipped {stats.num_skipped_paragraphs} paragraphs that contain the mask token "
+                       f"{tokenizer.mask_token!r} (as the official code does): a query could retrieve them.")
+    if stats.num_documents == 0:
+        raise ValueError(
+            "The corpus has no non-empty document"
+            + (f" ({stats.num_skipped_empty} empty ones skipped)" if stats.num_skipped_empty else "")
+            + "; an index needs at least one document with text."
+        )
+    row_shapes = {"token_ids": (), "token_flags": (), "token_docs": (), "token_offsets": (2,)}
+    for name, file in TOKEN_FILES.items():
+        dtype = TOKEN_DTYPE[_TOKEN_FIELDS[name]]
+        _raw_to_npy(raw[name], staging / file, dtype, (stats.num_tokens, *row_shapes[name]))
+    np.save(staging / DOCUMENT_OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
+    return stats
+
+
+# the TOKEN_DTYPE field each token file stores (token_offsets: start and end)
+_TOKEN_FIELDS = {"token_ids": "id", "token_flags": "flags", "token_docs": "doc", "token_offsets": "start"}
+
+
+def _raw_to_npy(raw: Path, npy: Path, dtype: np.dtype, shape: tuple) -> None:
+    """Turn a file of raw C-order `dtype` values into the .npy file `np.save` would write, without reading it
+    into memory (a header, then the bytes); the raw file is removed."""
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if raw.stat().st_size != expected:  # a bug, not bad input: the columns were written in step
+        raise RuntimeError(f"{raw} holds {raw.stat().st_size} bytes, expected {expected} for {shape} {dtype}.")
+    with open(npy, "wb") as out, open(raw, "rb") as source:
+        np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                   "fortran_order": False, "shape": tuple(shape)})
+        shutil.copyfileobj(source, out, 1 << 22)
+    raw.unlink()
+
+
+def write_positions(staging: Path, ids: np.ndarray, flags: np.ndarray, rule: dict, chunk: int = 1 << 22) -> None:
+    """positions.npy: the corpus position of every indexed token (`indexed_token_mask`), computed chunk by chunk."""
+    raw = staging / f".{POSITIONS_FILE}.raw"
+    count = 0
+    with open(raw, "wb") as out:
+        for lo in range(0, len(flags), chunk):
+            keep = indexed_token_mask(ids[lo : lo + chunk], flags[lo : lo + chunk], **rule)
+            rows = np.flatnonzero(keep).astype(np.int64) + lo
+            out.write(rows.tobytes())
+            count += len(rows)
+    _raw_to_npy(raw, staging / POSITIONS_FILE, np.dtype(np.int64), (count,))
+
+
+
+def publish(staging: Path, output_dir: Path, manifest: IndexManifest, known_files: dict | None = None) -> None:
+    """Record every staged file's size and sha256 in the manifest (reusing `known_files` entries for files copied
+    unchanged), write the manifest last, and move the finished directory into place."""
+    known_files = known_files or {}
+    manifest.files = {
+        name: known_files.get(name) or {"bytes": (staging / name).stat().st_size, "sha256": sha256_file(staging / name)}
+        for name in sorted(os.listdir(staging))
+    }
+    (staging / MANIFEST_FILE).write_text(manifest.to_json())
+    _move_into_place(staging, output_dir)
+
+
+def _move_into_place(staging: Path, output_dir: Path) -> None:
+    """Rename the finished build into place; an existing index is swapped out only after the new one is complete."""
+    retired = None
+    if output_dir.exists():
+        retired = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:12]}"
+        os.replace(output_dir, retired)
+    os.replace(staging, output_dir)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def library_versions() -> dict:
+    return {"npm_hf": __version__, "transformers": transformers.__version__, "torch": torch.__version__,
+            "faiss": faiss.__version__, "numpy": np.__version__}

@@ -1,0 +1,159 @@
+"""The files of an NPM index directory: their names, the manifest, and fingerprints of encoder and tokenizer.
+
+Layout of an index directory (`<model>/index` by default); every file loads without pickle:
+
+    manifest.json          IndexManifest: counts, dims, fingerprints of encoder and tokenizer, file checksums
+    token_ids.npy          token id of every corpus token (blocks are consecutive runs of block_size tokens: packed
+                           paragraphs of one document, then PAD tokens, see `npm_hf.corpus`)
+    token_flags.npy        WORD_START / WORD_END / SPECIAL / LINE_START / PAD bits per token
+    token_docs.npy         document of every token
+    token_offsets.npy      (start, end) character offsets of every token in its document's text
+    positions.npy          corpus position of every indexed token = row of the vectors: as in the official
+                           datastore, word starts and word ends only (not mid-word pieces), and with
+                           remove_stopwords no stop-word id (`npm_hf.index.encoding.indexed_token_mask`)
+    vectors.npy            (num_indexed, hidden_size) float16 last hidden states, memory-mapped; when they exceed
+                           max_shard_size, row shards vectors-00000-of-0000N.npy instead
+                           (see `vector_shards.shard_layout`)
+    index.faiss            FAISS inner-product index over the rows of the vectors (a flat one is stored empty and
+                           filled from the vectors when loaded: the same values, without a float32 copy on disk)
+    index.ivfdata          IVF indexes: their inverted lists, merged on disk and memory-mapped when loaded
+    documents.jsonl        one {"id", "title", "text"} line per document
+    document_offsets.npy   byte offset of every line of documents.jsonl, plus the file size
+
+A build writes into a hidden sibling directory (`.{name}.partial`, see `npm_hf.index.build`: resumable, and shared
+by the processes of a multi-process build) and renames it into place at the end, so an interrupted build never leaves a
+directory that loads.
+"""
+
+import dataclasses
+import hashlib
+import json
+import mmap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# Format 2 stores the vectors in several shards; an index with one vectors.npy is still written as format 1, so
+# older npm_hf versions keep reading it (and refuse a sharded one with "upgrade npm_hf" instead of a wrong error).
+FORMAT_VERSION = 2
+SINGLE_FILE_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TOKEN_FILES = {"token_ids": "token_ids.npy", "token_flags": "token_flags.npy", "token_docs": "token_docs.npy",
+               "token_offsets": "token_offsets.npy"}
+POSITIONS_FILE = "positions.npy"
+VECTORS_FILE = "vectors.npy"
+VECTOR_SHARD_FILE = "vectors-{:05d}-of-{:05d}.npy"
+FAISS_FILE = "index.faiss"
+IVFDATA_FILE = "index.ivfdata"  # the inverted lists of an IVF index merged on disk (npm_hf.index.build)
+DOCUMENTS_FILE = "documents.jsonl"
+DOCUMENT_OFFSETS_FILE = "document_offsets.npy"
+
+
+class NPMIndexError(ValueError):
+    """An index directory is missing, incomplete, corrupted, or does not belong to the model."""
+
+
+class IndexMismatchError(NPMIndexError):
+    """The index was built with another encoder or tokenizer than the one it is used with."""
+
+
+
+@dataclass
+class IndexManifest:
+    """What an index holds and how it was built; saved as manifest.json."""
+
+    format_version: int
+    encoder_fingerprint: str
+    tokenizer_fingerprint: str
+    encoder_name_or_path: str
+    hidden_size: int
+    block_size: int
+    faiss_factory: str
+    num_documents: int
+    num_skipped_empty_documents: int
+    num_tokens: int
+    num_indexed_tokens: int
+    num_blocks: int
+    build_seconds: float
+    versions: dict
+    files: dict = field(default_factory=dict)
+    metric: str = "inner_product"
+    vector_dtype: str = "float16"
+    num_deleted_documents: int = 0  # documents.jsonl keeps a record without text for each (token_docs stay valid)
+    # [{"file", "start", "stop"}] per vector shard, rows [start, stop); empty = one vectors.npy (format 1 indexes)
+    vector_shards: list = field(default_factory=list)
+    max_shard_bytes: int | None = None  # the rule the shards were cut by; edits cut new shards by it too
+    line_starts_marked: bool = False  # token_flags carry LINE_START (builds since it exists; older ones do not)
+    # What is indexed and how blocks are cut (older builds: every non-special token, one running token stream)
+    boundary_tokens_only: bool = False
+    stopwords_removed: bool = False
+    paragraph_blocks: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "IndexManifest":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning(f"Ignoring unknown index manifest keys {unknown}; upgrade npm_hf to use them.")
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def encoder_fingerprint(model) -> str:
+    """Identify encoder weights: names, shapes and a strided sample of every tensor, rounded to bfloat16 so that
+    fp32 and bf16 copies of the same weights agree."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        picks = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 4096)).long()
+        sample = flat[picks].to("cpu", torch.float32).to(torch.bfloat16).view(torch.int16).numpy()
+        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identify a tokenizer by its full backend definition (vocabulary, normaliser, pre-tokenizer, specials)."""
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    for transient in ("truncation", "padding"):  # runtime settings, changed by calls with truncation=True
+        definition.pop(transient, None)
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class DocumentStore:
+    """Random access to documents.jsonl through a memory map and the byte offsets of its lines."""
+
+    _CACHE_SIZE = 64  # parsed documents kept: one answer list cites a handful, often the same ones
+
+    def __init__(self, path: Path, offsets: np.ndarray):
+        self._offsets = offsets
+        self._file = open(path, "rb")
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if offsets[-1] > 0 else b""
+        self._cache: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if i not in self._cache:
+            if len(self._cache) >= self._CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[i] = json.loads(self._map[int(self._offsets[i]) : int(self._offsets[i + 1])])
+        return self._cache[i]

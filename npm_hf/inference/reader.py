@@ -1,0 +1,331 @@
+"""Opening an NPM index directory and answering from it: the part of an index that remote code needs (see
+`npm_hf.inference`)."""
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+from huggingface_hub import snapshot_download
+from transformers.utils import logging
+
+from .faiss_io import (FLAT_FILL_MAX_VECTORS, add_vectors, check_positive_int, current_search_parameters, extract_ivf,
+                       is_flat, read_faiss_index, search_parameter_names, streamed_exact_search)
+from .index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, FORMAT_VERSION, MANIFEST_FILE,
+                          POSITIONS_FILE, TOKEN_FILES, DocumentStore, IndexManifest, IndexMismatchError, NPMIndexError,
+                          encoder_fingerprint, sha256_file, tokenizer_fingerprint)
+from .tokens import SPECIAL
+from .vector_shards import check_layout, open_vector_shards, vector_layout
+
+
+logger = logging.get_logger(__name__)
+
+# search_many: FAISS's matrix-product search of a flat index from this many queries on, in blocks of this many
+# stored vectors.
+_BLAS_MIN_QUERIES = 16
+_BLAS_DATABASE_BLOCK = 32768
+# verify="fast" hashes files up to this size on every load; larger ones are checked by size (all with "full").
+_FAST_VERIFY_MAX_BYTES = 64 << 20
+
+
+class NPMIndexReader:
+    """A token-level index over a reference corpus, opened for answering: load, search, evidence. Open with
+    [`NPMIndexReader.load`], [`NPMIndexReader.from_pretrained`] or [`NPMIndexReader.for_model`]. npm_hf's
+    [`NPMIndex`] (`npm_hf.index`) is this class plus building and editing."""
+
+    def __init__(self, path: Path, manifest: IndexManifest, token_arrays: dict, positions, vectors, faiss_index,
+                 documents):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.token_ids = token_arrays["token_ids"]
+        self.token_flags = token_arrays["token_flags"]
+        self.token_docs = token_arrays["token_docs"]
+        self.token_offsets = token_arrays["token_offsets"]
+        self.block_size = manifest.block_size
+        self.positions = positions
+        self.vectors = vectors
+        self.faiss_index = faiss_index
+        self.documents = documents
+        self.exact_search = isinstance(faiss.downcast_index(faiss_index), faiss.IndexFlat)
+        # an exact index too large to fill into FAISS at load: searched over the memory-mapped vectors
+        self.streamed_exact_search = self.exact_search and faiss_index.ntotal == 0 and manifest.num_indexed_tokens > 0
+        self._search_names = search_parameter_names(faiss_index)
+        self._search_defaults = current_search_parameters(faiss_index)
+        self._search_applied = dict(self._search_defaults)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"{type(self).__name__}(path={str(self.path)!r}, documents={m.num_documents}, tokens={m.num_tokens}, "
+            f"indexed={m.num_indexed_tokens}, dim={m.hidden_size}, factory={m.faiss_factory!r})"
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.manifest.num_tokens
+
+    @property
+    def num_indexed(self) -> int:
+        return self.manifest.num_indexed_tokens
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path, verify: str = "fast") -> "NPMIndexReader":
+        """Open an index directory. `verify`: "fast" checks every file's size and the checksums of files up to
+        64 MiB, "full" hashes every file, "none" only checks sizes."""
+        path = Path(path)
+        if verify not in ("none", "fast", "full"):
+            raise ValueError(f"verify={verify!r}; use 'none', 'fast' or 'full'.")
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            hint = " It looks like an interrupted build; build it again." if path.name.startswith(".") else ""
+            raise NPMIndexError(
+                f"No NPM index at {path} (missing {MANIFEST_FILE}).{hint} Build one with "
+                "`npm-hf build-index --model DIR --corpus FILE` or `npm_hf.build_index(...)`."
+            )
+        try:
+            manifest = IndexManifest.from_dict(json.loads(manifest_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise NPMIndexError(f"{manifest_path} is corrupted ({error}); rebuild the index.") from None
+        if manifest.format_version > FORMAT_VERSION:
+            raise NPMIndexError(
+                f"{path} uses index format {manifest.format_version}, newer than this npm_hf supports "
+                f"({FORMAT_VERSION}); upgrade npm_hf."
+            )
+        _verify_files(path, manifest, verify)
+        try:
+            # np.asarray: plain ndarray views of the maps (no copy); np.memmap's indexing is much slower.
+            token_arrays = {name: np.asarray(np.load(path / file, mmap_mode="r", allow_pickle=False))
+                            for name, file in TOKEN_FILES.items()}
+            positions = np.asarray(np.load(path / POSITIONS_FILE, mmap_mode="r", allow_pickle=False))
+            vectors = open_vector_shards(path, vector_layout(manifest), manifest.hidden_size)
+            offsets = np.load(path / DOCUMENT_OFFSETS_FILE, allow_pickle=False)
+            faiss_index = read_faiss_index(path / FAISS_FILE)
+        except NPMIndexError:
+            raise
+        except (ValueError, OSError, RuntimeError) as error:
+            raise NPMIndexError(f"Index files in {path} are corrupted ({error}); rebuild the index.") from None
+        # Flat indexes are stored empty (see build): filled from the vectors here up to FLAT_FILL_MAX_VECTORS,
+        # searched by streaming over the memory-mapped vectors above (`search`).
+        streamed = is_flat(faiss_index) and faiss_index.ntotal == 0 and len(vectors) > FLAT_FILL_MAX_VECTORS
+        if is_flat(faiss_index) and faiss_index.ntotal == 0 and faiss_index.d == vectors.shape[1] and not streamed:
+            add_vectors(faiss_index, vectors)
+        faiss_rows = len(vectors) if streamed else faiss_index.ntotal
+        expected = {
+            **{name: (array.shape[:1], (manifest.num_tokens,)) for name, array in token_arrays.items()},
+            "positions": (positions.shape, (manifest.num_indexed_tokens,)),
+            "vectors": (vectors.shape, (manifest.num_indexed_tokens, manifest.hidden_size)),
+            "faiss": ((faiss_rows, faiss_index.d), (manifest.num_indexed_tokens, manifest.hidden_size)),
+            "documents": ((len(offsets) - 1,), (manifest.num_documents,)),
+        }
+        for name, (got, want) in expected.items():
+            if tuple(got) != tuple(want):
+                raise NPMIndexError(f"{path}: {name} has shape {tuple(got)}, the manifest says {tuple(want)}; rebuild.")
+        if not manifest.paragraph_blocks:
+            logger.warning(
+                f"The index at {path} was built by an npm_hf before 0.2: its blocks are cut from one running token "
+                "stream and it indexes mid-word pieces too, unlike the official NPM datastore, so its answers differ "
+                "from the reference's. It is answered as before; rebuild it for the faithful index: `npm-hf "
+                "build-index --model MODEL --corpus CORPUS --output DIR --overwrite`.")
+        return cls(path, manifest, token_arrays, positions, vectors, faiss_index,
+                   DocumentStore(path / DOCUMENTS_FILE, offsets))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, subfolder: str = "index", verify: str = "fast",
+                        **hub_kwargs) -> "NPMIndexReader":
+        """Open the index of a model directory or Hub repo (`<name_or_path>/<subfolder>`).
+
+        `hub_kwargs` (`revision`, `cache_dir`, `token`, `local_files_only`) go to `huggingface_hub.snapshot_download`.
+        """
+        local = Path(name_or_path) / subfolder
+        if Path(name_or_path).is_dir():
+            return cls.load(local, verify=verify)
+        # "*" also matches "/": every file under the subfolder, whatever the number of vector shards
+        snapshot = snapshot_download(str(name_or_path), allow_patterns=[f"{subfolder}/*"], **hub_kwargs)
+        return cls.load(Path(snapshot) / subfolder, verify=verify)
+
+    @classmethod
+    def for_model(cls, model, verify: str = "fast", **hub_kwargs) -> "NPMIndexReader":
+        """The index that belongs to `model`: in its directory, in its Hub repo at the very commit its weights came
+        from, or in the dataset repo and commit its config names (`index_repo_id`, `index_revision`)."""
+        config = model.config
+        if config.index_repo_id:
+            return cls.from_pretrained(config.index_repo_id, subfolder=config.index_subfolder, verify=verify,
+                                       repo_type="dataset", revision=config.index_revision, **hub_kwargs)
+        commit = getattr(config, "_commit_hash", None)
+        if commit and not Path(model.name_or_path).is_dir():
+            hub_kwargs.setdefault("revision", commit)
+        return cls.from_pretrained(model.name_or_path, subfolder=config.index_subfolder, verify=verify, **hub_kwargs)
+
+    def check_compatible(self, model, tokenizer=None) -> None:
+        """Raise IndexMismatchError unless this index was built with `model`'s weights (and `tokenizer`)."""
+        if encoder_fingerprint(model) != self.manifest.encoder_fingerprint:
+            raise IndexMismatchError(
+                f"The index at {self.path} was built with different encoder weights "
+                f"({self.manifest.encoder_name_or_path!r}) than the model in use ({model.name_or_path!r}). Its "
+                "vectors would not match the queries: rebuild the index with this model (`npm-hf build-index`). "
+                "Loading the same weights in another dtype (fp16) can also cause this."
+            )
+        if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.manifest.tokenizer_fingerprint:
+            raise IndexMismatchError(
+                f"The index at {self.path} was built with a different tokenizer than the one in use; its token ids "
+                "would be decoded wrongly. Use the model's own tokenizer or rebuild the index."
+            )
+
+    # ---------------------------------------------------------------------------------------------- searching
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k vector rows per query by inner product, re-scored exactly from the stored float16 vectors
+        (a flat index's own scores are exact already: it holds those vectors in float32).
+
+        `nprobe` (IVF indexes: inverted lists visited) and `ef_search` (HNSW: candidate list size) trade speed for
+        recall of approximate indexes, for this call only; None keeps FAISS's default.
+
+        Returns `(scores, rows)` of shape (num_queries, min(k, num_indexed)), best first. Rows FAISS could not
+        fill (approximate indexes) are -1 with score -inf.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.exact_search:  # a flat index holds the stored vectors themselves: its scores are already exact
+            self.check_search_parameters(nprobe, ef_search)
+            if self.streamed_exact_search:
+                return streamed_exact_search(self.vectors, queries, min(int(k), self.num_indexed))
+            return self.faiss_index.search(queries, min(int(k), self.num_indexed))
+        return self.rescore(queries, self.candidate_rows(queries, k, nprobe=nprobe, ef_search=ef_search))
+
+    def rescore(self, queries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner products of each query with its candidate rows (from the stored float16 vectors), best first;
+        rows of -1 (no candidate) score -inf."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        found = rows >= 0
+        vectors = self.vectors_for_rows(np.where(found, rows, 0).reshape(-1)).reshape(*rows.shape, -1)
+        scores = np.einsum("qkd,qd->qk", vectors, queries)
+        scores[~found] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+    def candidate_rows(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+                       ef_search: int | None = None) -> np.ndarray:
+        """FAISS's top-k vector rows per query (approximate for compressed indexes; -1 where none was found)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self._configure_search(nprobe, ef_search)
+        _, rows = self.faiss_index.search(queries, min(int(k), self.num_indexed))
+        return rows
+
+    def check_search_parameters(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Raise ValueError unless `nprobe` / `ef_search` (None: not set) apply to this index and are in range."""
+        factory = self.manifest.faiss_factory
+        if nprobe is not None:
+            check_positive_int("nprobe", nprobe)
+            if "nprobe" not in self._search_names:
+                raise ValueError(
+                    f"nprobe applies to IVF indexes, and the index at {self.path} is {factory!r}, which has no "
+                    "inverted lists. Drop nprobe (CLI: --nprobe), or build an IVF index (e.g. 'IVF1024,SQ8')."
+                )
+            nlist = extract_ivf(self.faiss_index).nlist
+            if nprobe > nlist:
+                raise ValueError(
+                    f"nprobe={nprobe} is more than the {nlist} IVF lists (nlist) of the index at {self.path} "
+                    f"({factory!r}); use 1 <= nprobe <= {nlist} (nprobe={nlist} searches every list)."
+                )
+        if ef_search is not None:
+            check_positive_int("ef_search", ef_search)
+            if "ef_search" not in self._search_names:
+                raise ValueError(
+                    f"efSearch applies to HNSW indexes (e.g. 'HNSW32', or an IVF with an HNSW quantizer such as "
+                    f"'IVF4096_HNSW32,SQ8'), and the index at {self.path} is {factory!r}. Drop ef_search "
+                    "(CLI: --ef-search)."
+                )
+
+    def _configure_search(self, nprobe: int | None, ef_search: int | None) -> None:
+        """Set FAISS's search parameters for the next search: the given values, else FAISS's defaults."""
+        self.check_search_parameters(nprobe, ef_search)
+        given = {"nprobe": nprobe, "ef_search": ef_search}
+        for name, default in self._search_defaults.items():
+            value = int(default if given[name] is None else given[name])
+            if self._search_applied[name] != value:
+                faiss.ParameterSpace().set_index_parameter(self.faiss_index, self._search_names[name], value)
+                self._search_applied[name] = value
+
+    def vectors_for_rows(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.vectors[np.asarray(rows)], dtype=np.float32)
+
+    def rows_for_positions(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vector rows of corpus positions, and whether each position is indexed at all."""
+        rows = np.searchsorted(self.positions, positions)
+        rows = np.minimum(rows, self.num_indexed - 1)
+        return rows, self.positions[rows] == positions
+
+    def block_of(self, positions: np.ndarray) -> np.ndarray:
+        return positions // self.block_size
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        return block * self.block_size, min((block + 1) * self.block_size, self.num_tokens)
+
+    def evidence(self, start: int, end: int) -> dict:
+        """Where the tokens [start, end] (inclusive corpus positions) come from: their document and the text of the
+        block around them, with `text[start:end]` being the phrase itself."""
+        doc_index = int(self.token_docs[start])
+        document = self.documents[doc_index]
+        lo, hi = self.block_range(int(start) // self.block_size)
+        same_doc = (self.token_docs[lo:hi] == doc_index) & ((self.token_flags[lo:hi] & SPECIAL) == 0)
+        window = self.token_offsets[lo:hi][same_doc]
+        context_start, context_end = int(window[:, 0].min()), int(window[:, 1].max())
+        char_start, char_end = int(self.token_offsets[start, 0]), int(self.token_offsets[end, 1])
+        return {
+            "doc_id": document["id"],
+            "title": document["title"],
+            "start": char_start - context_start,
+            "end": char_end - context_start,
+            "text": document["text"][context_start:context_end],
+        }
+
+    def surface_text(self, start: int, end: int) -> str:
+        """The corpus text of tokens [start, end] (inclusive positions), as written in the document."""
+        document = self.documents[int(self.token_docs[start])]
+        return document["text"][int(self.token_offsets[start, 0]) : int(self.token_offsets[end, 1])]
+
+    def search_many(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+                    ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`search` for a batch of queries (e.g. all of a batched pipeline call's). On a flat index, from 16 queries
+        on, FAISS scores them with one matrix product per block of stored vectors rather than one pass over all
+        vectors per query (each pass reads every vector from memory: 3-4 times slower at k=4096 on 2 cores). The
+        scores can differ from `search`'s in the last float bits (another summation order)."""
+        if not self.exact_search or len(queries) < _BLAS_MIN_QUERIES:
+            return self.search(queries, k, nprobe=nprobe, ef_search=ef_search)
+        names = ("distance_compute_blas_threshold", "distance_compute_blas_query_bs",
+                 "distance_compute_blas_database_bs")
+        saved = [getattr(faiss.cvar, name) for name in names]
+        # FAISS-wide settings, for this call only: BLAS from 1 query; blocks of up to 512 queries by
+        # _BLAS_DATABASE_BLOCK vectors (fewer, larger products than FAISS's 4096 x 1024: better on few cores; FAISS
+        # allocates a whole block's scores, 64 MiB at most here)
+        wanted = (1, min(len(queries), 512), _BLAS_DATABASE_BLOCK)
+        try:
+            for name, value in zip(names, wanted):
+                setattr(faiss.cvar, name, value)
+            return self.search(queries, k, nprobe=nprobe, ef_search=ef_search)
+        finally:
+            for name, value in zip(names, saved):
+                setattr(faiss.cvar, name, value)
+
+
+def _verify_files(path: Path, manifest: IndexManifest, verify: str) -> None:
+    layout = vector_layout(manifest)
+    check_layout(path, layout, manifest.num_indexed_tokens)
+    for name, expected in manifest.files.items():
+        if name == MANIFEST_FILE:
+            continue
+        file = path / name
+        if not file.is_file():
+            raise NPMIndexError(f"{path} is incomplete: {name} is missing; rebuild the index.")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise NPMIndexError(
+                f"{file} is {size} bytes, the manifest says {expected['bytes']} (truncated or modified); rebuild."
+            )
+        if verify == "full" or (verify == "fast" and size <= _FAST_VERIFY_MAX_BYTES):
+            if sha256_file(file) != expected["sha256"]:
+                raise NPMIndexError(f"{file} is corrupted (checksum mismatch); rebuild the index.")
+    required = {*TOKEN_FILES.values(), *(s["file"] for s in layout), FAISS_FILE, POSITIONS_FILE, DOCUMENTS_FILE}
+    missing = required - set(manifest.files)
+    if missing:
+        raise NPMIndexError(f"The manifest of {path} lists no {sorted(missing)}; rebuild the index.")
