@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from npm_hf.api import TrainDataArguments, build_index, train
-from npm_hf.demo import DemoArguments, _set_decoding, minilm_path
+from npm_hf.demo import DemoArguments, set_decoding, minilm_path
 from npm_hf.evaluation import EvaluationArguments, evaluate
 from npm_hf.index import IndexBuildArguments
 from npm_hf.trainer import NPMTrainingArguments
@@ -50,7 +50,7 @@ def run_lever(name: str, demo_dir: Path, output: Path, steps: int) -> dict:
                     NPMTrainingArguments(**{**training, **lever.get("train", {})}))
     seconds = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    _set_decoding(output / "model", DemoArguments(output=str(output), prefilter="bm25"))  # the demo's decoding
+    set_decoding(output / "model", DemoArguments(output=str(output), prefilter="bm25"))  # the demo's decoding
     build_index(output / "model", str(demo_dir / "corpus.jsonl"),
                 args=IndexBuildArguments(show_progress_bar=False, overwrite=True))
     result = {"lever": name, "steps": steps, "train_seconds": round(seconds, 1), "first_loss": losses[0],

@@ -49,14 +49,14 @@ def main(argv=None) -> int:
         for scoring, aggregation, stopwords, exclude, cross_lines, prefilter, passages in itertools.product(
                 args.scoring, args.aggregation, args.stopwords, args.exclude_query_phrases, args.cross_lines,
                 args.prefilter, args.passages):
-            npm.config.span_scoring, npm.config.phrase_aggregation = scoring, aggregation
-            npm.config.exclude_query_phrases = exclude == "true"
-            npm.config.spans_cross_lines = cross_lines == "true"
-            (npm.config.prefilter_passage_tokens, npm.config.prefilter_blocks,
-             npm.config.prefilter_weight) = passages
+            tokens, kept, weight = passages
+            decoding = {"span_scoring": scoring, "phrase_aggregation": aggregation,
+                        "exclude_query_phrases": exclude == "true", "spans_cross_lines": cross_lines == "true",
+                        "prefilter_passage_tokens": tokens or "blocks", "prefilter_blocks": kept,
+                        "prefilter_weight": weight}
             result = npm_hf.evaluate(npm, EvaluationArguments(task="cloze", data=args.cloze, prefilter=prefilter,
                                                               span_stopwords=stopwords, show_progress_bar=False),
-                                     tokenizer=tokenizer)
+                                     tokenizer=tokenizer, decoding=decoding)
             row = {"model": model, "span_scoring": scoring, "phrase_aggregation": aggregation,
                    "span_stopwords": stopwords, "exclude_query_phrases": exclude, "spans_cross_lines": cross_lines,
                    "prefilter": prefilter,

@@ -8,6 +8,7 @@ from .version import __version__
 from .modeling import NPMConfig, NPMModel, NPMOutput, NPMPreTrainedModel
 from .corpus import iter_documents, prepare_training_blocks
 from .index import IndexBuildArguments, IndexManifest, IndexMismatchError, NPMIndex, NPMIndexError, NPMIndexReader
+from .inference.decoding import NPMDecodingConfig
 from .inference.pipeline import NonparametricFillMaskPipeline
 from .inference.retrieval import NPMPredictor
 from .fill_mask import FillMaskDispatcher
@@ -28,6 +29,7 @@ __all__ = [
     "IndexManifest",
     "IndexMismatchError",
     "NPMContrastiveLoss",
+    "NPMDecodingConfig",
     "NPMSpanCollator",
     "NPMTrainer",
     "NPMTrainingArguments",

@@ -14,6 +14,7 @@ from .corpus import prepare_training_blocks
 from .hub_cards import load_card_facts, update_model_card
 from .hub_cards import push_to_hub as upload
 from .index import IndexBuildArguments, NPMIndex
+from .inference.decoding import NPMDecodingConfig, as_decoding_config, decoding_field_names
 from .inference.stopwords import stopword_ids
 from .modeling import NPMConfig, NPMModel
 from .remote_code import add_remote_pipeline
@@ -24,14 +25,19 @@ from .version import __version__
 logger = logging.get_logger(__name__)
 
 
-def convert_encoder(encoder_name_or_path: str, output_dir, overwrite: bool = False, **config_kwargs) -> NPMModel:
-    """Wrap a plain encoder (directory or Hub id) as an NPM and save model + tokenizer to `output_dir`.
+def convert_encoder(encoder_name_or_path: str, output_dir, overwrite: bool = False,
+                    decoding: NPMDecodingConfig | dict | None = None, **config_kwargs) -> NPMModel:
+    """Wrap a plain encoder (directory or Hub id) as an NPM and save model + tokenizer to `output_dir`, with its
+    decoding settings in decoding_config.json.
 
-    `config_kwargs` are [`NPMConfig`] fields (`mode`, `k`, ...). The directory appears only once complete.
+    `config_kwargs` are [`NPMConfig`] fields (`mode`, `similarity_scale`, ...); [`NPMDecodingConfig`] fields among
+    them (`k`, `prefilter`, ...) join `decoding`. The directory appears only once complete.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    decoding = as_decoding_config(decoding).update(
+        **{name: config_kwargs.pop(name) for name in decoding_field_names() if name in config_kwargs})
     model = NPMModel.from_encoder(encoder_name_or_path, **config_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(encoder_name_or_path)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +45,7 @@ def convert_encoder(encoder_name_or_path: str, output_dir, overwrite: bool = Fal
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        decoding.save_pretrained(staging)
         add_remote_pipeline(staging)
         update_model_card(staging, model_id=str(output_dir), base_model=encoder_name_or_path,
                           mode=model.config.mode, example=f"Hagios Demetrios is located in {tokenizer.mask_token}.",
@@ -227,13 +234,15 @@ def train(data_args: TrainDataArguments, training_args):
     trainer.train(resume_from_checkpoint=resume)
     save_final_model(trainer, data_args.output)
     if trainer.is_world_process_zero():
-        _finish_trained_directory(Path(training_args.output_dir), Path(data_args.output))
+        _finish_trained_directory(Path(training_args.output_dir), Path(data_args.output),
+                                  NPMDecodingConfig.for_model(model))
     return trainer
 
 
-def _finish_trained_directory(trainer_dir: Path, output: Path) -> None:
-    """The saved NPM gets the pipeline's remote code and, when the Trainer worked elsewhere, the card facts its
-    callback recorded there (base model, mode, training run)."""
+def _finish_trained_directory(trainer_dir: Path, output: Path, decoding: NPMDecodingConfig) -> None:
+    """The saved NPM gets the decoding settings of the model it was trained from, the pipeline's remote code and,
+    when the Trainer worked elsewhere, the card facts its callback recorded there (base model, mode, training run)."""
+    decoding.save_pretrained(output)
     add_remote_pipeline(output)
     if trainer_dir.resolve() != output.resolve():
         facts = load_card_facts(trainer_dir)

@@ -58,7 +58,6 @@ def _dataclass_from(cls, namespace: argparse.Namespace):
 
 
 def _convert(args) -> None:
-
     mode = {"mode": args.mode} if args.mode else {}
     if args.checkpoint:
         if not args.base:
@@ -73,7 +72,6 @@ def _convert(args) -> None:
 
 
 def _build_index(args) -> None:
-
     build_args = _dataclass_from(IndexBuildArguments, args)
     index = build_index(args.model, args.corpus, output_dir=args.output, args=build_args)
     m = index.manifest
@@ -85,7 +83,6 @@ def _build_index(args) -> None:
 
 
 def _index_add(args) -> None:
-
     model, tokenizer = load_npm(args.model)
     index = NPMIndex.load(args.index)
     before = (index.manifest.num_documents, index.num_indexed)
@@ -96,7 +93,6 @@ def _index_add(args) -> None:
 
 
 def _index_delete(args) -> None:
-
     ids = [doc_id.strip() for doc_id in args.ids.split(",") if doc_id.strip()]
     index = NPMIndex.load(args.index)
     before = index.num_indexed
@@ -105,22 +101,13 @@ def _index_delete(args) -> None:
 
 
 def _fill_mask(args) -> None:
-
-
     extra = {}
     if args.index:
         extra["index"] = NPMIndex.load(args.index)
     fill = pipeline("fill-mask", model=args.model, device=args.device, **extra)
-    call_kwargs = {"top_k": args.top_k}
-    for name in ("k", "nprobe", "ef_search"):
-        if getattr(args, name) is not None:
-            call_kwargs[name] = getattr(args, name)
-    if args.targets:
-        call_kwargs["targets"] = args.targets
-    for name in ("prefilter", "prefilter_blocks", "prefilter_passage_tokens", "prefilter_weight"):
-        if getattr(args, name) is not None:
-            call_kwargs[name] = getattr(args, name)
-    results = fill(args.text, **call_kwargs)
+    decoding = {name: getattr(args, name) for name in ("k", "nprobe", "ef_search", "prefilter", "prefilter_blocks",
+                                                       "prefilter_passage_tokens", "prefilter_weight")}
+    results = fill(args.text, top_k=args.top_k, targets=args.targets or None, **decoding)
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=2))
         return
@@ -136,8 +123,6 @@ def _fill_mask(args) -> None:
 
 
 def _train(args, remaining: list[str]) -> None:
-
-
     (training_args,) = HfArgumentParser(NPMTrainingArguments).parse_args_into_dataclasses(
         args=[*remaining, "--output_dir", args.output]
     )
@@ -148,14 +133,12 @@ def _train(args, remaining: list[str]) -> None:
 
 
 def _push(args) -> None:
-
     commit = push_to_hub(args.model, args.repo_id, private=args.private, revision=args.revision,
                          create_pr=args.create_pr, index_repo_id=args.index_repo_id)
     print(f"Pushed {args.model} to {getattr(commit, 'commit_url', args.repo_id)}")
 
 
 def _demo(args) -> None:
-
     report = run_demo(_dataclass_from(DemoArguments, args))
     print(f"Demo NPM: {report['model_dir']}")
     for row in report["evaluation"]:
@@ -172,7 +155,6 @@ def _demo(args) -> None:
 
 
 def _evaluate(args) -> None:
-
     results = evaluate(args.model, _dataclass_from(EvaluationArguments, args), index=args.index, corpus=args.corpus)
     if args.output:
         save_results(results, args.output)
@@ -195,7 +177,6 @@ def _passage_tokens(value: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     parser = argparse.ArgumentParser(prog="npm-hf", description="Nonparametric Masked Language Models (NPM).")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -236,21 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--model", required=True, help="NPM directory or Hub id.")
     fill.add_argument("--index", default=None, help="Index directory (default: the model's own).")
     fill.add_argument("--top-k", dest="top_k", type=int, default=5, help="Answers to show.")
-    fill.add_argument("--k", type=int, default=None, help="Neighbours per query vector (default: config.k).")
+    fill.add_argument("--k", type=int, default=None,
+                      help="Neighbours per query vector (default: the model's decoding_config.json).")
     fill.add_argument("--targets", nargs="+", default=None, help="Only score these answers.")
     fill.add_argument("--prefilter", choices=["none", "bm25", "dense"], default=None,
-                      help="Two-stage retrieval: score only the tokens of the best passages (default: config).")
+                      help="Two-stage retrieval: score only the tokens of the best passages (default: the model's).")
     fill.add_argument("--prefilter-blocks", dest="prefilter_blocks", type=int, default=None,
-                      help="Passages (blocks, or config.prefilter_passage_tokens windows) the pre-filter keeps "
-                           "(default: config, 3).")
+                      help="Passages (blocks, or prefilter_passage_tokens windows) the pre-filter keeps "
+                           "(default: the model's, 3).")
     fill.add_argument("--prefilter-passage-tokens", dest="prefilter_passage_tokens", type=_passage_tokens,
-                      default=None, help='Pre-filter passages: windows of N tokens, or "blocks" (default: config).')
+                      default=None, help="Pre-filter passages: windows of N tokens, or 'blocks' (default: the model's).")
     fill.add_argument("--prefilter-weight", dest="prefilter_weight", type=float, default=None,
-                      help="Logit bias of the best passage's tokens (default: config.prefilter_weight).")
+                      help="Logit bias of the best passage's tokens (default: the model's).")
     fill.add_argument("--nprobe", type=int, default=None,
-                      help="IVF indexes: inverted lists visited per query (default: config.nprobe, else FAISS's).")
+                      help="IVF indexes: inverted lists visited per query (default: the model's, else FAISS's).")
     fill.add_argument("--ef-search", dest="ef_search", type=int, default=None,
-                      help="HNSW indexes: efSearch, the search's candidate list size (default: config.ef_search).")
+                      help="HNSW indexes: efSearch, the search's candidate list size (default: the model's).")
     fill.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
     fill.add_argument("--json", action="store_true", help="Print the pipeline output as JSON.")
     fill.add_argument("text", help="Text with the tokenizer's mask token, e.g. [MASK] or <mask>.")

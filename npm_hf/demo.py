@@ -25,6 +25,7 @@ from .corpus import iter_documents, prepare_training_blocks
 from .evaluation import EvaluationArguments, build_cloze_set, evaluate, lexical_cloze_baseline, save_results
 from .hub_cards import update_model_card
 from .index import IndexBuildArguments, NPMIndex
+from .inference.decoding import NPMDecodingConfig
 from .inference.pipeline import NonparametricFillMaskPipeline
 from .modeling import NPMModel
 from .trainer import NPMTrainingArguments, cpu_has_native_bf16
@@ -139,7 +140,7 @@ def run_demo(args: DemoArguments) -> dict:
     queries = state.stage("cloze", lambda: _cut_cloze_set(args, output))
     training = state.stage("model", lambda: _train_model(args, output))
     # Decoding (--prefilter, DEMO_DECODING) is not part of the recipe: a change re-measures, but never retrains
-    decoding = _set_decoding(output / MODEL_SUBFOLDER, args)
+    decoding = set_decoding(output / MODEL_SUBFOLDER, args)
     training = {**training, **decoding}
     state.stage("index 2", lambda: _build_index(args, output))  # 2: marks line starts (a saved older one rebuilds)
     measured = json.dumps(decoding["decoding"], sort_keys=True)
@@ -267,18 +268,10 @@ DEMO_DECODING = {"span_scoring": "product", "span_stopwords": "any", "exclude_qu
                  "prefilter_weight": 4.0}
 
 
-def _set_decoding(model_dir: Path, args: DemoArguments) -> dict:
-    """Write the demo's decoding settings into the model's config.json when they differ (edited as JSON: loading the
-    config through npm_hf would drop the remote-pipeline entry that the saved file must keep)."""
+def set_decoding(model_dir: Path, args: DemoArguments) -> dict:
+    """Save the demo's decoding settings as the model's decoding_config.json."""
     settings = {**DEMO_DECODING, "prefilter": args.prefilter}
-    path = model_dir / "config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    if all(config.get(key) == value for key, value in settings.items()):
-        return {"decoding": settings}
-    config.update(settings)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(temporary, path)
+    NPMDecodingConfig().update(**settings).save_pretrained(model_dir)
     return {"decoding": settings}
 
 
@@ -305,7 +298,7 @@ def _evaluate_baselines(args: DemoArguments, output: Path, queries: list[dict]) 
     scratch = output / "untrained.tmp"
     shutil.rmtree(scratch, ignore_errors=True)  # left by an interrupted run
     convert_encoder(minilm_path(), scratch, overwrite=True)
-    _set_decoding(scratch, args)
+    set_decoding(scratch, args)
     build_index(scratch, str(output / "corpus.jsonl"),
                 args=IndexBuildArguments(show_progress_bar=args.show_progress_bar, overwrite=True))
     rows += [{"model": f"untrained {MINILM_HUB_ID}", **row} for row in _cloze_results(scratch, args, output)]

@@ -19,7 +19,7 @@ class FillMaskDispatcher:
     def __new__(cls, model, *args, **kwargs):
         if is_npm_model(model):
             if kwargs.get("index") is None:  # npm_hf's NPMIndex (editable), not remote code's NPMIndexReader
-                kwargs["index"] = NPMIndex.for_model(model, **(kwargs.pop("index_kwargs", None) or {}))
+                kwargs["index"] = NPMIndex.for_model(model, **(kwargs.get("index_kwargs") or {}))
             return NonparametricFillMaskPipeline(model, *args, **kwargs)
         if kwargs.get("index") is not None:
             raise ValueError(

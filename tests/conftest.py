@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
-from transformers import BertConfig, BertModel, BertTokenizer, RobertaConfig, RobertaForMaskedLM, RobertaTokenizer
+from transformers import (AutoTokenizer, BertConfig, BertModel, BertTokenizer, RobertaConfig, RobertaForMaskedLM,
+                          RobertaTokenizer)
 
 import npm_hf
 from npm_hf.corpus import SPECIAL, WORD_END, WORD_START
@@ -77,6 +78,12 @@ def npm_dir(encoder_dir, tmp_path_factory):
     npm_hf.build_index(folder, CORPUS, args=npm_hf.IndexBuildArguments(block_size=16, batch_size=3,
                                                                         show_progress_bar=False))
     return folder
+
+
+@pytest.fixture
+def model_and_tokenizer(npm_dir):
+    """A fresh NPMModel of `npm_dir` (tests may change it) and its tokenizer."""
+    return npm_hf.NPMModel.from_pretrained(npm_dir), AutoTokenizer.from_pretrained(npm_dir)
 
 
 @pytest.fixture(scope="session")
@@ -195,16 +202,19 @@ def shared_dir():
 
 @pytest.fixture(scope="session")
 def make_pipeline():
-    """A factory: the NPM pipeline of an NPM directory (its own index), with config fields overridden."""
+    """A factory: the NPM pipeline of an NPM directory (its own index), with decoding settings (and model config
+    fields such as mode) overridden."""
     from transformers import AutoTokenizer
 
+    from npm_hf.inference.decoding import decoding_field_names
     from npm_hf.inference.pipeline import NonparametricFillMaskPipeline
 
-    def make(npm_dir, **config_overrides):
+    def make(npm_dir, **overrides):
+        decoding = {name: overrides.pop(name) for name in decoding_field_names() if name in overrides}
         model = npm_hf.NPMModel.from_pretrained(npm_dir)
-        for key, value in config_overrides.items():
+        for key, value in overrides.items():  # what the model is (mode): not a decoding setting
             setattr(model.config, key, value)
         return NonparametricFillMaskPipeline(model=model, tokenizer=AutoTokenizer.from_pretrained(npm_dir),
-                                             index=npm_hf.NPMIndex.load(npm_dir / "index"))
+                                             index=npm_hf.NPMIndex.load(npm_dir / "index"), decoding=decoding)
 
     return make

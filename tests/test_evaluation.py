@@ -15,6 +15,7 @@ from npm_hf.cli import main as cli_main
 from npm_hf.evaluation import bucketed_exact_match, get_task, load_examples, normalize_answer, results_to_markdown
 from npm_hf.evaluation.metrics import accuracy, exact_match_rate, length_bucket
 from npm_hf.hub_cards import load_card_facts
+from npm_hf.inference.decoding import NPMDecodingConfig
 
 
 
@@ -107,7 +108,7 @@ def test_labels_outside_the_task_are_refused(tmp_path):
 def test_unknown_task_and_bad_arguments():
     with pytest.raises(ValueError, match="Unknown task 'sst5'.*sst2"):
         EvaluationArguments(task="sst5")
-    with pytest.raises(ValueError, match="prefilter must be 'none', 'bm25' or 'dense'"):
+    with pytest.raises(ValueError, match="NPMDecodingConfig.prefilter='bm26' is not supported"):
         EvaluationArguments(task="lama-trex", prefilter="bm26")
     with pytest.raises(ValueError, match="evidence_corpus is for the LAMA tasks"):
         EvaluationArguments(task="sst2", evidence_corpus=True)
@@ -168,7 +169,7 @@ def test_phrase_probabilities_match_brute_force(npm_dir, mask, mode, twice, make
     fill = make_pipeline(npm_dir, mode=mode, temperature=2.0, apply_temperature_twice=twice)
     text = f"The Rio Grande flows through {mask} and Texas."
     (queries,) = fill._forward(fill.preprocess(text))["query_vectors"]
-    config = fill.model.config
+    config, decoding = fill.model.config, fill.decoding
     temperature = 4.0 if twice else 2.0
     phrases = [fill.tokenizer(w, add_special_tokens=False)["input_ids"] for w in (" Texas", " New Mexico", " Ohio")]
     assert max(len(p) for p in phrases) > 1
@@ -185,9 +186,9 @@ def test_closed_set_evaluation_of_an_npm(npm_dir, data_dir, tmp_path, make_pipel
     args = EvaluationArguments(task="sst2", data_dir=str(data_dir), temperature=3.0, batch_size=3,
                                show_progress_bar=False)
     model = NPMModel.from_pretrained(npm_dir)
-    model.config.prefilter = "bm25"  # a shipped open-set decoding must not change closed-set scoring
-    results = npm_hf.evaluate(model, args)
-    assert model.config.temperature == 1.0  # the run's overrides are undone
+    # a shipped open-set decoding must not change closed-set scoring
+    results = npm_hf.evaluate(model, args, decoding={"prefilter": "bm25"})
+    assert NPMDecodingConfig.for_model(model).temperature == 1.0  # the run's settings changed nothing shared
     assert results["settings"]["prefilter"] == "none" and results["settings"]["prefilter_blocks"] is None
     assert results["num_examples"] == 4 and results["majority_baseline"] == 0.75
     fill = make_pipeline(npm_dir, temperature=3.0)
@@ -244,13 +245,13 @@ def test_paper_protocol_open_set_needs_an_index_without_stop_words(npm_dir, data
 
 def test_evaluation_overrides_the_prefilter_weight_for_the_run_only(npm_dir, data_dir):
     model = NPMModel.from_pretrained(npm_dir)
-    model.config.prefilter_weight = 4.0
     for weight in (0.0, 2.5):
         args = EvaluationArguments(task="lama-trex", data_dir=str(data_dir), evidence_corpus=True, prefilter="bm25",
                                    prefilter_weight=weight, show_progress_bar=False)
-        assert npm_hf.evaluate(model, args)["settings"]["prefilter_weight"] == weight
-    assert model.config.prefilter_weight == 4.0  # restored
-    with pytest.raises(ValueError, match="prefilter_weight must be >= 0, got -1"):
+        results = npm_hf.evaluate(model, args, decoding={"prefilter_weight": 4.0})
+        assert results["settings"]["prefilter_weight"] == weight
+    assert NPMDecodingConfig.for_model(model).prefilter_weight == 0.0  # the model's own settings are untouched
+    with pytest.raises(ValueError, match="prefilter_weight must be a finite number >= 0, got -1"):
         EvaluationArguments(task="lama-trex", prefilter_weight=-1.0)
 
 

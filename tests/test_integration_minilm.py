@@ -106,12 +106,15 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir, monkeypa
     assert "key_gradients" not in card  # ... and keeps the paper's keys with gradients (the card lists changes)
     assert (model_dir / "pipeline.py").exists()  # the remote fill-mask code travels with the trained model
     config = json.loads((model_dir / "config.json").read_text())
-    assert (config["span_scoring"], config["span_stopwords"], config["prefilter"]) == ("product", "any", "bm25")
-    assert config["exclude_query_phrases"] is True and config["similarity_scale"] == npm_hf.demo.SIMILARITY_SCALE == 0.2
-    assert config["spans_cross_lines"] is False
+    decoding = json.loads((model_dir / "decoding_config.json").read_text())
+    assert (decoding["span_scoring"], decoding["span_stopwords"], decoding["prefilter"]) == ("product", "any", "bm25")
+    assert decoding["exclude_query_phrases"] is True
+    assert config["similarity_scale"] == npm_hf.demo.SIMILARITY_SCALE == 0.2
+    assert decoding["spans_cross_lines"] is False
     assert npm_hf.NPMIndex.load(model_dir / "index").manifest.line_starts_marked
-    assert (config["prefilter_passage_tokens"], config["prefilter_blocks"], config["prefilter_weight"]) == (64, 20, 4.0)
-    assert "fill-mask" in config["custom_pipelines"]
+    assert (decoding["prefilter_passage_tokens"], decoding["prefilter_blocks"], decoding["prefilter_weight"]) == (
+        64, 20, 4.0)
+    assert "fill-mask" in config["custom_pipelines"] and "prefilter" not in config  # decoding is not the model
     assert not (tmp_path / "demo" / "checkpoints").exists()
     built = (model_dir / "index" / "manifest.json").stat().st_mtime_ns
     weights = (model_dir / "model.safetensors").stat().st_mtime_ns
@@ -126,16 +129,16 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir, monkeypa
     assert (model_dir / "index" / "manifest.json").stat().st_mtime_ns != built
     dense = npm_hf.demo.run_demo(dataclasses.replace(args, prefilter="dense"))  # re-decodes and re-measures only
     assert [row["prefilter"] for row in dense["evaluation"]] == ["none", "dense"]
-    assert json.loads((model_dir / "config.json").read_text())["prefilter"] == "dense"
+    assert json.loads((model_dir / "decoding_config.json").read_text())["prefilter"] == "dense"
     assert "(dense prefilter)" in (model_dir / "README.md").read_text()
     assert npm_hf.demo.run_demo(args)["evaluation"] == report["evaluation"]  # back: the bm25 results are kept
-    assert json.loads((model_dir / "config.json").read_text())["prefilter"] == "bm25"
+    assert json.loads((model_dir / "decoding_config.json").read_text())["prefilter"] == "bm25"
     assert "(bm25 prefilter)" in (model_dir / "README.md").read_text()
     assert "(dense prefilter)" not in (model_dir / "README.md").read_text()
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == weights
     monkeypatch.setitem(npm_hf.demo.DEMO_DECODING, "prefilter_weight", 0.0)  # a new decoding: re-measured only
     npm_hf.demo.run_demo(args)
-    assert json.loads((model_dir / "config.json").read_text())["prefilter_weight"] == 0.0
+    assert json.loads((model_dir / "decoding_config.json").read_text())["prefilter_weight"] == 0.0
     assert len([name for name in json.loads(state_file.read_text())["done"] if name.startswith("evaluation")]) == 3
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == weights
 

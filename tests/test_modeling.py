@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, RobertaFor
 
 import npm_hf
 from npm_hf import NPMConfig, NPMModel
+from npm_hf.inference.decoding import NPMDecodingConfig
 
 
 TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -20,19 +21,17 @@ TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "n
 
 def test_defaults_follow_the_paper():
     config = NPMConfig(encoder=TINY_BERT)
-    assert (config.mode, config.k, config.max_span_length, config.temperature) == ("span", 4096, 10, 1.0)
+    decoding = NPMDecodingConfig()
+    assert (config.mode, decoding.k, decoding.max_span_length, decoding.temperature) == ("span", 4096, 10, 1.0)
     assert config.scale == pytest.approx(32 ** -0.5)
     assert NPMConfig(encoder=TINY_BERT, similarity_scale=0.5).scale == 0.5
-    assert NPMConfig(encoder=TINY_BERT, temperature=5, apply_temperature_twice=True).span_temperature == 25
+    assert NPMDecodingConfig(temperature=5, apply_temperature_twice=True).span_temperature == 25
 
 
 @pytest.mark.parametrize("field, value, message", [
     ("mode", "phrase", "use one of \\['span', 'single'\\]"),
-    ("span_stopwords", "some", "use one of"),
-    ("k", 0, "k must be >= 1"),
-    ("max_span_length", 0, "max_span_length must be >= 1"),
-    ("temperature", 0.0, "temperature must be > 0"),
-    ("similarity_scale", -1.0, "similarity_scale must be > 0"),
+    ("similarity_scale", -1.0, "similarity_scale must be a finite number > 0"),
+    ("similarity_scale", float("nan"), "similarity_scale must be a finite number > 0"),
     ("index_subfolder", "/abs/index", "relative to the model directory"),
     ("index_subfolder", "../elsewhere", "relative to the model directory"),
 ])
@@ -52,10 +51,10 @@ def test_registered_with_auto_classes(tmp_path):
 
 
 def test_save_load_round_trip_gives_identical_hidden_states(tmp_path):
-    model = NPMModel(NPMConfig(encoder=TINY_BERT, mode="single", k=17, temperature=2.5)).eval()
+    model = NPMModel(NPMConfig(encoder=TINY_BERT, mode="single", similarity_scale=0.25)).eval()
     model.save_pretrained(tmp_path)
     loaded = AutoModel.from_pretrained(tmp_path)
-    assert (loaded.config.mode, loaded.config.k, loaded.config.temperature) == ("single", 17, 2.5)
+    assert (loaded.config.mode, loaded.config.scale) == ("single", 0.25)
     without_dtype = lambda config: {k: v for k, v in config.to_dict().items() if k != "dtype"}  # noqa: E731
     assert without_dtype(loaded.config.encoder) == without_dtype(model.config.encoder)
     ids = torch.randint(5, 99, (2, 9))
@@ -67,10 +66,9 @@ def test_from_encoder_keeps_weights_and_drops_mlm_head_quietly(encoder_dir, capl
     source = AutoModel.from_pretrained(encoder_dir).eval()
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        model = NPMModel.from_encoder(str(encoder_dir), mode="single", k=8)
+        model = NPMModel.from_encoder(str(encoder_dir), mode="single")
     assert not [r for r in caplog.records if "lm_head" in r.getMessage()]
-    assert (model.config.mode, model.config.k, model.config.encoder.model_type) == ("single", 8,
-                                                                                    source.config.model_type)
+    assert (model.config.mode, model.config.encoder.model_type) == ("single", source.config.model_type)
     ids = torch.randint(5, 60, (2, 11))
     assert torch.equal(model(ids).last_hidden_state, source(ids).last_hidden_state)
     assert not [name for name in model.state_dict() if name.startswith(("lm_head", "cls.")) or ".pooler." in name]

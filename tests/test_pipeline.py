@@ -266,10 +266,10 @@ def test_answers_from_a_batch_search_are_exactly_one_text_at_a_time(npm_dir, mas
     fill = make_pipeline(npm_dir, mode=mode)
     texts = [f"Abraham Lincoln was born in {mask}, Kentucky.", f"The Rio Grande flows through {mask} and Texas.",
              f"{mask} borders {mask}.", f"Hagios Demetrios is located in {mask}."]
-    params = {"top_k": 6, **params}
+    _, _, params = fill._sanitize_parameters(**{"top_k": 6, **params})  # as a call's arguments reach postprocess
     alone = [fill.postprocess(fill._forward(fill.preprocess(text)), **params) for text in texts]
     outputs = [fill._forward(fill.preprocess(text)) for text in texts]
-    fill.search_batch(outputs, params)
+    fill.search_batch(outputs, params.get("decoding"))
     assert [fill.postprocess(output, **params) for output in outputs] == alone
     assert len(alone[2]) == 2 and all(isinstance(answers, list) and answers for answers in alone[2])  # two masks
 

@@ -7,10 +7,20 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from npm_hf import NPMConfig, NPMIndex
+from npm_hf import NPMIndex
+from npm_hf.inference.decoding import NPMDecodingConfig
+from npm_hf.inference.retrieval import Candidates
 from npm_hf.corpus import SPECIAL, WORD_END, WORD_START
 from npm_hf.inference.prefilter import (BM25PassageRetriever, DensePassageRetriever, bm25_query, passage_positions,
-                              passage_ranges, passage_texts)
+                                        passage_ranges, passage_texts)
+
+
+def kept_passages(fill, outputs, method: str, count: int):
+    """The positions and logit bias of what `fill`'s pre-filter keeps for one input under its own settings."""
+    decoding = fill.decoding.update(prefilter=method, prefilter_blocks=count)
+    candidates = fill.prefilters.candidates(decoding, outputs["text"], outputs["query_embedding"],
+                                            fill.tokenizer.mask_token)
+    return candidates.positions, candidates.bias
 
 
 def softmax(x):
@@ -60,10 +70,10 @@ def test_span_prediction_among_positions_matches_brute_force(npm_dir, mask, make
     (queries,) = fill._forward(fill.preprocess(f"The Chihuahuan Desert covers parts of {mask}."))["query_vectors"]
     index, predictor = fill.index, fill.predictor
     positions = block_positions(index, np.array([0, 1, 2]))
-    answers = predictor.predict_span_among(queries[0], queries[1], positions, top_k=1000)
+    answers = predictor.predict_span(queries[0], queries[1], 1000, Candidates.among(positions))
     rows, _ = index.rows_for_positions(positions)
     vectors = np.asarray(index.vectors[rows], dtype=np.float64)
-    factor = fill.model.config.scale / fill.model.config.span_temperature
+    factor = fill.model.config.scale / fill.decoding.span_temperature
     p_start, p_end = softmax(vectors @ queries[0] * factor), softmax(vectors @ queries[1] * factor)
     allowed = set(positions.tolist())
     assert all(a["evidence"] is not None for a in answers)
@@ -97,27 +107,27 @@ def test_pipeline_prefilter_scores_only_the_kept_blocks(npm_dir, mask, method, m
     text = f"The Chihuahuan Desert covers parts of {mask}."
     answers = fill(text, top_k=50, prefilter=method, prefilter_blocks=2)
     outputs = fill._forward(fill.preprocess(text))
-    positions, bias = fill.prefilter_positions(outputs, method, 2)
+    positions, bias = kept_passages(fill, outputs, method, 2)
     assert bias is None  # config.prefilter_weight is 0
     assert len(np.unique(positions // fill.index.block_size)) <= 2
     vectors = outputs["query_vectors"][0]
-    want = fill.predictor.predict_span_among(vectors[0], vectors[1], positions, top_k=50)
+    want = fill.predictor.predict_span(vectors[0], vectors[1], 50, Candidates.among(positions))
     assert [(a["token_str"], round(a["score"], 6)) for a in answers] == \
         [(a["token_str"], round(a["score"], 6)) for a in want]
     assert answers != fill(text, top_k=50)  # the whole-index answers differ
-    fill.model.config.prefilter = method  # the config default does the same
-    assert fill(text, top_k=50, prefilter_blocks=2) == answers
+    configured = make_pipeline(npm_dir, prefilter=method)  # the pipeline's own setting does the same
+    assert configured(text, top_k=50, prefilter_blocks=2) == answers
 
 
 def test_single_mode_prefilter_matches_brute_force(npm_dir, mask, make_pipeline):
     fill = make_pipeline(npm_dir, mode="single")
     text = f"Abraham Lincoln was born in {mask}, Kentucky."
     outputs = fill._forward(fill.preprocess(text))
-    positions, _ = fill.prefilter_positions(outputs, "bm25", 2)
+    positions, _ = kept_passages(fill, outputs, "bm25", 2)
     answers = fill(text, top_k=1000, prefilter="bm25", prefilter_blocks=2)
     rows, _ = fill.index.rows_for_positions(positions)
     probs = softmax(np.asarray(fill.index.vectors[rows], dtype=np.float64) @ outputs["query_vectors"][0][0]
-                    * fill.model.config.scale / fill.model.config.temperature)
+                    * fill.model.config.scale / fill.decoding.temperature)
     want = Counter()
     for position, prob in zip(positions.tolist(), probs):
         want[int(fill.index.token_ids[position])] += prob
@@ -125,14 +135,14 @@ def test_single_mode_prefilter_matches_brute_force(npm_dir, mask, make_pipeline)
 
 
 def test_bad_prefilter_settings(npm_dir, mask, make_pipeline):
-    with pytest.raises(ValueError, match="NPMConfig.prefilter='bm26' is not supported"):
-        NPMConfig(prefilter="bm26")
-    with pytest.raises(ValueError, match="NPMConfig.span_scoring='mean' is not supported"):
-        NPMConfig(span_scoring="mean")
-    with pytest.raises(ValueError, match="prefilter_blocks must be >= 1"):
-        NPMConfig(prefilter_blocks=0)
+    with pytest.raises(ValueError, match="NPMDecodingConfig.prefilter='bm26' is not supported"):
+        NPMDecodingConfig(prefilter="bm26")
+    with pytest.raises(ValueError, match="NPMDecodingConfig.span_scoring='mean' is not supported"):
+        NPMDecodingConfig(span_scoring="mean")
+    with pytest.raises(ValueError, match="prefilter_blocks must be a positive integer, got 0"):
+        NPMDecodingConfig(prefilter_blocks=0)
     fill = make_pipeline(npm_dir)
-    with pytest.raises(ValueError, match="Unknown pre-filter 'bm26'"):
+    with pytest.raises(ValueError, match="NPMDecodingConfig.prefilter='bm26' is not supported"):
         fill(f"Texas borders {mask}.", prefilter="bm26")
     with pytest.raises(ValueError, match="prefilter_blocks must be a positive integer"):
         fill(f"Texas borders {mask}.", prefilter="bm25", prefilter_blocks=0)
@@ -198,7 +208,7 @@ def test_prefilter_weight_biases_span_logits_exactly(npm_dir, mask, method, make
     fill = make_pipeline(npm_dir, prefilter_passage_tokens=12, prefilter_weight=2.5)
     text = f"The Chihuahuan Desert covers parts of {mask}."
     outputs = fill._forward(fill.preprocess(text))
-    positions, bias = fill.prefilter_positions(outputs, method, 3)
+    positions, bias = kept_passages(fill, outputs, method, 3)
     assert bias is not None and bias.max() == pytest.approx(2.5) and len(np.unique(bias)) > 1
     answers = fill(text, top_k=1000, prefilter=method, prefilter_blocks=3)
     queries = outputs["query_vectors"][0]
@@ -206,7 +216,7 @@ def test_prefilter_weight_biases_span_logits_exactly(npm_dir, mask, method, make
     rows, indexed = index.rows_for_positions(positions)
     positions, rows, bias = positions[indexed], rows[indexed], bias[indexed]
     vectors = np.asarray(index.vectors[rows], dtype=np.float64)
-    factor = fill.model.config.scale / fill.model.config.span_temperature
+    factor = fill.model.config.scale / fill.decoding.span_temperature
     p_start, p_end = softmax(vectors @ queries[0] * factor + bias), softmax(vectors @ queries[1] * factor + bias)
     row_of = {int(p): r for r, p in enumerate(positions)}
     totals = Counter()
@@ -216,7 +226,7 @@ def test_prefilter_weight_biases_span_logits_exactly(npm_dir, mask, method, make
     norm = sum(totals.values())
     assert {a["token_str"]: a["score"] for a in answers} == pytest.approx({t: v / norm for t, v in totals.items()},
                                                                           abs=1e-5)
-    unbiased = fill.predictor.predict_span_among(queries[0], queries[1], positions, top_k=1000)
+    unbiased = fill.predictor.predict_span(queries[0], queries[1], 1000, Candidates.among(positions))
     assert [a["score"] for a in unbiased] != pytest.approx([a["score"] for a in answers])
 
 
@@ -224,11 +234,11 @@ def test_single_mode_prefilter_weight_matches_brute_force(npm_dir, mask, make_pi
     fill = make_pipeline(npm_dir, mode="single", prefilter_passage_tokens=8, prefilter_weight=1.5)
     text = f"Abraham Lincoln was born in {mask}, Kentucky."
     outputs = fill._forward(fill.preprocess(text))
-    positions, bias = fill.prefilter_positions(outputs, "bm25", 4)
+    positions, bias = kept_passages(fill, outputs, "bm25", 4)
     answers = fill(text, top_k=1000, prefilter="bm25", prefilter_blocks=4)
     rows, indexed = fill.index.rows_for_positions(positions)
     probs = softmax(np.asarray(fill.index.vectors[rows[indexed]], dtype=np.float64) @ outputs["query_vectors"][0][0]
-                    * fill.model.config.scale / fill.model.config.temperature + bias[indexed])
+                    * fill.model.config.scale / fill.decoding.temperature + bias[indexed])
     want = Counter()
     for position, prob in zip(positions[indexed].tolist(), probs):
         want[int(fill.index.token_ids[position])] += prob
@@ -252,15 +262,15 @@ def test_passage_settings_per_call_override_the_config(npm_dir, mask, method, ma
 
 
 def test_bad_passage_settings(npm_dir, mask, make_pipeline):
-    with pytest.raises(ValueError, match="prefilter_passage_tokens must be an integer >= 2 or None, got 1"):
-        NPMConfig(prefilter_passage_tokens=1)
+    with pytest.raises(ValueError, match='prefilter_passage_tokens must be an integer >= 2 or "blocks" or None, got 1'):
+        NPMDecodingConfig(prefilter_passage_tokens=1)
     with pytest.raises(ValueError, match="prefilter_weight must be a finite number >= 0, got -1"):
-        NPMConfig(prefilter_weight=-1.0)
+        NPMDecodingConfig(prefilter_weight=-1.0)
     fill = make_pipeline(npm_dir)
     with pytest.raises(ValueError, match="one value per position, and sorted unique positions"):
-        fill.predictor.predict_span_among(np.ones(32), np.ones(32), np.array([3, 2]), 5, bias=np.zeros(2))
+        fill.predictor.predict_span(np.ones(32), np.ones(32), 5, Candidates.among(np.array([3, 2]), np.zeros(2)))
     for bad in (1, 8.0, "windows", True):
-        allowed = 'an integer >= 2 \\(windows of that many tokens\\) or "blocks"'
+        allowed = 'an integer >= 2 or "blocks" or None'
         with pytest.raises(ValueError, match=f"{allowed}, got {bad!r}"):
             fill(f"The Chihuahuan Desert covers parts of {mask}.", prefilter="bm25", prefilter_passage_tokens=bad)
     for bad in (-1.0, float("nan"), "2"):

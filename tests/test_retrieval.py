@@ -10,6 +10,7 @@ import pytest
 import npm_hf
 from npm_hf import NPMIndex
 from npm_hf.corpus import LINE_START, SPECIAL, WORD_END, WORD_START
+from npm_hf.inference.retrieval import Candidates
 from npm_hf.inference.stopwords import STOPWORDS, reference_stopword_ids
 
 
@@ -50,9 +51,9 @@ def test_span_mode_matches_brute_force(npm_dir, mask, brute_force, alpha, expand
     text = f"The Rio Grande flows through {mask} and Texas."
     answers = fill(text, top_k=100_000)
     (vectors,) = query_vectors(fill, text)
-    config = fill.model.config
-    want = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale, config.temperature,
-                             config.max_span_length, alpha=alpha, scoring=scoring, aggregation=aggregation)
+    config, decoding = fill.model.config, fill.decoding
+    want = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale, decoding.temperature,
+                             decoding.max_span_length, alpha=alpha, scoring=scoring, aggregation=aggregation)
     assert_same_scores(as_scores(answers), want)
     assert len(want) > 20  # multi-token phrases are among the candidates
     assert any(len(answer["token"]) > 2 for answer in answers)
@@ -62,9 +63,9 @@ def test_temperature_quirk_divides_twice(npm_dir, mask, brute_force, make_pipeli
     fill = make_pipeline(npm_dir, temperature=3.0, apply_temperature_twice=True)
     text = f"Hagios Demetrios is located in {mask}."
     (vectors,) = query_vectors(fill, text)
-    config = fill.model.config
+    config, decoding = fill.model.config, fill.decoding
     want = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale, 9.0,
-                             config.max_span_length)
+                             decoding.max_span_length)
     assert_same_scores(as_scores(fill(text, top_k=100_000)), want)
     plain = make_pipeline(npm_dir, temperature=3.0)
     assert as_scores(plain(text, top_k=3)) != pytest.approx(as_scores(fill(text, top_k=3)))
@@ -91,9 +92,9 @@ def test_span_stopword_rules(npm_dir, mask, brute_force, rule, make_pipeline):
 
     text = f"The church of {mask} is in Thessaloniki."
     (vectors,) = query_vectors(fill, text)
-    config = fill.model.config
-    want = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale, config.temperature,
-                             config.max_span_length, stopwords=keep)
+    config, decoding = fill.model.config, fill.decoding
+    want = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale, decoding.temperature,
+                             decoding.max_span_length, stopwords=keep)
     got = as_scores(fill(text, top_k=100_000))
     assert_same_scores(got, want)
     assert "the" not in got and "." not in got
@@ -159,9 +160,9 @@ def test_spellings_of_one_phrase_are_summed(npm_dir, mask, brute_force, make_pip
     text = f"The Rio Grande flows to {mask}."
     answers = [a for a in fill(text, top_k=100_000) if a["token_str"].lower() == "texas"]
     (vectors,) = query_vectors(fill, text)
-    config = fill.model.config
-    want = brute_force.spans(index, tokenizer, vectors[0], vectors[1], config.scale, config.temperature,
-                             config.max_span_length)
+    config, decoding = fill.model.config, fill.decoding
+    want = brute_force.spans(index, tokenizer, vectors[0], vectors[1], config.scale, decoding.temperature,
+                             decoding.max_span_length)
     assert len(answers) == 1 and answers[0]["score"] == pytest.approx(want[answers[0]["token_str"]], abs=1e-6)
 
 
@@ -176,11 +177,11 @@ def test_spans_from_a_shared_search_are_those_of_each_pair_alone(npm_dir, mask, 
     pairs = np.stack([vectors for text in texts for vectors in query_vectors(fill, text)])
     predictor = fill.predictor
     for k, top_k, targets in ((None, 50, None), (2, 5, None), (25, 3, ["Texas", "New Mexico", "Zanzibar"])):
-        scores, rows = predictor.search(pairs.reshape(-1, pairs.shape[-1]), k)
-        shared = [predictor.predict_span(pair[0], pair[1], top_k, targets=targets,
-                                         hits=(scores[2 * i : 2 * i + 2], rows[2 * i : 2 * i + 2]))
-                  for i, pair in enumerate(pairs)]
-        assert shared == [predictor.predict_span(pair[0], pair[1], top_k, targets=targets, k=k) for pair in pairs]
+        scores, rows = predictor.using(k=k).search(pairs.reshape(-1, pairs.shape[-1]))
+        shared = [predictor.predict_span(pair[0], pair[1], top_k, targets=targets, candidates=Candidates.whole_index(
+                  (scores[2 * i : 2 * i + 2], rows[2 * i : 2 * i + 2]))) for i, pair in enumerate(pairs)]
+        assert shared == [predictor.using(k=k).predict_span(pair[0], pair[1], top_k, targets=targets)
+                          for pair in pairs]
         if k is None:  # each pair read its own slice of the hits
             assert any(other != shared[0] for other in shared[1:])
 
@@ -227,17 +228,17 @@ def test_spans_within_lines_match_brute_force(lines_npm_dir, brute_force, make_p
     flags = np.asarray(fill.index.token_flags)
     text = f"Texas borders {fill.tokenizer.mask_token} and Oklahoma."
     (vectors,) = query_vectors(fill, text)
-    config = fill.model.config
+    config, decoding = fill.model.config, fill.decoding
     within_a_line = lambda s, e: not (flags[s + 1 : e + 1] & LINE_START).any()  # noqa: E731
-    want = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale, config.temperature,
-                             config.max_span_length, stopwords=within_a_line)
+    want = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale, decoding.temperature,
+                             decoding.max_span_length, stopwords=within_a_line)
     assert_same_scores(as_scores(fill(text, top_k=100_000)), want)
     crossing = as_scores(make_pipeline(lines_npm_dir)(text, top_k=100_000))
     # each line is a paragraph of its own, with its own special tokens (the official blocks): no span crosses one
     assert set(want) == set(crossing) and not any("\n" in phrase for phrase in crossing)
     assert "mexico oklahoma" not in {phrase.lower() for phrase in crossing}
-    fill.model.config.expand_span_candidates = True  # the official candidate expansion walks within lines too
-    assert set(as_scores(fill(text, top_k=100_000))) == set(want)
+    # the official candidate expansion walks within lines too
+    assert set(as_scores(fill(text, top_k=100_000, expand_span_candidates=True))) == set(want)
 
 
 def test_spans_within_lines_warn_on_an_index_without_line_marks(lines_npm_dir, tmp_path, make_pipeline, caplog):
@@ -295,17 +296,17 @@ def test_span_softmaxes_over_retrieved_starts_and_ends(npm_dir, mask, brute_forc
     """P_s over the retrieved word starts, P_e over the retrieved word ends (with `expand`, plus the starts and ends
     of spans walked from them), each normalised on its own; at k < N too."""
     fill = make_pipeline(npm_dir, expand_span_candidates=expand)
-    config = fill.model.config
+    config, decoding = fill.model.config, fill.decoding
     for template in TEXTS:
         text = template.format(mask=mask)
         (vectors,) = query_vectors(fill, text)
         want = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale,
-                                 config.temperature, config.max_span_length, k=k, expand=expand)
+                                 decoding.temperature, decoding.max_span_length, k=k, expand=expand)
         got = as_scores(fill(text, top_k=100_000, k=k or fill.index.num_indexed))
         assert_same_scores(got, want)
     if k is not None and expand:  # expansion finds spans whose other end was not retrieved
         plain = brute_force.spans(fill.index, fill.tokenizer, vectors[0], vectors[1], config.scale,
-                                  config.temperature, config.max_span_length, k=k)
+                                  decoding.temperature, decoding.max_span_length, k=k)
         assert set(plain) < set(want)
 
 
@@ -341,17 +342,16 @@ def test_remove_stopwords_index(npm_dir, corpus, mask, brute_force, make_pipelin
     assert not set(np.asarray(index.token_ids)[index.positions].tolist()) & stop  # in neither softmax
     ids = np.asarray(index.token_ids)
     no_stop_word = lambda s, e: not any(int(i) in stop for i in ids[s : e + 1])  # noqa: E731
-    config = fill.model.config
+    config, decoding = fill.model.config, fill.decoding
     for expand in (False, True):
-        config.expand_span_candidates = expand
         for template in TEXTS:
             text = template.format(mask=mask)
             (vectors,) = query_vectors(fill, text)
-            want = brute_force.spans(index, tokenizer, vectors[0], vectors[1], config.scale, config.temperature,
-                                     config.max_span_length, stopwords=no_stop_word, expand=expand)
-            assert_same_scores(as_scores(fill(text, top_k=100_000)), want)
-    config.span_stopwords = "none"  # spans may still hold a stop word inside, never at an end (it has no vector)
-    for answer in fill(TEXTS[0].format(mask=mask), top_k=100_000):
+            want = brute_force.spans(index, tokenizer, vectors[0], vectors[1], config.scale, decoding.temperature,
+                                     decoding.max_span_length, stopwords=no_stop_word, expand=expand)
+            assert_same_scores(as_scores(fill(text, top_k=100_000, expand_span_candidates=expand)), want)
+    # spans may still hold a stop word inside, never at an end (it has no vector)
+    for answer in fill(TEXTS[0].format(mask=mask), top_k=100_000, span_stopwords="none"):
         first, last = answer["token"][0], answer["token"][-1]
         assert first not in stop and last not in stop
     single = make_pipeline(folder, mode="single")(TEXTS[1].format(mask=mask), top_k=10_000)

@@ -61,7 +61,7 @@ def _pipelines(npm_dir, index, wrapped, mode):
 @pytest.mark.parametrize("mode", ["span", "single"])
 def test_same_answers_as_faiss_with_k_at_least_n(npm_dir, mask, index, wrapped, mode):
     faiss_fill, qdrant_fill = _pipelines(npm_dir, index, wrapped, mode)
-    assert faiss_fill.model.config.k >= index.num_indexed  # k >= N: both see every token, so both are exact
+    assert faiss_fill.decoding.k >= index.num_indexed  # k >= N: both see every token, so both are exact
     texts = [f"Abraham Lincoln was born in {mask}, Kentucky.", f"Hagios Demetrios is located in {mask}.",
              f"{mask} borders {mask}."]
     for text in texts:

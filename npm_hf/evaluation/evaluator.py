@@ -4,7 +4,6 @@ An NPM is scored by retrieval from its index; any other masked LM (`AutoModelFor
 fill-mask pipeline on the same examples, so a model and its base can be compared in one harness.
 """
 
-import contextlib
 import json
 import os
 import tempfile
@@ -21,6 +20,7 @@ from ..api import build_index
 from ..fill_mask import is_npm_model
 from ..hub_cards import load_card_facts, update_model_card
 from ..index import IndexBuildArguments, NPMIndex
+from ..inference.decoding import NPMDecodingConfig, as_decoding_config
 from ..inference.pipeline import NonparametricFillMaskPipeline
 from ..version import __version__
 from . import metrics
@@ -51,7 +51,8 @@ class EvaluationArguments:
     )
     seed: int = field(default=0, metadata={"help": "Seed of the example sample."})
     batch_size: int = field(default=16, metadata={"help": "Inputs encoded per forward pass."})
-    k: int | None = field(default=None, metadata={"help": "Neighbours per query vector (default: config.k)."})
+    k: int | None = field(default=None,
+                          metadata={"help": "Neighbours per query vector (default: the model's decoding settings)."})
     temperature: float | None = field(default=None, metadata={"help": "Softmax temperature (default: config)."})
     apply_temperature_twice: bool | None = field(
         default=None, metadata={"help": "The official closed-set T^2 quirk (default: config)."}
@@ -91,21 +92,10 @@ class EvaluationArguments:
 
     def __post_init__(self):
         self.task = get_task(self.task).name  # fails early on unknown tasks
-        for name in ("max_examples", "max_examples_per_bucket", "batch_size", "prefilter_blocks"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
+        for name in ("max_examples", "max_examples_per_bucket", "batch_size"):
+            if getattr(self, name) < 1:
                 raise ValueError(f"EvaluationArguments.{name} must be >= 1, got {getattr(self, name)}.")
-        if self.k is not None and self.k < 1:
-            raise ValueError(f"EvaluationArguments.k must be >= 1, got {self.k}.")
-        if self.prefilter_weight is not None and self.prefilter_weight < 0:
-            raise ValueError(f"EvaluationArguments.prefilter_weight must be >= 0, got {self.prefilter_weight}.")
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError(f"EvaluationArguments.temperature must be > 0, got {self.temperature}.")
-        if self.span_stopwords not in (None, "none", "any", "edges", "reference"):
-            raise ValueError(f"EvaluationArguments.span_stopwords must be none, reference, any or edges, got "
-                             f"{self.span_stopwords!r}.")
-        if self.prefilter not in (None, "none", "bm25", "dense"):
-            raise ValueError(f"EvaluationArguments.prefilter must be 'none', 'bm25' or 'dense', got "
-                             f"{self.prefilter!r}.")
+        NPMDecodingConfig().update(**self.decoding_overrides())  # checked where every decoding setting is
         if self.prefilter in ("bm25", "dense") and get_task(self.task).kind == "closed":
             raise ValueError(f"Task {self.task!r} is closed-set: its label words are scored over the FAISS top-k of "
                              "the whole index, as in the paper; the pre-filter is for open-set tasks (LAMA, cloze). "
@@ -114,6 +104,15 @@ class EvaluationArguments:
             raise ValueError(f"Task {self.task!r} has no evidence sentences; evidence_corpus is for the LAMA tasks.")
         if self.paper_protocol:
             self._apply_paper_protocol()
+
+    def decoding_overrides(self) -> dict:
+        """The run's decoding settings (`NPMDecodingConfig` fields) over the model's own; None = the model's."""
+        names = ("k", "temperature", "apply_temperature_twice", "span_stopwords", "prefilter", "prefilter_blocks",
+                 "prefilter_weight")
+        overrides = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if self.paper_protocol:  # the paper's pre-filter: whole blocks, a restriction only
+            overrides |= {"prefilter_passage_tokens": "blocks", "prefilter_weight": 0.0}
+        return overrides
 
     def _apply_paper_protocol(self) -> None:
         self.k = PAPER_K
@@ -125,12 +124,14 @@ class EvaluationArguments:
             self.prefilter, self.prefilter_blocks = "bm25", PAPER_PREFILTER_BLOCKS
 
 
-def evaluate(model, args: EvaluationArguments, tokenizer=None, index=None, corpus=None) -> dict:
+def evaluate(model, args: EvaluationArguments, tokenizer=None, index=None, corpus=None,
+             decoding: NPMDecodingConfig | dict | None = None) -> dict:
     """Evaluate `model` (an NPM or any masked LM: a loaded model, a directory or a Hub id) on `args.task`.
 
     An NPM retrieves from `index` (an `NPMIndex`), else from an index built over `corpus` (any corpus
-    `npm_hf.build_index` takes, in a temporary folder), else from its own index. Returns a JSON-serialisable dict
-    (see `results_to_markdown`).
+    `npm_hf.build_index` takes, in a temporary folder), else from its own index, and decodes with its own decoding
+    settings, then `decoding`, then the settings `args` gives. Returns a JSON-serialisable dict (see
+    `results_to_markdown`).
     """
     task = get_task(args.task)
     examples, source = load_examples(task, args.data, args.data_dir)
@@ -143,15 +144,15 @@ def evaluate(model, args: EvaluationArguments, tokenizer=None, index=None, corpu
         if index is not None or corpus is not None:
             raise ValueError("evidence_corpus builds its own index; do not also pass an index or a corpus.")
         corpus = evidence_documents(task, examples)
-    with tempfile.TemporaryDirectory(prefix="npm-eval-index-") as scratch, _config_overrides(model, args):
-        scorer = _scorer(model, tokenizer, args, index, corpus, scratch)
+    with tempfile.TemporaryDirectory(prefix="npm-eval-index-") as scratch:
+        scorer = _scorer(model, tokenizer, args, index, corpus, scratch, decoding)
         started = time.perf_counter()
         if task.kind == "closed":
             results = _evaluate_closed(task, examples, scorer, args)
         else:
             results = _evaluate_open(task, examples, buckets, scorer, args)
         seconds = time.perf_counter() - started
-        settings = {**asdict(args), **scorer.settings()}  # the effective values, before the config is restored
+        settings = {**asdict(args), **scorer.settings()}  # the effective values
         if task.kind == "closed" and "prefilter" in settings:  # label scoring never pre-filters (see label_scores)
             settings["prefilter"], settings["prefilter_blocks"] = "none", None
     results.update({
@@ -243,12 +244,10 @@ class NPMScorer(Scorer):
     kind = "npm"
 
     def settings(self) -> dict:
-        config, manifest = self.pipe.model.config, self.pipe.index.manifest
-        return {"mode": config.mode, "k": config.k, "temperature": config.temperature,
-                "apply_temperature_twice": config.apply_temperature_twice, "span_stopwords": config.span_stopwords,
-                "prefilter": config.prefilter, "prefilter_blocks": config.prefilter_blocks,
-                "prefilter_passage_tokens": config.prefilter_passage_tokens,
-                "prefilter_weight": config.prefilter_weight,
+        decoding, manifest = self.pipe.decoding, self.pipe.index.manifest
+        names = ("k", "temperature", "apply_temperature_twice", "span_stopwords", "prefilter", "prefilter_blocks",
+                 "prefilter_passage_tokens", "prefilter_weight")
+        return {"mode": self.pipe.model.config.mode, **{name: getattr(decoding, name) for name in names},
                 "index_tokens": manifest.num_tokens, "index_documents": manifest.num_documents,
                 "faiss_factory": manifest.faiss_factory}
 
@@ -269,17 +268,19 @@ class NPMScorer(Scorer):
         flat = [phrase for group in phrases for phrase in group]
         owner = np.repeat(np.arange(len(phrases)), [len(group) for group in phrases])
         scores = np.zeros((len(texts), len(phrases)))
-        outputs = self.searched(self.forward(texts, args.batch_size), prefilter="none")  # closed set: FAISS top-k
+        closed_set = self.pipe.decoding.update(prefilter="none")  # FAISS top-k over the whole index
+        outputs = self.searched(self.forward(texts, args.batch_size), closed_set)
+        predictor = self.pipe.predictor.using(closed_set)
         for row, output in enumerate(tqdm(outputs, desc="Scoring labels", disable=not self.show_progress_bar)):
-            probabilities = self.pipe.predictor.phrase_probabilities(output["query_vectors"][0], flat,
-                                                                     hits=output["hits"][0])
+            probabilities = predictor.phrase_probabilities(output["query_vectors"][0], flat, hits=output["hits"][0])
             scores[row] = np.bincount(owner, weights=probabilities, minlength=len(phrases))
         return scores
 
-    def searched(self, outputs: list[dict], **params) -> list[dict]:
-        """`outputs` with their FAISS hits attached, SEARCH_BATCH texts per FAISS call."""
+    def searched(self, outputs: list[dict], decoding=None) -> list[dict]:
+        """`outputs` with their FAISS hits attached, SEARCH_BATCH texts per FAISS call (none where `decoding`,
+        default the pipeline's, pre-filters)."""
         for lo in range(0, len(outputs), SEARCH_BATCH):
-            self.pipe.search_batch(outputs[lo : lo + SEARCH_BATCH], params)
+            self.pipe.search_batch(outputs[lo : lo + SEARCH_BATCH], decoding)
         return outputs
 
     def predict_answers(self, texts: list[str], args: EvaluationArguments) -> list[list[str]]:
@@ -335,28 +336,6 @@ class MaskedLMScorer(Scorer):
         return [output if isinstance(output, list) else [output] for output in outputs]
 
 
-@contextlib.contextmanager
-def _config_overrides(model, args: EvaluationArguments):
-    """Apply the run's k / temperature / T^2 / pre-filter settings to an NPM's config, and restore the config
-    afterwards."""
-    if model.config.model_type != "npm":
-        yield
-        return
-    names = ("k", "temperature", "apply_temperature_twice", "span_stopwords", "prefilter", "prefilter_blocks",
-             "prefilter_weight")
-    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    if args.paper_protocol:  # the paper's pre-filter: whole blocks, a restriction only
-        overrides |= {"prefilter_passage_tokens": None, "prefilter_weight": 0.0}
-    saved = {n: getattr(model.config, n) for n in overrides}
-    try:
-        for name, value in overrides.items():
-            setattr(model.config, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(model.config, name, value)
-
-
 def _load(model, tokenizer):
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
@@ -372,7 +351,7 @@ def _load(model, tokenizer):
     return model.eval(), tokenizer
 
 
-def _scorer(model, tokenizer, args: EvaluationArguments, index, corpus, scratch: str):
+def _scorer(model, tokenizer, args: EvaluationArguments, index, corpus, scratch: str, decoding=None):
     if args.device is not None:
         model.to(args.device)  # before any index build, which encodes on the model's device
     if not is_npm_model(model):
@@ -402,7 +381,9 @@ def _scorer(model, tokenizer, args: EvaluationArguments, index, corpus, scratch:
             "open-set datastore: they are in neither softmax), and this index has them. Build one with `npm-hf "
             "build-index --model MODEL --corpus CORPUS --output DIR --remove-stopwords` (IndexBuildArguments("
             "remove_stopwords=True)) and pass it as --index, or pass --corpus to have one built.")
-    pipe = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index, device=args.device)
+    base = as_decoding_config(decoding, base=NPMDecodingConfig.for_model(model))
+    pipe = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index, device=args.device,
+                                         decoding=base.update(**args.decoding_overrides()))
     return NPMScorer(pipe, args.show_progress_bar)
 
 

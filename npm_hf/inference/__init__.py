@@ -6,7 +6,8 @@ without npm_hf answers with `pipeline("fill-mask", model=..., trust_remote_code=
 modules of this folder (a test checks it):
 
     pipeline        NonparametricFillMaskPipeline: preprocessing, the encoder forward, batching, answers
-    retrieval       NPMPredictor: token and span scoring over retrieved or pre-filtered candidates
+    decoding        NPMDecodingConfig: k, temperature, span rules, pre-filter and search settings (decoding_config.json)
+    retrieval       NPMPredictor: token and span scoring over a candidate source (the whole index, given positions)
     prefilter       BM25 and dense passage pre-filters
     reader          NPMIndexReader: opening, verifying and searching an index directory, evidence
     faiss_io        reading FAISS indexes (memory-mapped, on-disk IVF), search knobs, streamed exact search

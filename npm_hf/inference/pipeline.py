@@ -4,17 +4,16 @@ This is the entry point of the remote code every saved NPM carries (see `npm_hf.
 `npm_hf.fill_mask.FillMaskDispatcher` builds it for NPM models.
 """
 
-import math
-
 import numpy as np
 import torch
 from transformers import Pipeline
 from transformers.pipelines.base import PipelineException
 from transformers.utils import logging
 
-from .prefilter import bm25_query, make_passage_retriever, passage_positions
+from .decoding import NPMDecodingConfig, as_decoding_config
+from .prefilter import Prefilters
 from .reader import NPMIndexReader
-from .retrieval import NPMPredictor
+from .retrieval import Candidates, NPMPredictor
 
 
 logger = logging.get_logger(__name__)
@@ -32,12 +31,11 @@ class NonparametricFillMaskPipeline(Pipeline):
             the model's own (its directory's or Hub repo's `config.index_subfolder`, at the same commit as the
             weights, or `config.index_repo_id`).
         index_kwargs (`dict`, *optional*): Hub options for that download (`cache_dir`, `token`, `local_files_only`).
-        k (`int`, *optional*): neighbours per query vector, overriding `config.k` (also accepted per call).
-        prefilter (`str`, *optional*): "none", "bm25" or "dense" two-stage retrieval, overriding `config.prefilter`
-            (also accepted per call, with `prefilter_blocks`, `prefilter_passage_tokens` (an integer >= 2, or
-            "blocks") and `prefilter_weight`, which override the config fields of the same names).
-        nprobe (`int`, *optional*): IVF indexes: inverted lists visited per query, overriding `config.nprobe`
-            (also per call). `ef_search` (`int`, *optional*): the same for HNSW's `efSearch`.
+        decoding (`NPMDecodingConfig` or `dict`, *optional*): decoding settings of this pipeline, over the
+            model's own (its decoding_config.json). Any `NPMDecodingConfig` field is also accepted as a keyword
+            argument, here (`k=1024`, `prefilter="bm25"`, `nprobe=16`, ...) and per call (`fill(text, k=1024)`,
+            or `fill(text, decoding=...)`): a call's settings apply to that call only, and two pipelines over one
+            model never share theirs.
     """
 
     _load_tokenizer = True
@@ -47,46 +45,44 @@ class NonparametricFillMaskPipeline(Pipeline):
     _load_video_processor = False
 
     def __init__(self, model, tokenizer=None, index: NPMIndexReader | None = None, index_kwargs: dict | None = None,
-                 **kwargs):
+                 decoding: NPMDecodingConfig | dict | None = None, **kwargs):
+        # the settings calls start from: the model's own (decoding_config.json, or inline in an older config.json),
+        # then `decoding`; constructor keyword arguments (k=..., prefilter=...) are applied on top by
+        # _sanitize_parameters, as per-call ones are on top of those
+        self._base_decoding = as_decoding_config(decoding, base=NPMDecodingConfig.for_model(model,
+                                                                                             **(index_kwargs or {})))
         super().__init__(model, tokenizer=tokenizer, **kwargs)
         if self.tokenizer is None or self.tokenizer.mask_token_id is None:
             raise PipelineException("fill-mask", NPM_MODEL_TYPE, "The tokenizer does not define a `mask_token`.")
         if index is None:
             index = NPMIndexReader.for_model(self.model, **(index_kwargs or {}))
         index.check_compatible(self.model, self.tokenizer)
-        knobs = {name: self._postprocess_params.get(name, getattr(self.model.config, name, None))
-                 for name in ("nprobe", "ef_search")}
-        index.check_search_parameters(**knobs)  # a knob that does not fit the index fails here, not per query
+        # a knob that does not fit the index fails here, not per query
+        index.check_search_parameters(self.decoding.nprobe, self.decoding.ef_search)
         self.index = index
-        self.predictor = NPMPredictor(self.model.config, self.tokenizer, index)
-        self._prefilters = {}
+        self.predictor = NPMPredictor(self.model.config, self.tokenizer, index, self.decoding)
+        self.prefilters = Prefilters(index)
 
-    def _sanitize_parameters(self, top_k=None, targets=None, k=None, tokenizer_kwargs=None, nprobe=None,
-                             ef_search=None, prefilter=None, prefilter_blocks=None, prefilter_passage_tokens=None,
-                             prefilter_weight=None):
+    @property
+    def decoding(self) -> NPMDecodingConfig:
+        """The decoding settings of calls that pass none (the model's, then the constructor's)."""
+        return self._postprocess_params.get("decoding", self._base_decoding)
+
+    def _sanitize_parameters(self, top_k=None, targets=None, tokenizer_kwargs=None, decoding=None,
+                             **decoding_kwargs):
         preprocess_params = {"tokenizer_kwargs": tokenizer_kwargs} if tokenizer_kwargs else {}
         postprocess_params = {}
-        for name, value in (("top_k", top_k), ("k", k), ("nprobe", nprobe), ("ef_search", ef_search),
-                            ("prefilter_blocks", prefilter_blocks)):
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-                postprocess_params[name] = value
-        if prefilter is not None:
-            postprocess_params["prefilter"] = prefilter
-        if prefilter_passage_tokens is not None:
-            if prefilter_passage_tokens != "blocks" and (isinstance(prefilter_passage_tokens, bool) or not isinstance(
-                    prefilter_passage_tokens, int) or prefilter_passage_tokens < 2):
-                raise ValueError('prefilter_passage_tokens must be an integer >= 2 (windows of that many tokens) or '
-                                 f'"blocks", got {prefilter_passage_tokens!r}.')
-            postprocess_params["prefilter_passage_tokens"] = prefilter_passage_tokens
-        if prefilter_weight is not None:
-            if isinstance(prefilter_weight, bool) or not isinstance(prefilter_weight, (int, float)) or not (
-                    math.isfinite(prefilter_weight) and prefilter_weight >= 0):
-                raise ValueError(f"prefilter_weight must be a finite number >= 0, got {prefilter_weight!r}.")
-            postprocess_params["prefilter_weight"] = float(prefilter_weight)
-        if getattr(self, "index", None) is not None:  # per call (constructor values are checked in __init__)
-            self.index.check_search_parameters(nprobe, ef_search)
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
+                raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+            postprocess_params["top_k"] = top_k
+        if decoding is not None or decoding_kwargs:
+            # a call's settings go on top of the pipeline's (the constructor's, while it runs); nothing shared changes
+            base = getattr(self, "_postprocess_params", {}).get("decoding", self._base_decoding)
+            merged = as_decoding_config(decoding, base=base).update(**decoding_kwargs)
+            if getattr(self, "index", None) is not None:  # the constructor's are checked once the index is open
+                self.index.check_search_parameters(merged.nprobe, merged.ef_search)
+            postprocess_params["decoding"] = merged
         if targets is not None:
             targets = [targets] if isinstance(targets, str) else list(targets)
             if not targets:
@@ -170,60 +166,31 @@ class NonparametricFillMaskPipeline(Pipeline):
                 "input_ids": inputs["input_ids"], "runs": inputs["runs"], "text": inputs["text"]}
 
     # ------------------------------------------------------------------------------------------- postprocess
-    def postprocess(self, outputs, top_k=5, targets=None, k=None, nprobe=None, ef_search=None, prefilter=None,
-                    prefilter_blocks=None, prefilter_passage_tokens=None, prefilter_weight=None):
+    def postprocess(self, outputs, top_k=5, targets=None, decoding: NPMDecodingConfig | None = None):
+        decoding = decoding or self.decoding
+        predictor = self.predictor.using(decoding)
         single_mode = self.model.config.mode == "single"
         target_ids = self._single_target_ids(targets) if single_mode and targets is not None else None
         answer_slots = _answer_slots(outputs["runs"], single_mode)
-        positions, bias = self.prefilter_positions(outputs, prefilter or self.model.config.prefilter,
-                                                   prefilter_blocks or self.model.config.prefilter_blocks,
-                                                   prefilter_passage_tokens, prefilter_weight)
+        restricted = self.prefilters.candidates(decoding, outputs["text"], outputs["query_embedding"],
+                                                self.tokenizer.mask_token)
         exclude = None
-        if not single_mode and targets is None and self.model.config.exclude_query_phrases:
-            exclude = self.predictor.query_phrase_hashes(outputs["input_ids"])
+        if not single_mode and targets is None and decoding.exclude_query_phrases:
+            exclude = predictor.query_phrase_hashes(outputs["input_ids"])
         results = []
         hits = outputs.get("hits") or [None] * len(answer_slots)  # searched in advance by a batched call
         for vectors, (start, length), found in zip(outputs["query_vectors"], answer_slots, hits):
-            if single_mode and positions is not None:
-                answers = self.predictor.predict_single_among(vectors[0], positions, top_k, target_ids=target_ids,
-                                                              bias=bias)
-            elif single_mode:
-                answers = self.predictor.predict_single(vectors[0], top_k, target_ids=target_ids, k=k,
-                                                        nprobe=nprobe, ef_search=ef_search, hits=found)
-            elif positions is not None:
-                answers = self.predictor.predict_span_among(vectors[0], vectors[1], positions, top_k, targets=targets,
-                                                            exclude=exclude, bias=bias)
+            candidates = restricted or Candidates.whole_index(found)
+            if single_mode:
+                answers = predictor.predict_single(vectors[0], top_k, candidates, target_ids=target_ids)
             else:
-                answers = self.predictor.predict_span(vectors[0], vectors[1], top_k, targets=targets, k=k,
-                                                      nprobe=nprobe, ef_search=ef_search, hits=found, exclude=exclude)
+                answers = predictor.predict_span(vectors[0], vectors[1], top_k, candidates, targets=targets,
+                                                 exclude=exclude)
             for answer in answers:
                 answer["sequence"] = self._fill(outputs["input_ids"], start, length, answer.pop("token_ids"),
                                                 single=len(answer_slots) == 1)
             results.append([_ordered(answer) for answer in answers])
         return results[0] if len(results) == 1 else results
-
-    def prefilter_positions(self, outputs, method: str, num_passages: int, passage_tokens: int | str | None = None,
-                            weight: float | None = None):
-        """Corpus positions of the passages the pre-filter keeps for this input (sorted) and their logit bias
-        (None at weight 0), or (None, None) without a pre-filter. `passage_tokens` ("blocks" or a window size) and
-        `weight` default to `config.prefilter_passage_tokens` and `config.prefilter_weight`."""
-        if method == "none":
-            return None, None
-        config = self.model.config
-        if passage_tokens is None:
-            passage_tokens = config.prefilter_passage_tokens
-        passage_tokens = None if passage_tokens == "blocks" else passage_tokens
-        weight = config.prefilter_weight if weight is None else weight
-        key = (method, passage_tokens)
-        if key not in self._prefilters:  # built once per pipeline and passage size, on first use
-            self._prefilters[key] = make_passage_retriever(method, self.index, passage_tokens)
-        retriever = self._prefilters[key]
-        if method == "bm25":
-            query = bm25_query(outputs["text"], self.tokenizer.mask_token)
-            ((passages, scores),) = retriever.top_passages([query], num_passages)
-        else:
-            ((passages, scores),) = retriever.top_passages(outputs["query_embedding"], num_passages)
-        return passage_positions(self.index, retriever.ranges, passages, scores, weight)
 
     def _fill(self, input_ids: list[int], start: int, length: int, answer_ids: list[int], single: bool) -> str:
         ids = input_ids[:start] + answer_ids + input_ids[start + length :]
@@ -266,7 +233,7 @@ class NonparametricFillMaskPipeline(Pipeline):
         for lo in range(0, len(texts), batch_size):
             outputs = self.forward_batch([self.preprocess(text, **preprocess_params)
                                           for text in texts[lo : lo + batch_size]])
-            self.search_batch(outputs, postprocess_params)
+            self.search_batch(outputs, postprocess_params.get("decoding"))
             results.extend(self.postprocess(output, **postprocess_params) for output in outputs)
         return results
 
@@ -288,14 +255,14 @@ class NonparametricFillMaskPipeline(Pipeline):
                 outputs[i] = self.read_hidden_states(prepared[i], hidden[row])
         return outputs
 
-    def search_batch(self, outputs: list[dict], params: dict) -> None:
+    def search_batch(self, outputs: list[dict], decoding: NPMDecodingConfig | None = None) -> None:
         """Search every query vector of the batch in one call (`NPMIndexReader.search_many`); each output gets its
-        slots' `hits`."""
-        if (params.get("prefilter") or self.model.config.prefilter) != "none":
+        slots' `hits`. `decoding`: the settings of the call (default: the pipeline's)."""
+        decoding = decoding or self.decoding
+        if decoding.prefilter != "none":
             return  # pre-filtered answers are scored over their own blocks, not searched
         vectors = [slot for output in outputs for slot in output["query_vectors"]]
-        scores, rows = self.predictor.search(np.concatenate(vectors), params.get("k"), params.get("nprobe"),
-                                             params.get("ef_search"), batch=True)
+        scores, rows = self.predictor.using(decoding).search(np.concatenate(vectors), batch=True)
         cursor = 0
         for output in outputs:
             output["hits"] = []

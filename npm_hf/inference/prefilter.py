@@ -13,6 +13,7 @@ block full of distractors.
 import numpy as np
 import torch
 
+from .retrieval import Candidates
 from .tokens import SPECIAL
 
 
@@ -146,6 +147,30 @@ def passage_positions(index, ranges: np.ndarray, passages: np.ndarray, scores: n
     positions, relevance = positions[order], relevance[order]
     positions, first = np.unique(positions, return_index=True)
     return positions, weight * relevance[first]
+
+
+class Prefilters:
+    """The pre-filters of one index, each built once on first use per method and passage size: what a pipeline
+    asks for the candidates of one input."""
+
+    def __init__(self, index):
+        self.index = index
+        self._retrievers = {}
+
+    def candidates(self, decoding, text: str, query_embedding: np.ndarray, mask_token: str) -> Candidates | None:
+        """The tokens of the passages `decoding.prefilter` keeps for this input (with their logit bias at
+        `decoding.prefilter_weight` > 0), or None without a pre-filter (the whole index is searched)."""
+        method = decoding.prefilter
+        if method == "none":
+            return None
+        key = (method, decoding.prefilter_passage_tokens)
+        if key not in self._retrievers:
+            self._retrievers[key] = make_passage_retriever(method, self.index, decoding.prefilter_passage_tokens)
+        retriever = self._retrievers[key]
+        query = [bm25_query(text, mask_token)] if method == "bm25" else query_embedding
+        ((passages, scores),) = retriever.top_passages(query, decoding.prefilter_blocks)
+        return Candidates.among(*passage_positions(self.index, retriever.ranges, passages, scores,
+                                                   decoding.prefilter_weight))
 
 
 def bm25_query(text: str, mask_token: str) -> str:

@@ -12,10 +12,14 @@ NPM span:   P_s is a softmax of the start query over its retrieved word-start to
 With k >= the number of indexed tokens all of these are exact.
 """
 
+import copy
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from transformers.utils import logging
 
+from .decoding import NPMDecodingConfig
 from .tokens import LINE_START, SPECIAL, WORD_END, WORD_START
 from .stopwords import STOPWORDS, id_table, pieces_after_a_word, reference_stopword_ids
 
@@ -30,47 +34,82 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum()
 
 
-class NPMPredictor:
-    """Turns query vectors into ranked answers with evidence, for one model config, tokenizer and index."""
+@dataclass(frozen=True)
+class Candidates:
+    """Where one query's answers come from: the whole index, searched by FAISS (or already searched, `hits`: its
+    `(scores, rows)` when the caller searched many queries at once), or given corpus positions (the tokens of
+    pre-filtered passages, or any restricted set), each with an optional logit `bias` (sorted unique positions)."""
 
-    def __init__(self, config, tokenizer, index):
-        self.config = config
+    positions: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    hits: tuple | None = None
+
+    @classmethod
+    def whole_index(cls, hits: tuple | None = None) -> "Candidates":
+        return cls(hits=hits)
+
+    @classmethod
+    def among(cls, positions: np.ndarray, bias: np.ndarray | None = None) -> "Candidates":
+        return cls(positions=np.asarray(positions, dtype=np.int64), bias=bias)
+
+
+WHOLE_INDEX = Candidates()
+
+
+class _Tables:
+    """Per tokenizer and index lookups, built on first use and shared by every predictor `using` other settings."""
+
+    def __init__(self):
+        self.stopword_hashes = None  # phrase hashes of the stop words
+        self.reference_stopwords = None
+        self.word_initial = None
+        self.pieces = None
+        self.warned_unmarked_lines = False
+
+
+class NPMPredictor:
+    """Turns query vectors into ranked answers with evidence, for one model config, tokenizer and index, under
+    one set of decoding settings (`decoding`; `using` gives a predictor with others, sharing the lookups)."""
+
+    def __init__(self, config, tokenizer, index, decoding: NPMDecodingConfig | None = None):
+        self.scale = config.scale
+        self.mode = config.mode
+        self.decoding = decoding or NPMDecodingConfig.from_model_config(config)
         self.tokenizer = tokenizer
         self.index = index
-        self._stopword_hash_list = None  # phrase hashes of the stop words (`_stopword_hashes`)
-        self._reference_stopwords = None
-        self._initial = None
-        self._pieces = None
-        self._warned_unmarked_lines = False
+        self._tables = _Tables()
 
-    def search(self, queries: np.ndarray, k: int | None = None, nprobe: int | None = None,
-               ef_search: int | None = None, batch: bool = False):
-        """index.search (`batch`: index.search_many) with this call's knobs, else the config's (FAISS's defaults
-        when both are None)."""
-        nprobe = nprobe if nprobe is not None else getattr(self.config, "nprobe", None)
-        ef_search = ef_search if ef_search is not None else getattr(self.config, "ef_search", None)
+    def using(self, decoding: NPMDecodingConfig | None = None, **overrides) -> "NPMPredictor":
+        """This predictor under `decoding` (default: its own) with `overrides` applied; itself when nothing
+        changes. Nothing is copied but the settings."""
+        decoding = (decoding or self.decoding).update(**overrides)
+        if decoding == self.decoding:
+            return self
+        other = copy.copy(self)
+        other.decoding = decoding
+        return other
+
+    def search(self, queries: np.ndarray, batch: bool = False):
+        """index.search (`batch`: index.search_many) with the settings' k, nprobe and ef_search."""
         search = self.index.search_many if batch else self.index.search
-        return search(queries, k or self.config.k, nprobe=nprobe, ef_search=ef_search)
+        d = self.decoding
+        return search(queries, d.k, nprobe=d.nprobe, ef_search=d.ef_search)
 
     # -------------------------------------------------------------------------------------------- NPM-single
-    def predict_single(self, query: np.ndarray, top_k: int, target_ids=None, k: int | None = None,
-                       nprobe: int | None = None, ef_search: int | None = None, hits=None) -> list[dict]:
-        """`hits`: this query's `(scores, rows)` when the caller searched many queries at once."""
-        scores, rows = hits if hits is not None else self.search(query[None, :], k, nprobe, ef_search)
+    def predict_single(self, query: np.ndarray, top_k: int, candidates: Candidates = WHOLE_INDEX,
+                       target_ids=None) -> list[dict]:
+        """NPM-single: the top-k tokens by probability summed per vocabulary id, from `candidates`."""
+        factor = self.scale / self.decoding.temperature
+        if candidates.positions is not None:  # scored exactly over the given positions
+            positions, vectors, bias = self._candidates(candidates.positions, candidates.bias)
+            if len(positions) == 0:
+                return self._rank_tokens(positions, np.zeros(0), top_k, target_ids)
+            logits = (vectors @ torch.from_numpy(np.asarray(query, dtype=np.float32))).numpy()
+            return self._rank_tokens(positions, softmax(logits * factor + bias), top_k, target_ids)
+        scores, rows = candidates.hits if candidates.hits is not None else self.search(query[None, :])
         found = rows[0] >= 0
-        probs = softmax(scores[0][found] * self.config.scale / self.config.temperature)
+        probs = softmax(scores[0][found] * factor)
         return self._rank_tokens(self.index.positions[rows[0][found]], probs, top_k, target_ids)
-
-    def predict_single_among(self, query: np.ndarray, positions: np.ndarray, top_k: int, target_ids=None,
-                             bias: np.ndarray | None = None) -> list[dict]:
-        """NPM-single scored exactly over given candidate positions (e.g. the tokens of pre-filtered passages).
-        `bias`: added to each position's logit (sorted unique `positions`; see `prefilter.passage_positions`)."""
-        candidates, vectors, bias = self._candidates(positions, bias)
-        if len(candidates) == 0:
-            return self._rank_tokens(candidates, np.zeros(0), top_k, target_ids)
-        logits = (vectors @ torch.from_numpy(np.asarray(query, dtype=np.float32))).numpy()
-        probs = softmax(logits * (self.config.scale / self.config.temperature) + bias)
-        return self._rank_tokens(candidates, probs, top_k, target_ids)
 
     def _rank_tokens(self, positions: np.ndarray, probs: np.ndarray, top_k: int, target_ids) -> list[dict]:
         """Sum probabilities per vocabulary id; the best-scoring occurrence of an id is its evidence."""
@@ -107,20 +146,29 @@ class NPMPredictor:
         return self.index.positions[rows], torch.from_numpy(self.index.vectors_for_rows(rows)), bias[indexed]
 
     # ---------------------------------------------------------------------------------------------- NPM span
-    def predict_span(self, q_start: np.ndarray, q_end: np.ndarray, top_k: int, targets=None,
-                     k: int | None = None, nprobe: int | None = None, ef_search: int | None = None,
-                     hits=None, exclude: np.ndarray | None = None) -> list[dict]:
-        """`hits`: the `(scores, rows)` of [q_start, q_end] when the caller searched many queries at once.
-        `exclude`: phrase hashes (`query_phrase_hashes`) that may not be answers."""
-        scores, rows = hits if hits is not None else self.search(np.stack([q_start, q_end]), k, nprobe, ef_search)
+    def predict_span(self, q_start: np.ndarray, q_end: np.ndarray, top_k: int, candidates: Candidates = WHOLE_INDEX,
+                     targets=None, exclude: np.ndarray | None = None) -> list[dict]:
+        """NPM: the top phrases from the start and end queries, over `candidates`. `targets`: score these strings
+        instead; `exclude`: phrase hashes (`query_phrase_hashes`) that may not be answers."""
+        if candidates.positions is not None:
+            found = self._spans_among(q_start, q_end, candidates)
+        else:
+            found = self._spans_retrieved(q_start, q_end, candidates.hits)
+        if found is None:
+            return [] if targets is None else [self._missing(t) for t in targets][:top_k]
+        return self._rank_spans(*found, top_k, targets, exclude)
+
+    def _spans_retrieved(self, q_start: np.ndarray, q_end: np.ndarray, hits):
+        """Spans between FAISS's retrieved word starts and word ends, and their scores (None: no span)."""
+        scores, rows = hits if hits is not None else self.search(np.stack([q_start, q_end]))
         flags = self.index.token_flags
         # Only retrieved word starts are start candidates, only word ends end candidates (the official get_candidates)
         found = rows >= 0
         found[0] &= (flags[self.index.positions[np.where(found[0], rows[0], 0)]] & WORD_START) != 0
         found[1] &= (flags[self.index.positions[np.where(found[1], rows[1], 0)]] & WORD_END) != 0
         starts, ends = self.index.positions[rows[0][found[0]]], self.index.positions[rows[1][found[1]]]
-        factor = self.config.scale / self.config.span_temperature
-        if self.config.expand_span_candidates:
+        factor = self.scale / self.decoding.span_temperature
+        if self.decoding.expand_span_candidates:
             span_starts, span_ends = self.enumerate_spans(starts, ends, expand=True)
             start_set = np.unique(np.concatenate([starts, span_starts]))
             end_set = np.unique(np.concatenate([ends, span_ends]))
@@ -135,9 +183,23 @@ class NPMPredictor:
             start_index, end_index = self._spans_between(starts, ends)
             span_starts, span_ends = starts[start_index], ends[end_index]
             span_scores = self._combine(p_start[start_index], p_end[end_index])
-        if len(span_starts) == 0:
-            return [] if targets is None else [self._missing(t) for t in targets][:top_k]
-        return self._rank_spans(span_starts, span_ends, span_scores, top_k, targets, exclude)
+        return (span_starts, span_ends, span_scores) if len(span_starts) else None
+
+    def _spans_among(self, q_start: np.ndarray, q_end: np.ndarray, candidates: Candidates):
+        """Spans scored exactly over given positions (e.g. every token of BM25's top blocks, the paper's restricted
+        open-set mode): P_s and P_e are softmaxes over those tokens only, each logit plus its position's bias (the
+        pre-filter's relevance, `prefilter.passage_positions`). None: no span."""
+        positions, vectors, bias = self._candidates(candidates.positions, candidates.bias)
+        if len(positions) == 0:
+            return None
+        queries = torch.from_numpy(np.stack([q_start, q_end]).T.astype(np.float32, copy=True))
+        logits = (vectors @ queries).numpy() * (self.scale / self.decoding.span_temperature) + bias[:, None]
+        p_start, p_end = softmax(logits[:, 0]), softmax(logits[:, 1])
+        start_index, end_index = self._spans_between(positions, positions)
+        if len(start_index) == 0:
+            return None
+        return (positions[start_index], positions[end_index],
+                self._combine(p_start[start_index], p_end[end_index]))
 
     def _softmax_at(self, positions: np.ndarray, query: np.ndarray, factor: float) -> np.ndarray:
         """softmax(query · h · factor) over the stored vectors of the (sorted, indexed) corpus `positions`."""
@@ -147,26 +209,8 @@ class NPMPredictor:
         vectors = torch.from_numpy(self.index.vectors_for_rows(rows))
         return softmax((vectors @ torch.from_numpy(np.asarray(query, dtype=np.float32))).numpy() * factor)
 
-    def predict_span_among(self, q_start: np.ndarray, q_end: np.ndarray, positions: np.ndarray, top_k: int,
-                           targets=None, exclude: np.ndarray | None = None,
-                           bias: np.ndarray | None = None) -> list[dict]:
-        """Span prediction scored exactly over given candidate positions (e.g. every token of BM25's top blocks,
-        the paper's restricted open-set mode): P_s and P_e are softmaxes over those tokens only. `bias`: added to
-        each position's start and end logits (the pre-filter's relevance, `prefilter.passage_positions`)."""
-        candidates, vectors, bias = self._candidates(positions, bias)
-        if len(candidates) == 0:
-            return [] if targets is None else [self._missing(t) for t in targets][:top_k]
-        queries = torch.from_numpy(np.stack([q_start, q_end]).T.astype(np.float32, copy=True))
-        logits = (vectors @ queries).numpy() * (self.config.scale / self.config.span_temperature) + bias[:, None]
-        p_start, p_end = softmax(logits[:, 0]), softmax(logits[:, 1])
-        start_index, end_index = self._spans_between(candidates, candidates)
-        if len(start_index) == 0:
-            return [] if targets is None else [self._missing(t) for t in targets][:top_k]
-        return self._rank_spans(candidates[start_index], candidates[end_index],
-                                self._combine(p_start[start_index], p_end[end_index]), top_k, targets, exclude)
-
     # ---------------------------------------------------------------------------------- closed-set scoring
-    def phrase_probabilities(self, queries: np.ndarray, phrases: list[list[int]], k: int | None = None,
+    def phrase_probabilities(self, queries: np.ndarray, phrases: list[list[int]],
                              hits: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """NPM probability of each phrase (a list of token ids) at the masked slot, for closed-set tasks (§3.2).
 
@@ -177,10 +221,10 @@ class NPMPredictor:
         queries, when the caller searched many queries at once.
         """
         queries = np.atleast_2d(queries)
-        scores, rows = hits if hits is not None else self.search(queries, k)
+        scores, rows = hits if hits is not None else self.search(queries)
         found = rows >= 0
-        temperature = self.config.temperature if self.config.mode == "single" else self.config.span_temperature
-        probs = softmax(scores[found] * (self.config.scale / temperature))
+        temperature = self.decoding.temperature if self.mode == "single" else self.decoding.span_temperature
+        probs = softmax(scores[found] * (self.scale / temperature))
         which_query = np.broadcast_to(np.arange(len(queries))[:, None], rows.shape)[found]
         positions = self.index.positions[rows[found]]
         anchored_at_end = which_query == 1  # the end query's hits match where a phrase finishes
@@ -202,8 +246,8 @@ class NPMPredictor:
         return ok
 
     def _combine(self, p_start: np.ndarray, p_end: np.ndarray) -> np.ndarray:
-        """A span's score from its start and end probabilities (`config.span_scoring`)."""
-        return p_start * p_end if self.config.span_scoring == "product" else p_start + p_end
+        """A span's score from its start and end probabilities (`decoding.span_scoring`)."""
+        return p_start * p_end if self.decoding.span_scoring == "product" else p_start + p_end
 
     def enumerate_spans(self, starts: np.ndarray, ends: np.ndarray, expand: bool = False):
         """Valid spans (s, e), each once: s in `starts` and e in `ends`, or with `expand` every span that begins at
@@ -238,10 +282,10 @@ class NPMPredictor:
         crossing a special token (nor, with `spans_cross_lines=False`, a line break). Returns, per word-bounded span
         found, the anchor's index and the other end."""
         flags, n = self.index.token_flags, self.index.num_tokens
-        line_breaks = not getattr(self.config, "spans_cross_lines", True)
+        line_breaks = not self.decoding.spans_cross_lines
         if line_breaks and not getattr(getattr(self.index, "manifest", None), "line_starts_marked", True):
-            if not self._warned_unmarked_lines:
-                self._warned_unmarked_lines = True
+            if not self._tables.warned_unmarked_lines:
+                self._tables.warned_unmarked_lines = True
                 logger.warning("spans_cross_lines=False has no effect: this index was built before npm_hf marked "
                                "line starts; rebuild it (npm-hf build-index --overwrite) to keep answers within one "
                                "line.")
@@ -252,7 +296,7 @@ class NPMPredictor:
         anchor_ok = (anchor_flags & need_anchor) != 0
         anchor_block = anchors // self.index.block_size
         found_index, found_other = [], []
-        for offset in range(self.config.max_span_length):
+        for offset in range(self.decoding.max_span_length):
             other = anchors + step * offset
             alive &= (other >= 0) & (other < n)
             other = np.where(alive, other, anchors)
@@ -267,21 +311,21 @@ class NPMPredictor:
         return np.concatenate(found_index), np.concatenate(found_other)
 
     def _stopword_filter(self, span_starts: np.ndarray, span_ends: np.ndarray) -> np.ndarray | slice:
-        """Which spans `config.span_stopwords` keeps (a boolean mask, or a slice keeping all)."""
-        rule = self.config.span_stopwords
+        """Which spans `decoding.span_stopwords` keeps (a boolean mask, or a slice keeping all)."""
+        rule = self.decoding.span_stopwords
         if rule == "none" or len(span_starts) == 0:
             return slice(None)
         if rule == "reference":  # any stop-word id anywhere in the span, as the official valid_func
             table = self._reference_stopword_table
             keep = np.ones(len(span_starts), dtype=bool)
-            for offset in range(self.config.max_span_length):
+            for offset in range(self.decoding.max_span_length):
                 inside = span_starts + offset <= span_ends
                 positions = np.where(inside, span_starts + offset, span_starts)
                 keep &= ~(inside & table[np.asarray(self.index.token_ids[positions])])
             return keep
         keep = ~(self._stopword_positions(span_starts) | self._stopword_positions(span_ends))
         if rule == "any":  # inner tokens too, except punctuation inside a word ("Mid-Atlantic", "Daitō-ryū")
-            for offset in range(1, self.config.max_span_length - 1):
+            for offset in range(1, self.decoding.max_span_length - 1):
                 inner = span_starts + offset < span_ends
                 positions = np.where(inner, span_starts + offset, span_starts)
                 stop = inner & self._stopword_positions(positions)
@@ -307,9 +351,9 @@ class NPMPredictor:
     @property
     def _reference_stopword_table(self) -> np.ndarray:
         """A boolean table over the vocabulary: the official kind of stop-word ids (`reference_stopword_ids`)."""
-        if self._reference_stopwords is None:
-            self._reference_stopwords = id_table(self.tokenizer, reference_stopword_ids(self.tokenizer))
-        return self._reference_stopwords
+        if self._tables.reference_stopwords is None:
+            self._tables.reference_stopwords = id_table(self.tokenizer, reference_stopword_ids(self.tokenizer))
+        return self._tables.reference_stopwords
 
     def _stopword_positions(self, positions: np.ndarray) -> np.ndarray:
         """Whether each corpus position lies in a word whose text is a stop word or punctuation ("the" whether it is
@@ -330,10 +374,10 @@ class NPMPredictor:
     @property
     def _stopword_hashes(self) -> np.ndarray:
         """Phrase hashes of the stop words as written in lower case, capitalised and upper case."""
-        if self._stopword_hash_list is None:
+        if self._tables.stopword_hashes is None:
             variants = {form for word in STOPWORDS for form in (word, word.capitalize(), word.upper())}
-            self._stopword_hash_list = np.array(sorted(_text_hash(form) for form in variants), dtype=np.uint64)
-        return self._stopword_hash_list
+            self._tables.stopword_hashes = np.array(sorted(_text_hash(form) for form in variants), dtype=np.uint64)
+        return self._tables.stopword_hashes
 
     def _rank_spans(self, span_starts, span_ends, span_scores, top_k: int, targets, exclude=None) -> list[dict]:
         """Sum (or max) span scores per phrase (decoded string), apply |v|^alpha, normalise over all phrases, keep
@@ -344,7 +388,7 @@ class NPMPredictor:
         hash is in `exclude` are dropped before normalising (not when scoring `targets`).
         """
         lengths = span_ends - span_starts + 1
-        offsets = np.arange(self.config.max_span_length)
+        offsets = np.arange(self.decoding.max_span_length)
         inside = offsets < lengths[:, None]
         grid = np.where(inside, span_starts[:, None] + offsets, span_starts[:, None])
         ids = np.where(inside, self.index.token_ids[grid], -1).astype(np.int64)
@@ -357,15 +401,15 @@ class NPMPredictor:
                 return []
         unique_keys, group_of_span = np.unique(keys, return_inverse=True)
         group_of_span = group_of_span.reshape(-1)
-        if self.config.phrase_aggregation == "max":
+        if self.decoding.phrase_aggregation == "max":
             totals = np.zeros(len(unique_keys))
             np.maximum.at(totals, group_of_span, span_scores)
         else:
             totals = np.bincount(group_of_span, weights=span_scores, minlength=len(unique_keys))
-        if self.config.length_penalty_alpha:  # |v| in tokens: its shortest spelling ("ĠTexas", not "Tex"+"as")
+        if self.decoding.length_penalty_alpha:  # |v| in tokens: its shortest spelling ("ĠTexas", not "Tex"+"as")
             shortest = np.full(len(unique_keys), np.iinfo(np.int64).max)
             np.minimum.at(shortest, group_of_span, lengths)
-            totals = totals * shortest.astype(np.float64) ** self.config.length_penalty_alpha
+            totals = totals * shortest.astype(np.float64) ** self.decoding.length_penalty_alpha
         totals = totals / totals.sum()
         if targets is not None:
             lookup = dict(zip(unique_keys.tolist(), range(len(unique_keys))))
@@ -398,7 +442,7 @@ class NPMPredictor:
             else:
                 current.append(token)
         runs.append(current)
-        width, initial = self.config.max_span_length, self._word_initial
+        width, initial = self.decoding.max_span_length, self._word_initial
         # word-bounded phrases only: "##a" inside a query word is not the word "a"
         bounded = [(run, [i for i in range(len(run)) if i == 0 or initial[run[i]]] + [len(run)]) for run in runs]
         rows = [run[start:stop] for run, cuts in bounded for a, start in enumerate(cuts[:-1]) for stop in cuts[a + 1 :]
@@ -425,17 +469,18 @@ class NPMPredictor:
     def _word_initial(self) -> np.ndarray:
         """Per vocabulary id: whether the piece begins a word after another one (it decodes with a space before it,
         or it is punctuation)."""
-        if self._initial is None:
+        if self._tables.word_initial is None:
             pieces = pieces_after_a_word(self.tokenizer)
             punctuation = [bool(piece.strip()) and not any(c.isalnum() for c in piece) for piece in pieces]
-            self._initial = np.array([piece[:1].isspace() for piece in pieces]) | np.array(punctuation, dtype=bool)
-        return self._initial
+            initial = np.array([piece[:1].isspace() for piece in pieces]) | np.array(punctuation, dtype=bool)
+            self._tables.word_initial = initial
+        return self._tables.word_initial
 
     @property
     def _piece_hashes(self):
         """Per vocabulary id: hash and base power of its text as a span's first token (left-stripped) and as a
         following token (with the space decode puts before it), read off `decode([anchor, id])`."""
-        if self._pieces is None:
+        if self._tables.pieces is None:
             size = max(len(self.tokenizer), max(self.tokenizer.get_vocab().values()) + 1)
             anchor = self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize("a"))[0]
             prefix = self.tokenizer.decode([anchor])
@@ -447,8 +492,8 @@ class NPMPredictor:
                     piece = f"\x00<{i}>"
                 for column, variant in ((0, piece.lstrip()), (2, piece)):
                     tables[column][i], tables[column + 1][i] = _text_hash(variant), _power(variant)
-            self._pieces = tuple(tables)
-        return self._pieces
+            self._tables.pieces = tuple(tables)
+        return self._tables.pieces
 
     def normalise_target(self, target: str) -> str:
         """The decoded form a target string takes in the corpus (lower-cased by uncased tokenizers, etc.)."""

@@ -23,11 +23,6 @@ _ENCODE_UNIT = index_build.encode_unit
 CLI_FLAGS = ["--block-size", "16", "--batch-size", "2", "--blocks-per-unit", "2", "--no-show-progress-bar"]
 
 
-@pytest.fixture
-def model_and_tokenizer(npm_dir):
-    return NPMModel.from_pretrained(npm_dir), AutoTokenizer.from_pretrained(npm_dir)
-
-
 @pytest.fixture(scope="module")
 def big_corpus(corpus):
     """The test corpus ten times over (new ids): enough vectors for IVF4 and a dozen work units."""

@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from npm_hf import (IndexBuildArguments, IndexMismatchError, NonparametricFillMaskPipeline, NPMIndex, NPMIndexError,
                     NPMModel, NPMPredictor)
@@ -16,11 +15,6 @@ from npm_hf.corpus import SPECIAL
 
 
 NEW = {"id": "zorb", "title": "Borvin", "text": "Borvin lives in Saltoria. Saltoria is cold."}
-
-
-@pytest.fixture
-def model_and_tokenizer(npm_dir):
-    return NPMModel.from_pretrained(npm_dir), AutoTokenizer.from_pretrained(npm_dir)
 
 
 @pytest.fixture(params=["Flat", "HNSW8", "IVF2,Flat"])
@@ -32,11 +26,12 @@ def index(request, tmp_path, model_and_tokenizer, corpus):
 
 def _fill(index, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
+    decoding = {}
     if index.manifest.faiss_factory.startswith("IVF2"):
-        model.config.nprobe = 2  # every list: retrieval does not hinge on which list a vector fell into
+        decoding["nprobe"] = 2  # every list: retrieval does not hinge on which list a vector fell into
     if index.manifest.faiss_factory.startswith("HNSW"):
-        model.config.ef_search = 1000  # likewise: a candidate list longer than the corpus
-    return NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index)
+        decoding["ef_search"] = 1000  # likewise: a candidate list longer than the corpus
+    return NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index, decoding=decoding)
 
 
 def _doc_ids_in_answers(fill, text, **kwargs):
@@ -126,8 +121,8 @@ def test_span_scores_after_a_delete_match_brute_force(index, model_and_tokenizer
     index.delete_documents(["desert", "rivers"])
     knobs = {"nprobe": 2} if index.manifest.faiss_factory.startswith("IVF") else {}  # every list: exact
     q_start, q_end = (np.asarray(index.vectors[i], dtype=np.float32) for i in (3, 11))
-    answers = NPMPredictor(model.config, tokenizer, index).predict_span(q_start, q_end, top_k=100_000,
-                                                                        k=index.num_indexed, **knobs)
+    predictor = NPMPredictor(model.config, tokenizer, index).using(k=index.num_indexed, **knobs)
+    answers = predictor.predict_span(q_start, q_end, top_k=100_000)
     want = brute_force.spans(index, tokenizer, q_start, q_end, model.config.scale, 1.0, 10)
     assert len(answers) == len(want) > 10
     for answer in answers:

@@ -5,19 +5,15 @@ import os
 import faiss
 import numpy as np
 import pytest
-from transformers import AutoTokenizer, pipeline
+from transformers import pipeline
 
-from npm_hf import IndexBuildArguments, NPMConfig, NPMIndex, NPMIndexError, NPMModel
+from npm_hf import IndexBuildArguments, NPMIndex, NPMIndexError
 from npm_hf.cli import main
 from npm_hf.index import faiss_training_minimum, parse_memory_size, suggest_faiss_factory
+from npm_hf.inference.decoding import NPMDecodingConfig
 
 
 QUIET = dict(show_progress_bar=False, block_size=16)
-
-
-@pytest.fixture
-def model_and_tokenizer(npm_dir):
-    return NPMModel.from_pretrained(npm_dir), AutoTokenizer.from_pretrained(npm_dir)
 
 
 @pytest.fixture
@@ -92,27 +88,26 @@ def test_ef_search_of_an_hnsw_quantizer(build):
 
 
 # --------------------------------------------------------------------------------------- config, pipeline
-def test_config_knobs_are_validated():
-    NPMConfig(nprobe=8, ef_search=64)
-    with pytest.raises(ValueError, match="NPMConfig.nprobe must be a positive integer or None, got 0"):
-        NPMConfig(nprobe=0)
-    with pytest.raises(ValueError, match="NPMConfig.ef_search must be a positive integer or None"):
-        NPMConfig(ef_search=-3)
+def test_decoding_knobs_are_validated():
+    NPMDecodingConfig(nprobe=8, ef_search=64)
+    with pytest.raises(ValueError, match="NPMDecodingConfig.nprobe must be a positive integer or None, got 0"):
+        NPMDecodingConfig(nprobe=0)
+    with pytest.raises(ValueError, match="NPMDecodingConfig.ef_search must be a positive integer or None"):
+        NPMDecodingConfig(ef_search=-3)
 
 
 def test_pipeline_knobs_from_config_constructor_and_call(build, model_and_tokenizer, mask):
     model, tokenizer = model_and_tokenizer
     index = build("IVF4,Flat")
     ivf = faiss.extract_index_ivf(index.faiss_index)
-    model.config.nprobe = 2
-    fill = pipeline("fill-mask", model=model, tokenizer=tokenizer, index=index)
+    fill = pipeline("fill-mask", model=model, tokenizer=tokenizer, index=index, decoding={"nprobe": 2})
     fill(f"Texas borders {mask}.")
-    assert ivf.nprobe == 2  # config
+    assert ivf.nprobe == 2  # the pipeline's settings
     fill(f"Texas borders {mask}.", nprobe=3)
-    assert ivf.nprobe == 3  # call beats config
-    fill = pipeline("fill-mask", model=model, tokenizer=tokenizer, index=index, nprobe=4)
+    assert ivf.nprobe == 3  # call beats them
+    fill = pipeline("fill-mask", model=model, tokenizer=tokenizer, index=index, decoding={"nprobe": 2}, nprobe=4)
     fill(f"Texas borders {mask}.")
-    assert ivf.nprobe == 4  # constructor beats config
+    assert ivf.nprobe == 4  # a constructor keyword beats decoding=
     with pytest.raises(ValueError, match="nprobe=9 is more than the 4 IVF lists"):
         fill(f"Texas borders {mask}.", nprobe=9)
     with pytest.raises(ValueError, match="ef_search must be a positive integer"):
@@ -122,9 +117,8 @@ def test_pipeline_knobs_from_config_constructor_and_call(build, model_and_tokeni
 def test_pipeline_refuses_a_knob_its_index_lacks(npm_dir, mask):
     with pytest.raises(ValueError, match="nprobe applies to IVF indexes.*'Flat'"):
         pipeline("fill-mask", model=str(npm_dir), nprobe=4)
-    model = NPMModel.from_pretrained(npm_dir, ef_search=32)
     with pytest.raises(ValueError, match="efSearch applies to HNSW indexes"):
-        pipeline("fill-mask", model=model, tokenizer=AutoTokenizer.from_pretrained(npm_dir))
+        pipeline("fill-mask", model=str(npm_dir), decoding={"ef_search": 32})
 
 
 def test_cli_fill_mask_knobs(build, npm_dir, mask, capsys):
@@ -290,7 +284,7 @@ def test_search_many_of_an_approximate_index_is_search(build):
 
 def test_spans_from_a_shared_search_of_an_approximate_index(build, model_and_tokenizer):
     """nprobe=1 leaves rows unfilled (-1), so the pairs of a batch have different numbers of candidates."""
-    from npm_hf.inference.retrieval import NPMPredictor
+    from npm_hf.inference.retrieval import Candidates, NPMPredictor
 
     index = build("IVF4,Flat")
     model, tokenizer = model_and_tokenizer
@@ -299,8 +293,9 @@ def test_spans_from_a_shared_search_of_an_approximate_index(build, model_and_tok
     assert (index.search(pairs.reshape(12, -1), index.num_indexed, nprobe=1)[1] < 0).any()
     for nprobe in (1, 4):
         scores, rows = index.search_many(pairs.reshape(12, -1), index.num_indexed, nprobe=nprobe)
-        shared = [predictor.predict_span(pair[0], pair[1], 20, hits=(scores[2 * i : 2 * i + 2],
-                                                                      rows[2 * i : 2 * i + 2]))
+        shared = [predictor.predict_span(pair[0], pair[1], 20, Candidates.whole_index((scores[2 * i : 2 * i + 2],
+                                                                                       rows[2 * i : 2 * i + 2])))
                   for i, pair in enumerate(pairs)]
-        alone = [predictor.predict_span(pair[0], pair[1], 20, k=index.num_indexed, nprobe=nprobe) for pair in pairs]
+        exact = predictor.using(k=index.num_indexed, nprobe=nprobe)
+        alone = [exact.predict_span(pair[0], pair[1], 20) for pair in pairs]
         assert shared == alone and sum(len(answers) for answers in alone) > 20

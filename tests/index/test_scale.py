@@ -10,12 +10,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
 import npm_hf.index.memory as memory_module
 import npm_hf.inference.faiss_io as faiss_io
 import npm_hf.inference.reader as reader_module
-from npm_hf import IndexBuildArguments, NPMIndex, NPMModel
+from npm_hf import IndexBuildArguments, NPMIndex
 from npm_hf.corpus import CorpusStats, iter_documents, tokenize_documents
 from npm_hf.index import parse_memory_size, read_faiss_index, streamed_exact_search
 from npm_hf.index.faiss_build import load_lists_into_memory
@@ -24,11 +23,6 @@ from npm_hf.index.writing import write_positions
 
 
 QUIET = dict(show_progress_bar=False, block_size=16)
-
-
-@pytest.fixture
-def model_and_tokenizer(npm_dir):
-    return NPMModel.from_pretrained(npm_dir), AutoTokenizer.from_pretrained(npm_dir)
 
 
 def _budget_above_the_process(extra: int) -> str:

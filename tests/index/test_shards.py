@@ -5,9 +5,8 @@ import os
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
-from npm_hf import IndexBuildArguments, NonparametricFillMaskPipeline, NPMIndex, NPMIndexError, NPMModel
+from npm_hf import IndexBuildArguments, NonparametricFillMaskPipeline, NPMIndex, NPMIndexError
 from npm_hf.cli import main
 from npm_hf.index import VECTORS_FILE, ShardedArray, parse_shard_size, shard_layout
 
@@ -19,11 +18,6 @@ NEW = {"id": "zorb", "title": "Borvin", "text": "Borvin lives in Saltoria. Salto
 def _build(model_and_tokenizer, corpus, path, **kwargs):
     args = IndexBuildArguments(block_size=16, batch_size=3, show_progress_bar=False, **kwargs)
     return NPMIndex.build(*model_and_tokenizer, corpus, path, args)
-
-
-@pytest.fixture
-def model_and_tokenizer(npm_dir):
-    return NPMModel.from_pretrained(npm_dir), AutoTokenizer.from_pretrained(npm_dir)
 
 
 @pytest.fixture

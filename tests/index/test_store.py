@@ -17,11 +17,6 @@ from npm_hf.index import VECTORS_FILE
 QUIET = dict(show_progress_bar=False, block_size=32)
 
 
-@pytest.fixture
-def model_and_tokenizer(npm_dir):
-    return NPMModel.from_pretrained(npm_dir), AutoTokenizer.from_pretrained(npm_dir)
-
-
 def test_layout_counts_and_manifest(npm_dir, brute_force):
     index = NPMIndex.load(npm_dir / "index")
     m = index.manifest
