@@ -344,7 +344,7 @@ def figure_p1(model, tokenizer, index, queries: list[str], rounds: tuple[int, in
 
     assert model.config.mode == "span", "P1's baseline models span mode (2 query vectors per mask)"
     fill = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index)
-    k = min(int(model.config.k), index.num_indexed)
+    k = min(int(fill.decoding.k), index.num_indexed)
     prepared = baseline_inputs(tokenizer, queries)
     for query, inputs in list(zip(queries, prepared))[:3]:  # warm-up (lazy tables, allocator, page cache)
         pipeline_seconds(fill, query)
@@ -432,7 +432,8 @@ def figure_p1q(model, tokenizer, index, queries: list[str], rounds: tuple[int, i
     client.close()
     emit("P1q", best["qdrant"] / best["faiss"], "report",
          f"index {index.manifest.num_indexed_tokens} indexed tokens, d={index.manifest.hidden_size}, "
-         f"k={min(int(model.config.k), index.num_indexed)}, {len(queries)} queries, {done} alternating rounds; "
+         f"k={min(int(fills['faiss'].decoding.k), index.num_indexed)}, {len(queries)} queries, {done} alternating "
+         "rounds; "
          f"per-query best-of: Qdrant local mode {best['qdrant'] * 1e3:.1f} ms, FAISS Flat {best['faiss'] * 1e3:.1f}"
          f" ms; medians {median['qdrant'] * 1e3:.1f} / {median['faiss'] * 1e3:.1f} ms (ratio "
          f"{median['qdrant'] / median['faiss']:.2f}); upload {upload:.1f}s (qdrant-client "
@@ -464,7 +465,8 @@ def figure_p6(model, tokenizer, index, queries: list[str], rounds: tuple[int, in
     breakdown = ", ".join(f"{name} {stages['batched'][name]:.1f} vs {stages['single'][name]:.1f}"
                           for name in stages["batched"])
     emit("P6", best["single"] / best["batched"], ">= 5",
-         f"{batch} cloze queries, index {index.manifest.num_tokens} tokens, k={min(model.config.k, index.num_indexed)};"
+         f"{batch} cloze queries, index {index.manifest.num_tokens} tokens, "
+         f"k={min(fill.decoding.k, index.num_indexed)};"
          f" best of {len(times['single'])} rounds: batched {batch / best['batched']:.1f} queries/s, one at a time "
          f"{batch / best['single']:.1f} queries/s; ms per query by stage, batched vs one at a time (best of 3): "
          f"{breakdown}")
@@ -482,7 +484,7 @@ def p6_stages(fill, texts: list[str], repeats: int = 3) -> dict[str, dict[str, f
                 started = time.perf_counter()
                 outputs = fill.forward_batch(group)
                 searched = time.perf_counter()
-                fill.search_batch(outputs, {})
+                fill.search_batch(outputs)
                 answering = time.perf_counter()
                 for output in outputs:
                     fill.postprocess(output, top_k=5)
