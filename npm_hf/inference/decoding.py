@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 
 
 DECODING_CONFIG_FILE = "decoding_config.json"
@@ -151,8 +151,8 @@ class NPMDecodingConfig:
             commit = getattr(model.config, "_commit_hash", None)
             try:
                 path = Path(hf_hub_download(name, DECODING_CONFIG_FILE, revision=commit, **hub_kwargs))
-            except (EntryNotFoundError, LocalEntryNotFoundError, OSError):
-                path = None  # a repo saved before decoding_config.json: the settings are in its config
+            except (EntryNotFoundError, LocalEntryNotFoundError, HFValidationError, OSError):
+                path = None  # no such file (a repo saved before it), or not a repo id: the settings are in its config
         if path is None or not path.is_file():
             return cls.from_model_config(model.config)
         try:
