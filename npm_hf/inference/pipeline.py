@@ -65,8 +65,9 @@ class NonparametricFillMaskPipeline(Pipeline):
 
     @property
     def decoding(self) -> NPMDecodingConfig:
-        """The decoding settings of calls that pass none (the model's, then the constructor's)."""
-        return self._postprocess_params.get("decoding", self._base_decoding)
+        """The decoding settings of calls that pass none (the model's, then the constructor's; while the constructor
+        runs, the model's)."""
+        return getattr(self, "_postprocess_params", {}).get("decoding", self._base_decoding)
 
     def _sanitize_parameters(self, top_k=None, targets=None, tokenizer_kwargs=None, decoding=None,
                              **decoding_kwargs):
@@ -78,8 +79,7 @@ class NonparametricFillMaskPipeline(Pipeline):
             postprocess_params["top_k"] = top_k
         if decoding is not None or decoding_kwargs:
             # a call's settings go on top of the pipeline's (the constructor's, while it runs); nothing shared changes
-            base = getattr(self, "_postprocess_params", {}).get("decoding", self._base_decoding)
-            merged = as_decoding_config(decoding, base=base).update(**decoding_kwargs)
+            merged = as_decoding_config(decoding, base=self.decoding).update(**decoding_kwargs)
             if getattr(self, "index", None) is not None:  # the constructor's are checked once the index is open
                 self.index.check_search_parameters(merged.nprobe, merged.ef_search)
             postprocess_params["decoding"] = merged
