@@ -7,7 +7,8 @@
 from .version import __version__
 from .modeling import NPMConfig, NPMModel, NPMOutput, NPMPreTrainedModel
 from .corpus import iter_documents, prepare_training_blocks
-from .index import IndexBuildArguments, IndexManifest, IndexMismatchError, NPMIndex, NPMIndexError, NPMIndexReader
+from .index import (IndexBuildArguments, IndexLockedError, IndexManifest, IndexMismatchError, NPMIndex, NPMIndexError,
+                    NPMIndexReader)
 from .inference.decoding import NPMDecodingConfig
 from .inference.pipeline import NonparametricFillMaskPipeline
 from .inference.retrieval import NPMPredictor
@@ -27,6 +28,7 @@ __all__ = [
     "evaluate",
     "IndexBuildArguments",
     "IndexManifest",
+    "IndexLockedError",
     "IndexMismatchError",
     "NPMContrastiveLoss",
     "NPMDecodingConfig",

@@ -26,12 +26,13 @@ import os
 import sys
 
 from transformers import HfArgumentParser, pipeline
+from transformers.pipelines import PipelineException
 
 from .api import (TrainDataArguments, build_index, convert_encoder, convert_lightning_checkpoint, load_npm, push_to_hub,
                   train)
 from .demo import DemoArguments, run_demo
 from .evaluation import EvaluationArguments, evaluate, record_results_in_card, results_to_markdown, save_results
-from .index import IndexBuildArguments, NPMIndex
+from .index import IndexBuildArguments, IndexLockedError, NPMIndex
 from .trainer import NPMTrainingArguments, end_distributed_run
 
 
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
     try:
         args.handler(args, remaining) if getattr(args, "takes_remaining", False) else args.handler(args)
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as error:
+    except (ValueError, OSError, ImportError, IndexLockedError, PipelineException) as error:
         print(f"npm-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

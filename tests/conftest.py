@@ -218,3 +218,22 @@ def make_pipeline():
                                              index=npm_hf.NPMIndex.load(npm_dir / "index"), decoding=decoding)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def rewrite_manifest():
+    """A function to edit an index's manifest.json by hand, `rewrite(index_dir, change, seal=True)`: `change(data)`
+    edits the dict in place. `seal=True` re-computes the checksum, as a manifest written that way would have it (to
+    reach the checks behind the checksum); `seal=False` drops it, as manifests written before checksums existed."""
+    from npm_hf.inference.index_files import CHECKSUM_KEY, manifest_checksum
+
+    def rewrite(index_dir, change, seal: bool = True) -> None:
+        path = Path(index_dir) / "manifest.json"
+        data = json.loads(path.read_text())
+        change(data)
+        data.pop(CHECKSUM_KEY, None)
+        if seal:
+            data[CHECKSUM_KEY] = manifest_checksum(data)
+        path.write_text(json.dumps(data))
+
+    return rewrite

@@ -1,7 +1,6 @@
 """NPM scores against a brute-force NumPy computation that follows the official code's rules (conftest), on the tiny
 word-piece vocabularies of conftest (WordPiece and byte-level BPE: most corpus words are two or more pieces)."""
 
-import json
 import shutil
 
 import numpy as np
@@ -241,16 +240,15 @@ def test_spans_within_lines_match_brute_force(lines_npm_dir, brute_force, make_p
     assert set(as_scores(fill(text, top_k=100_000, expand_span_candidates=True))) == set(want)
 
 
-def test_spans_within_lines_warn_on_an_index_without_line_marks(lines_npm_dir, tmp_path, make_pipeline, caplog):
+def test_spans_within_lines_warn_on_an_index_without_line_marks(lines_npm_dir, tmp_path, make_pipeline, caplog,
+                                                                rewrite_manifest):
     import shutil
 
     from transformers.utils import logging as hf_logging
 
     old = tmp_path / "model"
     shutil.copytree(lines_npm_dir, old)
-    manifest = json.loads((old / "index" / "manifest.json").read_text())
-    del manifest["line_starts_marked"]  # as written before the field existed
-    (old / "index" / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(old / "index", lambda m: m.pop("line_starts_marked"), seal=False)  # written before the field
     text = f"Texas borders {make_pipeline(old).tokenizer.mask_token} and Oklahoma."
     hf_logging.enable_propagation()
     try:

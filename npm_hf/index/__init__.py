@@ -5,7 +5,7 @@ package adds what only npm_hf does, each subject in its own module, imports goin
 
     arguments     IndexBuildArguments
     encoding      which tokens are indexed, and encoding packed blocks into float16 vectors
-    writing       the corpus files of a new index, the manifest with checksums, the atomic swap into place
+    writing       the corpus files of a new index, the manifest with checksums, the swap into place
     faiss_build   FAISS factory choice, training checks, on-disk IVF merges
     memory        the build's memory plan against max_memory
     build         the resumable, multi-process build
@@ -13,6 +13,7 @@ package adds what only npm_hf does, each subject in its own module, imports goin
     store         NPMIndex: NPMIndexReader + build + edits
 """
 
+from ..inference.directory_swap import DirectoryLock, IndexLockedError
 from ..inference.faiss_io import read_faiss_index, streamed_exact_search
 from ..inference.index_files import (MANIFEST_FILE, VECTORS_FILE, IndexManifest, IndexMismatchError, NPMIndexError,
                                      encoder_fingerprint, tokenizer_fingerprint)
@@ -26,8 +27,8 @@ from .store import NPMIndex
 
 
 __all__ = [
-    "AUTO_FACTORY", "MANIFEST_FILE", "VECTORS_FILE", "BuildMemoryPlan", "IndexBuildArguments", "IndexManifest",
-    "IndexMismatchError", "NPMIndex", "NPMIndexError", "NPMIndexReader", "ShardedArray", "check_training_size",
+    "AUTO_FACTORY", "MANIFEST_FILE", "VECTORS_FILE", "BuildMemoryPlan", "DirectoryLock", "IndexBuildArguments",
+    "IndexLockedError", "IndexManifest", "IndexMismatchError", "NPMIndex", "NPMIndexError", "NPMIndexReader", "ShardedArray", "check_training_size",
     "encoder_fingerprint", "encoding_plan", "faiss_training_minimum", "indexed_token_mask", "padded_blocks",
     "parse_memory_size", "parse_shard_size", "process_resident_bytes", "read_faiss_index", "shard_layout",
     "streamed_exact_search", "suggest_faiss_factory", "tokenizer_fingerprint",

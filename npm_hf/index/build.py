@@ -25,6 +25,7 @@ forever. An interrupted build keeps its partial directory once the corpus is tok
 `--resume`) continues it, `overwrite=True` starts it over.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -41,9 +42,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..inference.directory_swap import PARTIAL_SUFFIX, DirectoryLock, recover
 from ..inference.faiss_io import FAISS_ADD_CHUNK, add_vectors, core_index, extract_ivf, is_flat
-from ..inference.index_files import (FAISS_FILE, IVFDATA_FILE, POSITIONS_FILE, TOKEN_FILES, IndexManifest,
-                                     NPMIndexError, encoder_fingerprint, tokenizer_fingerprint)
+from ..inference.index_files import (FAISS_FILE, IVFDATA_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES,
+                                     IndexManifest, NPMIndexError, encoder_fingerprint, tokenizer_fingerprint)
 from ..inference.vector_shards import (create_vector_shards, layout_format_version, open_vector_shards,
                                        parse_shard_size, shard_layout)
 from .arguments import AUTO_FACTORY, IndexBuildArguments
@@ -56,7 +58,6 @@ from .writing import library_versions, publish, write_corpus, write_positions
 
 logger = logging.get_logger(__name__)
 
-PARTIAL_SUFFIX = ".partial"
 _STATE_FILE = "build.json"
 _TOKENIZED_FILE = "tokenized.json"
 _VECTORS_DONE = "vectors.done"
@@ -176,8 +177,13 @@ def build_index_directory(model, tokenizer, corpus, output_dir: Path, args: Inde
     processes = _Processes()
     if processes.main and processes.world_size > 1:
         logger.info(f"Building the index at {output_dir} with {processes.world_size} processes.")
+    output_dir = Path(output_dir)
     try:
-        _build(processes, model, tokenizer, corpus, Path(output_dir), args)
+        with contextlib.ExitStack() as lock:
+            # one writer per output: process 0 holds the lock for the whole build (the others fail with it)
+            processes.run(lambda: lock.enter_context(DirectoryLock(output_dir, "build-index")), main_only=True)
+            processes.run(lambda: recover(output_dir, MANIFEST_FILE), main_only=True)
+            _build(processes, model, tokenizer, corpus, output_dir, args)
     finally:
         processes.close()
 

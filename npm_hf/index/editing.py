@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import faiss
@@ -27,9 +26,10 @@ import numpy as np
 from transformers.utils import logging
 
 from ..corpus import CorpusStats, iter_documents, tokenize_documents
+from ..inference.directory_swap import DirectoryLock, recover, staging_path
 from ..inference.faiss_io import add_vectors, is_flat, is_on_disk, read_faiss_index
 from ..inference.index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, MANIFEST_FILE, POSITIONS_FILE,
-                                     TOKEN_FILES, NPMIndexError)
+                                     TOKEN_FILES, NPMIndexError, read_manifest)
 from ..inference.tokens import SPECIAL
 from ..inference.vector_shards import (DEFAULT_MAX_SHARD_SIZE, create_vector_shards, layout_format_version,
                                        parse_shard_size, shard_layout, vector_layout)
@@ -240,22 +240,40 @@ def _write_faiss(index, staging: Path, vectors, start: int, reset: bool) -> None
 
 def _edit(index, write) -> None:
     """Run `write(staging)` on a staging directory (it writes the changed files and returns the new manifest),
-    link the unchanged files in, record sizes and checksums, and swap the staging directory into place."""
+    link the unchanged files in, record sizes and checksums, and swap the staging directory into place; all under
+    the index's writer lock, and only if nobody changed the index since `index` was loaded."""
     path = index.path
-    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
+    with DirectoryLock(path, "index edit"):
+        recover(path, MANIFEST_FILE)
+        _check_unchanged_since_loaded(index)
+        staging = staging_path(path)
+        staging.mkdir()
+        try:
+            manifest = write(staging)
+            changed = set(os.listdir(staging))
+            # vector shards of the old layout that the new one does not name are gone, not unchanged
+            dropped = ({s["file"] for s in vector_layout(index.manifest)}
+                       - {s["file"] for s in vector_layout(manifest)})
+            for name in set(index.manifest.files) - changed - dropped - {MANIFEST_FILE}:
+                _link_or_copy(path / name, staging / name)
+            unchanged = {name: entry for name, entry in index.manifest.files.items() if name not in changed}
+            publish(staging, path, manifest, known_files=unchanged)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def _check_unchanged_since_loaded(index) -> None:
+    """Refuse to edit from a stale view: another edit since `index` was loaded would be undone by this one."""
     try:
-        manifest = write(staging)
-        changed = set(os.listdir(staging))
-        # vector shards of the old layout that the new one does not name are gone, not unchanged
-        dropped = {s["file"] for s in vector_layout(index.manifest)} - {s["file"] for s in vector_layout(manifest)}
-        for name in set(index.manifest.files) - changed - dropped - {MANIFEST_FILE}:
-            _link_or_copy(path / name, staging / name)
-        unchanged = {name: entry for name, entry in index.manifest.files.items() if name not in changed}
-        publish(staging, path, manifest, known_files=unchanged)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        on_disk = read_manifest(index.path / MANIFEST_FILE)
+    except (OSError, NPMIndexError):
+        on_disk = None
+    if on_disk != index.manifest:
+        raise NPMIndexError(
+            f"The index at {index.path} changed on disk since it was loaded (another edit or build); this edit "
+            "would undo that one. Load the index again (NPMIndex.load) and repeat the edit."
+        )
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import faiss
@@ -16,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..corpus import CorpusStats, iter_documents, tokenize_documents
+from ..inference.directory_swap import swap_into_place
 from ..inference.index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES,
                                      IndexManifest, sha256_file)
 from ..inference.tokens import TOKEN_DTYPE
@@ -105,19 +105,11 @@ def publish(staging: Path, output_dir: Path, manifest: IndexManifest, known_file
         name: known_files.get(name) or {"bytes": (staging / name).stat().st_size, "sha256": sha256_file(staging / name)}
         for name in sorted(os.listdir(staging))
     }
-    (staging / MANIFEST_FILE).write_text(manifest.to_json())
-    _move_into_place(staging, output_dir)
-
-
-def _move_into_place(staging: Path, output_dir: Path) -> None:
-    """Rename the finished build into place; an existing index is swapped out only after the new one is complete."""
-    retired = None
-    if output_dir.exists():
-        retired = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:12]}"
-        os.replace(output_dir, retired)
-    os.replace(staging, output_dir)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
+    # atomically, and last: a staging directory with a manifest is complete (what `directory_swap.recover` trusts)
+    tmp = staging / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, staging / MANIFEST_FILE)
+    swap_into_place(staging, output_dir)
 
 
 def library_versions() -> dict:

@@ -96,7 +96,10 @@ class IndexManifest:
     paragraph_blocks: bool = False
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        """The manifest as written: every field, sealed with `checksum` (a hand-edited manifest no longer loads)."""
+        data = dataclasses.asdict(self)
+        data[CHECKSUM_KEY] = manifest_checksum(data)
+        return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> "IndexManifest":
@@ -105,6 +108,44 @@ class IndexManifest:
         if unknown:
             logger.warning(f"Ignoring unknown index manifest keys {unknown}; upgrade npm_hf to use them.")
         return cls(**{key: value for key, value in data.items() if key in known})
+
+
+CHECKSUM_KEY = "checksum"
+# Fields whose values must be of these types (JSON numbers that are ints, strings, ...): anything else is corrupt.
+_FIELD_TYPES = {"format_version": int, "hidden_size": int, "block_size": int, "num_documents": int,
+                "num_skipped_empty_documents": int, "num_tokens": int, "num_indexed_tokens": int, "num_blocks": int,
+                "num_deleted_documents": int, "encoder_fingerprint": str, "tokenizer_fingerprint": str,
+                "faiss_factory": str, "files": dict, "vector_shards": list, "versions": dict}
+
+
+def manifest_checksum(data: dict) -> str:
+    """sha256 of a manifest's content, every key but the checksum itself, in canonical JSON."""
+    content = {key: value for key, value in data.items() if key != CHECKSUM_KEY}
+    return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def read_manifest(path: Path) -> IndexManifest:
+    """Read and check a manifest.json: valid UTF-8 JSON, an object, fields of the right types, the checksum it was
+    sealed with (manifests written before checksums existed have none and are accepted)."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise NPMIndexError(f"{path} is corrupted (not valid UTF-8 JSON: {error}); rebuild the index.") from None
+    if not isinstance(data, dict):
+        raise NPMIndexError(f"{path} is corrupted (a JSON {type(data).__name__}, not an object); rebuild the index.")
+    if CHECKSUM_KEY in data and data[CHECKSUM_KEY] != manifest_checksum(data):
+        raise NPMIndexError(
+            f"{path} does not match its checksum: it was modified after the index was written (its counts, block "
+            "size or file list would no longer describe the files). Rebuild the index, or restore the manifest."
+        )
+    for name, kind in _FIELD_TYPES.items():
+        value = data.get(name)
+        if name in data and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise NPMIndexError(f"{path} is corrupted: {name}={value!r} is not a {kind.__name__}; rebuild the index.")
+    try:
+        return IndexManifest.from_dict({key: value for key, value in data.items() if key != CHECKSUM_KEY})
+    except TypeError as error:  # a required field is missing
+        raise NPMIndexError(f"{path} is corrupted ({error}); rebuild the index.") from None
 
 
 def encoder_fingerprint(model) -> str:

@@ -1,7 +1,6 @@
 """Opening an NPM index directory and answering from it: the part of an index that remote code needs (see
 `npm_hf.inference`)."""
 
-import json
 from pathlib import Path
 
 import faiss
@@ -9,11 +8,12 @@ import numpy as np
 from huggingface_hub import snapshot_download
 from transformers.utils import logging
 
+from .directory_swap import DirectoryLock, interrupted_swap, recover
 from .faiss_io import (FLAT_FILL_MAX_VECTORS, add_vectors, check_positive_int, current_search_parameters, extract_ivf,
                        is_flat, read_faiss_index, search_parameter_names, streamed_exact_search)
 from .index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, FORMAT_VERSION, MANIFEST_FILE,
                           POSITIONS_FILE, TOKEN_FILES, DocumentStore, IndexManifest, IndexMismatchError, NPMIndexError,
-                          encoder_fingerprint, sha256_file, tokenizer_fingerprint)
+                          encoder_fingerprint, read_manifest, sha256_file, tokenizer_fingerprint)
 from .tokens import SPECIAL
 from .vector_shards import check_layout, open_vector_shards, vector_layout
 
@@ -77,16 +77,16 @@ class NPMIndexReader:
         if verify not in ("none", "fast", "full"):
             raise ValueError(f"verify={verify!r}; use 'none', 'fast' or 'full'.")
         manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file() and interrupted_swap(path):
+            with DirectoryLock(path, "recovery of an interrupted edit"):
+                recover(path, MANIFEST_FILE)
         if not manifest_path.is_file():
             hint = " It looks like an interrupted build; build it again." if path.name.startswith(".") else ""
             raise NPMIndexError(
                 f"No NPM index at {path} (missing {MANIFEST_FILE}).{hint} Build one with "
                 "`npm-hf build-index --model DIR --corpus FILE` or `npm_hf.build_index(...)`."
             )
-        try:
-            manifest = IndexManifest.from_dict(json.loads(manifest_path.read_text()))
-        except (json.JSONDecodeError, TypeError) as error:
-            raise NPMIndexError(f"{manifest_path} is corrupted ({error}); rebuild the index.") from None
+        manifest = read_manifest(manifest_path)
         if manifest.format_version > FORMAT_VERSION:
             raise NPMIndexError(
                 f"{path} uses index format {manifest.format_version}, newer than this npm_hf supports "
@@ -121,6 +121,7 @@ class NPMIndexReader:
         for name, (got, want) in expected.items():
             if tuple(got) != tuple(want):
                 raise NPMIndexError(f"{path}: {name} has shape {tuple(got)}, the manifest says {tuple(want)}; rebuild.")
+        _check_counts(path, manifest)
         if not manifest.paragraph_blocks:
             logger.warning(
                 f"The index at {path} was built by an npm_hf before 0.2: its blocks are cut from one running token "
@@ -306,6 +307,25 @@ class NPMIndexReader:
         finally:
             for name, value in zip(names, saved):
                 setattr(faiss.cvar, name, value)
+
+
+def _check_counts(path: Path, manifest: IndexManifest) -> None:
+    """The manifest's counts agree with each other (the arrays' shapes were checked against them)."""
+    m = manifest
+    problems = []
+    if m.block_size < 1 or m.hidden_size < 1:
+        problems.append(f"block_size={m.block_size} and hidden_size={m.hidden_size} must be >= 1")
+    elif m.num_blocks != -(-m.num_tokens // m.block_size):
+        problems.append(f"{m.num_tokens} tokens make {-(-m.num_tokens // m.block_size)} blocks of {m.block_size}, "
+                        f"not num_blocks={m.num_blocks}")
+    elif m.paragraph_blocks and m.num_tokens % m.block_size:
+        problems.append(f"{m.num_tokens} tokens are not whole blocks of block_size={m.block_size}")
+    if not 0 <= m.num_indexed_tokens <= m.num_tokens:
+        problems.append(f"num_indexed_tokens={m.num_indexed_tokens} is not within 0..num_tokens={m.num_tokens}")
+    if not 0 <= m.num_deleted_documents <= m.num_documents:
+        problems.append(f"num_deleted_documents={m.num_deleted_documents} is not within 0..{m.num_documents}")
+    if problems:
+        raise NPMIndexError(f"The manifest of {path} contradicts itself: {'; '.join(problems)}. Rebuild the index.")
 
 
 def _verify_files(path: Path, manifest: IndexManifest, verify: str) -> None:

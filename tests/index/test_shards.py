@@ -145,27 +145,21 @@ def test_a_corrupted_or_missing_shard_is_detected(pair):
         NPMIndex.load(path, verify="none")
 
 
-def test_a_manifest_with_broken_shard_boundaries_is_refused(pair):
+def test_a_manifest_with_broken_shard_boundaries_is_refused(pair, rewrite_manifest):
     path = pair[1].path
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["vector_shards"][1]["start"] += 1
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(path, lambda m: m["vector_shards"][1].update(start=m["vector_shards"][1]["start"] + 1))
     with pytest.raises(NPMIndexError, match="vector shards that do not cover rows"):
         NPMIndex.load(path)
-    manifest["vector_shards"][1]["start"] -= 1
-    manifest["vector_shards"][0]["file"] = "../outside.npy"
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(path, lambda m: m["vector_shards"][1].update(start=m["vector_shards"][1]["start"] - 1))
+    rewrite_manifest(path, lambda m: m["vector_shards"][0].update(file="../outside.npy"))
     with pytest.raises(NPMIndexError, match="vector shards that do not cover rows"):
         NPMIndex.load(path)
 
 
-def test_an_index_without_shard_records_still_loads(pair, model_and_tokenizer, mask):
+def test_an_index_without_shard_records_still_loads(pair, model_and_tokenizer, mask, rewrite_manifest):
     """Indexes written before sharding (format 1, no vector_shards / max_shard_bytes) load and edit as before."""
     single = pair[0]
-    manifest = json.loads((single.path / "manifest.json").read_text())
-    for key in ("vector_shards", "max_shard_bytes"):
-        del manifest[key]
-    (single.path / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(single.path, lambda m: [m.pop(key) for key in ("vector_shards", "max_shard_bytes")], seal=False)
     old = NPMIndex.load(single.path, verify="full")
     np.testing.assert_array_equal(old.vectors[:], single.vectors[:])
     old.delete_documents(["texas"])

@@ -182,10 +182,8 @@ def test_missing_file_and_corrupted_manifest(index_copy):
         NPMIndex.load(index_copy)
 
 
-def test_newer_format_asks_for_an_upgrade(index_copy):
-    manifest = json.loads((index_copy / "manifest.json").read_text())
-    manifest["format_version"] = 99
-    (index_copy / "manifest.json").write_text(json.dumps(manifest))
+def test_newer_format_asks_for_an_upgrade(index_copy, rewrite_manifest):
+    rewrite_manifest(index_copy, lambda m: m.update(format_version=99))
     with pytest.raises(NPMIndexError, match="upgrade npm_hf"):
         NPMIndex.load(index_copy)
 
@@ -258,15 +256,16 @@ def test_blocks_longer_than_the_encoder_are_refused(tmp_path, model_and_tokenize
 
 
 # ------------------------------------------------------------------------------------------- old indexes
-def test_an_index_from_an_older_npm_hf_loads_and_warns(npm_dir, tmp_path, mask, make_pipeline, caplog):
+def test_an_index_from_an_older_npm_hf_loads_and_warns(npm_dir, tmp_path, mask, make_pipeline, caplog,
+                                                       rewrite_manifest):
     from transformers.utils import logging as hf_logging
 
     old = tmp_path / "model"
     shutil.copytree(npm_dir, old)
-    manifest = json.loads((old / "index" / "manifest.json").read_text())
-    for key in ("boundary_tokens_only", "stopwords_removed", "paragraph_blocks"):
-        del manifest[key]  # as written before the fields existed
-    (old / "index" / "manifest.json").write_text(json.dumps(manifest))
+    # as written before the fields existed
+    rewrite_manifest(old / "index", lambda m: [m.pop(key) for key in
+                                               ("boundary_tokens_only", "stopwords_removed", "paragraph_blocks")],
+                     seal=False)
     hf_logging.enable_propagation()
     try:
         with caplog.at_level("WARNING"):
