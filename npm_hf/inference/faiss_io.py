@@ -21,9 +21,20 @@ def is_flat(index) -> bool:
 
 
 def add_vectors(index, vectors: np.ndarray, start: int = 0) -> None:
-    """Add `vectors[start:]` (float16, memory-mapped) to a FAISS index, a float32 chunk at a time."""
+    """Add `vectors[start:]` (float16, memory-mapped) to a FAISS index, a float32 chunk at a time. A non-finite
+    value (a flipped bit in the file, an encoder that overflowed) raises ValueError naming its row: FAISS would
+    rank it silently."""
     for lo in range(start, len(vectors), FAISS_ADD_CHUNK):
-        index.add(np.asarray(vectors[lo : lo + FAISS_ADD_CHUNK], dtype=np.float32))
+        chunk = np.asarray(vectors[lo : lo + FAISS_ADD_CHUNK], dtype=np.float32)
+        check_finite_rows(chunk, lo)
+        index.add(chunk)
+
+
+def check_finite_rows(rows: np.ndarray, first_row: int = 0) -> None:
+    """Raise ValueError naming the first row of `rows` (numbered from `first_row`) that holds a NaN or inf."""
+    finite = np.isfinite(rows).all(axis=tuple(range(1, rows.ndim)))
+    if not finite.all():
+        raise ValueError(f"vector row {first_row + int(np.argmin(finite))} holds non-finite values (NaN or inf)")
 
 
 # FAISS file types of flat indexes ("IxFI" inner product, "IxF2" L2, "IxFl" older): stored empty by a build and
@@ -56,7 +67,10 @@ def streamed_exact_search(vectors, queries: np.ndarray, k: int,
     best_rows = np.zeros((len(queries), 0), dtype=np.int64)
     for lo in range(0, len(vectors), chunk_rows):
         chunk = np.asarray(vectors[lo : lo + chunk_rows], dtype=np.float32)
-        scores = np.concatenate([best_scores, queries @ chunk.T], axis=1)
+        chunk_scores = queries @ chunk.T
+        if not np.isfinite(chunk_scores).all():  # (finite queries:) a non-finite vector; name it
+            check_finite_rows(chunk, lo)
+        scores = np.concatenate([best_scores, chunk_scores], axis=1)
         rows = np.concatenate([best_rows, np.broadcast_to(np.arange(lo, lo + len(chunk)), (len(queries), len(chunk)))],
                               axis=1)
         if scores.shape[1] > k:

@@ -57,6 +57,9 @@ class NonparametricFillMaskPipeline(Pipeline):
         if index is None:
             index = NPMIndexReader.for_model(self.model, **(index_kwargs or {}))
         index.check_compatible(self.model, self.tokenizer)
+        if index.num_indexed == 0:
+            logger.warning(f"The index at {index.path} holds no indexed token (were all its documents deleted?): "
+                           "every answer list will be empty. Add documents (`npm-hf index add`) or rebuild it.")
         # a knob that does not fit the index fails here, not per query
         index.check_search_parameters(self.decoding.nprobe, self.decoding.ef_search)
         self.index = index
@@ -87,17 +90,26 @@ class NonparametricFillMaskPipeline(Pipeline):
             targets = [targets] if isinstance(targets, str) else list(targets)
             if not targets:
                 raise ValueError("At least one target must be provided when passed.")
+            empty = [t for t in targets if not isinstance(t, str) or not self.tokenizer.tokenize(t)]
+            if empty:
+                raise ValueError(f"The targets {empty!r} are empty or not strings (they tokenize to nothing); "
+                                 "pass the answer phrases to score, e.g. targets=['Paris', 'New York'].")
             postprocess_params["targets"] = targets
         return preprocess_params, {}, postprocess_params
 
     # -------------------------------------------------------------------------------------------- preprocess
     def preprocess(self, inputs, tokenizer_kwargs=None):
+        if not isinstance(inputs, str):
+            raise ValueError(f"fill-mask takes a text (str) or a list of texts with a {self.tokenizer.mask_token}, "
+                             f"got {type(inputs).__name__} {inputs!r:.60}.")
         input_ids = self.tokenizer(inputs, **(tokenizer_kwargs or {}))["input_ids"]
         mask_id = self.tokenizer.mask_token_id
         runs = _mask_runs(input_ids, mask_id)
         if not runs:
             raise PipelineException(
-                "fill-mask", NPM_MODEL_TYPE, f"No mask_token ({self.tokenizer.mask_token}) found on the input"
+                "fill-mask", NPM_MODEL_TYPE, f"No mask_token ({self.tokenizer.mask_token}) found on the input: put "
+                f"{self.tokenizer.mask_token} where the answer goes, e.g. 'Paris is the capital of "
+                f"{self.tokenizer.mask_token}.'"
             )
         input_ids, runs = self._truncate(input_ids, runs)
         model_ids, queries = self._query_layout(input_ids, runs)
@@ -170,6 +182,8 @@ class NonparametricFillMaskPipeline(Pipeline):
         decoding = decoding or self.decoding
         predictor = self.predictor.using(decoding)
         single_mode = self.model.config.mode == "single"
+        if targets is not None:
+            targets = self._targets_in_index(targets)
         target_ids = self._single_target_ids(targets) if single_mode and targets is not None else None
         answer_slots = _answer_slots(outputs["runs"], single_mode)
         restricted = self.prefilters.candidates(decoding, outputs["text"], outputs["query_embedding"],
@@ -189,8 +203,28 @@ class NonparametricFillMaskPipeline(Pipeline):
             for answer in answers:
                 answer["sequence"] = self._fill(outputs["input_ids"], start, length, answer.pop("token_ids"),
                                                 single=len(answer_slots) == 1)
+            if len(answers) < top_k and targets is None and self.index.num_indexed:
+                logger.info(f"top_k={top_k}, but only {len(answers)} answers could be formed from the candidates.")
             results.append([_ordered(answer) for answer in answers])
         return results[0] if len(results) == 1 else results
+
+    def _targets_in_index(self, targets: list[str]) -> list[str]:
+        """The targets that can be answers at all: a target with a token the index never holds (e.g. the unknown
+        token of a word outside the vocabulary) is left out with a warning; none left is an error."""
+        kept = []
+        for target in targets:
+            # as written at the start of a text or after a space (byte-level BPE spells the two differently)
+            spellings = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in (target, " " + target)]
+            ids = spellings[0]
+            if any(self.index.holds_token_ids(spelling) for spelling in spellings):
+                kept.append(target)
+            else:
+                logger.warning_once(f"The target {target!r} ({self.tokenizer.convert_ids_to_tokens(ids)}) does not "
+                                    f"occur in the index at {self.index.path}: it cannot be an answer; ignoring it.")
+        if not kept:
+            raise ValueError(f"None of the targets {targets!r} occurs in the index, so none can be scored; pass "
+                             "phrases of the reference corpus.")
+        return kept
 
     def _fill(self, input_ids: list[int], start: int, length: int, answer_ids: list[int], single: bool) -> str:
         ids = input_ids[:start] + answer_ids + input_ids[start + length :]
@@ -213,7 +247,12 @@ class NonparametricFillMaskPipeline(Pipeline):
         return ids
 
     def __call__(self, inputs, **kwargs):
-        batch_size = kwargs.pop("batch_size", None) or self._batch_size or 1
+        batch_size = kwargs.pop("batch_size", None)
+        batch_size = (1 if self._batch_size is None else self._batch_size) if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if isinstance(inputs, list) and not inputs:
+            return []  # no texts, no answer lists
         if isinstance(inputs, list) and batch_size > 1:  # our own batching: the stock collate cannot pad our inputs
             outputs = self._call_batched(inputs, batch_size, **kwargs)
         else:

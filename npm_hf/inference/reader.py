@@ -26,6 +26,7 @@ _BLAS_MIN_QUERIES = 16
 _BLAS_DATABASE_BLOCK = 32768
 # verify="fast" hashes files up to this size on every load; larger ones are checked by size (all with "full").
 _FAST_VERIFY_MAX_BYTES = 64 << 20
+_CHUNK_TOKENS = 1 << 22  # token arrays scanned in chunks of this many tokens
 
 
 class NPMIndexReader:
@@ -109,7 +110,11 @@ class NPMIndexReader:
         # searched by streaming over the memory-mapped vectors above (`search`).
         streamed = is_flat(faiss_index) and faiss_index.ntotal == 0 and len(vectors) > FLAT_FILL_MAX_VECTORS
         if is_flat(faiss_index) and faiss_index.ntotal == 0 and faiss_index.d == vectors.shape[1] and not streamed:
-            add_vectors(faiss_index, vectors)
+            try:
+                add_vectors(faiss_index, vectors)
+            except ValueError as error:
+                raise NPMIndexError(f"The vectors of the index at {path} are corrupted: {error}. Rebuild the index "
+                                    "(NPMIndex.load(path, verify='full') checks every file's checksum).") from None
         faiss_rows = len(vectors) if streamed else faiss_index.ntotal
         expected = {
             **{name: (array.shape[:1], (manifest.num_tokens,)) for name, array in token_arrays.items()},
@@ -186,12 +191,35 @@ class NPMIndexReader:
         fill (approximate indexes) are -1 with score -inf.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.num_indexed == 0:  # every document deleted: no candidate (FAISS refuses k=0)
+            return np.zeros((len(queries), 0), dtype=np.float32), np.zeros((len(queries), 0), dtype=np.int64)
+        if not np.isfinite(queries).all():
+            raise ValueError(
+                "The encoder produced non-finite query vectors (NaN or inf), so no answer can be scored. Usual causes: "
+                "float16 overflow (load the model in float32 or bfloat16) or corrupted model weights."
+            )
         if self.exact_search:  # a flat index holds the stored vectors themselves: its scores are already exact
             self.check_search_parameters(nprobe, ef_search)
-            if self.streamed_exact_search:
-                return streamed_exact_search(self.vectors, queries, min(int(k), self.num_indexed))
-            return self.faiss_index.search(queries, min(int(k), self.num_indexed))
-        return self.rescore(queries, self.candidate_rows(queries, k, nprobe=nprobe, ef_search=ef_search))
+            try:
+                if self.streamed_exact_search:
+                    found = streamed_exact_search(self.vectors, queries, min(int(k), self.num_indexed))
+                else:
+                    found = self.faiss_index.search(queries, min(int(k), self.num_indexed))
+            except ValueError as error:  # a non-finite stored vector
+                raise self._corrupted_vectors(str(error)) from None
+        else:
+            found = self.rescore(queries, self.candidate_rows(queries, k, nprobe=nprobe, ef_search=ef_search))
+        scores, rows = found
+        bad = ~np.isfinite(scores) & (rows >= 0)  # never let a NaN score reach an answer
+        if bad.any():
+            raise self._corrupted_vectors(f"vector row {int(rows[bad][0])} scores {scores[bad][0]}")
+        return scores, rows
+
+    def _corrupted_vectors(self, detail: str) -> NPMIndexError:
+        return NPMIndexError(
+            f"The vectors of the index at {self.path} are corrupted ({detail}: non-finite values, e.g. a flipped bit). "
+            "Check the files with NPMIndex.load(path, verify='full') and rebuild the index."
+        )
 
     def rescore(self, queries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner products of each query with its candidate rows (from the stored float16 vectors), best first;
@@ -247,8 +275,27 @@ class NPMIndexReader:
                 faiss.ParameterSpace().set_index_parameter(self.faiss_index, self._search_names[name], value)
                 self._search_applied[name] = value
 
+    def holds_token_ids(self, ids) -> bool:
+        """Whether every token id of `ids` occurs in the index's text (special and deleted tokens aside)."""
+        if getattr(self, "_held_ids", None) is None:  # computed once, in chunks (bounded memory)
+            held = np.zeros(0, dtype=bool)
+            for lo in range(0, self.num_tokens, _CHUNK_TOKENS):
+                chunk = np.asarray(self.token_ids[lo : lo + _CHUNK_TOKENS], dtype=np.int64)
+                text = (np.asarray(self.token_flags[lo : lo + _CHUNK_TOKENS]) & SPECIAL) == 0
+                seen = np.bincount(chunk[text], minlength=len(held)) > 0
+                held = np.pad(held, (0, len(seen) - len(held))) | seen
+            self._held_ids = held
+        ids = np.asarray(ids, dtype=np.int64)
+        return len(ids) > 0 and bool(np.all(ids < len(self._held_ids))) and bool(self._held_ids[ids].all())
+
     def vectors_for_rows(self, rows: np.ndarray) -> np.ndarray:
-        return np.asarray(self.vectors[np.asarray(rows)], dtype=np.float32)
+        """The stored vectors of `rows`, as float32; a non-finite one (a corrupted file) raises NPMIndexError."""
+        rows = np.asarray(rows)
+        vectors = np.asarray(self.vectors[rows], dtype=np.float32)
+        if not np.isfinite(vectors).all():
+            bad = ~np.isfinite(vectors).all(axis=-1)
+            raise self._corrupted_vectors(f"vector row {int(rows[bad].reshape(-1)[0])}")
+        return vectors
 
     def rows_for_positions(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Vector rows of corpus positions, and whether each position is indexed at all."""
