@@ -9,6 +9,7 @@ later run reuses them and an interrupted run resumes (training from its last che
 
 import importlib.resources
 import json
+import math
 import os
 import re
 import shutil
@@ -85,8 +86,8 @@ class DemoArguments:
             raise ValueError(f"DemoArguments.num_documents must be >= 1, got {self.num_documents}.")
         if self.train_minutes is None:
             self.train_minutes = DEFAULT_TRAIN_MINUTES[bf16_training()]
-        if self.train_minutes < 0:
-            raise ValueError(f"DemoArguments.train_minutes must be >= 0, got {self.train_minutes}.")
+        if not 0 <= self.train_minutes < math.inf:  # nan too
+            raise ValueError(f"DemoArguments.train_minutes must be a finite number >= 0, got {self.train_minutes}.")
         if self.prefilter not in ("none", "bm25", "dense"):
             raise ValueError(f"DemoArguments.prefilter must be none, bm25 or dense, got {self.prefilter!r}.")
 

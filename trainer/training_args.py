@@ -1,5 +1,7 @@
 """Training arguments of NPMTrainer: TrainingArguments with NPM's defaults and span-masking knobs."""
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +73,10 @@ class NPMTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        for f in dataclasses.fields(self):  # TrainingArguments' own too (learning_rate, adam_beta1, warmup_ratio, ...)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"NPMTrainingArguments.{f.name} must be a finite number, got {value}.")
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             raise ValueError(f"max_train_minutes must be > 0, got {self.max_train_minutes}.")
         if self.schedule_by_time:

@@ -76,6 +76,11 @@ class IndexBuildArguments:
             raise ValueError(
                 f"IndexBuildArguments.block_size must be >= 3 (room for special tokens), got {self.block_size}."
             )
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "IndexBuildArguments: resume=True continues an interrupted build and overwrite=True deletes it; pass "
+                "one of them (CLI: --resume or --overwrite), not both."
+            )
         if not self.faiss_factory.strip():
             raise ValueError("IndexBuildArguments.faiss_factory must be a FAISS factory string such as 'Flat'.")
         if self.max_memory is not None:

@@ -45,7 +45,8 @@ from transformers.utils import logging
 from ..inference.directory_swap import PARTIAL_SUFFIX, DirectoryLock, recover
 from ..inference.faiss_io import FAISS_ADD_CHUNK, add_vectors, core_index, extract_ivf, is_flat
 from ..inference.index_files import (FAISS_FILE, IVFDATA_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES,
-                                     IndexManifest, NPMIndexError, encoder_fingerprint, tokenizer_fingerprint)
+                                     IndexManifest, NPMIndexError, encoder_fingerprint, sha256_file,
+                                     tokenizer_fingerprint)
 from ..inference.vector_shards import (create_vector_shards, layout_format_version, open_vector_shards,
                                        parse_shard_size, shard_layout)
 from .arguments import AUTO_FACTORY, IndexBuildArguments
@@ -340,7 +341,31 @@ def encode_unit(path: Path, model, ids, flags, keep: np.ndarray, args: IndexBuil
     encode_into(vectors, 0, model, ids, flags, keep, args)
     vectors.flush()
     del vectors
+    # its checksum first: a unit file present has one, which the assembly checks (a resume trusts no damaged unit)
+    _write_text_atomically(_checksum_file(path), sha256_file(tmp))
     os.replace(tmp, path)
+
+
+def _checksum_file(unit: Path) -> Path:
+    return unit.with_name(unit.name + ".sha256")
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_unit(path: Path) -> None:
+    """Raise NPMIndexError (and remove the unit, so that a resume encodes it again) unless `path` matches the
+    checksum recorded when it was encoded."""
+    recorded = _checksum_file(path).read_text().strip() if _checksum_file(path).is_file() else None
+    if recorded != sha256_file(path):
+        path.unlink()
+        raise NPMIndexError(
+            f"The encoded work unit {path} is corrupted ({'checksum mismatch' if recorded else 'no checksum'}); it "
+            "was removed. Run the same build again with resume=True (CLI: --resume) to encode it again."
+        )
 
 
 def _assemble_vectors(index_dir: Path, state_dir: Path, layout: list[dict], hidden_size: int) -> None:
@@ -348,6 +373,7 @@ def _assemble_vectors(index_dir: Path, state_dir: Path, layout: list[dict], hidd
     vectors = create_vector_shards(index_dir, layout, hidden_size)
     row = 0
     for path in sorted((state_dir / "units").glob("unit-*.npy")):
+        _check_unit(path)
         unit = np.load(path, mmap_mode="r", allow_pickle=False)
         for lo in range(0, len(unit), FAISS_ADD_CHUNK):
             chunk = unit[lo : lo + FAISS_ADD_CHUNK]

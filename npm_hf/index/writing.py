@@ -2,6 +2,7 @@
 file's size and checksum, and the atomic swap into place."""
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ def write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) ->
     to raw files as documents are tokenized (memory stays flat whatever the corpus size) and become .npy files at
     the end, byte for byte what `np.save` writes."""
     stats = CorpusStats()
-    offsets = [0]
+    offsets, id_hashes = [0], []
     raw = {name: staging / f".{file}.raw" for name, file in TOKEN_FILES.items()}
     with open(staging / DOCUMENTS_FILE, "wb") as handle, contextlib.ExitStack() as stack:
         columns = {name: stack.enter_context(open(path, "wb")) for name, path in raw.items()}
@@ -47,6 +48,8 @@ def write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) ->
                               ensure_ascii=False).encode("utf-8") + b"\n"
             handle.write(line)
             offsets.append(offsets[-1] + len(line))
+            id_hashes.append(_id_hash(document["id"]))
+    _refuse_duplicate_ids(staging / DOCUMENTS_FILE, offsets, np.asarray(id_hashes, dtype=np.uint64))
     if stats.num_skipped_empty:
         logger.warning(f"Skipped {stats.num_skipped_empty} empty or whitespace-only documents.")
     if stats.num_skipped_paragraphs:
@@ -64,6 +67,33 @@ def write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) ->
         _raw_to_npy(raw[name], staging / file, dtype, (stats.num_tokens, *row_shapes[name]))
     np.save(staging / DOCUMENT_OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
     return stats
+
+
+def _id_hash(doc_id) -> int:
+    return int.from_bytes(hashlib.blake2b(str(doc_id).encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _refuse_duplicate_ids(documents: Path, offsets: list[int], id_hashes: np.ndarray) -> None:
+    """Raise ValueError naming the document ids that occur more than once (deleting one such id would delete every
+    document with it, and `index add` refuses a taken id: one rule everywhere). Ids are compared by 8-byte hashes
+    (memory stays small), and the candidates confirmed on their records."""
+    values, counts = np.unique(id_hashes, return_counts=True)
+    suspects = set(values[counts > 1].tolist())
+    if not suspects:
+        return
+    seen, duplicates = {}, []
+    with open(documents, "rb") as handle:
+        for i in np.flatnonzero(np.isin(id_hashes, list(suspects))):
+            handle.seek(offsets[i])
+            doc_id = json.loads(handle.read(offsets[i + 1] - offsets[i]))["id"]
+            seen[doc_id] = seen.get(doc_id, 0) + 1
+            if seen[doc_id] == 2:
+                duplicates.append(doc_id)
+    if duplicates:
+        shown = ", ".join(repr(d) for d in duplicates[:10]) + (f" and {len(duplicates) - 10} more"
+                                                                 if len(duplicates) > 10 else "")
+        raise ValueError(f"The corpus has {len(duplicates)} document ids that occur more than once: {shown}. Give "
+                         "every document its own 'id' (or leave 'id' out to number them).")
 
 
 # the TOKEN_DTYPE field each token file stores (token_offsets: start and end)

@@ -12,7 +12,8 @@ modules of this folder (a test checks it):
     reader          NPMIndexReader: opening, verifying and searching an index directory, evidence
     faiss_io        reading FAISS indexes (memory-mapped, on-disk IVF), search knobs, streamed exact search
     vector_shards   the float16 vectors in row shards, and their layout
-    index_files     file names, the manifest, encoder and tokenizer fingerprints, the document store
+    index_files     file names, the manifest (checked and sealed), encoder and tokenizer fingerprints, documents
+    directory_swap  the writer lock of an index directory, swaps into place, repair of a swap cut by a kill
     stopwords       stop-word and word-piece tables of a tokenizer
     tokens          the flag bits and dtype of corpus token records
 

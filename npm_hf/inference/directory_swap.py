@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -53,9 +54,9 @@ def staging_path(directory) -> Path:
 
 class DirectoryLock:
     """`with DirectoryLock(path, "build-index"):` holds the writer lock of `path` or raises IndexLockedError naming
-    the holder. Re-entrant within one process (a build's publish inside the build's own lock)."""
+    the holder. Re-entrant within one thread; another thread of the same process is refused like another process."""
 
-    _held: dict = {}  # lock file -> (handle, depth), for this process
+    _held: dict = {}  # (lock file, thread) -> (handle, depth)
 
     def __init__(self, directory, purpose: str):
         self.directory = Path(directory)
@@ -63,7 +64,7 @@ class DirectoryLock:
         self.purpose = purpose
 
     def __enter__(self) -> "DirectoryLock":
-        key = str(self.path.absolute())
+        key = (str(self.path.absolute()), threading.get_ident())
         if key in self._held:
             handle, depth = self._held[key]
             self._held[key] = (handle, depth + 1)
@@ -72,9 +73,13 @@ class DirectoryLock:
             logger.warning_once("No file locking on this platform: run one index build or edit at a time.")
             self._held[key] = (None, 1)
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            handle = open(self.path, "a+", encoding="utf-8")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(self.path, "a+", encoding="utf-8")
+            except OSError as error:
+                raise type(error)(error.errno, f"Cannot write in {self.path.parent} ({error.strerror}); choose a "
+                                  "folder you can write to, or fix its permissions.") from None
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -105,7 +110,7 @@ class DirectoryLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        key = str(self.path.absolute())
+        key = (str(self.path.absolute()), threading.get_ident())
         handle, depth = self._held[key]
         if depth > 1:
             self._held[key] = (handle, depth - 1)

@@ -90,7 +90,7 @@ class NonparametricFillMaskPipeline(Pipeline):
             targets = [targets] if isinstance(targets, str) else list(targets)
             if not targets:
                 raise ValueError("At least one target must be provided when passed.")
-            empty = [t for t in targets if not isinstance(t, str) or not self.tokenizer.tokenize(t)]
+            empty = [t for t in targets if not isinstance(t, str) or not t.strip() or not self.tokenizer.tokenize(t)]
             if empty:
                 raise ValueError(f"The targets {empty!r} are empty or not strings (they tokenize to nothing); "
                                  "pass the answer phrases to score, e.g. targets=['Paris', 'New York'].")

@@ -163,6 +163,8 @@ class Prefilters:
         method = decoding.prefilter
         if method == "none":
             return None
+        if self.index.num_indexed == 0:  # nothing to pre-filter (every document deleted): no candidate
+            return Candidates.among(np.zeros(0, dtype=np.int64))
         key = (method, decoding.prefilter_passage_tokens)
         if key not in self._retrievers:
             self._retrievers[key] = make_passage_retriever(method, self.index, decoding.prefilter_passage_tokens)

@@ -145,6 +145,7 @@ class NPMIndexReader:
         """
         local = Path(name_or_path) / subfolder
         if Path(name_or_path).is_dir():
+            _warn_if_outside(Path(name_or_path), local)
             return cls.load(local, verify=verify)
         # "*" also matches "/": every file under the subfolder, whatever the number of vector shards
         snapshot = snapshot_download(str(name_or_path), allow_patterns=[f"{subfolder}/*"], **hub_kwargs)
@@ -354,6 +355,24 @@ class NPMIndexReader:
         finally:
             for name, value in zip(names, saved):
                 setattr(faiss.cvar, name, value)
+
+
+def _warn_if_outside(model_dir: Path, index_dir: Path) -> None:
+    """Warn when the index folder of a model directory, or a file in it, is a link that leaves the directory: its
+    manifest then vouches for files that were not shipped with the model. (In a Hub cache snapshot, files link to
+    the repo's blobs: those are inside.)"""
+    model_root = model_dir.resolve()
+    roots = [model_root]
+    if model_root.parent.name == "snapshots":  # huggingface_hub's cache: repo/snapshots/<commit>/ -> repo/blobs/
+        roots.append(model_root.parent.parent / "blobs")
+    if not index_dir.exists():
+        return
+    outside = [p for p in [index_dir, *index_dir.iterdir()]
+               if not any(p.resolve().is_relative_to(root) for root in roots)]
+    if outside:
+        logger.warning(f"The index of {model_dir} links outside the model directory ({outside[0]} -> "
+                       f"{outside[0].resolve()}): its checksums vouch for files that do not ship with the model. "
+                       "Copy the index into the model directory if that is not intended.")
 
 
 def _check_counts(path: Path, manifest: IndexManifest) -> None:

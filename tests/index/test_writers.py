@@ -197,3 +197,26 @@ def test_the_cli_names_the_holder_of_the_lock(tmp_path, npm_dir, holder, capsys)
     errors = [line for line in capsys.readouterr().err.splitlines() if "Traceback" in line or "error" in line]
     assert len(errors) == 1 and errors[0].startswith("npm-hf build-index: error: ")
     assert f"pid {other.pid}" in errors[0] and "Wait for it to finish" in errors[0]
+
+
+def test_another_thread_of_the_same_process_is_refused_too(index_dir, model_and_tokenizer):
+    import threading
+
+    from npm_hf.inference.directory_swap import DirectoryLock
+
+    model, tokenizer = model_and_tokenizer
+    index, errors = NPMIndex.load(index_dir), []
+
+    def edit():
+        try:
+            index.delete_documents(["texas"])
+        except IndexLockedError as error:
+            errors.append(str(error))
+
+    with DirectoryLock(index_dir, "index edit"):
+        with DirectoryLock(index_dir, "nested"):  # re-entrant in its own thread
+            worker = threading.Thread(target=edit)
+            worker.start()
+            worker.join(timeout=60)
+    assert len(errors) == 1 and f"pid {os.getpid()}" in errors[0]
+    index.delete_documents(["texas"])  # free again
