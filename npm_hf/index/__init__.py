@@ -28,8 +28,8 @@ from .store import NPMIndex
 
 __all__ = [
     "AUTO_FACTORY", "MANIFEST_FILE", "VECTORS_FILE", "BuildMemoryPlan", "DirectoryLock", "IndexBuildArguments",
-    "IndexLockedError", "IndexManifest", "IndexMismatchError", "NPMIndex", "NPMIndexError", "NPMIndexReader", "ShardedArray", "check_training_size",
-    "encoder_fingerprint", "encoding_plan", "faiss_training_minimum", "indexed_token_mask", "padded_blocks",
-    "parse_memory_size", "parse_shard_size", "process_resident_bytes", "read_faiss_index", "shard_layout",
-    "streamed_exact_search", "suggest_faiss_factory", "tokenizer_fingerprint",
+    "IndexLockedError", "IndexManifest", "IndexMismatchError", "NPMIndex", "NPMIndexError", "NPMIndexReader",
+    "ShardedArray", "check_training_size", "encoder_fingerprint", "encoding_plan", "faiss_training_minimum",
+    "indexed_token_mask", "padded_blocks", "parse_memory_size", "parse_shard_size", "process_resident_bytes",
+    "read_faiss_index", "shard_layout", "streamed_exact_search", "suggest_faiss_factory", "tokenizer_fingerprint",
 ]

@@ -64,7 +64,8 @@ def test_a_second_build_is_refused_while_the_first_holds_the_lock(tmp_path, mode
     output = tmp_path / "built"
     first = holder(output)
     for options in ({}, {"overwrite": True}, {"resume": True}):
-        with pytest.raises(IndexLockedError, match=rf"being written by another process \(pid {first.pid} .*build-index"):
+        with pytest.raises(IndexLockedError,
+                           match=rf"being written by another process \(pid {first.pid} .*build-index"):
             NPMIndex.build(model, tokenizer, corpus, output, IndexBuildArguments(**QUIET, **options))
     assert sorted(os.listdir(tmp_path)) == [".built.lock", "ready-0"]  # nothing of the refused builds
     first.kill()
