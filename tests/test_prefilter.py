@@ -276,3 +276,77 @@ def test_bad_passage_settings(npm_dir, mask, make_pipeline):
     for bad in (-1.0, float("nan"), "2"):
         with pytest.raises(ValueError, match="prefilter_weight must be a finite number >= 0"):
             fill(f"The Chihuahuan Desert covers parts of {mask}.", prefilter="bm25", prefilter_weight=bad)
+
+
+# ---------------------------------------------------------------------------------- BM25 saved with the index
+@pytest.fixture
+def two_builds(tmp_path, model_and_tokenizer, corpus):
+    """The same index with its BM25 pre-filters saved (blocks and 8-token windows) and without any."""
+    from npm_hf import IndexBuildArguments
+
+    model, tokenizer = model_and_tokenizer
+    build = {"block_size": 16, "show_progress_bar": False}
+    saved = NPMIndex.build(model, tokenizer, corpus, tmp_path / "saved",
+                           IndexBuildArguments(bm25_passages="blocks,8", **build))
+    plain = NPMIndex.build(model, tokenizer, corpus, tmp_path / "plain",
+                           IndexBuildArguments(bm25_passages="none", **build))
+    return saved, plain
+
+
+def _bm25_pipeline(model_and_tokenizer, index):
+    from npm_hf import NonparametricFillMaskPipeline
+
+    model, tokenizer = model_and_tokenizer
+    return NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index, decoding={"prefilter": "bm25"})
+
+
+def test_bm25_saved_with_the_index_loads_without_reading_the_passages(two_builds, model_and_tokenizer, mask,
+                                                                       monkeypatch):
+    import npm_hf.inference.prefilter as prefilter
+
+    saved, plain = two_builds
+    assert saved.manifest.bm25_passages == [None, 8] and plain.manifest.bm25_passages == []
+    files = set(saved.manifest.files)
+    assert {"bm25-blocks.data.npy", "bm25-blocks.vocab.json", "bm25-8tok.indptr.npy"} <= files  # checksummed
+    queries = [f"Hagios Demetrios is located in {mask}.", f"The Ohio River borders {mask}.", f"{mask} grew up."]
+    expected = {passages: [_bm25_pipeline(model_and_tokenizer, plain)(q, prefilter_passage_tokens=passages, top_k=5)
+                           for q in queries] for passages in (None, 8, 4)}
+
+    def no_passage_texts(*args):
+        raise AssertionError("the saved BM25 index should have been loaded")
+
+    monkeypatch.setattr(prefilter, "passage_texts", no_passage_texts)
+    fill = _bm25_pipeline(model_and_tokenizer, NPMIndex.load(saved.path, verify="full"))
+    for passages in (None, 8):
+        assert [fill(q, prefilter_passage_tokens=passages, top_k=5) for q in queries] == expected[passages]
+    with pytest.raises(AssertionError, match="should have been loaded"):  # 4-token windows were not saved
+        fill(queries[0], prefilter_passage_tokens=4)
+    monkeypatch.undo()
+    assert [fill(q, prefilter_passage_tokens=4, top_k=5) for q in queries] == expected[4]  # built in memory
+
+
+def test_edits_keep_the_saved_bm25_in_step(two_builds, model_and_tokenizer, mask):
+    saved, plain = two_builds
+    new = [{"id": "zorb", "title": "Borvin", "text": "Borvin lives in Saltoria. Saltoria is cold."}]
+    fill = _bm25_pipeline(model_and_tokenizer, saved)
+    before = {name: saved.manifest.files[name]["sha256"] for name in saved.manifest.files if name.startswith("bm25")}
+    for index in (saved, plain):
+        index.add_documents(*model_and_tokenizer, new)
+        index.delete_documents(["texas"])
+    after = NPMIndex.load(saved.path, verify="full")  # the rewritten BM25 files are checksummed
+    assert all(after.manifest.files[name]["sha256"] != digest for name, digest in before.items())
+    reference = _bm25_pipeline(model_and_tokenizer, plain)
+    for query in (f"Borvin lives in {mask}.", f"Texas borders {mask}.", f"{mask} is cold."):
+        for passages in (None, 8):
+            got = fill(query, prefilter_passage_tokens=passages, top_k=5)  # the same pipeline sees the edits
+            assert got == reference(query, prefilter_passage_tokens=passages, top_k=5)
+            assert "texas" not in {a["evidence"]["doc_id"] for a in got if a["evidence"]}
+    assert any(a["evidence"] and a["evidence"]["doc_id"] == "zorb" for a in fill(f"Borvin lives in {mask}."))
+
+
+def test_bad_bm25_passage_lists_are_refused():
+    from npm_hf import IndexBuildArguments
+
+    for bad in ("blocks,1", "sentences", "8,x", ""):
+        with pytest.raises(ValueError, match="bm25_passages=.*'blocks' or a window size >= 2"):
+            IndexBuildArguments(bm25_passages=bad)

@@ -62,6 +62,13 @@ class IndexBuildArguments:
                           "`npm_hf.inference.stopwords.reference_stopword_ids`): they are in neither softmax. The "
                           "paper protocol's open-set evaluation needs such an index."},
     )
+    bm25_passages: str = field(
+        default="auto",
+        metadata={"help": "BM25 pre-filters to save with the index, so that prefilter='bm25' loads them "
+                          "memory-mapped instead of indexing every passage text at start-up: 'auto' (over blocks, and "
+                          "over the windows of the model's prefilter_passage_tokens if it sets them), 'none', or a "
+                          "comma-separated list of 'blocks' and window sizes, e.g. 'blocks,64'."},
+    )
     index_all_tokens: bool = field(
         default=False,
         metadata={"help": "Index mid-word pieces too (npm_hf before 0.2). By default only word starts and word ends "
@@ -81,6 +88,7 @@ class IndexBuildArguments:
                 "IndexBuildArguments: resume=True continues an interrupted build and overwrite=True deletes it; pass "
                 "one of them (CLI: --resume or --overwrite), not both."
             )
+        parse_bm25_passages(self.bm25_passages)  # a malformed list fails here
         if not self.faiss_factory.strip():
             raise ValueError("IndexBuildArguments.faiss_factory must be a FAISS factory string such as 'Flat'.")
         if self.max_memory is not None:
@@ -88,3 +96,24 @@ class IndexBuildArguments:
         if parse_shard_size(self.max_shard_size) > HUB_MAX_FILE_BYTES:
             logger.warning(f"max_shard_size={self.max_shard_size!r} allows vector files above the Hub's 50 GB "
                            "per-file limit; such an index cannot be pushed to the Hub.")
+
+
+def parse_bm25_passages(value: str, model_passage_tokens: int | None = None) -> list:
+    """`bm25_passages` as a list of passage settings (None: blocks; N: N-token windows), without repeats."""
+    text = str(value).strip().lower()
+    if text == "none":
+        return []
+    if text == "auto":
+        return [None] if model_passage_tokens is None else [None, model_passage_tokens]
+    passages = []
+    for item in (part.strip() for part in text.split(",")):
+        if item == "blocks":
+            passage = None
+        elif item.isdigit() and int(item) >= 2:
+            passage = int(item)
+        else:
+            raise ValueError(f"IndexBuildArguments.bm25_passages={value!r}: each item must be 'blocks' or a window "
+                             "size >= 2 (e.g. 'blocks,64'); or use 'auto' or 'none'.")
+        if passage not in passages:
+            passages.append(passage)
+    return passages

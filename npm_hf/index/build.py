@@ -42,6 +42,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..inference.decoding import NPMDecodingConfig
 from ..inference.directory_swap import PARTIAL_SUFFIX, DirectoryLock, recover
 from ..inference.faiss_io import FAISS_ADD_CHUNK, add_vectors, core_index, extract_ivf, is_flat
 from ..inference.index_files import (FAISS_FILE, IVFDATA_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES,
@@ -49,11 +50,12 @@ from ..inference.index_files import (FAISS_FILE, IVFDATA_FILE, MANIFEST_FILE, PO
                                      tokenizer_fingerprint)
 from ..inference.vector_shards import (create_vector_shards, layout_format_version, open_vector_shards,
                                        parse_shard_size, shard_layout)
-from .arguments import AUTO_FACTORY, IndexBuildArguments
+from .arguments import AUTO_FACTORY, IndexBuildArguments, parse_bm25_passages
 from .encoding import encode_into, index_rule, unit_blocks
 from .faiss_build import (check_training_size, merge_on_disk, new_faiss_index, suggest_faiss_factory,
                           write_index_atomically)
 from .memory import BuildMemoryPlan
+from .passages import save_bm25_passages
 from .writing import library_versions, publish, write_corpus, write_positions
 
 
@@ -63,9 +65,10 @@ _STATE_FILE = "build.json"
 _TOKENIZED_FILE = "tokenized.json"
 _VECTORS_DONE = "vectors.done"
 _FAISS_DONE = "faiss.done"
+_PASSAGES_DONE = "passages.done"
 # Arguments that shape the result (or the units already encoded): a resume must use the same ones.
 _PLAN_ARGUMENTS = ("block_size", "batch_size", "blocks_per_unit", "faiss_factory", "max_memory", "train_sample_size",
-                   "max_shard_size", "seed", "remove_stopwords", "index_all_tokens")
+                   "max_shard_size", "seed", "remove_stopwords", "index_all_tokens", "bm25_passages")
 
 
 def partial_dir(output_dir) -> Path:
@@ -208,6 +211,9 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
         args = dataclasses.replace(args, train_sample_size=tokenized["train_sample_size"])  # as fitted to the budget
         fingerprints = json.loads((state_dir / _STATE_FILE).read_text())  # computed once, by _prepare
         layout = shard_layout(tokenized["num_indexed_tokens"], hidden_size, parse_shard_size(args.max_shard_size))
+        if not (state_dir / _PASSAGES_DONE).exists():
+            processes.run(lambda: _index_passages(index_dir, state_dir, tokenized.get("bm25_passages", []), args),
+                          main_only=True)
         if not (state_dir / _VECTORS_DONE).exists():
             processes.run(lambda: _encode_units(processes, index_dir, state_dir, model, args))
             processes.run(lambda: _assemble_vectors(index_dir, state_dir, layout, hidden_size), main_only=True)
@@ -234,6 +240,7 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
             boundary_tokens_only=not args.index_all_tokens,
             stopwords_removed=args.remove_stopwords,
             paragraph_blocks=True,
+            bm25_passages=tokenized.get("bm25_passages", []),
         )
         processes.run(lambda: _finish(partial, index_dir, output_dir, manifest), main_only=True)
     except BaseException:
@@ -293,7 +300,17 @@ def _tokenize(index_dir: Path, state_dir: Path, model, corpus, tokenizer, args: 
     _write_json(state_dir / _TOKENIZED_FILE, {
         "num_documents": stats.num_documents, "num_skipped_empty_documents": stats.num_skipped_empty,
         "num_tokens": stats.num_tokens, "num_indexed_tokens": num_vectors, "faiss_factory": factory,
-        "train_sample_size": args.train_sample_size})
+        "train_sample_size": args.train_sample_size,
+        "bm25_passages": parse_bm25_passages(args.bm25_passages,
+                                             NPMDecodingConfig.for_model(model).prefilter_passage_tokens)})
+
+
+def _index_passages(index_dir: Path, state_dir: Path, passages: list, args: IndexBuildArguments) -> None:
+    """The BM25 pre-filters saved with the index (`IndexBuildArguments.bm25_passages`)."""
+    if passages:
+        logger.info(f"Indexing the passages for the BM25 pre-filter ({len(passages)} setting(s)).")
+    save_bm25_passages(index_dir, args.block_size, passages)
+    (state_dir / _PASSAGES_DONE).touch()
 
 
 # ----------------------------------------------------------------------------------------------- encoding

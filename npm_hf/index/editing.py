@@ -36,6 +36,7 @@ from ..inference.vector_shards import (DEFAULT_MAX_SHARD_SIZE, create_vector_sha
 from .arguments import IndexBuildArguments
 from .encoding import encode_into, index_rule, indexed_token_mask, pad_token_id
 from .faiss_build import load_lists_into_memory, write_on_disk
+from .passages import bm25_file_names, save_bm25_passages
 from .writing import library_versions, publish
 
 
@@ -254,9 +255,13 @@ def _edit(index, write) -> None:
             # vector shards of the old layout that the new one does not name are gone, not unchanged
             dropped = ({s["file"] for s in vector_layout(index.manifest)}
                        - {s["file"] for s in vector_layout(manifest)})
-            for name in set(index.manifest.files) - changed - dropped - {MANIFEST_FILE}:
+            if manifest.num_indexed_tokens == 0:  # nothing left to pre-filter
+                manifest = dataclasses.replace(manifest, bm25_passages=[])
+            rewritten = changed | bm25_file_names(index.manifest.bm25_passages)  # BM25: indexed again below
+            for name in set(index.manifest.files) - rewritten - dropped - {MANIFEST_FILE}:
                 _link_or_copy(path / name, staging / name)
-            unchanged = {name: entry for name, entry in index.manifest.files.items() if name not in changed}
+            save_bm25_passages(staging, manifest.block_size, manifest.bm25_passages)
+            unchanged = {name: entry for name, entry in index.manifest.files.items() if name not in rewritten}
             publish(staging, path, manifest, known_files=unchanged)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

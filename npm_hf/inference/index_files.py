@@ -94,6 +94,8 @@ class IndexManifest:
     boundary_tokens_only: bool = False
     stopwords_removed: bool = False
     paragraph_blocks: bool = False
+    # BM25 pre-filters saved with the index (files `prefilter.bm25_files`): None = over blocks, N = N-token windows
+    bm25_passages: list = field(default_factory=list)
 
     def to_json(self) -> str:
         """The manifest as written: every field, sealed with `checksum` (a hand-edited manifest no longer loads)."""
@@ -115,7 +117,7 @@ CHECKSUM_KEY = "checksum"
 _FIELD_TYPES = {"format_version": int, "hidden_size": int, "block_size": int, "num_documents": int,
                 "num_skipped_empty_documents": int, "num_tokens": int, "num_indexed_tokens": int, "num_blocks": int,
                 "num_deleted_documents": int, "encoder_fingerprint": str, "tokenizer_fingerprint": str,
-                "faiss_factory": str, "files": dict, "vector_shards": list, "versions": dict}
+                "faiss_factory": str, "files": dict, "vector_shards": list, "versions": dict, "bm25_passages": list}
 
 
 def manifest_checksum(data: dict) -> str:

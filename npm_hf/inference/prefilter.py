@@ -10,6 +10,9 @@ block: spans never cross a block, and small windows point at the sentences that 
 block full of distractors.
 """
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -36,21 +39,58 @@ def passage_ranges(index, passage_tokens: int | None = None) -> np.ndarray:
     return np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
 
 
+@dataclass
+class CorpusText:
+    """What passages are cut from: the token arrays, the documents and the block size of an index (an
+    `NPMIndexReader` has the same attributes), e.g. of an index directory being written."""
+
+    token_flags: np.ndarray
+    token_docs: np.ndarray
+    token_offsets: np.ndarray
+    documents: object
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_flags)
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        return block * self.block_size, min((block + 1) * self.block_size, self.num_tokens)
+
+
+def bm25_files(passage_tokens: int | None) -> dict[str, str]:
+    """The index files of the BM25 pre-filter over blocks (None) or windows of `passage_tokens` tokens, as the
+    keyword arguments of `bm25s.BM25.save` / `load` that name them."""
+    key = "blocks" if passage_tokens is None else f"{passage_tokens}tok"
+    parts = {"data_name": "data.npy", "indices_name": "indices.npy", "indptr_name": "indptr.npy",
+             "vocab_name": "vocab.json", "params_name": "params.json", "nnoc_name": "nonoccurrence.npy"}
+    return {argument: f"bm25-{key}.{part}" for argument, part in parts.items()}
+
+
 class BM25PassageRetriever:
-    """BM25 over the passages of an [`NPMIndex`]; built in memory from the index's documents on first use."""
+    """BM25 over the passages of an [`NPMIndex`]: memory-mapped from the index's own files where the build saved
+    it for these passages (`IndexManifest.bm25_passages`), else built in memory from the passage texts."""
 
     def __init__(self, index, passage_tokens: int | None = None, k1: float = 1.5, b: float = 0.75):
-        try:
-            import bm25s
-        except ImportError:
-            raise ImportError("The BM25 pre-filter needs the bm25s package: pip install bm25s") from None
-
+        bm25s = _import_bm25s()
         self.index = index
+        self.passage_tokens = passage_tokens
         self.ranges = passage_ranges(index, passage_tokens)
         self._bm25s = bm25s
-        self._retriever = bm25s.BM25(k1=k1, b=b)
-        tokens = bm25s.tokenize(passage_texts(index, self.ranges), stopwords="en", show_progress=False)
-        self._retriever.index(tokens, show_progress=False)
+        saved = getattr(getattr(index, "manifest", None), "bm25_passages", None) or []
+        names = bm25_files(passage_tokens)
+        if passage_tokens in saved and (k1, b) == (1.5, 0.75):
+            self._retriever = bm25s.BM25.load(index.path, mmap=True, show_progress=False, **names)
+        else:
+            self._retriever = bm25s.BM25(k1=k1, b=b)
+            tokens = bm25s.tokenize(passage_texts(index, self.ranges), stopwords="en", show_progress=False)
+            self._retriever.index(tokens, show_progress=False)
+
+    def save(self, directory) -> list[str]:
+        """Write this BM25 index into an index directory (the files `bm25_files` names); returns their names."""
+        names = bm25_files(self.passage_tokens)
+        self._retriever.save(str(directory), show_progress=False, **names)
+        return sorted(name for name in names.values() if (Path(directory) / name).exists())
 
     def top_passages(self, queries: list[str], n: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
         """The `n` best passage ids per query, best first, with their scores (passages sharing no word with the
@@ -166,9 +206,11 @@ class Prefilters:
         if self.index.num_indexed == 0:  # nothing to pre-filter (every document deleted): no candidate
             return Candidates.among(np.zeros(0, dtype=np.int64))
         key = (method, decoding.prefilter_passage_tokens)
-        if key not in self._retrievers:
-            self._retrievers[key] = make_passage_retriever(method, self.index, decoding.prefilter_passage_tokens)
-        retriever = self._retrievers[key]
+        cached = self._retrievers.get(key)
+        if cached is None or cached[1] is not self.index.manifest:  # first use, or the index was edited since
+            self._retrievers[key] = (make_passage_retriever(method, self.index, decoding.prefilter_passage_tokens),
+                                     self.index.manifest)
+        retriever = self._retrievers[key][0]
         query = [bm25_query(text, mask_token)] if method == "bm25" else query_embedding
         ((passages, scores),) = retriever.top_passages(query, decoding.prefilter_blocks)
         return Candidates.among(*passage_positions(self.index, retriever.ranges, passages, scores,
@@ -178,6 +220,14 @@ class Prefilters:
 def bm25_query(text: str, mask_token: str) -> str:
     """The BM25 query for a cloze input, as in the official code: the mask becomes "_____"."""
     return text.replace(mask_token, " _____ ")
+
+
+def _import_bm25s():
+    try:
+        import bm25s
+    except ImportError:
+        raise ImportError("The BM25 pre-filter needs the bm25s package: pip install bm25s") from None
+    return bm25s
 
 
 def _check_count(n: int) -> None:

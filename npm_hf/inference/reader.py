@@ -278,16 +278,18 @@ class NPMIndexReader:
 
     def holds_token_ids(self, ids) -> bool:
         """Whether every token id of `ids` occurs in the index's text (special and deleted tokens aside)."""
-        if getattr(self, "_held_ids", None) is None:  # computed once, in chunks (bounded memory)
+        cached = getattr(self, "_held_ids", None)
+        if cached is None or cached[0] is not self.manifest:  # once per version of the index, in bounded chunks
             held = np.zeros(0, dtype=bool)
             for lo in range(0, self.num_tokens, _CHUNK_TOKENS):
                 chunk = np.asarray(self.token_ids[lo : lo + _CHUNK_TOKENS], dtype=np.int64)
                 text = (np.asarray(self.token_flags[lo : lo + _CHUNK_TOKENS]) & SPECIAL) == 0
                 seen = np.bincount(chunk[text], minlength=len(held)) > 0
                 held = np.pad(held, (0, len(seen) - len(held))) | seen
-            self._held_ids = held
+            self._held_ids = (self.manifest, held)
+        held = self._held_ids[1]
         ids = np.asarray(ids, dtype=np.int64)
-        return len(ids) > 0 and bool(np.all(ids < len(self._held_ids))) and bool(self._held_ids[ids].all())
+        return len(ids) > 0 and bool(np.all(ids < len(held))) and bool(held[ids].all())
 
     def vectors_for_rows(self, rows: np.ndarray) -> np.ndarray:
         """The stored vectors of `rows`, as float32; a non-finite one (a corrupted file) raises NPMIndexError."""
