@@ -325,7 +325,8 @@ def test_a_lora_trained_npm_merges_saves_indexes_and_answers(model_dir, blocks, 
     saved = _parameters(tmp_path / "merged")
     assert sorted(saved) == sorted(base)  # no adapter weights left
     changed = {key for key in base if not torch.equal(saved[key], base[key])}
-    assert changed == {f"encoder.encoder.layer.{i}.attention.self.{m}.weight" for i in (0, 1) for m in ("query", "value")}
+    targeted = {f"encoder.encoder.layer.{i}.attention.self.{m}.weight" for i in (0, 1) for m in ("query", "value")}
+    assert changed == targeted
     reloaded = AutoModel.from_pretrained(tmp_path / "merged")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**probe).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
