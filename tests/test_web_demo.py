@@ -73,6 +73,12 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path, capsys):
     assert error.count("\n") == 1
 
 
+def test_without_gradio_the_demo_says_which_extra_to_install(npm_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed: `import gradio` raises ImportError
+    with pytest.raises(ImportError, match=r'The web demo needs Gradio: pip install "npm-hf\[gradio\]"'):
+        build_demo(WebDemo(load_fill_mask(str(npm_dir))))
+
+
 def test_bad_queries_get_a_message_not_an_error(npm_dir, mask):
     demo = WebDemo(load_fill_mask(str(npm_dir)))
     assert "has no mask: put " + html.escape(mask) in demo.answer("no mask here")
