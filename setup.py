@@ -38,10 +38,11 @@ setup(
         "bm25s>=0.2",  # the BM25 passage pre-filter (pure Python + NumPy)
     ],
     extras_require={
-        "train": [],
+        "train": ["peft>=0.13"],  # LoRA and other adapters on the encoder (docs/training.md)
         "demo": ["gensim>=4.3"],  # ships the Wikipedia sample the demo indexes by default
         "qdrant": ["qdrant-client>=1.20"],  # npm_hf.vector_store: candidate search in a Qdrant collection
-        "dev": ["pytest>=8", "gensim>=4.3", "qdrant-client>=1.20"],
+        "gradio": ["gradio>=6"],  # npm-hf gradio / spaces/npm-demo/app.py (npm_hf.web_demo; launch(css=) is Gradio 6)
+        "dev": ["pytest>=8", "gensim>=4.3", "qdrant-client>=1.20", "peft>=0.13", "gradio>=6", "websocket-client>=1.6"],
     },
     entry_points={"console_scripts": ["npm-hf=npm_hf.cli:main"]},
 )

@@ -12,6 +12,7 @@
     npm-hf train --model ENCODER --corpus FILE --output DIR [any TrainingArguments flag, e.g. --max_steps 200]
     npm-hf push --model DIR --repo-id ORG/NAME [--private] [--revision R] [--create-pr] [--index-repo-id ORG/IDX]
     npm-hf demo [--corpus PATH] [--output DIR]
+    npm-hf gradio --model DIR [--index DIR] [--host 127.0.0.1] [--port 7860] [--top-k 5]
     npm-hf evaluate --model DIR --task sst2 [--data PATH] [--corpus PATH | --index DIR | --evidence-corpus]
                     [--max-examples 3000] [--seed 0] [--output results.json] [--update-card] [--paper-protocol]
 
@@ -34,6 +35,7 @@ from .demo import DemoArguments, run_demo
 from .evaluation import EvaluationArguments, evaluate, record_results_in_card, results_to_markdown, save_results
 from .index import IndexBuildArguments, IndexLockedError, NPMIndex
 from .trainer import NPMTrainingArguments, end_distributed_run
+from .web_demo import WebDemoArguments, launch_demo
 
 
 def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -155,6 +157,10 @@ def _demo(args) -> None:
             print(f"  {rank}. {answer['phrase']!r} ({answer['score']:.3f}) from {evidence['title']!r}: …{snippet}…")
 
 
+def _gradio(args) -> None:
+    launch_demo(_dataclass_from(WebDemoArguments, args))
+
+
 def _evaluate(args) -> None:
     results = evaluate(args.model, _dataclass_from(EvaluationArguments, args), index=args.index, corpus=args.corpus)
     if args.output:
@@ -258,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "cloze queries and answer a few.")
     _add_dataclass_arguments(demo, DemoArguments)
     demo.set_defaults(handler=_demo)
+
+    web = commands.add_parser("gradio", help="Serve a web demo (Gradio): answers with their highlighted evidence.")
+    _add_dataclass_arguments(web, WebDemoArguments)
+    web.set_defaults(handler=_gradio)
 
     evaluate = commands.add_parser("evaluate", help="Zero-shot accuracy / exact match on the paper's tasks.")
     evaluate.add_argument("--model", required=True, help="NPM directory or Hub id, or any masked LM (baseline).")

@@ -3,8 +3,9 @@
 import json
 import os
 import random
-import time
+import socket
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import BertWordPieceTokenizer
-from transformers import AutoModel, BertConfig, BertModel, BertTokenizer, TrainingArguments
+from transformers import AutoModel, BertConfig, BertModel, BertTokenizer, TrainingArguments, pipeline
 
 import npm_hf
 from npm_hf import NPMModel, NPMSpanCollator, NPMTrainer, NPMTrainingArguments, prepare_training_blocks
@@ -300,6 +301,72 @@ def test_trainer_trains_logs_and_saves_a_usable_npm(model_dir, blocks, tokenizer
     assert index.manifest.num_documents == 3
 
 
+def test_a_lora_trained_npm_merges_saves_indexes_and_answers(model_dir, blocks, tokenizer, tmp_path):
+    """peft LoRA on the encoder's attention, trained by NPMTrainer; merged back, it is a plain NPM again."""
+    from peft import LoraConfig, get_peft_model
+
+    base = _parameters(model_dir)
+    lora = get_peft_model(NPMModel.from_pretrained(model_dir),
+                          LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"]))
+    trainable = {name for name, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    args = quiet_args(tmp_path, max_steps=3, logging_steps=1, learning_rate=1e-2)
+    trainer = NPMTrainer(model=lora, args=args, train_dataset=blocks, processing_class=tokenizer)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    probe = tokenizer(fact_documents(2, seed=11), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = lora.eval()(**probe).last_hidden_state
+    merged = lora.merge_and_unload()
+    assert type(merged) is NPMModel
+    merged.save_pretrained(tmp_path / "merged")
+    tokenizer.save_pretrained(tmp_path / "merged")
+    saved = _parameters(tmp_path / "merged")
+    assert sorted(saved) == sorted(base)  # no adapter weights left
+    changed = {key for key in base if not torch.equal(saved[key], base[key])}
+    targeted = {f"encoder.encoder.layer.{i}.attention.self.{m}.weight" for i in (0, 1) for m in ("query", "value")}
+    assert changed == targeted
+    reloaded = AutoModel.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**probe).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+    npm_hf.build_index(tmp_path / "merged", fact_documents(8, seed=9),
+                       args=npm_hf.IndexBuildArguments(block_size=32, show_progress_bar=False))
+    answers = pipeline("fill-mask", model=str(tmp_path / "merged"))(f"alice was born in {tokenizer.mask_token} .",
+                                                                   top_k=3)
+    assert len(answers) == 3 and answers[0]["score"] >= answers[1]["score"] >= answers[2]["score"] > 0
+    for answer in answers:  # each answer is a phrase of the indexed corpus, cited where it occurs
+        evidence = answer["evidence"]
+        assert evidence["text"][evidence["start"] : evidence["end"]].lower() == answer["phrase"].lower()
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_losses_and_weights(model_dir, blocks, tokenizer, tmp_path, adapter):
+    """`activation_checkpointing=True` (transformers 5's name for `gradient_checkpointing`) recomputes the encoder
+    layers in the backward pass (counted here) and changes nothing else: the same losses, step after step, and the
+    same trained weights (no dropout in this model)."""
+    from peft import LoraConfig, get_peft_model
+
+    runs = {}
+    for checkpointing in (False, True):
+        model = NPMModel.from_pretrained(model_dir)
+        calls = []
+        model.encoder.encoder.layer[0].attention.self.query.register_forward_hook(lambda *_: calls.append(1))
+        if adapter == "lora":
+            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                     target_modules=["query", "value"]))
+        args = quiet_args(tmp_path / str(checkpointing), max_steps=2, logging_steps=1, learning_rate=1e-2,
+                          activation_checkpointing=checkpointing)
+        trainer = NPMTrainer(model=model, args=args, train_dataset=blocks, processing_class=tokenizer)
+        trainer.train()
+        weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+        runs[checkpointing] = ([e["loss"] for e in trainer.state.log_history if "loss" in e], len(calls), weights)
+    (plain, plain_calls, plain_weights), (checked, checked_calls, checked_weights) = runs[False], runs[True]
+    assert plain_calls == 2 * 2 and checked_calls == 2 * 4  # 2 passes a step (masked, keys), each one recomputed
+    np.testing.assert_allclose(checked, plain, rtol=1e-6)
+    torch.testing.assert_close(checked_weights, plain_weights, atol=1e-6, rtol=1e-6)
+
+
 def test_time_budget_stops_training_and_carries_over_a_resume(model_dir, blocks, tmp_path, monkeypatch):
     from npm_hf.trainer import TimeBudgetCallback
 
@@ -388,18 +455,39 @@ def _parameters(folder) -> dict:
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
-def _one_step(model_dir, dataset_dir, output_dir, groups_per_process, processes=1) -> dict:
+LAUNCHERS = {  # how a 2-process run is started; both run 2 CPU processes over gloo
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    "accelerate": [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+def _one_step(model_dir, dataset_dir, output_dir, groups_per_process, launcher=None, *extra: str) -> dict:
+    """One SGD step by tests/scripts/train_one_step.py, in one process or under `launcher` (a LAUNCHERS key); the
+    saved weights. Under a launcher, <output_dir>-report.json says how the run was distributed."""
     script = [str(SCRIPTS / "train_one_step.py"), str(model_dir), str(dataset_dir), str(output_dir),
               str(groups_per_process)]
-    if processes == 1:
+    if launcher is None:
         command = [sys.executable, *script]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(29500 + os.getpid() % 1000), *script]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        flag = "--master_port" if launcher == "torchrun" else "--main_process_port"
+        report = Path(output_dir).parent / f"{Path(output_dir).name}-report.json"
+        command = [*LAUNCHERS[launcher], flag, _free_port(), *script, str(report), *extra]
+    _run_launched(command, Path(output_dir).parent)
+    return _parameters(output_dir)
+
+
+def _free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+def _run_launched(command: list[str], scratch: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HOME": str(scratch / "hf-home")}  # no user's accelerate config applies
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)  # ~10 s when healthy
     assert result.returncode == 0, result.stderr[-3000:]
-    return _parameters(output_dir)
 
 
 def test_gradient_accumulation_averages_micro_batches(model_dir, blocks, tmp_path):
@@ -417,17 +505,59 @@ def test_gradient_accumulation_averages_micro_batches(model_dir, blocks, tmp_pat
         torch.testing.assert_close(both[key], (first[key] + second[key]) / 2, atol=1e-5, rtol=1e-5)
 
 
-def test_ddp_step_equals_one_process_over_the_global_batch(model_dir, blocks, tmp_path):
-    """torchrun --nproc_per_node 2 on CPU (gloo): one SGD step matches one process holding both groups."""
-    dataset_dir = tmp_path / "blocks"
-    blocks.filter(lambda row: row["group"] in (0, 1)).save_to_disk(dataset_dir)
-    single = _one_step(model_dir, dataset_dir, tmp_path / "single", groups_per_process=2)
-    ddp = _one_step(model_dir, dataset_dir, tmp_path / "ddp", groups_per_process=1, processes=2)
+@pytest.fixture(scope="module")
+def one_step_reference(model_dir, blocks, tmp_path_factory):
+    """Two groups saved to disk and the weights after one SGD step by one process holding both."""
+    folder = tmp_path_factory.mktemp("one-step")
+    blocks.filter(lambda row: row["group"] in (0, 1)).save_to_disk(folder / "blocks")
+    return folder / "blocks", _one_step(model_dir, folder / "blocks", folder / "single", groups_per_process=2)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_ddp_step_equals_one_process_over_the_global_batch(model_dir, one_step_reference, tmp_path, launcher):
+    """`torchrun --nproc_per_node 2` and `accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): one SGD
+    step matches one process holding both groups."""
+    dataset_dir, single = one_step_reference
+    ddp = _one_step(model_dir, dataset_dir, tmp_path / "ddp", groups_per_process=1, launcher=launcher)
     start = _parameters(model_dir)
     moved = max(float((single[k] - start[k]).abs().max()) for k in single)
     assert moved > 1e-3  # the step did change the weights
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-5)
+    report = json.loads((tmp_path / "ddp-report.json").read_text())
+    assert report == {"world_size": 2, "fsdp": False, "wrapper": "DistributedDataParallel", "sharded_parameters": 0}
+
+
+def test_trainer_asked_for_fsdp_on_cpu_runs_ddp(model_dir, one_step_reference, tmp_path):
+    """What accelerate 1.16 does with `fsdp="full_shard"` on CPU processes (docs/training.md says so): it enables
+    FSDP for accelerator devices only and trains with DDP instead, without a word. The step is still right."""
+    dataset_dir, single = one_step_reference
+    step = _one_step(model_dir, dataset_dir, tmp_path / "fsdp", 1, "torchrun", "2")  # FSDP2 via TrainingArguments
+    for key in single:
+        torch.testing.assert_close(step[key], single[key], atol=1e-5, rtol=1e-5)
+    report = json.loads((tmp_path / "fsdp-report.json").read_text())
+    assert report == {"world_size": 2, "fsdp": False, "wrapper": "DistributedDataParallel", "sharded_parameters": 0}
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_step_on_cpu_equals_one_process(model_dir, one_step_reference, tmp_path):
+    """torch's FSDP2 (`fully_shard`, no Trainer) with 2 CPU processes over gloo: every parameter is a sharded
+    DTensor, and one SGD step of NPM's loss gives the weights of one process holding both groups."""
+    dataset_dir, _ = one_step_reference
+    weights = {}
+    for processes in (1, 2):
+        output, report = tmp_path / f"fsdp{processes}.safetensors", tmp_path / f"fsdp{processes}.json"
+        _run_launched([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                       "--master_port", _free_port(), str(SCRIPTS / "fsdp_one_step.py"), str(model_dir),
+                       str(dataset_dir), str(output), str(report)], tmp_path)
+        facts = json.loads(report.read_text())
+        assert facts["world_size"] == processes and facts["sharded_parameters"] == facts["parameters"] > 0
+        weights[processes] = load_file(str(output))
+    start = _parameters(model_dir)
+    assert sorted(weights[2]) == sorted(start)
+    assert max(float((weights[1][k] - start[k]).abs().max()) for k in start) > 1e-3  # the step moved the weights
+    for key in start:
+        torch.testing.assert_close(weights[2][key], weights[1][key], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
