@@ -22,6 +22,10 @@ Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"
         "P3": the in-RAM bytes per token of the smallest index with >= 95 % agreement.           goal <= 64
     P6  fill-mask queries per second of `fill(texts, batch_size=32)` / one text at a time, same 32 texts, alternating
         rounds; the detail splits both into forward, search and answers (spans, phrases, evidence).  goal >= 5
+    P6l fill-mask queries per second of `fill(texts, batch_size=32)` / the bare floor of the same work: one padded
+        encoder forward of the 32 texts and one `search_many` of their query vectors.            goal >= 0.85
+    PM  NPM fill-mask seconds per query with prefilter="bm25" / the stock FillMaskPipeline of a BertForMaskedLM of
+        the encoder's shape, same queries, alternating; the detail adds NPM over the whole index.  report
     P1q fill-mask pipeline seconds per query with the candidate search in a Qdrant collection (qdrant-client's
         local mode, `npm_hf.vector_store.QdrantSearchIndex`) / with the default FAISS Flat index, same queries and
         index, alternating rounds. Opt-in (--figures P1q); skipped with a note without qdrant-client.      report
@@ -79,7 +83,7 @@ SETTINGS = {
              "p3_queries": 100, "p3_nlist": 1024, "p3_train": 100_000, "m_tokens": (100_000, 120_000),
              "p4_sizes": (100_000, 10_000_000), "p4_queries": 200},
 }
-FIGURES = ("P2", "P1", "B", "P7", "P3", "P6", "P5", "M")
+FIGURES = ("P2", "P1", "B", "P7", "P3", "P6", "P6L", "PM", "P5", "M")
 OPT_IN_FIGURES = ("P1Q", "P4")  # not in the default run (names are upper-cased when parsed)
 # M: the build's budget and index. 1.2 GB is ~0.6 GB of process (interpreter, torch, the model) + ~0.25 GB of
 # encoding activations + room for FAISS; with "full"'s 100k vectors the 1M-vector training sample gets capped.
@@ -475,6 +479,80 @@ def figure_p6(model, tokenizer, index, queries: list[str], rounds: tuple[int, in
          f"{breakdown}")
 
 
+def figure_p6l(model, tokenizer, index, queries: list[str], rounds: tuple[int, int, float], batch: int = 32) -> None:
+    """Queries per second of `fill(texts, batch_size=32)` over the bare floor of the same work: one padded encoder
+    forward of the 32 texts (span mode's duplicated mask) and one `search_many` of their query vectors."""
+    from npm_hf import NonparametricFillMaskPipeline
+
+    fill = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index)
+    k = min(int(fill.decoding.k), index.num_indexed)
+    texts = (queries * (batch // max(len(queries), 1) + 1))[:batch]
+    prepared = baseline_inputs(tokenizer, texts)
+    width = max(ids.shape[1] for ids, _, _ in prepared)
+    input_ids = torch.full((batch, width), tokenizer.pad_token_id or 0)
+    attention = torch.zeros_like(input_ids)
+    for row, (ids, _, _) in enumerate(prepared):
+        input_ids[row, : ids.shape[1]], attention[row, : ids.shape[1]] = ids[0], 1
+
+    def bare() -> None:
+        with torch.inference_mode():
+            hidden = model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        vectors = np.concatenate([hidden[row, positions].float().numpy() for row, (_, _, positions)
+                                  in enumerate(prepared)])
+        index.search_many(vectors, k)
+
+    fill(texts[:2], top_k=5, batch_size=2)  # warm-up
+    bare()
+    times = {"pipeline": [], "bare": []}
+    for r in round_numbers(rounds):
+        for path in (("pipeline", "bare") if r % 2 == 0 else ("bare", "pipeline")):
+            gc.collect()
+            started = time.perf_counter()
+            fill(texts, top_k=5, batch_size=batch) if path == "pipeline" else bare()
+            times[path].append(time.perf_counter() - started)
+    best = {path: min(values) for path, values in times.items()}
+    emit("P6l", best["bare"] / best["pipeline"], ">= 0.85",
+         f"{batch} cloze queries, index {index.manifest.num_tokens} tokens, k={k}; best of "
+         f"{len(times['pipeline'])} alternating rounds: fill(texts, batch_size={batch}) {batch / best['pipeline']:.1f} "
+         f"queries/s, one padded forward ({width} tokens) + search_many {batch / best['bare']:.1f} queries/s")
+
+
+def figure_pm(model, tokenizer, index, queries: list[str], rounds: tuple[int, int, float]) -> None:
+    """NPM fill-mask seconds per query (with the BM25 pre-filter, and over the whole index) / the stock
+    parametric fill-mask pipeline of a BertForMaskedLM of the same encoder shape, same queries, alternating."""
+    from transformers import BertConfig, BertForMaskedLM, FillMaskPipeline
+
+    from npm_hf import NonparametricFillMaskPipeline
+
+    encoder = model.config.encoder
+    config = BertConfig(**{key: getattr(encoder, key) for key in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+        "max_position_embeddings")})
+    stock = FillMaskPipeline(model=BertForMaskedLM(config).eval(), tokenizer=tokenizer)
+    paths = {"bm25": NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index, prefilter="bm25"),
+             "whole index": NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index,
+                                                          prefilter="none"),
+             "stock": stock}
+    for fill in paths.values():  # warm-up
+        fill(queries[0], top_k=5)
+    best = {name: np.full(len(queries), np.inf) for name in paths}
+    names = list(paths)
+    for r in round_numbers(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            gc.collect()
+            for q, query in enumerate(queries):
+                started = time.perf_counter()
+                paths[name](query, top_k=5)
+                best[name][q] = min(best[name][q], time.perf_counter() - started)
+    ms = {name: values.mean() * 1e3 for name, values in best.items()}
+    emit("PM", ms["bm25"] / ms["stock"], "report",
+         f"ms per query (per-query best of the rounds, {len(queries)} cloze queries): NPM with prefilter='bm25' "
+         f"{ms['bm25']:.1f}, NPM over the whole index ({index.manifest.num_tokens} tokens, "
+         f"{index.manifest.faiss_factory}) {ms['whole index']:.1f} (ratio {ms['whole index'] / ms['stock']:.2f}), "
+         f"stock FillMaskPipeline of a BertForMaskedLM of the same shape ({config.num_hidden_layers} layers, "
+         f"{config.hidden_size} wide, vocabulary {config.vocab_size}) {ms['stock']:.1f}")
+
+
 def p6_stages(fill, texts: list[str], repeats: int = 3) -> dict[str, dict[str, float]]:
     """Milliseconds per query of the pipeline's stages (encoder forward, search, answers: spans, phrases, decoding,
     evidence), for the whole batch at once and for batches of one text, best of `repeats`."""
@@ -854,7 +932,7 @@ def main(argv=None) -> None:
             figure_p2(model, tokenizer, take_documents(documents, counts, settings["p2_tokens"]), workdir,
                       settings["p2_rounds"])
 
-        if figures & {"P1", "B", "P3", "P6", "P1Q", "P7"}:
+        if figures & {"P1", "B", "P3", "P6", "P1Q", "P7", "P6L", "PM"}:
             p1_documents = take_documents(documents, counts, settings["p1_tokens"])
             seconds, index = build_seconds(model, tokenizer, p1_documents, workdir / "p1-index")
             log.info(f"P1 index: {index.manifest.num_tokens} tokens built in {seconds:.1f}s")
@@ -871,6 +949,12 @@ def main(argv=None) -> None:
             if "P6" in figures:
                 figure_p6(model, tokenizer, index, cloze_queries(p1_documents, tokenizer.mask_token, 32),
                           settings["p1_rounds"])
+            if "P6L" in figures:
+                figure_p6l(model, tokenizer, index, cloze_queries(p1_documents, tokenizer.mask_token, 32),
+                           settings["p1_rounds"])
+            if "PM" in figures:
+                figure_pm(model, tokenizer, index, cloze_queries(p1_documents, tokenizer.mask_token,
+                                                                 settings["p1_queries"]), settings["p1_rounds"])
             if "P3" in figures:
                 started_p3 = time.perf_counter()
                 sentences = cloze_queries(p1_documents, None, settings["p3_queries"])
