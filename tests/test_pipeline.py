@@ -21,14 +21,17 @@ def fill(npm_dir):
     return pipeline("fill-mask", model=str(npm_dir))
 
 
-def test_npm_directory_gets_the_npm_pipeline(fill, mask):
+def test_npm_directory_gets_the_npm_pipeline(fill, mask, corpus):
     assert type(fill) is NonparametricFillMaskPipeline
     answers = fill(f"Hagios Demetrios is located in {mask}.", top_k=5)
     assert len(answers) == 5 and all(list(answer) == KEYS for answer in answers)
     for answer in answers:
         evidence = answer["evidence"]
-        assert set(evidence) == {"doc_id", "title", "start", "end", "text"}
+        assert set(evidence) == {"doc_id", "title", "start", "end", "text", "block_id", "doc_start", "doc_end"}
         assert evidence["text"][evidence["start"] : evidence["end"]] == answer["phrase"]
+        document = next(doc["text"] for doc in corpus if doc["id"] == evidence["doc_id"])
+        assert document[evidence["doc_start"] : evidence["doc_end"]] == answer["phrase"]
+        assert evidence["doc_end"] - evidence["doc_start"] == evidence["end"] - evidence["start"]
         assert answer["phrase"].lower().replace(" ", "") == answer["token_str"].lower().replace(" ", "")
         assert isinstance(answer["token"], list) and answer["token_str"] in answer["sequence"]
         assert mask not in answer["sequence"]

@@ -262,11 +262,13 @@ class NPMIndexReader:
         return block * self.block_size, min((block + 1) * self.block_size, self.num_tokens)
 
     def evidence(self, start: int, end: int) -> dict:
-        """Where the tokens [start, end] (inclusive corpus positions) come from: their document and the text of the
-        block around them, with `text[start:end]` being the phrase itself."""
+        """Where the tokens [start, end] (inclusive corpus positions) come from: their document, the block they lie
+        in (`block_id`) and the text of that block's part of the document, with `text[start:end]` being the phrase
+        itself and `document_text[doc_start:doc_end]` the same phrase in the whole document."""
         doc_index = int(self.token_docs[start])
         document = self.documents[doc_index]
-        lo, hi = self.block_range(int(start) // self.block_size)
+        block = int(start) // self.block_size
+        lo, hi = self.block_range(block)
         same_doc = (self.token_docs[lo:hi] == doc_index) & ((self.token_flags[lo:hi] & SPECIAL) == 0)
         window = self.token_offsets[lo:hi][same_doc]
         context_start, context_end = int(window[:, 0].min()), int(window[:, 1].max())
@@ -277,6 +279,9 @@ class NPMIndexReader:
             "start": char_start - context_start,
             "end": char_end - context_start,
             "text": document["text"][context_start:context_end],
+            "block_id": block,
+            "doc_start": char_start,
+            "doc_end": char_end,
         }
 
     def surface_text(self, start: int, end: int) -> str:
