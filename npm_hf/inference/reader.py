@@ -6,14 +6,16 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 from huggingface_hub import snapshot_download
 from transformers.utils import logging
 
 from .faiss_io import (FLAT_FILL_MAX_VECTORS, add_vectors, check_positive_int, current_search_parameters, extract_ivf,
                        is_flat, read_faiss_index, search_parameter_names, streamed_exact_search)
-from .index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, FORMAT_VERSION, MANIFEST_FILE,
-                          POSITIONS_FILE, TOKEN_FILES, DocumentStore, IndexManifest, IndexMismatchError, NPMIndexError,
-                          encoder_fingerprint, sha256_file, tokenizer_fingerprint)
+from .index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, ENCODER_SAMPLE_FILE, FAISS_FILE, FORMAT_VERSION,
+                          MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES, DocumentStore, IndexManifest, IndexMismatchError,
+                          NPMIndexError, encoder_fingerprint, encoder_sample_matches, sha256_file,
+                          tokenizer_fingerprint)
 from .tokens import SPECIAL
 from .vector_shards import check_layout, open_vector_shards, vector_layout
 
@@ -160,12 +162,25 @@ class NPMIndexReader:
     def check_compatible(self, model, tokenizer=None) -> None:
         """Raise IndexMismatchError unless this index was built with `model`'s weights (and `tokenizer`)."""
         if encoder_fingerprint(model) != self.manifest.encoder_fingerprint:
-            raise IndexMismatchError(
-                f"The index at {self.path} was built with different encoder weights "
-                f"({self.manifest.encoder_name_or_path!r}) than the model in use ({model.name_or_path!r}). Its "
-                "vectors would not match the queries: rebuild the index with this model (`npm-hf build-index`). "
-                "Loading the same weights in another dtype (fp16) can also cause this."
-            )
+            sample = self.path / ENCODER_SAMPLE_FILE
+            if not sample.is_file():  # an index built before the weight sample existed
+                precision = ("" if model.dtype == torch.float32 else
+                             f" It has no record of its weights that a {model.dtype} model could be checked "
+                             "against: load the model in float32 or bfloat16 (dtype=torch.bfloat16), or rebuild "
+                             "the index with this version of npm_hf.")
+                raise IndexMismatchError(
+                    f"The index at {self.path} was built with different encoder weights "
+                    f"({self.manifest.encoder_name_or_path!r}) than the model in use ({model.name_or_path!r}). Its "
+                    "vectors would not match the queries: rebuild the index with this model (`npm-hf build-index`)."
+                    + precision
+                )
+            if not encoder_sample_matches(model, sample):
+                raise IndexMismatchError(
+                    f"The index at {self.path} was built with different encoder weights "
+                    f"({self.manifest.encoder_name_or_path!r}) than the model in use ({model.name_or_path!r}, "
+                    f"{model.dtype}): not even in another precision are they the same. Its vectors would not match "
+                    "the queries: rebuild the index with this model (`npm-hf build-index`)."
+                )
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.manifest.tokenizer_fingerprint:
             raise IndexMismatchError(
                 f"The index at {self.path} was built with a different tokenizer than the one in use; its token ids "
