@@ -18,6 +18,7 @@ from .inference.decoding import NPMDecodingConfig, as_decoding_config, decoding_
 from .inference.stopwords import stopword_ids
 from .modeling import NPMConfig, NPMModel
 from .remote_code import add_remote_pipeline
+from .saving import index_card_facts
 from .trainer import NPMTrainer, last_complete_checkpoint, save_final_model
 from .version import __version__
 
@@ -167,16 +168,8 @@ def build_index(model, corpus, output_dir=None, args: IndexBuildArguments | None
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch: process 0 writes
     if main_process and model_dir is not None and Path(output_dir).resolve() == (
             model_dir / model.config.index_subfolder).resolve():
-        update_model_card(model_dir, index=_index_card_facts(index))  # the model's own index: describe it
+        update_model_card(model_dir, index=index_card_facts(index))  # the model's own index: describe it
     return index
-
-
-def _index_card_facts(index: NPMIndex) -> dict:
-    m = index.manifest
-    total = sum(entry["bytes"] for entry in m.files.values())
-    return {"num_documents": m.num_documents, "num_tokens": m.num_tokens, "num_indexed_tokens": m.num_indexed_tokens,
-            "block_size": m.block_size, "faiss_factory": m.faiss_factory, "build_seconds": m.build_seconds,
-            "bytes_per_token": round(total / max(m.num_indexed_tokens, 1), 1)}
 
 
 @dataclass
