@@ -13,7 +13,7 @@ from transformers.utils import logging
 from .corpus import prepare_training_blocks
 from .hub_cards import load_card_facts, update_model_card
 from .hub_cards import push_to_hub as upload
-from .index import IndexBuildArguments, NPMIndex
+from .index import IndexBuildArguments, NPMIndex, top1_agreement
 from .inference.decoding import NPMDecodingConfig, as_decoding_config, decoding_field_names
 from .inference.stopwords import stopword_ids
 from .modeling import NPMConfig, NPMModel
@@ -168,7 +168,9 @@ def build_index(model, corpus, output_dir=None, args: IndexBuildArguments | None
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch: process 0 writes
     if main_process and model_dir is not None and Path(output_dir).resolve() == (
             model_dir / model.config.index_subfolder).resolve():
-        update_model_card(model_dir, index=index_card_facts(index))  # the model's own index: describe it
+        decoding = NPMDecodingConfig.for_model(model)  # the agreement of the search the pipeline will run
+        agreement = top1_agreement(index, k=decoding.k, nprobe=decoding.nprobe, ef_search=decoding.ef_search)
+        update_model_card(model_dir, index={**index_card_facts(index), **(agreement or {})})  # describe its own index
     return index
 
 

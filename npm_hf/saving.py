@@ -7,7 +7,6 @@
 `NPMPreTrainedModel.save_hooks`, and `npm_hf.register` puts `complete_npm_directory` there.
 """
 
-import json
 import os
 import shutil
 import uuid
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from .hub_cards import load_card_facts, update_model_card
+from .hub_cards import CARD_EXAMPLE, load_card_facts, mask_token_of, update_model_card
 from .index import IndexMismatchError
 from .inference.decoding import NPMDecodingConfig
 from .remote_code import add_remote_pipeline
@@ -58,7 +57,7 @@ def complete_npm_directory(model, save_directory, index=None, model_id: str | No
     inherited = {key: facts[key] for key in INHERITED_CARD_FACTS if key in facts and key not in existing}
     mask = mask_token_of(save_directory) or (source and mask_token_of(source))
     if mask and "example" not in existing and "example" not in inherited:
-        inherited["example"] = f"Hagios Demetrios is located in {mask}."
+        inherited["example"] = CARD_EXAMPLE.format(mask=mask)
     update_model_card(save_directory, **inherited, model_id=model_id or str(save_directory),
                       mode=model.config.mode, index=index_card_facts(index) if index is not None else None,
                       versions={"npm_hf": __version__})
@@ -87,17 +86,6 @@ def _link_or_copy(source, target) -> None:
         os.link(source, target)
     except OSError:  # another file system, or links not allowed
         shutil.copy2(source, target)
-
-
-def mask_token_of(model_dir) -> str | None:
-    """The mask token named in a directory's tokenizer_config.json (None where there is none)."""
-    path = Path(model_dir) / "tokenizer_config.json"
-    try:
-        token = json.loads(path.read_text(encoding="utf-8")).get("mask_token")
-    except (OSError, ValueError):
-        return None
-    token = token.get("content") if isinstance(token, dict) else token
-    return token if isinstance(token, str) and token else None
 
 
 def index_card_facts(index) -> dict:
