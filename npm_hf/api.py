@@ -243,3 +243,5 @@ def _finish_trained_directory(trainer_dir: Path, output: Path, decoding: NPMDeco
         facts = load_card_facts(trainer_dir)
         update_model_card(output, model_id=output.name, **{key: facts[key] for key in ("base_model", "mode", "training")
                                                            if key in facts})
+    else:
+        update_model_card(output)  # re-rendered: it now shows the decoding settings saved beside it

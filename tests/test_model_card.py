@@ -145,3 +145,23 @@ def test_card_reports_exact_search_or_the_measured_agreement(tmp_path, npm_dir, 
         f"{index.num_indexed} stored vectors as queries, k=1"
     with pytest.raises(ValueError, match="num_queries and k must be >= 1"):
         top1_agreement(index, k=0)
+
+
+@pytest.mark.parametrize("same_folder", [True, False])
+def test_train_keeps_the_training_facts_in_the_saved_card(tmp_path, encoder_dir, corpus, same_folder):
+    """npm_hf.train saves through the save hook into a staging folder: its card must not replace the run's."""
+    from npm_hf.api import TrainDataArguments, train
+
+    (tmp_path / "corpus.txt").write_text("\n".join(doc["text"] for doc in corpus * 4) + "\n", encoding="utf-8")
+    output = tmp_path / "npm"
+    data = TrainDataArguments(model=str(encoder_dir), corpus=str(tmp_path / "corpus.txt"), output=str(output),
+                              block_size=16, group_size=2)
+    args = NPMTrainingArguments(output_dir=str(output if same_folder else tmp_path / "work"), max_steps=2,
+                                per_device_train_batch_size=2, logging_steps=1, use_cpu=True, report_to="none",
+                                save_strategy="no", disable_tqdm=True)
+    train(data, args)
+    facts = json.loads((output / "npm_card.json").read_text())
+    assert facts["training"]["steps"] == 2 and facts["base_model"] == str(encoder_dir)
+    assert facts["model_id"] in (str(output), output.name) and ".tmp" not in json.dumps(facts)
+    text = (output / "README.md").read_text()
+    assert "for 2 steps" in text and "## Decoding" in text
