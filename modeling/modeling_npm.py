@@ -43,7 +43,8 @@ class NPMOutput(ModelOutput):
 
 class NPMPreTrainedModel(PreTrainedModel):
     """Saving: `save_pretrained` (hence `Trainer.save_model` and `push_to_hub`) writes what transformers writes, then
-    runs each of `save_hooks` as `hook(model, save_directory, index=..., model_id=...)`. This file travels alone as
+    runs each of `save_hooks` as `hook(model, save_directory, index=..., model_id=...)` (a hook with a
+    `check(model, index)` method has it run first, before anything is written). This file travels alone as
     remote code and knows nothing of npm_hf; npm_hf registers the hook that completes an NPM directory (the remote
     pipeline code, decoding_config.json, the index when one is attached or given, the card). Without npm_hf there is
     no hook, and saving is transformers' own."""
@@ -63,6 +64,7 @@ class NPMPreTrainedModel(PreTrainedModel):
         save with the model (default: the attached `model.index`, if any)."""
         if not self.save_hooks:
             return super().save_pretrained(save_directory, is_main_process, *args, push_to_hub=push_to_hub, **kwargs)
+        self._check_save_hooks(index)
         hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr") if key in kwargs}
         token = kwargs.get("token")
         timestamps = self._get_files_timestamps(save_directory) if push_to_hub and os.path.isdir(save_directory) else {}
@@ -86,12 +88,18 @@ class NPMPreTrainedModel(PreTrainedModel):
         if kwargs:
             raise TypeError(f"NPMModel.push_to_hub does not take {sorted(kwargs)}; it takes index, max_shard_size, "
                             "commit_message, commit_description, private, token, revision and create_pr.")
+        self._check_save_hooks(index)
         repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp_dir:
             self._save_for_push(tmp_dir, index=index, model_id=repo_id, max_shard_size=max_shard_size)
             return self._upload_modified_files(tmp_dir, repo_id, files_timestamps={}, commit_message=commit_message,
                                                token=token, create_pr=create_pr, revision=revision,
                                                commit_description=commit_description)
+
+    def _check_save_hooks(self, index) -> None:
+        for hook in self.save_hooks:
+            if hasattr(hook, "check"):
+                hook.check(self, index)
 
     def _save_for_push(self, save_directory, index, model_id: str, **kwargs):
         super().save_pretrained(save_directory, **kwargs)

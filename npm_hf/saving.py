@@ -28,13 +28,32 @@ INHERITED_CARD_FACTS = ("base_model", "training", "eval_results", "baselines", "
                         "license", "datasets", "language")
 
 
+class NPMDirectoryHook:
+    """The save hook (`NPMPreTrainedModel.save_hooks`): `check` runs before transformers writes anything, the call
+    completes the NPM directory transformers just saved the model into."""
+
+    def check(self, model, index=None) -> None:
+        """A given `index` (an `NPMIndexReader`) must be of these weights: IndexMismatchError, nothing written."""
+        if index is not None:
+            index.check_compatible(model)
+
+    def __call__(self, model, save_directory, index=None, model_id: str | None = None) -> None:
+        complete_npm_directory(model, save_directory, index=index, model_id=model_id)
+
+    def __eq__(self, other) -> bool:  # one per process, however often npm_hf.register runs
+        return isinstance(other, NPMDirectoryHook)
+
+    __hash__ = object.__hash__
+
+
 def complete_npm_directory(model, save_directory, index=None, model_id: str | None = None) -> None:
-    """The save hook: complete the NPM directory transformers just saved `model` into.
+    """Complete the NPM directory transformers just saved `model` into.
 
     `index` (an `NPMIndexReader`), else the attached `model.index`, is copied into `<save_directory>/<index_subfolder>`
     (hard links where the file system allows: index files are never written in place) when it was built with these
-    weights. A given `index` of other weights raises IndexMismatchError (the weights are saved, no index is); an
-    attached one is left out with a warning (a checkpoint saved in the middle of training, the index stale)."""
+    weights. A given `index` of other weights raises IndexMismatchError (through `save_pretrained`, before anything
+    is written: `NPMDirectoryHook.check`); an attached one is left out with a warning (a checkpoint saved in the
+    middle of training, the index stale)."""
     save_directory = Path(save_directory)
     attached = index is None
     index = getattr(model, "index", None) if attached else index

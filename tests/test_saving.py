@@ -80,7 +80,11 @@ def test_an_index_of_other_weights_is_not_saved(tmp_path, npm_dir, caplog):
     assert_complete(tmp_path / "stale", npm_dir, with_index=False)
     with pytest.raises(IndexMismatchError, match="different encoder weights"):
         model.save_pretrained(tmp_path / "given", index=NPMIndex.load(npm_dir / "index"))
-    assert not (tmp_path / "given" / "index").exists() and not list((tmp_path / "given").glob(".index*"))
+    assert not (tmp_path / "given").exists()  # refused before anything was written
+    api, commits, patches = _fake_hub()
+    with patches[0], patches[1], pytest.raises(IndexMismatchError, match="different encoder weights"):
+        model.push_to_hub("org/npm-tiny", index=NPMIndex.load(npm_dir / "index"))
+    assert not commits and not api.create_repo.called
 
 
 def test_trainer_save_model_writes_a_complete_npm(tmp_path, npm_dir, corpus, mask):
