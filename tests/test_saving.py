@@ -4,6 +4,7 @@ pipeline code and decoding_config.json always, the index when one is attached or
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -13,6 +14,7 @@ from transformers import AutoTokenizer, pipeline
 
 from npm_hf import (IndexMismatchError, NonparametricFillMaskPipeline, NPMIndex, NPMModel, NPMTrainer,
                     NPMTrainingArguments, prepare_training_blocks)
+from npm_hf.hub_cards import load_card_facts, update_model_card
 from npm_hf.remote_code import remote_code_files
 
 
@@ -148,3 +150,19 @@ def test_save_pretrained_with_push_to_hub_uploads_the_hooks_files_too(tmp_path, 
     assert commit["repo_id"] == "org/npm-tiny"
     assert set(commit["files"]) == MODEL_FILES | set(remote_code_files())
     assert 'model="org/npm-tiny"' in commit["files"]["README.md"].decode()
+
+
+def test_a_saved_copy_keeps_the_cards_facts(tmp_path, npm_dir):
+    """Base model, evaluation results and example travel from the directory the model was loaded from; the index
+    facts are the saved index's (none here), never the source's."""
+    shutil.copytree(npm_dir, tmp_path / "source")
+    result = {"task": "cloze", "dataset": "demo", "metric": "exact match@1", "value": 31.5}
+    assert update_model_card(tmp_path / "source", eval_results=[result])
+    source_facts = load_card_facts(tmp_path / "source")
+    assert source_facts["index"]["num_documents"] == NPMIndex.load(npm_dir / "index").manifest.num_documents
+    NPMModel.from_pretrained(tmp_path / "source").save_pretrained(tmp_path / "copy")
+    facts = load_card_facts(tmp_path / "copy")
+    assert facts["eval_results"] == [result] and facts["base_model"] == source_facts["base_model"]
+    assert facts["example"] == source_facts["example"] and "index" not in facts
+    text = (tmp_path / "copy" / "README.md").read_text()
+    assert "| cloze | demo | exact match@1 | 31.5 |" in text and "No index was built yet" in text
