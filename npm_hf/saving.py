@@ -10,6 +10,7 @@
 import os
 import shutil
 import uuid
+import weakref
 from pathlib import Path
 
 from transformers.utils import logging
@@ -23,6 +24,8 @@ from .version import __version__
 
 logger = logging.get_logger(__name__)
 
+# the decoding settings each model's saves carry: its own (NPMDecodingConfig.for_model) as loaded
+_DECODING = weakref.WeakKeyDictionary()
 # card facts a saved copy keeps from the directory its model was loaded from (the index facts are the saved index's)
 INHERITED_CARD_FACTS = ("base_model", "training", "eval_results", "baselines", "decoding", "example",
                         "license", "datasets", "language")
@@ -67,7 +70,9 @@ def complete_npm_directory(model, save_directory, index=None, model_id: str | No
             index = None
     name = str(getattr(model, "name_or_path", "") or "")
     source = Path(name) if name and Path(name).is_dir() else None
-    NPMDecodingConfig.for_model(model).save_pretrained(save_directory)
+    if model not in _DECODING:  # looked up once per model (a Hub id costs a request), not at every checkpoint
+        _DECODING[model] = NPMDecodingConfig.for_model(model)
+    _DECODING[model].save_pretrained(save_directory)
     add_remote_pipeline(save_directory)
     if index is not None:
         copy_index(Path(index.path), save_directory / model.config.index_subfolder)
