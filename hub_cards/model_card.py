@@ -25,6 +25,10 @@ FACTS_FILE = "npm_card.json"
 TEMPLATE = Path(__file__).with_name("model_card_template.md")
 START, END = "<!-- npm-hf:start -->", "<!-- npm-hf:end -->"
 TAGS = ["npm", "nonparametric", "retrieval", "fill-mask"]
+DECODING_FILE = "decoding_config.json"  # npm_hf.inference.decoding.DECODING_CONFIG_FILE
+EXAMPLE = "Hagios Demetrios is located in {mask}."
+# Trainer arguments a time-budgeted run (max_train_minutes) does not go by: its max_steps is a placeholder
+TIME_BUDGET_PLACEHOLDERS = ("max_steps", "num_train_epochs")
 
 
 def update_model_card(model_dir, **facts) -> bool:
@@ -34,13 +38,42 @@ def update_model_card(model_dir, **facts) -> bool:
     text, never in the model-index metadata."""
     try:
         model_dir = Path(model_dir)
-        merged = _merge(load_card_facts(model_dir), facts)
+        stored = load_card_facts(model_dir)
+        if facts.get("index") is not None:  # the facts of one index, measured together: a new index replaces them
+            stored.pop("index", None)
+        merged = _merge(stored, facts)
         _write_atomically(model_dir / FACTS_FILE, json.dumps(merged, indent=2, sort_keys=True))
-        _write_atomically(model_dir / CARD_FILE, render_model_card(merged, model_dir / CARD_FILE))
+        shown = {**directory_facts(model_dir, merged), **merged}
+        _write_atomically(model_dir / CARD_FILE, render_model_card(shown, model_dir / CARD_FILE))
         return True
     except Exception as error:  # a card must never break a save
         logger.warning(f"Could not write the model card in {model_dir}: {error}")
         return False
+
+
+def directory_facts(model_dir, facts: dict | None = None) -> dict:
+    """Facts the card reads from the directory's own files at each rendering (they are the truth, so they are not
+    copied into npm_card.json): the decoding settings (decoding_config.json) and, unless the facts hold an
+    example, one with the tokenizer's own mask token (tokenizer_config.json)."""
+    model_dir, found = Path(model_dir), {}
+    try:
+        found["decoding"] = json.loads((model_dir / DECODING_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    mask = mask_token_of(model_dir)
+    if mask and not (facts or {}).get("example"):
+        found["example"] = EXAMPLE.format(mask=mask)
+    return found
+
+
+def mask_token_of(model_dir) -> str | None:
+    """The mask token named in a directory's tokenizer_config.json (None where there is none)."""
+    try:
+        token = json.loads((Path(model_dir) / "tokenizer_config.json").read_text(encoding="utf-8")).get("mask_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    token = token.get("content") if isinstance(token, dict) else token
+    return token if isinstance(token, str) and token else None
 
 
 def load_card_facts(model_dir) -> dict:
@@ -61,8 +94,9 @@ def render_model_card(facts: dict, existing_readme: Path | None = None) -> str:
         "model_id": facts.get("model_id") or "path/to/this-model",
         "mode": facts.get("mode", "span"),
         "base_model": facts.get("base_model"),
-        "example": facts.get("example", "Hagios Demetrios is located in <mask>."),
+        "example": facts.get("example") or EXAMPLE.format(mask="<mask>"),
         "index": facts.get("index"),
+        "decoding": facts.get("decoding"),
         "training": facts.get("training"),
         "eval_results": facts.get("eval_results"),
         "baselines": facts.get("baselines"),
@@ -142,6 +176,8 @@ class NPMModelCardCallback(TrainerCallback):
                  "mask_ratio", "geometric_p", "max_masked_span_length", "bf16", "fp16", "key_gradients",
                  "freeze_embeddings", "salient_span_ratio", "max_train_minutes", "schedule_by_time")
         current = args.to_dict()
+        if current.get("max_train_minutes"):  # the budget ends the run; its max_steps only has to be large
+            shown = tuple(name for name in shown if name not in TIME_BUDGET_PLACEHOLDERS)
         self.hyperparameters = {name: current[name] for name in shown
                                 if name in current and (name not in defaults or current[name] != defaults[name]
                                                         or name in ("learning_rate", "per_device_train_batch_size"))}
@@ -156,7 +192,9 @@ class NPMModelCardCallback(TrainerCallback):
             return
         loss = {"first": self.losses[0], "last": self.losses[-1], "min": min(self.losses)} if self.losses else None
         config = getattr(model, "config", None)
+        mask = getattr(kwargs.get("processing_class"), "mask_token", None)
         update_model_card(args.output_dir, model_id=str(args.output_dir), mode=getattr(config, "mode", None),
+                          example=EXAMPLE.format(mask=mask) if isinstance(mask, str) and mask else None,
                           base_model=load_card_facts(args.output_dir).get("base_model") or
                           getattr(config, "_name_or_path", None) or None,
                           training={"steps": state.global_step, "loss": loss, "hyperparameters": self.hyperparameters})

@@ -3,12 +3,19 @@
 This file travels to the Hub as remote code: relative imports only, nothing from the rest of npm_hf.
 """
 
+import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
+
+try:  # the Hub client transformers' own uploads use (5.x)
+    from transformers.utils.hub import hf_api
+except ImportError:  # older transformers
+    from huggingface_hub import HfApi as hf_api
 
 from .configuration_npm import NPMConfig
 
@@ -35,12 +42,69 @@ class NPMOutput(ModelOutput):
 
 
 class NPMPreTrainedModel(PreTrainedModel):
+    """Saving: `save_pretrained` (hence `Trainer.save_model` and `push_to_hub`) writes what transformers writes, then
+    runs each of `save_hooks` as `hook(model, save_directory, index=..., model_id=...)` (a hook with a
+    `check(model, index)` method has it run first, before anything is written). This file travels alone as
+    remote code and knows nothing of npm_hf; npm_hf registers the hook that completes an NPM directory (the remote
+    pipeline code, decoding_config.json, the index when one is attached or given, the card). Without npm_hf there is
+    no hook, and saving is transformers' own."""
+
     config_class = NPMConfig
     base_model_prefix = "npm"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
+    save_hooks: list = []  # shared by every NPM class: callables registered once, by `npm_hf.register`
+    index = None  # an index attached to the model (`model.index = NPMIndex.load(...)`): saved with it
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, index=None, push_to_hub=False,
+                        **kwargs):
+        """`PreTrainedModel.save_pretrained`, then the `save_hooks` (on the main process). `index`: the index to
+        save with the model (default: the attached `model.index`, if any)."""
+        if not self.save_hooks:
+            return super().save_pretrained(save_directory, is_main_process, *args, push_to_hub=push_to_hub, **kwargs)
+        self._check_save_hooks(index)
+        hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr") if key in kwargs}
+        token = kwargs.get("token")
+        timestamps = self._get_files_timestamps(save_directory) if push_to_hub and os.path.isdir(save_directory) else {}
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        repo_id = hub.pop("repo_id", os.path.basename(os.path.normpath(save_directory))) if push_to_hub else None
+        if self.should_save_on_this_rank(is_main_process):
+            for hook in self.save_hooks:
+                hook(self, save_directory, index=index, model_id=repo_id or str(save_directory))
+            if push_to_hub:  # what transformers does, after the hooks so that their files go too
+                repo_id = hf_api().create_repo(repo_id, exist_ok=True, token=token).repo_id
+                self._upload_modified_files(save_directory, repo_id, timestamps, token=token, **hub)
+
+    def push_to_hub(self, repo_id: str, *, index=None, max_shard_size="50GB", commit_message=None,
+                    commit_description=None, private=None, token=None, revision=None, create_pr=False, **kwargs):
+        """`PreTrainedModel.push_to_hub`, saving through `save_pretrained` with its hooks (and `index`), and
+        keeping the card they write."""
+        if not self.save_hooks:
+            return super().push_to_hub(repo_id, max_shard_size=max_shard_size, commit_message=commit_message,
+                                       commit_description=commit_description, private=private, token=token,
+                                       revision=revision, create_pr=create_pr, **kwargs)
+        if kwargs:
+            raise TypeError(f"NPMModel.push_to_hub does not take {sorted(kwargs)}; it takes index, max_shard_size, "
+                            "commit_message, commit_description, private, token, revision and create_pr.")
+        self._check_save_hooks(index)
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            self._save_for_push(tmp_dir, index=index, model_id=repo_id, max_shard_size=max_shard_size)
+            return self._upload_modified_files(tmp_dir, repo_id, files_timestamps={}, commit_message=commit_message,
+                                               token=token, create_pr=create_pr, revision=revision,
+                                               commit_description=commit_description)
+
+    def _check_save_hooks(self, index) -> None:
+        for hook in self.save_hooks:
+            if hasattr(hook, "check"):
+                hook.check(self, index)
+
+    def _save_for_push(self, save_directory, index, model_id: str, **kwargs):
+        super().save_pretrained(save_directory, **kwargs)
+        for hook in self.save_hooks:
+            hook(self, save_directory, index=index, model_id=model_id)
 
 
 class NPMModel(NPMPreTrainedModel):

@@ -13,11 +13,12 @@ from transformers.utils import logging
 from .corpus import prepare_training_blocks
 from .hub_cards import load_card_facts, update_model_card
 from .hub_cards import push_to_hub as upload
-from .index import IndexBuildArguments, NPMIndex
+from .index import IndexBuildArguments, NPMIndex, top1_agreement
 from .inference.decoding import NPMDecodingConfig, as_decoding_config, decoding_field_names
 from .inference.stopwords import stopword_ids
 from .modeling import NPMConfig, NPMModel
 from .remote_code import add_remote_pipeline
+from .saving import index_card_facts
 from .trainer import NPMTrainer, last_complete_checkpoint, save_final_model
 from .version import __version__
 
@@ -167,16 +168,10 @@ def build_index(model, corpus, output_dir=None, args: IndexBuildArguments | None
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch: process 0 writes
     if main_process and model_dir is not None and Path(output_dir).resolve() == (
             model_dir / model.config.index_subfolder).resolve():
-        update_model_card(model_dir, index=_index_card_facts(index))  # the model's own index: describe it
+        decoding = NPMDecodingConfig.for_model(model)  # the agreement of the search the pipeline will run
+        agreement = top1_agreement(index, k=decoding.k, nprobe=decoding.nprobe, ef_search=decoding.ef_search)
+        update_model_card(model_dir, index={**index_card_facts(index), **(agreement or {})})  # describe its own index
     return index
-
-
-def _index_card_facts(index: NPMIndex) -> dict:
-    m = index.manifest
-    total = sum(entry["bytes"] for entry in m.files.values())
-    return {"num_documents": m.num_documents, "num_tokens": m.num_tokens, "num_indexed_tokens": m.num_indexed_tokens,
-            "block_size": m.block_size, "faiss_factory": m.faiss_factory, "build_seconds": m.build_seconds,
-            "bytes_per_token": round(total / max(m.num_indexed_tokens, 1), 1)}
 
 
 @dataclass
@@ -248,3 +243,5 @@ def _finish_trained_directory(trainer_dir: Path, output: Path, decoding: NPMDeco
         facts = load_card_facts(trainer_dir)
         update_model_card(output, model_id=output.name, **{key: facts[key] for key in ("base_model", "mode", "training")
                                                            if key in facts})
+    else:
+        update_model_card(output)  # re-rendered: it now shows the decoding settings saved beside it

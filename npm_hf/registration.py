@@ -4,8 +4,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .hub_cards import NPMModelCardCallback
-from .modeling import NPMConfig, NPMModel
+from .modeling import NPMConfig, NPMModel, NPMPreTrainedModel
 from .fill_mask import FillMaskDispatcher
+from .saving import NPMDirectoryHook
 from .trainer import NPMTrainer
 
 
@@ -23,6 +24,9 @@ def register() -> None:
     # AutoModel.from_pretrained(..., trust_remote_code=True) loads them where npm_hf is not installed.
     NPMConfig.register_for_auto_class()
     NPMModel.register_for_auto_class("AutoModel")
+    if NPMDirectoryHook() not in NPMPreTrainedModel.save_hooks:
+        # save_pretrained, Trainer.save_model and push_to_hub write a complete NPM directory (npm_hf.saving)
+        NPMPreTrainedModel.save_hooks.append(NPMDirectoryHook())
     if NPMModelCardCallback not in NPMTrainer.default_callbacks:
         NPMTrainer.default_callbacks.append(NPMModelCardCallback)  # trainings write their card
     task = PIPELINE_REGISTRY.supported_tasks["fill-mask"]

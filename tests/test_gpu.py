@@ -60,3 +60,18 @@ def test_a_training_step_runs_on_the_gpu(npm_dir, corpus, tmp_path):
     trainer.train()
     assert next(trainer.model.parameters()).device.type == "cuda"
     assert trainer.state.global_step == 2 and np.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_half_precision_on_the_gpu_loads_against_the_float32_index(npm_dir, mask):
+    """pipeline(device=, dtype=) as for any pipeline: fp16 weights on the GPU are recognised by the index's weight
+    sample (their fingerprint differs) and answer as float32 on the CPU does. Written without a GPU at hand (issue
+    19.1); the CPU half-precision case: test_pipeline.py::test_dtype_and_device_arguments_load_as_for_any_pipeline."""
+    from transformers import pipeline
+
+    gpu = pipeline("fill-mask", model=str(npm_dir), device=0, dtype=torch.float16)
+    assert gpu.model.dtype == torch.float16 and gpu.model.device.type == "cuda"
+    text = f"The Rio Grande flows through {mask} and Texas."
+    want = pipeline("fill-mask", model=str(npm_dir))(text, top_k=3)
+    got = gpu(text, top_k=3)
+    assert got[0]["phrase"] == want[0]["phrase"] and got[0]["evidence"] == want[0]["evidence"]
+    assert [a["score"] for a in got] == pytest.approx([a["score"] for a in want], abs=5e-3)

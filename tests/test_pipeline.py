@@ -2,14 +2,16 @@
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, FillMaskPipeline, pipeline
 from transformers.pipelines.base import PipelineException
 
-from npm_hf import (IndexBuildArguments, NonparametricFillMaskPipeline, NPMIndex, NPMIndexError, NPMModel,
-                    build_index, convert_encoder)
+from npm_hf import (IndexBuildArguments, IndexMismatchError, NonparametricFillMaskPipeline, NPMIndex, NPMIndexError,
+                    NPMModel, build_index, convert_encoder)
+from npm_hf.inference.index_files import ENCODER_SAMPLE_FILE
 from npm_hf.remote_code import remote_code_files
 
 
@@ -21,14 +23,17 @@ def fill(npm_dir):
     return pipeline("fill-mask", model=str(npm_dir))
 
 
-def test_npm_directory_gets_the_npm_pipeline(fill, mask):
+def test_npm_directory_gets_the_npm_pipeline(fill, mask, corpus):
     assert type(fill) is NonparametricFillMaskPipeline
     answers = fill(f"Hagios Demetrios is located in {mask}.", top_k=5)
     assert len(answers) == 5 and all(list(answer) == KEYS for answer in answers)
     for answer in answers:
         evidence = answer["evidence"]
-        assert set(evidence) == {"doc_id", "title", "start", "end", "text"}
+        assert set(evidence) == {"doc_id", "title", "start", "end", "text", "block_id", "doc_start", "doc_end"}
         assert evidence["text"][evidence["start"] : evidence["end"]] == answer["phrase"]
+        document = next(doc["text"] for doc in corpus if doc["id"] == evidence["doc_id"])
+        assert document[evidence["doc_start"] : evidence["doc_end"]] == answer["phrase"]
+        assert evidence["doc_end"] - evidence["doc_start"] == evidence["end"] - evidence["start"]
         assert answer["phrase"].lower().replace(" ", "") == answer["token_str"].lower().replace(" ", "")
         assert isinstance(answer["token"], list) and answer["token_str"] in answer["sequence"]
         assert mask not in answer["sequence"]
@@ -112,6 +117,56 @@ def test_index_of_another_model_is_refused(tmp_path, npm_dir, encoder_dir):
     other.save_pretrained(tmp_path / "npm")
     with pytest.raises(NPMIndexError, match="different encoder weights"):
         pipeline("fill-mask", model=str(tmp_path / "npm"), index=NPMIndex.load(npm_dir / "index"))
+
+
+@pytest.mark.parametrize("kwargs", [{"dtype": torch.float16}, {"torch_dtype": torch.float16}, {"dtype": "bfloat16"},
+                                    {"dtype": "auto", "device": "cpu"}, {"device": -1}, {"device_map": "cpu"}])
+def test_dtype_and_device_arguments_load_as_for_any_pipeline(npm_dir, mask, kwargs):
+    """Half precision loads against the index built in float32 (the weights are the same, their fingerprint differs:
+    recognised by the index's weight sample), and answers as float32 does on this tiny model."""
+    fill = pipeline("fill-mask", model=str(npm_dir), **kwargs)
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype", torch.float32))
+    assert fill.model.dtype == (torch.float32 if dtype == "auto" else getattr(torch, str(dtype).split(".")[-1]))
+    assert fill.device == torch.device("cpu") and fill.model.device == torch.device("cpu")
+    text = f"The Rio Grande flows through {mask} and Texas."
+    want = pipeline("fill-mask", model=str(npm_dir))(text, top_k=3)
+    got = fill(text, top_k=3)
+    assert [a["phrase"] for a in got] == [a["phrase"] for a in want]
+    assert [a["score"] for a in got] == pytest.approx([a["score"] for a in want], abs=2e-3)
+
+
+def test_other_weights_are_refused_in_every_precision(tmp_path, npm_dir):
+    index = NPMIndex.load(npm_dir / "index")
+    tokenizer = AutoTokenizer.from_pretrained(npm_dir)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        index.check_compatible(NPMModel.from_pretrained(npm_dir, dtype=dtype), tokenizer)
+        other = NPMModel.from_pretrained(npm_dir, dtype=dtype)
+        with torch.no_grad():
+            other.encoder.get_input_embeddings().weight[7] += 0.5
+        with pytest.raises(IndexMismatchError, match="different encoder weights"):
+            index.check_compatible(other, tokenizer)
+    half = NPMModel.from_pretrained(npm_dir, dtype=torch.float16)
+    with torch.no_grad():  # one value, by less than bfloat16 resolves but more than float16 does
+        weight = half.encoder.get_input_embeddings().weight
+        weight[3, 0] = weight[3, 0] * (1 + 2 ** -9)
+    with pytest.raises(IndexMismatchError, match="not even in another precision"):
+        index.check_compatible(half, tokenizer)
+
+
+def test_an_index_without_weight_sample_says_how_to_load_in_half_precision(tmp_path, npm_dir):
+    """Indexes built before encoder_sample.npz still load in float32 and bfloat16; fp16 gets the fix named."""
+    shutil.copytree(npm_dir / "index", tmp_path / "index")
+    (tmp_path / "index" / ENCODER_SAMPLE_FILE).unlink()
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    del manifest["files"][ENCODER_SAMPLE_FILE]
+    (tmp_path / "index" / "manifest.json").write_text(json.dumps(manifest))
+    old = NPMIndex.load(tmp_path / "index")
+    tokenizer = AutoTokenizer.from_pretrained(npm_dir)
+    old.check_compatible(NPMModel.from_pretrained(npm_dir), tokenizer)
+    old.check_compatible(NPMModel.from_pretrained(npm_dir, dtype=torch.bfloat16), tokenizer)
+    with pytest.raises(IndexMismatchError, match=r"torch.float16 model .* load the model in float32 or bfloat16 "
+                                                 r"\(dtype=torch.bfloat16\), or rebuild the index"):
+        old.check_compatible(NPMModel.from_pretrained(npm_dir, dtype=torch.float16), tokenizer)
 
 
 def test_single_mode(tmp_path, encoder_dir, mask):

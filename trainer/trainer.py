@@ -254,6 +254,11 @@ def last_complete_checkpoint(output_dir) -> str | None:
     return None
 
 
+# the model card npm_hf writes beside a saved model (npm_hf.hub_cards: the facts, and the README rendered from them)
+_CARD_FACTS_FILE = "npm_card.json"
+_CARD_FILES = (_CARD_FACTS_FILE, "README.md")
+
+
 def save_final_model(trainer: Trainer, output_dir) -> None:
     """`trainer.save_model(output_dir)` without a window in which a kill leaves a half-written model there:
     files are written to a staging folder and moved in, config.json last. The Trainer's pickled arguments stay
@@ -264,6 +269,9 @@ def save_final_model(trainer: Trainer, output_dir) -> None:
     trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
         (staging / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+        if (output_dir / _CARD_FACTS_FILE).is_file():  # the card of this run (npm_hf's callback) is not replaced by
+            for name in _CARD_FILES:                    # the staging copy's, which knows nothing of the training
+                (staging / name).unlink(missing_ok=True)
         names = sorted(os.listdir(staging), key=lambda name: name == "config.json")
         for name in names:
             os.replace(staging / name, output_dir / name)

@@ -23,6 +23,7 @@ from .arguments import AUTO_FACTORY, IndexBuildArguments
 from .encoding import encoding_plan, indexed_token_mask, padded_blocks
 from .faiss_build import check_training_size, faiss_training_minimum, suggest_faiss_factory
 from .memory import BuildMemoryPlan, process_resident_bytes
+from .quality import top1_agreement
 from .store import NPMIndex
 
 
@@ -32,4 +33,5 @@ __all__ = [
     "ShardedArray", "check_training_size", "encoder_fingerprint", "encoding_plan", "faiss_training_minimum",
     "indexed_token_mask", "padded_blocks", "parse_memory_size", "parse_shard_size", "process_resident_bytes",
     "read_faiss_index", "shard_layout", "streamed_exact_search", "suggest_faiss_factory", "tokenizer_fingerprint",
+    "top1_agreement",
 ]

@@ -47,7 +47,7 @@ from ..inference.directory_swap import PARTIAL_SUFFIX, DirectoryLock, recover
 from ..inference.faiss_io import FAISS_ADD_CHUNK, add_vectors, core_index, extract_ivf, is_flat
 from ..inference.index_files import (FAISS_FILE, IVFDATA_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES,
                                      IndexManifest, NPMIndexError, encoder_fingerprint, sha256_file,
-                                     tokenizer_fingerprint)
+                                     tokenizer_fingerprint, write_encoder_sample)
 from ..inference.vector_shards import (create_vector_shards, layout_format_version, open_vector_shards,
                                        parse_shard_size, shard_layout)
 from .arguments import AUTO_FACTORY, IndexBuildArguments, parse_bm25_passages
@@ -242,7 +242,7 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
             paragraph_blocks=True,
             bm25_passages=tokenized.get("bm25_passages", []),
         )
-        processes.run(lambda: _finish(partial, index_dir, output_dir, manifest), main_only=True)
+        processes.run(lambda: _finish(partial, index_dir, output_dir, manifest, model), main_only=True)
     except BaseException:
         if processes.main:
             logger.warning(f"The index build stopped; its work so far is kept in {partial}. Run the same build "
@@ -485,6 +485,7 @@ def _build_ivf_on_disk(processes: _Processes, index_dir: Path, state_dir: Path, 
 
 
 # ------------------------------------------------------------------------------------------------ publish
-def _finish(partial: Path, index_dir: Path, output_dir: Path, manifest: IndexManifest) -> None:
+def _finish(partial: Path, index_dir: Path, output_dir: Path, manifest: IndexManifest, model) -> None:
+    write_encoder_sample(index_dir, model)  # lets the model be recognised in another precision (fp16)
     publish(index_dir, output_dir, manifest)
     shutil.rmtree(partial, ignore_errors=True)

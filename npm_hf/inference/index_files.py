@@ -17,6 +17,8 @@ Layout of an index directory (`<model>/index` by default); every file loads with
     index.faiss            FAISS inner-product index over the rows of the vectors (a flat one is stored empty and
                            filled from the vectors when loaded: the same values, without a float32 copy on disk)
     index.ivfdata          IVF indexes: their inverted lists, merged on disk and memory-mapped when loaded
+    encoder_sample.npz     the encoder weight values the fingerprint samples, as float32: a model loaded in another
+                           precision (fp16) is recognised by them (`encoder_sample_matches`); absent in older builds
     documents.jsonl        one {"id", "title", "text"} line per document
     document_offsets.npy   byte offset of every line of documents.jsonl, plus the file size
 
@@ -53,6 +55,7 @@ FAISS_FILE = "index.faiss"
 IVFDATA_FILE = "index.ivfdata"  # the inverted lists of an IVF index merged on disk (npm_hf.index.build)
 DOCUMENTS_FILE = "documents.jsonl"
 DOCUMENT_OFFSETS_FILE = "document_offsets.npy"
+ENCODER_SAMPLE_FILE = "encoder_sample.npz"  # the weight values the fingerprint samples (absent in older builds)
 
 
 class NPMIndexError(ValueError):
@@ -150,17 +153,54 @@ def read_manifest(path: Path) -> IndexManifest:
         raise NPMIndexError(f"{path} is corrupted ({error}); rebuild the index.") from None
 
 
-def encoder_fingerprint(model) -> str:
-    """Identify encoder weights: names, shapes and a strided sample of every tensor, rounded to bfloat16 so that
-    fp32 and bf16 copies of the same weights agree."""
-    digest = hashlib.sha256()
+def _weight_samples(model):
+    """(name, shape, sample) of every tensor of the model's state dict, by name: a strided sample of up to 4096
+    values, in the tensor's own dtype, on the CPU."""
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         picks = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 4096)).long()
-        sample = flat[picks].to("cpu", torch.float32).to(torch.bfloat16).view(torch.int16).numpy()
-        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
-        digest.update(sample.tobytes())
+        yield name, tuple(tensor.shape), flat[picks.to(flat.device)].cpu()
+
+
+def encoder_fingerprint(model) -> str:
+    """Identify encoder weights: names, shapes and a strided sample of every tensor, rounded to bfloat16 so that
+    fp32 and bf16 copies of the same weights agree (fp16 copies do not always: see `encoder_sample_matches`)."""
+    digest = hashlib.sha256()
+    for name, shape, sample in _weight_samples(model):
+        digest.update(f"{name}:{shape}:".encode())
+        digest.update(sample.to(torch.float32).to(torch.bfloat16).view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
+
+
+def write_encoder_sample(index_dir: Path, model) -> None:
+    """Save the values `encoder_fingerprint` samples, as float32 (exact for fp32, fp16 and bf16 weights), to
+    `ENCODER_SAMPLE_FILE`: what lets a model loaded in another precision than the one the index was built with be
+    recognised (`encoder_sample_matches`)."""
+    samples = list(_weight_samples(model))
+    tmp = Path(index_dir) / f".{ENCODER_SAMPLE_FILE}.tmp"
+    with open(tmp, "wb") as handle:  # np.savez on a path would append ".npz" to the temporary name
+        np.savez(handle, layout=np.array(json.dumps([[name, list(shape)] for name, shape, _ in samples])),
+                 values=torch.cat([sample.to(torch.float32) for *_, sample in samples]).numpy())
+    tmp.replace(Path(index_dir) / ENCODER_SAMPLE_FILE)
+
+
+def encoder_sample_matches(model, sample_file: Path) -> bool:
+    """Whether `model` holds the weights sampled in `sample_file` (`write_encoder_sample`), in any precision:
+    tensor by tensor, the stored and current values agree once both are rounded to float16, or both to bfloat16.
+    A cast of the same weights to either precision (or back to float32) agrees in one of the two; other weights
+    (other training, another checkpoint, an edited tensor) do not, as with `encoder_fingerprint`."""
+    with np.load(sample_file, allow_pickle=False) as stored:
+        layout, values = json.loads(str(stored["layout"][()])), torch.from_numpy(stored["values"])
+    samples = list(_weight_samples(model))
+    if [[name, list(shape)] for name, shape, _ in samples] != layout:
+        return False
+    offset = 0
+    for *_, sample in samples:
+        saved, offset = values[offset : offset + len(sample)], offset + len(sample)
+        if not any(torch.equal(saved.to(precision), sample.to(precision))
+                   for precision in (torch.float16, torch.bfloat16)):
+            return False
+    return offset == len(values)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -23,8 +23,9 @@ NPM_MODEL_TYPE = "npm"
 
 class NonparametricFillMaskPipeline(Pipeline):
     """Fill-mask by nearest-phrase retrieval (NPM). Same output schema as `FillMaskPipeline`, plus `phrase` (the
-    answer as written in the corpus) and `evidence` (`doc_id`, `title`, `text`, and `start`/`end` of the phrase in
-    `text`). In span mode `token` is the list of the phrase's token ids.
+    answer as written in the corpus) and `evidence` (`doc_id`, `title`, `text` (the passage of index block
+    `block_id`), `start`/`end` of the phrase in `text`, and `doc_start`/`doc_end` of it in the whole document). In
+    span mode `token` is the list of the phrase's token ids.
 
     Args:
         index (`NPMIndexReader`, *optional*): the reference-corpus index (an `npm_hf.NPMIndex` is one); by default

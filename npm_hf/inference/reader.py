@@ -5,15 +5,17 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 from huggingface_hub import snapshot_download
 from transformers.utils import logging
 
 from .directory_swap import DirectoryLock, interrupted_swap, recover
 from .faiss_io import (FLAT_FILL_MAX_VECTORS, add_vectors, check_positive_int, current_search_parameters, extract_ivf,
                        is_flat, read_faiss_index, search_parameter_names, streamed_exact_search)
-from .index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, FORMAT_VERSION, MANIFEST_FILE,
-                          POSITIONS_FILE, TOKEN_FILES, DocumentStore, IndexManifest, IndexMismatchError, NPMIndexError,
-                          encoder_fingerprint, read_manifest, sha256_file, tokenizer_fingerprint)
+from .index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, ENCODER_SAMPLE_FILE, FAISS_FILE, FORMAT_VERSION,
+                          MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES, DocumentStore, IndexManifest, IndexMismatchError,
+                          NPMIndexError, encoder_fingerprint, encoder_sample_matches, read_manifest, sha256_file,
+                          tokenizer_fingerprint)
 from .tokens import SPECIAL
 from .vector_shards import check_layout, open_vector_shards, vector_layout
 
@@ -167,12 +169,25 @@ class NPMIndexReader:
     def check_compatible(self, model, tokenizer=None) -> None:
         """Raise IndexMismatchError unless this index was built with `model`'s weights (and `tokenizer`)."""
         if encoder_fingerprint(model) != self.manifest.encoder_fingerprint:
-            raise IndexMismatchError(
-                f"The index at {self.path} was built with different encoder weights "
-                f"({self.manifest.encoder_name_or_path!r}) than the model in use ({model.name_or_path!r}). Its "
-                "vectors would not match the queries: rebuild the index with this model (`npm-hf build-index`). "
-                "Loading the same weights in another dtype (fp16) can also cause this."
-            )
+            sample = self.path / ENCODER_SAMPLE_FILE
+            if not sample.is_file():  # an index built before the weight sample existed
+                precision = ("" if model.dtype == torch.float32 else
+                             f" It has no record of its weights that a {model.dtype} model could be checked "
+                             "against: load the model in float32 or bfloat16 (dtype=torch.bfloat16), or rebuild "
+                             "the index with this version of npm_hf.")
+                raise IndexMismatchError(
+                    f"The index at {self.path} was built with different encoder weights "
+                    f"({self.manifest.encoder_name_or_path!r}) than the model in use ({model.name_or_path!r}). Its "
+                    "vectors would not match the queries: rebuild the index with this model (`npm-hf build-index`)."
+                    + precision
+                )
+            if not encoder_sample_matches(model, sample):
+                raise IndexMismatchError(
+                    f"The index at {self.path} was built with different encoder weights "
+                    f"({self.manifest.encoder_name_or_path!r}) than the model in use ({model.name_or_path!r}, "
+                    f"{model.dtype}): not even in another precision are they the same. Its vectors would not match "
+                    "the queries: rebuild the index with this model (`npm-hf build-index`)."
+                )
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.manifest.tokenizer_fingerprint:
             raise IndexMismatchError(
                 f"The index at {self.path} was built with a different tokenizer than the one in use; its token ids "
@@ -313,11 +328,13 @@ class NPMIndexReader:
         return block * self.block_size, min((block + 1) * self.block_size, self.num_tokens)
 
     def evidence(self, start: int, end: int) -> dict:
-        """Where the tokens [start, end] (inclusive corpus positions) come from: their document and the text of the
-        block around them, with `text[start:end]` being the phrase itself."""
+        """Where the tokens [start, end] (inclusive corpus positions) come from: their document, the block they lie
+        in (`block_id`) and the text of that block's part of the document, with `text[start:end]` being the phrase
+        itself and `document_text[doc_start:doc_end]` the same phrase in the whole document."""
         doc_index = int(self.token_docs[start])
         document = self.documents[doc_index]
-        lo, hi = self.block_range(int(start) // self.block_size)
+        block = int(start) // self.block_size
+        lo, hi = self.block_range(block)
         same_doc = (self.token_docs[lo:hi] == doc_index) & ((self.token_flags[lo:hi] & SPECIAL) == 0)
         window = self.token_offsets[lo:hi][same_doc]
         context_start, context_end = int(window[:, 0].min()), int(window[:, 1].max())
@@ -328,6 +345,9 @@ class NPMIndexReader:
             "start": char_start - context_start,
             "end": char_end - context_start,
             "text": document["text"][context_start:context_end],
+            "block_id": block,
+            "doc_start": char_start,
+            "doc_end": char_end,
         }
 
     def surface_text(self, start: int, end: int) -> str:
