@@ -153,13 +153,11 @@ def test_other_weights_are_refused_in_every_precision(tmp_path, npm_dir):
         index.check_compatible(half, tokenizer)
 
 
-def test_an_index_without_weight_sample_says_how_to_load_in_half_precision(tmp_path, npm_dir):
+def test_an_index_without_weight_sample_says_how_to_load_in_half_precision(tmp_path, npm_dir, rewrite_manifest):
     """Indexes built before encoder_sample.npz still load in float32 and bfloat16; fp16 gets the fix named."""
     shutil.copytree(npm_dir / "index", tmp_path / "index")
     (tmp_path / "index" / ENCODER_SAMPLE_FILE).unlink()
-    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
-    del manifest["files"][ENCODER_SAMPLE_FILE]
-    (tmp_path / "index" / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(tmp_path / "index", lambda m: m["files"].pop(ENCODER_SAMPLE_FILE), seal=False)  # an old index
     old = NPMIndex.load(tmp_path / "index")
     tokenizer = AutoTokenizer.from_pretrained(npm_dir)
     old.check_compatible(NPMModel.from_pretrained(npm_dir), tokenizer)
