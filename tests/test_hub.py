@@ -63,7 +63,8 @@ def test_push_uploads_weights_code_card_and_index_in_one_commit(model_copy):
     assert (call.kwargs["repo_id"], call.kwargs["revision"], call.kwargs["create_pr"]) == ("org/npm-tiny", "dev", True)
     index_files = {f"index/{name}" for name in os.listdir(model_copy / "index")}
     remote_code = {"configuration_npm.py", "modeling_npm.py", "pipeline.py", "retrieval.py", "prefilter.py", "reader.py",
-                   "faiss_io.py", "vector_shards.py", "index_files.py", "stopwords.py", "tokens.py", "decoding.py"}
+                   "faiss_io.py", "vector_shards.py", "index_files.py", "stopwords.py", "tokens.py", "decoding.py",
+                   "validation.py"}
     expected = {"config.json", "decoding_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "README.md", "npm_card.json"} | remote_code | index_files
     assert uploaded_files(call) == expected
@@ -209,7 +210,7 @@ def cluttered_copy(model_copy, tmp_path):
 def _expected_model_files(folder):
     remote_code = {"configuration_npm.py", "modeling_npm.py", "pipeline.py", "retrieval.py", "prefilter.py",
                    "reader.py", "faiss_io.py", "vector_shards.py", "index_files.py", "stopwords.py", "tokens.py",
-                   "decoding.py"}
+                   "decoding.py", "validation.py"}
     manifest = json.loads((folder / "index" / "manifest.json").read_text())
     return ({"config.json", "decoding_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
              "README.md", "npm_card.json"} | remote_code,

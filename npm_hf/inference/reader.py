@@ -15,6 +15,7 @@ from .index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, FOR
                           POSITIONS_FILE, TOKEN_FILES, DocumentStore, IndexManifest, IndexMismatchError, NPMIndexError,
                           encoder_fingerprint, sha256_file, tokenizer_fingerprint)
 from .tokens import SPECIAL
+from .validation import check_faiss_file, check_file_names, check_index_arrays
 from .vector_shards import check_layout, open_vector_shards, vector_layout
 
 
@@ -92,6 +93,7 @@ class NPMIndexReader:
                 f"{path} uses index format {manifest.format_version}, newer than this npm_hf supports "
                 f"({FORMAT_VERSION}); upgrade npm_hf."
             )
+        check_file_names(path, manifest.files)
         _verify_files(path, manifest, verify)
         try:
             # np.asarray: plain ndarray views of the maps (no copy); np.memmap's indexing is much slower.
@@ -100,6 +102,7 @@ class NPMIndexReader:
             positions = np.asarray(np.load(path / POSITIONS_FILE, mmap_mode="r", allow_pickle=False))
             vectors = open_vector_shards(path, vector_layout(manifest), manifest.hidden_size)
             offsets = np.load(path / DOCUMENT_OFFSETS_FILE, allow_pickle=False)
+            check_faiss_file(path / FAISS_FILE, manifest.hidden_size)
             faiss_index = read_faiss_index(path / FAISS_FILE)
         except NPMIndexError:
             raise
@@ -121,6 +124,7 @@ class NPMIndexReader:
         for name, (got, want) in expected.items():
             if tuple(got) != tuple(want):
                 raise NPMIndexError(f"{path}: {name} has shape {tuple(got)}, the manifest says {tuple(want)}; rebuild.")
+        check_index_arrays(path, manifest, token_arrays, positions, offsets, (path / DOCUMENTS_FILE).stat().st_size)
         if not manifest.paragraph_blocks:
             logger.warning(
                 f"The index at {path} was built by an npm_hf before 0.2: its blocks are cut from one running token "
