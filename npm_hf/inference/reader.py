@@ -1,7 +1,9 @@
 """Opening an NPM index directory and answering from it: the part of an index that remote code needs (see
 `npm_hf.inference`)."""
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 
 import faiss
@@ -53,6 +55,9 @@ class NPMIndexReader:
         self._search_names = search_parameter_names(faiss_index)
         self._search_defaults = current_search_parameters(faiss_index)
         self._search_applied = dict(self._search_defaults)
+        # nprobe / ef_search are settings of the one FAISS index that threads share: set and search under a lock
+        # (another thread's value changed mid-search gave wrong answers and FAISS errors). Flat indexes have none.
+        self._search_lock = threading.Lock() if self._search_names else contextlib.nullcontext()
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -211,8 +216,9 @@ class NPMIndexReader:
                        ef_search: int | None = None) -> np.ndarray:
         """FAISS's top-k vector rows per query (approximate for compressed indexes; -1 where none was found)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        self._configure_search(nprobe, ef_search)
-        _, rows = self.faiss_index.search(queries, min(int(k), self.num_indexed))
+        with self._search_lock:
+            self._configure_search(nprobe, ef_search)
+            _, rows = self.faiss_index.search(queries, min(int(k), self.num_indexed))
         return rows
 
     def check_search_parameters(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
