@@ -1,6 +1,6 @@
 """Performance figures of npm_hf, each a ratio measured side by side in one run (the machine may be noisy).
 
-    python benchmarks/run.py [--quick] [--figures P1,P3]
+    python benchmarks/run.py [--quick] [--figures P1,P3]   (--figures RSS1k: that figure alone)
 
 Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"}`; progress goes to stderr.
 
@@ -26,6 +26,9 @@ Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"
         encoder forward of the 32 texts and one `search_many` of their query vectors.            goal >= 0.85
     PM  NPM fill-mask seconds per query with prefilter="bm25" / the stock FillMaskPipeline of a BertForMaskedLM of
         the encoder's shape, same queries, alternating; the detail adds NPM over the whole index.  report
+    RSS1k resident memory (RSS) of the process after 1,000 fill-mask pipeline calls / after 100 calls (one query at
+        a time, 50 cloze queries in turn, over the P1 index; gc.collect() before each reading): a leak per call
+        shows as growth. Not in --quick unless named (about 8 minutes).                          goal <= 1.05
     P1q fill-mask pipeline seconds per query with the candidate search in a Qdrant collection (qdrant-client's
         local mode, `npm_hf.vector_store.QdrantSearchIndex`) / with the default FAISS Flat index, same queries and
         index, alternating rounds. Opt-in (--figures P1q); skipped with a note without qdrant-client.      report
@@ -83,8 +86,11 @@ SETTINGS = {
              "p3_queries": 100, "p3_nlist": 1024, "p3_train": 100_000, "m_tokens": (100_000, 120_000),
              "p4_sizes": (100_000, 10_000_000), "p4_queries": 200},
 }
-FIGURES = ("P2", "P1", "B", "P7", "P3", "P6", "P6L", "PM", "P5", "M")
+FIGURES = ("P2", "P1", "B", "P7", "P3", "P6", "P6L", "PM", "RSS1K", "P5", "M")
 OPT_IN_FIGURES = ("P1Q", "P4")  # not in the default run (names are upper-cased when parsed)
+# Left out of --quick unless named: RSS1k's 1,000 pipeline calls take ~8 minutes (2 calls/s over the quick P1 index,
+# k=4096, 2-core AMD EPYC with 1.5 cores of other load), far above the quick run's budget.
+NOT_QUICK = ("RSS1K",)
 # M: the build's budget and index. 1.2 GB is ~0.6 GB of process (interpreter, torch, the model) + ~0.25 GB of
 # encoding activations + room for FAISS; with "full"'s 100k vectors the 1M-vector training sample gets capped.
 M_BUDGET = "1.2GB"
@@ -395,6 +401,31 @@ def figure_p1(model, tokenizer, index, queries: list[str], rounds: tuple[int, in
          f"pipeline {[round(x * 1e3) for x in pipe.mean(axis=1)]}, forward+search "
          f"{[round(x * 1e3) for x in bare.mean(axis=1)]}; other processes' load in cores: pipeline "
          f"{loads['pipeline']}, forward+search {loads['bare']}")
+
+
+def figure_rss1k(model, tokenizer, index, queries: list[str], readings: tuple[int, int] = (100, 1000)) -> None:
+    """RSS after `readings[1]` pipeline calls over RSS after `readings[0]`: memory that grows with the number of
+    calls (caches without bound, leaked buffers) shows as a ratio above 1."""
+    from npm_hf import NonparametricFillMaskPipeline
+    from npm_hf.index import process_resident_bytes
+
+    fill = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index)
+    resident, seconds = {}, {}
+    load = OtherLoad()
+    started = time.perf_counter()
+    for call in range(1, readings[1] + 1):
+        assert fill(queries[call % len(queries)])
+        if call in readings:
+            gc.collect()
+            resident[call], seconds[call] = process_resident_bytes(), time.perf_counter() - started
+            log.info(f"RSS1k: {resident[call] / 2**20:.1f} MiB resident after {call} calls")
+    first, last = readings
+    calls_per_second = (last - first) / (seconds[last] - seconds[first])
+    emit("RSS1k", resident[last] / resident[first], "<= 1.05",
+         f"RSS {resident[first] / 2**20:.1f} MiB after {first} fill-mask calls, {resident[last] / 2**20:.1f} MiB "
+         f"after {last} (+{(resident[last] - resident[first]) / 2**10:.0f} KiB); {len(queries)} cloze queries in "
+         f"turn, one at a time, index {index.manifest.num_tokens} tokens ({index.manifest.faiss_factory}), "
+         f"{calls_per_second:.0f} calls/s, {seconds[last]:.0f}s in all; other processes' load {load.cores()} cores")
 
 
 def figure_p1q(model, tokenizer, index, queries: list[str], rounds: tuple[int, int, float]) -> None:
@@ -908,14 +939,16 @@ def figure_p7(index, model_dir: Path, query: str, repeats: int = 3) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="Smaller corpora and fewer rounds (< 5 minutes).")
-    parser.add_argument("--figures", default=",".join(FIGURES),
-                        help=f"Comma-separated figures to measure (default: all of {','.join(FIGURES)}; "
-                             "opt-in: P1q, P4).")
+    parser.add_argument("--figures", default=None,
+                        help=f"Comma-separated figures to measure (default: all of {','.join(FIGURES)}, with "
+                             f"--quick all but {','.join(NOT_QUICK)}; opt-in: P1q, P4).")
     args = parser.parse_args(argv)
     settings = SETTINGS["quick" if args.quick else "full"]
-    figures = {name.strip().upper() for name in args.figures.split(",") if name.strip()}
+    default = [name for name in FIGURES if not (args.quick and name in NOT_QUICK)]
+    chosen = args.figures if args.figures is not None else ",".join(default)
+    figures = {name.strip().upper() for name in chosen.split(",") if name.strip()}
     if not figures or figures - set(FIGURES) - set(OPT_IN_FIGURES):
-        parser.error(f"--figures takes names among {', '.join(FIGURES + OPT_IN_FIGURES)}; got {args.figures!r}.")
+        parser.error(f"--figures takes names among {', '.join(FIGURES + OPT_IN_FIGURES)}; got {chosen!r}.")
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -936,7 +969,7 @@ def main(argv=None) -> None:
             figure_p2(model, tokenizer, take_documents(documents, counts, settings["p2_tokens"]), workdir,
                       settings["p2_rounds"])
 
-        if figures & {"P1", "B", "P3", "P6", "P1Q", "P7", "P6L", "PM"}:
+        if figures & {"P1", "B", "P3", "P6", "P1Q", "P7", "P6L", "PM", "RSS1K"}:
             p1_documents = take_documents(documents, counts, settings["p1_tokens"])
             seconds, index = build_seconds(model, tokenizer, p1_documents, workdir / "p1-index")
             log.info(f"P1 index: {index.manifest.num_tokens} tokens built in {seconds:.1f}s")
@@ -950,6 +983,8 @@ def main(argv=None) -> None:
                 figure_bytes(index)
             if "P7" in figures:
                 figure_p7(index, workdir / "npm-minilm", cloze_queries(p1_documents, tokenizer.mask_token, 1)[0])
+            if "RSS1K" in figures:
+                figure_rss1k(model, tokenizer, index, cloze_queries(p1_documents, tokenizer.mask_token, 50))
             if "P6" in figures:
                 figure_p6(model, tokenizer, index, cloze_queries(p1_documents, tokenizer.mask_token, 32),
                           settings["p1_rounds"])

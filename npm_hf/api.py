@@ -17,7 +17,7 @@ from .index import IndexBuildArguments, NPMIndex, top1_agreement
 from .inference.decoding import NPMDecodingConfig, as_decoding_config, decoding_field_names
 from .inference.stopwords import stopword_ids
 from .modeling import NPMConfig, NPMModel
-from .remote_code import add_remote_pipeline
+from .remote_code import add_remote_pipeline, remote_code_files
 from .saving import index_card_facts
 from .trainer import NPMTrainer, last_complete_checkpoint, save_final_model
 from .version import __version__
@@ -121,9 +121,13 @@ def _read_checkpoint(path: Path) -> dict:
     return state.get("state_dict", state)
 
 
-def push_to_hub(model_dir, repo_id: str, **kwargs):
-    """Upload an NPM directory to the Hub with its index, card and remote code (model and fill-mask pipeline).
-    Keyword arguments as `npm_hf.hub_cards.push_to_hub` (private, revision, create_pr, token, index_repo_id)."""
+def push_to_hub(model_dir, repo_id: str, dry_run: bool = False, **kwargs):
+    """Upload an NPM directory to the Hub with its index, card and remote code (model and fill-mask pipeline): the
+    files `npm_hf.hub_cards.upload_plan` allows, nothing else. Keyword arguments as `npm_hf.hub_cards.push_to_hub`
+    (private, revision, create_pr, token, index_repo_id). `dry_run=True` changes and uploads nothing and returns
+    `{repo_id: [paths that would be uploaded]}` (and the index repo's paths with index_repo_id)."""
+    if dry_run:
+        return upload(model_dir, repo_id, dry_run=True, extra_files=tuple(remote_code_files()), **kwargs)
     add_remote_pipeline(model_dir)
     return upload(model_dir, repo_id, **kwargs)
 

@@ -11,6 +11,7 @@
                      [--ef-search N] [--json] "text with a [MASK]"
     npm-hf train --model ENCODER --corpus FILE --output DIR [any TrainingArguments flag, e.g. --max_steps 200]
     npm-hf push --model DIR --repo-id ORG/NAME [--private] [--revision R] [--create-pr] [--index-repo-id ORG/IDX]
+                [--dry-run]
     npm-hf demo [--corpus PATH] [--output DIR]
     npm-hf gradio --model DIR [--index DIR] [--host 127.0.0.1] [--port 7860] [--top-k 5]
     npm-hf evaluate --model DIR --task sst2 [--data PATH] [--corpus PATH | --index DIR | --evidence-corpus]
@@ -136,6 +137,13 @@ def _train(args, remaining: list[str]) -> None:
 
 
 def _push(args) -> None:
+    if args.dry_run:
+        plan = push_to_hub(args.model, args.repo_id, dry_run=True, index_repo_id=args.index_repo_id)
+        for repo_id, paths in plan.items():
+            print(f"Would upload {len(paths)} files to {repo_id}:")
+            print("\n".join(f"  {path}" for path in paths))
+        print("Nothing was uploaded (--dry-run).")
+        return
     commit = push_to_hub(args.model, args.repo_id, private=args.private, revision=args.revision,
                          create_pr=args.create_pr, index_repo_id=args.index_repo_id)
     print(f"Pushed {args.model} to {getattr(commit, 'commit_url', args.repo_id)}")
@@ -253,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create-pr", dest="create_pr", action="store_true", help="Open a pull request instead.")
     push.add_argument("--index-repo-id", dest="index_repo_id", default=None,
                       help="Put the index in this dataset repo (for very large indexes); the config records it.")
+    push.add_argument("--dry-run", dest="dry_run", action="store_true",
+                      help="List the files that would be uploaded (an allow-list) and upload nothing.")
     push.set_defaults(handler=_push)
 
     train = commands.add_parser(

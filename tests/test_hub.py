@@ -14,7 +14,7 @@ from huggingface_hub.utils import filter_repo_objects
 
 import npm_hf
 from npm_hf import NPMIndex
-from npm_hf.hub_cards import HUB_MAX_FILE_BYTES, push_to_hub
+from npm_hf.hub_cards import HUB_MAX_FILE_BYTES, push_to_hub, upload_plan
 
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -36,14 +36,22 @@ def uploaded_files(call) -> set[str]:
     files = [os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
              for root, _, names in os.walk(folder) for name in names]
     prefix = call.kwargs.get("path_in_repo") or ""
-    kept = filter_repo_objects(files, ignore_patterns=call.kwargs.get("ignore_patterns"))
+    kept = filter_repo_objects(files, allow_patterns=call.kwargs.get("allow_patterns"),
+                               ignore_patterns=call.kwargs.get("ignore_patterns"))
     return {f"{prefix}/{name}" if prefix else name for name in kept}
 
 
 def fake_api():
+    """An HfApi whose upload_folder, like the real one, appends its default ignore patterns to the list it is given,
+    in place."""
+    def upload_folder(**kwargs):
+        if kwargs.get("ignore_patterns") is not None:
+            kwargs["ignore_patterns"] += [".git", ".git/*", "*/.git", "**/.git/**"]
+        return SimpleNamespace(oid=INDEX_SHA if kwargs.get("repo_type") == "dataset" else SHA,
+                               commit_url="https://hf.co/commit")
+
     api = mock.MagicMock()
-    api.upload_folder.side_effect = lambda **kwargs: SimpleNamespace(
-        oid=INDEX_SHA if kwargs.get("repo_type") == "dataset" else SHA, commit_url="https://hf.co/commit")
+    api.upload_folder.side_effect = upload_folder
     return api
 
 
@@ -56,7 +64,7 @@ def test_push_uploads_weights_code_card_and_index_in_one_commit(model_copy):
     index_files = {f"index/{name}" for name in os.listdir(model_copy / "index")}
     remote_code = {"configuration_npm.py", "modeling_npm.py", "pipeline.py", "retrieval.py", "prefilter.py", "reader.py",
                    "faiss_io.py", "vector_shards.py", "index_files.py", "stopwords.py", "tokens.py", "decoding.py",
-                   "directory_swap.py"}
+                   "directory_swap.py", "validation.py"}
     expected = {"config.json", "decoding_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "README.md", "npm_card.json"} | remote_code | index_files
     assert uploaded_files(call) == expected
@@ -119,7 +127,7 @@ def test_download_fetches_every_vector_shard(tmp_path, sharded_copy):
                                   NPMIndex.load(sharded_copy / "index").search(queries, 3, nprobe=2)[1])
 
 
-@pytest.mark.parametrize("name, advice", [("index/vectors-00000-of-00002.npy", "smaller max_shard_size"),
+@pytest.mark.parametrize("name, advice", [("index/vectors.npy", "smaller max_shard_size"),
                                           ("model.safetensors", r"save_pretrained\(dir, max_shard_size")])
 def test_files_above_the_hub_limit_are_refused_before_any_upload(model_copy, name, advice):
     readme = (model_copy / "README.md").read_text()
@@ -182,3 +190,124 @@ def test_cli_push(model_copy, capsys):
         assert main(["push", "--model", str(model_copy), "--repo-id", "org/npm-tiny", "--private"]) == 0
     api.create_repo.assert_called_once_with("org/npm-tiny", private=True, exist_ok=True)
     assert "Pushed" in capsys.readouterr().out
+
+
+# What a careless folder holds beside the model: none of it may reach the Hub.
+SECRETS = {"credentials.yaml": b"aws_secret: x", "id_rsa": b"-----BEGIN OPENSSH PRIVATE KEY-----",
+           "secrets.json": b"{}", "notes/hf_token.txt": b"hf_xxx", "logs/train.log": b"step 1",
+           "wandb/run-1/files/config.yaml": b"key: x", "model.pkl": b"pickle", "optimizer.pt": b"pt",
+           "scheduler.pt": b"pt", "index/notes.txt": b"not in the manifest", "helper.py": b"import os"}
+
+
+@pytest.fixture
+def cluttered_copy(model_copy, tmp_path):
+    for name, content in SECRETS.items():
+        (model_copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (model_copy / name).write_bytes(content)
+    return model_copy
+
+
+def _expected_model_files(folder):
+    remote_code = {"configuration_npm.py", "modeling_npm.py", "pipeline.py", "retrieval.py", "prefilter.py",
+                   "reader.py", "faiss_io.py", "vector_shards.py", "index_files.py", "stopwords.py", "tokens.py",
+                   "decoding.py", "validation.py"}
+    manifest = json.loads((folder / "index" / "manifest.json").read_text())
+    return ({"config.json", "decoding_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+             "README.md", "npm_card.json"} | remote_code,
+            {"index/manifest.json"} | {f"index/{name}" for name in manifest["files"]})
+
+
+@pytest.mark.parametrize("index_repo_id", [None, "org/npm-tiny-index"])
+def test_push_uploads_an_allow_list_only(cluttered_copy, index_repo_id):
+    model_files, index_files = _expected_model_files(cluttered_copy)
+    api = fake_api()
+    push_to_hub(cluttered_copy, "org/npm-tiny", index_repo_id=index_repo_id, api=api)
+    uploaded = [uploaded_files(call) for call in api.upload_folder.call_args_list]
+    if index_repo_id is None:
+        assert uploaded == [model_files | index_files]
+    else:
+        assert uploaded == [index_files, model_files]
+    assert not set().union(*uploaded) & {*SECRETS, "training_args.bin", "checkpoint-2/model.safetensors"}
+
+
+def test_npm_hf_push_lists_the_same_files_in_a_dry_run_and_changes_nothing(cluttered_copy, tmp_path):
+    """npm_hf.push_to_hub(dry_run=True) on a folder without remote code yet: the list includes the code the real
+    push copies in, the folder stays as it was, and the real push then uploads exactly that list."""
+    for name in ["pipeline.py", "retrieval.py", "reader.py"]:
+        (cluttered_copy / name).unlink()
+    before = {p: p.read_bytes() for p in cluttered_copy.rglob("*") if p.is_file()}
+    api = fake_api()
+    with mock.patch("npm_hf.hub_cards.hub.HfApi", return_value=api):
+        plan = npm_hf.push_to_hub(cluttered_copy, "org/npm-tiny", dry_run=True)
+    assert {p: p.read_bytes() for p in cluttered_copy.rglob("*") if p.is_file()} == before
+    assert not api.method_calls
+    model_files, index_files = _expected_model_files(cluttered_copy)
+    assert list(plan) == ["org/npm-tiny"] and plan["org/npm-tiny"] == sorted(model_files | index_files)
+    npm_hf.push_to_hub(cluttered_copy, "org/npm-tiny", api=api)
+    (call,) = api.upload_folder.call_args_list
+    assert uploaded_files(call) == set(plan["org/npm-tiny"])
+
+
+def test_upload_plan_is_the_same_after_pushes_with_an_index_repo(model_copy):
+    """upload_folder appends to the pattern lists it is given: nothing of ours is shared between calls."""
+    first = upload_plan(model_copy, separate_index=True)
+    for _ in range(2):
+        api = fake_api()
+        push_to_hub(model_copy, "org/npm-tiny", index_repo_id="org/npm-tiny-index", api=api)
+        assert [uploaded_files(call) for call in api.upload_folder.call_args_list] == [
+            set(first["index"]), set(first["model"])]
+    assert upload_plan(model_copy, separate_index=True) == first
+
+
+@pytest.mark.parametrize("link", ["optimizer.pt", "tokenizer.json", "index/documents.jsonl", "index"])
+def test_symlinks_out_of_the_folder_are_refused(model_copy, tmp_path, link):
+    outside = tmp_path / "outside"
+    if link == "index":
+        shutil.move(str(model_copy / "index"), str(outside))
+    else:
+        outside.write_bytes(b"secret")
+        (model_copy / link).unlink(missing_ok=True)
+    os.symlink(outside, model_copy / link)
+    api = fake_api()
+    if link == "optimizer.pt":  # not on the allow-list: never read, the push goes on
+        push_to_hub(model_copy, "org/npm-tiny", api=api)
+        assert "optimizer.pt" not in uploaded_files(api.upload_folder.call_args)
+        return
+    with pytest.raises(ValueError, match=rf"{link}.* is a symlink to {outside}.*, outside .*nothing was uploaded"):
+        push_to_hub(model_copy, "org/npm-tiny", api=api)
+    assert not api.method_calls
+
+
+def test_symlinks_inside_the_folder_are_uploaded(model_copy):
+    (model_copy / "tokenizer_config.json").rename(model_copy / "tok.json")
+    os.symlink("tok.json", model_copy / "tokenizer_config.json")
+    assert "tokenizer_config.json" in upload_plan(model_copy)["model"]
+
+
+@pytest.mark.parametrize("name", ["../../config.json", "/etc/passwd", "sub/x.npy", ".."])
+def test_push_refuses_a_manifest_naming_paths(model_copy, name):
+    manifest_path = model_copy / "index" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][name] = {"bytes": 1, "sha256": "0" * 64}
+    manifest_path.write_text(json.dumps(manifest))
+    api = fake_api()
+    with pytest.raises(ValueError, match=r"lists files \[.*\] that are not plain names inside the index"):
+        push_to_hub(model_copy, "org/npm-tiny", api=api)
+    assert not api.method_calls
+
+
+def test_cli_push_dry_run(cluttered_copy, capsys):
+    from npm_hf.cli import main
+
+    api = fake_api()
+    with mock.patch("npm_hf.hub_cards.hub.HfApi", return_value=api):
+        assert main(["push", "--model", str(cluttered_copy), "--repo-id", "org/npm-tiny", "--dry-run",
+                     "--index-repo-id", "org/npm-tiny-index"]) == 0
+    assert not api.method_calls
+    out = capsys.readouterr().out.splitlines()
+    model_files, index_files = _expected_model_files(cluttered_copy)
+    assert out[0] == f"Would upload {len(model_files)} files to org/npm-tiny:"
+    assert out[1 : 1 + len(model_files)] == [f"  {name}" for name in sorted(model_files)]
+    assert out[1 + len(model_files)] == f"Would upload {len(index_files)} files to org/npm-tiny-index:"
+    assert out[-1] == "Nothing was uploaded (--dry-run)."
+    assert not any(secret in line for line in out for secret in SECRETS)

@@ -21,7 +21,7 @@ from npm_hf.remote_code import remote_code_files
 MODEL_FILES = {"config.json", "model.safetensors", "decoding_config.json", "README.md", "npm_card.json",
                "configuration_npm.py", "modeling_npm.py"}
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}
-TRAINER_FILES = {"training_args.bin"}  # Trainer.save_model's own (never uploaded: hub_cards.IGNORE_PATTERNS)
+TRAINER_FILES = {"training_args.bin"}  # Trainer.save_model's own (never uploaded: not in hub_cards.upload_plan)
 
 
 def index_files(npm_dir) -> set[str]:

@@ -71,6 +71,19 @@ _PLAN_ARGUMENTS = ("block_size", "batch_size", "blocks_per_unit", "faiss_factory
                    "max_shard_size", "seed", "remove_stopwords", "index_all_tokens", "bm25_passages")
 
 
+def portable_name(name_or_path, output_dir: Path) -> str:
+    """How the manifest names the encoder without a local absolute path (it travels to the Hub): a Hub id as it
+    is; a local model directory relative to the index when the index lies inside it (`..` for `<model>/index`),
+    else by its folder name only."""
+    name = str(name_or_path or "")
+    if not name or not os.path.isabs(name) and not os.path.exists(name):
+        return name
+    model_dir, index_dir = Path(name).resolve(), Path(output_dir).resolve()
+    if index_dir.is_relative_to(model_dir):
+        return Path(os.path.relpath(model_dir, index_dir)).as_posix()
+    return model_dir.name
+
+
 def partial_dir(output_dir) -> Path:
     """Where a build of `output_dir` keeps its work until it is published (hidden: it never loads as an index)."""
     output_dir = Path(output_dir)
@@ -223,7 +236,7 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
             format_version=layout_format_version(layout),
             encoder_fingerprint=fingerprints["encoder"],
             tokenizer_fingerprint=fingerprints["tokenizer"],
-            encoder_name_or_path=str(getattr(model, "name_or_path", "")),
+            encoder_name_or_path=portable_name(getattr(model, "name_or_path", ""), output_dir),
             hidden_size=hidden_size,
             block_size=args.block_size,
             faiss_factory=tokenized["faiss_factory"],

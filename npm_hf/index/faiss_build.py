@@ -145,4 +145,8 @@ def merge_on_disk(empty_index, parts: list[Path], directory: Path) -> None:
     """Merge the inverted lists of the IVF index files `parts` into `directory`/index.ivfdata, with `empty_index`
     (trained, no vectors) written as `directory`/index.faiss pointing at them."""
     ondisk.merge_ondisk(empty_index, [str(p) for p in parts], str(directory / IVFDATA_FILE))
+    # FAISS records the lists' file by the path it was merged at (this build's folder, on this machine): store the
+    # bare name instead, so that no local path travels with the index and identical builds give identical bytes.
+    # `read_faiss_index` maps the index.ivfdata beside index.faiss wherever the directory is.
+    faiss.downcast_InvertedLists(extract_ivf(empty_index).invlists).filename = IVFDATA_FILE
     faiss.write_index(empty_index, str(directory / FAISS_FILE))

@@ -10,6 +10,7 @@ modules of this folder (a test checks it):
     retrieval       NPMPredictor: token and span scoring over a candidate source (the whole index, given positions)
     prefilter       BM25 and dense passage pre-filters
     reader          NPMIndexReader: opening, verifying and searching an index directory, evidence
+    validation      load-time checks against crafted indexes: FAISS header sizes, manifest file names, array ranges
     faiss_io        reading FAISS indexes (memory-mapped, on-disk IVF), search knobs, streamed exact search
     vector_shards   the float16 vectors in row shards, and their layout
     index_files     file names, the manifest (checked and sealed), encoder and tokenizer fingerprints, documents

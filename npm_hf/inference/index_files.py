@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import mmap
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,14 +230,17 @@ class DocumentStore:
         self._file = open(path, "rb")
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if offsets[-1] > 0 else b""
         self._cache: dict[int, dict] = {}
+        self._lock = threading.Lock()  # threads share one store: two evicting the same entry raised KeyError
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)
-        if i not in self._cache:
-            if len(self._cache) >= self._CACHE_SIZE:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[i] = json.loads(self._map[int(self._offsets[i]) : int(self._offsets[i + 1])])
-        return self._cache[i]
+        with self._lock:
+            document = self._cache.get(i)
+            if document is None:
+                if len(self._cache) >= self._CACHE_SIZE:
+                    self._cache.pop(next(iter(self._cache)))
+                document = self._cache[i] = json.loads(self._map[int(self._offsets[i]) : int(self._offsets[i + 1])])
+        return document

@@ -1,6 +1,8 @@
 """Opening an NPM index directory and answering from it: the part of an index that remote code needs (see
 `npm_hf.inference`)."""
 
+import contextlib
+import threading
 from pathlib import Path
 
 import faiss
@@ -17,6 +19,7 @@ from .index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, ENCODER_SAMPLE_
                           NPMIndexError, encoder_fingerprint, encoder_sample_matches, read_manifest, sha256_file,
                           tokenizer_fingerprint)
 from .tokens import SPECIAL
+from .validation import check_faiss_file, check_file_names, check_index_arrays
 from .vector_shards import check_layout, open_vector_shards, vector_layout
 
 
@@ -55,6 +58,9 @@ class NPMIndexReader:
         self._search_names = search_parameter_names(faiss_index)
         self._search_defaults = current_search_parameters(faiss_index)
         self._search_applied = dict(self._search_defaults)
+        # nprobe / ef_search are settings of the one FAISS index that threads share: set and search under a lock
+        # (another thread's value changed mid-search gave wrong answers and FAISS errors). Flat indexes have none.
+        self._search_lock = threading.Lock() if self._search_names else contextlib.nullcontext()
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -95,6 +101,7 @@ class NPMIndexReader:
                 f"{path} uses index format {manifest.format_version}, newer than this npm_hf supports "
                 f"({FORMAT_VERSION}); upgrade npm_hf."
             )
+        check_file_names(path, manifest.files)
         _verify_files(path, manifest, verify)
         try:
             # np.asarray: plain ndarray views of the maps (no copy); np.memmap's indexing is much slower.
@@ -103,6 +110,7 @@ class NPMIndexReader:
             positions = np.asarray(np.load(path / POSITIONS_FILE, mmap_mode="r", allow_pickle=False))
             vectors = open_vector_shards(path, vector_layout(manifest), manifest.hidden_size)
             offsets = np.load(path / DOCUMENT_OFFSETS_FILE, allow_pickle=False)
+            check_faiss_file(path / FAISS_FILE, manifest.hidden_size)
             faiss_index = read_faiss_index(path / FAISS_FILE)
         except NPMIndexError:
             raise
@@ -129,6 +137,7 @@ class NPMIndexReader:
             if tuple(got) != tuple(want):
                 raise NPMIndexError(f"{path}: {name} has shape {tuple(got)}, the manifest says {tuple(want)}; rebuild.")
         _check_counts(path, manifest)
+        check_index_arrays(path, manifest, token_arrays, positions, offsets, (path / DOCUMENTS_FILE).stat().st_size)
         if not manifest.paragraph_blocks:
             logger.warning(
                 f"The index at {path} was built by an npm_hf before 0.2: its blocks are cut from one running token "
@@ -252,8 +261,9 @@ class NPMIndexReader:
                        ef_search: int | None = None) -> np.ndarray:
         """FAISS's top-k vector rows per query (approximate for compressed indexes; -1 where none was found)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        self._configure_search(nprobe, ef_search)
-        _, rows = self.faiss_index.search(queries, min(int(k), self.num_indexed))
+        with self._search_lock:
+            self._configure_search(nprobe, ef_search)
+            _, rows = self.faiss_index.search(queries, min(int(k), self.num_indexed))
         return rows
 
     def check_search_parameters(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
