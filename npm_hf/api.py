@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging
 
-from .corpus import prepare_training_blocks
+from .training_blocks import prepare_training_blocks
 from .hub_cards import load_card_facts, update_model_card
 from .hub_cards import push_to_hub as upload
 from .index import IndexBuildArguments, NPMIndex

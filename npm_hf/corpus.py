@@ -395,55 +395,6 @@ def word_flags(word_ids: list, special_tokens_mask: list, offsets: np.ndarray, t
     return flags
 
 
-def prepare_training_blocks(corpus, tokenizer, block_size: int = 256, group_size: int = 16,
-                            text_column: str = "text", salient: bool = False):
-    """Cut a corpus into NPM training blocks, in groups of consecutive blocks that form one contrastive batch.
-
-    Paragraphs are tokenized and packed into blocks of at most `block_size` tokens per document, exactly as for the
-    index (module docstring; the padding is left to the collator). `group_size` consecutive blocks (same or
-    neighbouring documents, so that their spans co-occur) share a `group` id; a trailing incomplete group is
-    dropped. Returns a `datasets.Dataset` with columns `input_ids`, `word_start`, `word_end` (0/1 per token) and
-    `group`; with `salient`, also `salient` (0/1 per token, see `salient_tokens`), which
-    `NPMSpanCollator(salient_span_ratio=...)` masks first.
-    """
-    import datasets
-
-    if block_size < 3 or group_size < 2:
-        raise ValueError(
-            f"Need block_size >= 3 and group_size >= 2 (in-batch positives), got {block_size}, {group_size}."
-        )
-    stats = CorpusStats()
-    blocks, salient_blocks = [], []
-    documents = iter_documents(corpus, text_column=text_column)
-    for document, records in tokenize_documents(documents, tokenizer, stats, block_size=block_size):
-        marks = salient_tokens(records, document["text"]) if salient else None
-        for lo in range(0, len(records), block_size):
-            real = (records["flags"][lo : lo + block_size] & PAD) == 0
-            blocks.append(records[lo : lo + block_size][real])
-            if salient:
-                salient_blocks.append(marks[lo : lo + block_size][real])
-    num_groups = len(blocks) // group_size
-    if num_groups == 0:
-        raise ValueError(
-            f"The corpus makes {len(blocks)} blocks of at most {block_size} tokens ({stats.num_documents} documents, "
-            f"{stats.num_tokens - stats.num_padding} tokens), fewer than one group of {group_size} blocks; add "
-            "text or lower group_size / block_size."
-        )
-    usable = num_groups * group_size
-    if usable < len(blocks):
-        logger.info(f"Dropping the last {len(blocks) - usable} blocks, which do not fill a whole group.")
-    blocks = blocks[:usable]
-    columns = {
-        "input_ids": [block["id"].tolist() for block in blocks],
-        "word_start": [((block["flags"] & WORD_START) != 0).astype(np.int8).tolist() for block in blocks],
-        "word_end": [((block["flags"] & WORD_END) != 0).astype(np.int8).tolist() for block in blocks],
-        "group": np.repeat(np.arange(num_groups), group_size).tolist(),
-    }
-    if salient:
-        columns["salient"] = [marks.astype(np.int8).tolist() for marks in salient_blocks[:usable]]
-    return datasets.Dataset.from_dict(columns)
-
-
 _SENTENCE_OPENERS = frozenset(".!?:;\n")
 _BRIDGES = frozenset({"of", "-", "&"})  # may join two capitalised words into one name ("Bank of America")
 
