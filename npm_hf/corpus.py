@@ -81,17 +81,22 @@ def is_stream(corpus) -> bool:
 def _iter_path(path: str, split: str, text_column: str) -> Iterator[dict]:
     if os.path.isfile(path):
         if path.endswith(".jsonl"):
-            for number, line in _read_utf8_lines(path):
+            for number, holder in _read_utf8_lines(path):
+                line = holder.pop()
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+                del line  # a long document's line is not kept beside its parsed text
                 yield _normalise(record, number - 1, source=f"{path}, line {number}", text_column=text_column)
+                del record
         elif path.endswith(".txt"):
-            for number, line in _read_utf8_lines(path):
-                yield {"id": str(number - 1), "title": "", "text": line.rstrip("\r\n")}
+            for number, holder in _read_utf8_lines(path):
+                text = holder.pop().rstrip("\r\n")
+                yield {"id": str(number - 1), "title": "", "text": text}
+                del text
         else:
             raise ValueError(
                 f"Unsupported corpus file {path!r}: use a .txt file (one document per line), a .jsonl file with a "
@@ -114,17 +119,25 @@ def _iter_path(path: str, split: str, text_column: str) -> Iterator[dict]:
         yield _normalise(item, number, source=f"{path}[{number}]", text_column=text_column)
 
 
-def _read_utf8_lines(path: str) -> Iterator[tuple[int, str]]:
+def _read_utf8_lines(path: str) -> Iterator[tuple[int, list[str]]]:
+    """`(line number, [line])` for every line of a UTF-8 file. The line comes in a list the caller empties, so that
+    no other reference keeps a long line (a whole document of a .jsonl file) alive while the caller works."""
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        number = 0
+        for raw in handle:  # (not enumerate(): its cached result tuple would keep the last line alive)
+            number += 1
             try:
-                yield number, raw.decode("utf-8")
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise ValueError(
                     f"{path}, line {number}: not valid UTF-8 (byte {error.start}: "
                     f"{raw[error.start:error.start + 4]!r})."
                     f" Convert the file to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 {path} > corpus.utf8.txt`."
                 ) from None
+            del raw
+            holder = [line]
+            del line
+            yield number, holder
 
 
 def _normalise(item, number: int, source: str, text_column: str) -> dict:
@@ -260,21 +273,20 @@ def _tokenize_batch(batch: list[dict], tokenizer, stats: CorpusStats, block_size
             records["flags"] = word_flags(encoded.word_ids(w), encoded["special_tokens_mask"][w], offsets,
                                           units[u][2][lo:hi])
             real = (records["flags"] & SPECIAL) == 0
-            records["start"] = np.where(real, offsets[:, 0] + lo, 0)
-            records["end"] = np.where(real, offsets[:, 1] + lo, 0)
+            shift = units[u][1] + lo  # characters of the document before this window
+            records["start"] = np.where(real, offsets[:, 0] + shift, 0)
+            records["end"] = np.where(real, offsets[:, 1] + shift, 0)
+            del offsets, real
             inside = [i for i, sequence in enumerate(encoded.sequence_ids(w)) if sequence is not None]
             per_unit[u].append((records, (inside[0], inside[-1] + 1) if inside else None))
         del encoded
     per_document = [[] for _ in batch]
-    for u, (d, offset, _) in enumerate(units):
+    for u, (d, _, _) in enumerate(units):
         if u in masked:
             stats.num_skipped_paragraphs += 1
             continue
         records = _join_windows(per_unit[u], tokenizer)
         per_unit[u] = None
-        real = (records["flags"] & SPECIAL) == 0
-        records["start"] += np.where(real, offset, 0)
-        records["end"] += np.where(real, offset, 0)
         if per_document[d]:  # a line break separates it from the previous paragraph
             visible = np.flatnonzero(records["flags"] & (WORD_START | WORD_END))
             if len(visible):
@@ -312,18 +324,25 @@ def _calls(windows: list[tuple[int, int, int]], window_chars: int):
 def _join_windows(windows: list[tuple[np.ndarray, tuple[int, int] | None]], tokenizer) -> np.ndarray:
     """One paragraph's records from those of its windows, each given with the range of its tokens that come from
     the text (None: none do): the template's special tokens are kept only before the first window's text and
-    after the last one's."""
+    after the last one's. The windows are released as they are copied (`windows` is emptied), so the paragraph
+    is held about once, not twice."""
     if len(windows) == 1:
-        return windows[0][0]
-    parts = []
+        return windows.pop()[0]
+    ranges = []
     for number, (records, inside) in enumerate(windows):
         if inside is None:  # a window whose text made no token (e.g. only characters the normalizer drops)
             prefix = _template_prefix_length(tokenizer)
             inside = (prefix, prefix)
-        lo = 0 if number == 0 else inside[0]
-        hi = len(records) if number == len(windows) - 1 else inside[1]
-        parts.append(records[lo:hi])
-    return np.concatenate(parts)
+        ranges.append((0 if number == 0 else inside[0], len(records) if number == len(windows) - 1 else inside[1]))
+    joined = np.empty(sum(hi - lo for lo, hi in ranges), dtype=TOKEN_DTYPE)
+    row = 0
+    windows.reverse()
+    for lo, hi in ranges:
+        records = windows.pop()[0]
+        joined[row : row + hi - lo] = records[lo:hi]
+        row += hi - lo
+        del records
+    return joined
 
 
 def _template_prefix_length(tokenizer) -> int:

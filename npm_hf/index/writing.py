@@ -26,6 +26,8 @@ from .encoding import indexed_token_mask
 
 logger = logging.get_logger(__name__)
 
+_WRITE_CHUNK = 1 << 20  # tokens written to the column files at a time
+
 
 def write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) -> CorpusStats:
     """Tokenize every document; write documents.jsonl, its offsets and the per-token arrays. Token records stream
@@ -39,10 +41,13 @@ def write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) ->
         documents = tqdm(iter_documents(corpus), desc="Tokenizing corpus", unit="doc",
                          disable=not args.show_progress_bar)
         for document, records in tokenize_documents(documents, tokenizer, stats, block_size=args.block_size):
-            columns["token_ids"].write(records["id"].tobytes())
-            columns["token_flags"].write(records["flags"].tobytes())
-            columns["token_docs"].write(np.full(len(records), stats.num_documents - 1, np.int32).tobytes())
-            columns["token_offsets"].write(np.stack([records["start"], records["end"]], axis=1).tobytes())
+            for lo in range(0, len(records), _WRITE_CHUNK):  # in slices: a long document's copies stay small
+                part = records[lo : lo + _WRITE_CHUNK]
+                columns["token_ids"].write(part["id"].tobytes())
+                columns["token_flags"].write(part["flags"].tobytes())
+                columns["token_docs"].write(np.full(len(part), stats.num_documents - 1, np.int32).tobytes())
+                columns["token_offsets"].write(np.stack([part["start"], part["end"]], axis=1).tobytes())
+            del records, part
             line = json.dumps({"id": document["id"], "title": document["title"], "text": document["text"]},
                               ensure_ascii=False).encode("utf-8") + b"\n"
             handle.write(line)
