@@ -15,13 +15,15 @@ import transformers
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..corpus import CorpusStats, iter_documents, tokenize_documents
+from ..corpus import TOKENIZE_WINDOW_CHARS, CorpusStats, iter_documents, tokenize_documents
 from ..inference.index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES,
                                      IndexManifest, sha256_file)
 from ..inference.tokens import TOKEN_DTYPE
+from ..inference.vector_shards import parse_memory_size
 from ..version import __version__
 from .arguments import IndexBuildArguments
 from .encoding import indexed_token_mask
+from .memory import check_document_fits
 
 
 logger = logging.get_logger(__name__)
@@ -38,7 +40,8 @@ def write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) ->
     raw = {name: staging / f".{file}.raw" for name, file in TOKEN_FILES.items()}
     with open(staging / DOCUMENTS_FILE, "wb") as handle, contextlib.ExitStack() as stack:
         columns = {name: stack.enter_context(open(path, "wb")) for name, path in raw.items()}
-        documents = tqdm(iter_documents(corpus), desc="Tokenizing corpus", unit="doc",
+        budget = None if args.max_memory is None else parse_memory_size(args.max_memory)
+        documents = tqdm(_within_budget(iter_documents(corpus), budget), desc="Tokenizing corpus", unit="doc",
                          disable=not args.show_progress_bar)
         for document, records in tokenize_documents(documents, tokenizer, stats, block_size=args.block_size):
             for lo in range(0, len(records), _WRITE_CHUNK):  # in slices: a long document's copies stay small
@@ -69,6 +72,15 @@ def write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) ->
         _raw_to_npy(raw[name], staging / file, dtype, (stats.num_tokens, *row_shapes[name]))
     np.save(staging / DOCUMENT_OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
     return stats
+
+
+def _within_budget(documents, budget: int | None):
+    """The documents, each checked against the memory budget before it is tokenized (long ones only: the check
+    reads /proc)."""
+    for document in documents:
+        if budget is not None and len(document["text"]) > TOKENIZE_WINDOW_CHARS:
+            check_document_fits(document, budget)
+        yield document
 
 
 # the TOKEN_DTYPE field each token file stores (token_offsets: start and end)

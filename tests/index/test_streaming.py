@@ -86,3 +86,19 @@ def test_a_stream_refuses_resume_and_leaves_nothing_to_resume(tmp_path, model_an
         NPMIndex.build(model, tokenizer, streams(corpus_jsonl)["generator of dicts"](), tmp_path / "index",
                        IndexBuildArguments(**ARGS))
     assert len(encoded) == 2 and os.listdir(tmp_path) == []  # a stream's partial build could never resume
+
+
+def test_a_document_too_long_for_max_memory_is_refused_before_tokenizing(tmp_path, model_and_tokenizer):
+    """Issue 21: a long document is tokenized in windows, and one whose records would not fit --max-memory is
+    refused by name, before any of it is tokenized."""
+    from npm_hf.index.memory import TOKENIZE_BYTES_PER_CHAR, process_resident_bytes
+
+    model, tokenizer = model_and_tokenizer
+    text = " ".join(["Texas borders New Mexico."] * 12_000)  # 311,999 characters, one line
+    budget = process_resident_bytes() + TOKENIZE_BYTES_PER_CHAR * len(text) // 2
+    corpus = [{"id": "short", "text": "Texas is a state."}, {"id": "huge", "text": text}]
+    with pytest.raises(ValueError, match=r"Document 'huge' has 311999 characters: tokenizing it needs about "
+                                         r"6\.2MB.*Split it into several documents.*--max-memory"):
+        NPMIndex.build(model, tokenizer, corpus, tmp_path / "index",
+                       IndexBuildArguments(max_memory=str(budget), **ARGS))
+    assert os.listdir(tmp_path) == []
