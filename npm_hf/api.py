@@ -145,7 +145,9 @@ def build_index(model, corpus, output_dir=None, args: IndexBuildArguments | None
 
     Args:
         model: an NPM directory (its index goes to `<dir>/<config.index_subfolder>` by default) or an `NPMModel`.
-        corpus: a list of strings or dicts, a `datasets.Dataset`, or a path to a .txt / .jsonl / saved dataset.
+        corpus: a list of strings or dicts, a `datasets.Dataset`, a stream (`datasets.IterableDataset`, e.g.
+            `load_dataset(..., streaming=True)` or `Dataset.to_iterable_dataset()`, or a generator of strings or
+            dicts; a stream cannot `resume`), or a path to a .txt / .jsonl / saved dataset.
         output_dir: where to write the index; required when `model` is an object.
         args: [`IndexBuildArguments`] (block size, batch size, FAISS factory, overwrite, resume, ...).
         tokenizer: the model's tokenizer; loaded from the directory when `model` is a path.
