@@ -1,15 +1,15 @@
 """Child process of figure M2 (benchmarks/run.py) and of the long-document measurement (docs/benchmarks.md): the
 peak resident memory of reading a corpus, in a process of its own.
 
-    python benchmarks/corpus_memory.py blocks   TOKENIZER_DIR CORPUS.jsonl WORK_DIR [RUNS]   # prepare_training_blocks
-    python benchmarks/corpus_memory.py tokenize TOKENIZER_DIR CORPUS.jsonl WORK_DIR [RUNS]   # an index build's tokenizing
-    python benchmarks/corpus_memory.py long-document SOURCE.jsonl TARGET.jsonl MEGABYTES       # writes a corpus
+    python benchmarks/corpus_memory.py blocks   TOKENIZER_DIR CORPUS.jsonl WORK_DIR [RUNS]
+    python benchmarks/corpus_memory.py tokenize TOKENIZER_DIR CORPUS.jsonl WORK_DIR [RUNS]
+    python benchmarks/corpus_memory.py long-document SOURCE.jsonl TARGET.jsonl MEGABYTES
 
-`blocks` runs `prepare_training_blocks` (block 256, group 16, the Arrow file in WORK_DIR) on the corpus file,
+`blocks` runs `prepare_training_blocks` (block 256, group 16, its Arrow file in WORK_DIR) on the corpus file,
 streamed from disk. `tokenize` runs the tokenizing stage of an index build (`write_corpus` + `write_positions`, what
-held a 50 MB one-line document's 11.8 GB; encoding is bounded by its batches). `long-document` only writes a corpus of one
-single-line document of MEGABYTES MB made of SOURCE's texts (in its own process, so that `tokenize` then starts
-clean).
+held a 50 MB one-line document's 11.8 GB; encoding is bounded by its batches). `long-document` only writes a
+corpus of one single-line document of MEGABYTES MB made of SOURCE's texts (in its own process, so that `tokenize`
+then starts clean).
 
 The peak is VmHWM, reset (/proc/self/clear_refs) once the libraries and the tokenizer are loaded, and again before
 each of RUNS runs (default 1) of the same call: it counts what the call adds. The first run also pays one-time

@@ -58,7 +58,8 @@ def _as_iterable(corpus, split: str) -> Iterable:
 
     if isinstance(corpus, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split not in corpus:
-            raise ValueError(f"The corpus {type(corpus).__name__} has no split {split!r}; available: {sorted(corpus)}.")
+            raise ValueError(f"The corpus {type(corpus).__name__} has no split {split!r}; "
+                             f"available: {sorted(corpus)}.")
         return corpus[split]
     if is_stream(corpus) or isinstance(corpus, (datasets.Dataset, list, tuple)):
         return corpus
@@ -161,9 +162,9 @@ def _normalise(item, number: int, source: str, text_column: str) -> dict:
 # fast tokenizer's Python-side output costs ~200 bytes per character (ids, offsets, word ids as Python objects):
 # about 25 MB at this size, however long a document is.
 TOKENIZE_WINDOW_CHARS = 1 << 17
-# A safe cut: a whitespace character after a non-whitespace one. Every pre-tokenizer NPM supports (BERT's
-# whitespace-and-punctuation split, byte-level BPE's regex, Metaspace) ends a pre-token there, so text on either
-# side tokenizes exactly as in the whole paragraph.
+# A safe cut: a whitespace character after a non-whitespace one. BERT's whitespace-and-punctuation split and
+# byte-level BPE's regex (both tested, tests/test_corpus.py) end a pre-token there, so text on either side
+# tokenizes exactly as in the whole paragraph.
 _SAFE_CUT = re.compile(r"(?<=\S)\s")
 
 
