@@ -248,3 +248,15 @@ def list_training_blocks():
         return columns
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def training_blocks_cache(tmp_path_factory):
+    """prepare_training_blocks' default Arrow folder, moved out of the user's datasets cache for the tests."""
+    import npm_hf.training_blocks
+
+    folder = tmp_path_factory.mktemp("training-blocks-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(npm_hf.training_blocks, "default_cache_dir", lambda: folder)
+    yield folder
+    patch.undo()
