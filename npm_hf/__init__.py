@@ -6,7 +6,8 @@
 
 from .version import __version__
 from .modeling import NPMConfig, NPMModel, NPMOutput, NPMPreTrainedModel
-from .corpus import iter_documents, prepare_training_blocks
+from .corpus import iter_documents
+from .training_blocks import prepare_training_blocks
 from .index import (IndexBuildArguments, IndexLockedError, IndexManifest, IndexMismatchError, NPMIndex, NPMIndexError,
                     NPMIndexReader)
 from .inference.decoding import NPMDecodingConfig

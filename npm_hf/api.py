@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging
 
-from .corpus import prepare_training_blocks
+from .training_blocks import prepare_training_blocks
 from .hub_cards import load_card_facts, update_model_card
 from .hub_cards import push_to_hub as upload
 from .index import IndexBuildArguments, NPMIndex, top1_agreement
@@ -150,7 +150,9 @@ def build_index(model, corpus, output_dir=None, args: IndexBuildArguments | None
 
     Args:
         model: an NPM directory (its index goes to `<dir>/<config.index_subfolder>` by default) or an `NPMModel`.
-        corpus: a list of strings or dicts, a `datasets.Dataset`, or a path to a .txt / .jsonl / saved dataset.
+        corpus: a list of strings or dicts, a `datasets.Dataset`, a stream (`datasets.IterableDataset`, e.g.
+            `load_dataset(..., streaming=True)` or `Dataset.to_iterable_dataset()`, or a generator of strings or
+            dicts; a stream cannot `resume`), or a path to a .txt / .jsonl / saved dataset.
         output_dir: where to write the index; required when `model` is an object.
         args: [`IndexBuildArguments`] (block size, batch size, FAISS factory, overwrite, resume, ...).
         tokenizer: the model's tokenizer; loaded from the directory when `model` is a path.

@@ -22,7 +22,8 @@ from transformers import AutoTokenizer
 from transformers.utils import logging
 
 from .api import TrainDataArguments, build_index, convert_encoder, train
-from .corpus import iter_documents, prepare_training_blocks
+from .corpus import iter_documents
+from .training_blocks import prepare_training_blocks
 from .evaluation import EvaluationArguments, build_cloze_set, evaluate, lexical_cloze_baseline, save_results
 from .hub_cards import update_model_card
 from .index import IndexBuildArguments, NPMIndex

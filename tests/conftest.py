@@ -237,3 +237,45 @@ def rewrite_manifest():
         path.write_text(json.dumps(data))
 
     return rewrite
+
+
+@pytest.fixture(scope="session")
+def list_training_blocks():
+    """The training blocks as `prepare_training_blocks` made them before they went to an Arrow file (issue 19):
+    Python lists per column, built in RAM, the reference the Arrow-backed blocks must equal."""
+    from npm_hf.corpus import CorpusStats, PAD, iter_documents, salient_tokens, tokenize_documents
+
+    def make(corpus, tokenizer, block_size, group_size, salient=False) -> dict:
+        blocks, salient_blocks = [], []
+        for document, records in tokenize_documents(iter_documents(corpus), tokenizer, CorpusStats(),
+                                                    block_size=block_size):
+            marks = salient_tokens(records, document["text"]) if salient else None
+            for lo in range(0, len(records), block_size):
+                real = (records["flags"][lo : lo + block_size] & PAD) == 0
+                blocks.append(records[lo : lo + block_size][real])
+                if salient:
+                    salient_blocks.append(marks[lo : lo + block_size][real])
+        usable = len(blocks) // group_size * group_size
+        columns = {
+            "input_ids": [block["id"].tolist() for block in blocks[:usable]],
+            "word_start": [((block["flags"] & WORD_START) != 0).astype(np.int8).tolist() for block in blocks[:usable]],
+            "word_end": [((block["flags"] & WORD_END) != 0).astype(np.int8).tolist() for block in blocks[:usable]],
+            "group": np.repeat(np.arange(usable // group_size), group_size).tolist(),
+        }
+        if salient:
+            columns["salient"] = [marks.astype(np.int8).tolist() for marks in salient_blocks[:usable]]
+        return columns
+
+    return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def training_blocks_cache(tmp_path_factory):
+    """prepare_training_blocks' default Arrow folder, moved out of the user's datasets cache for the tests."""
+    import npm_hf.training_blocks
+
+    folder = tmp_path_factory.mktemp("training-blocks-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(npm_hf.training_blocks, "default_cache_dir", lambda: folder)
+    yield folder
+    patch.undo()

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 import npm_hf
 from npm_hf.corpus import (LINE_START, PAD, SPECIAL, TOKEN_DTYPE, WORD_END, WORD_START, CorpusStats, iter_documents,
-                           pack_paragraphs, paragraphs, tokenize_documents)
+                           pack_paragraphs, paragraphs, text_windows, tokenize_documents)
 
 
 def flags_by_token(tokenizer, text):
@@ -206,3 +206,52 @@ def test_training_blocks_are_packed_paragraphs(encoder_dir):
     assert blocks["input_ids"] == want[: len(blocks)]
     assert all(len(ids) <= 40 and pad not in ids for ids in blocks["input_ids"])
     assert all(ids[0] == tokenizer.cls_token_id for ids in blocks["input_ids"])  # each block starts a paragraph
+
+
+# ------------------------------------------------------------------------------------------ long documents
+def long_line(seed: int, words: int) -> str:
+    """One paragraph of `words` words with the separators that matter at a cut: single and repeated spaces,
+    tabs, punctuation, a non-breaking space, a combining accent after a space, and a word longer than a window."""
+    rng = np.random.default_rng(seed)
+    vocabulary = ["Hodgenville", "Kentucky,", "New", "Mexico.", "Thessaloniki's", "Zzyzx", "(Texas)", "is", "a",
+                  "café", "1,234", "Rio-Grande", "x" * 120]
+    separators = [" "] * 12 + ["  ", "\t", " \u00a0", " \u0301", ", "]
+    parts = [vocabulary[i] + separators[j] for i, j in zip(rng.integers(0, len(vocabulary), words),
+                                                           rng.integers(0, len(separators), words))]
+    return "".join(parts).strip()
+
+
+def test_text_windows_cut_only_after_a_word_at_whitespace():
+    line = long_line(0, 400)
+    windows = text_windows(line, 50)
+    assert windows[0][0] == 0 and windows[-1][1] == len(line) and len(windows) > 40
+    assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))  # contiguous, nothing lost
+    for _, cut in windows[:-1]:
+        assert line[cut].isspace() and not line[cut - 1].isspace() and line[cut + 1] != "\u0301"
+    assert max(hi - lo for lo, hi in windows) > 50  # the 120-character word runs on to the next safe cut
+    assert text_windows("x" * 500, 50) == [(0, 500)]  # no safe cut at all: one window
+    assert text_windows("short text", 50) == [(0, 10)]
+
+
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_long_documents_tokenize_in_windows_exactly_as_whole(encoder_dir, block_size):
+    """Issue 21: a long paragraph is tokenized in windows of bounded size; at every join the ids, flags and
+    offsets are those of tokenizing it whole (WordPiece and byte-level BPE)."""
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    documents = [{"id": "long", "title": "", "text": long_line(1, 3000)},
+                 {"id": "mixed", "title": "", "text": "Texas borders New Mexico.\n" + long_line(2, 800)
+                  + "\n\nThe Ohio River borders Kentucky.\n" + long_line(3, 500)},
+                 {"id": "short", "title": "", "text": "Thessaloniki is a city."}]
+    whole = list(tokenize_documents(documents, tokenizer, CorpusStats(), block_size=block_size,
+                                    window_chars=10**9))
+    assert len(text_windows(documents[0]["text"], 64)) > 200
+    windowed = list(tokenize_documents(documents, tokenizer, CorpusStats(), block_size=block_size, window_chars=64))
+    assert [d["id"] for d, _ in windowed] == ["long", "mixed", "short"]
+    for (_, expected), (_, got) in zip(whole, windowed):
+        assert got.dtype == expected.dtype and len(got) == len(expected)
+        for field in TOKEN_DTYPE.names:
+            assert np.array_equal(got[field], expected[field]), field
+    # whole-document tokenization of the long paragraph: the same ids (one [CLS]/<s> ... [SEP]/</s> pair)
+    ids = tokenizer(documents[0]["text"])["input_ids"]
+    real = whole[0][1][(whole[0][1]["flags"] & PAD) == 0]
+    assert real["id"].tolist() == ids

@@ -684,3 +684,20 @@ def test_salient_masking_needs_the_salient_column(blocks, tokenizer, model_dir, 
     with pytest.raises(ValueError, match=r"lacks the columns \['salient'\].*salient=True"):
         NPMTrainer(model=NPMModel.from_pretrained(model_dir), args=quiet_args(tmp_path, salient_span_ratio=1.0),
                    train_dataset=blocks)
+
+
+def test_trainer_on_memory_mapped_blocks_trains_as_on_the_in_ram_lists(model_dir, blocks, tokenizer, tmp_path,
+                                                                       list_training_blocks):
+    """Issue 19: the Arrow-backed blocks (a memory-mapped file) are the old in-RAM lists, and a real NPMTrainer
+    run on them gives the same losses and weights for the same seed."""
+    import datasets
+
+    assert isinstance(blocks._data, datasets.table.MemoryMappedTable) and blocks.cache_files
+    in_ram = datasets.Dataset.from_dict(list_training_blocks(fact_documents(200, seed=2), tokenizer, block_size=32,
+                                                             group_size=4))
+    assert in_ram.to_dict() == blocks.to_dict()
+    arrow = _first_losses(model_dir, blocks, tmp_path / "arrow")
+    lists = _first_losses(model_dir, in_ram, tmp_path / "lists")
+    assert len(arrow) == 2 and arrow == lists
+    saved = [load_file(tmp_path / name / "saved" / "model.safetensors") for name in ("arrow", "lists")]
+    assert saved[0].keys() == saved[1].keys() and all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])

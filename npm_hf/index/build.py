@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import faiss
@@ -42,6 +43,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..corpus import is_stream
 from ..inference.decoding import NPMDecodingConfig
 from ..inference.directory_swap import PARTIAL_SUFFIX, DirectoryLock, recover
 from ..inference.faiss_io import FAISS_ADD_CHUNK, add_vectors, core_index, extract_ivf, is_flat
@@ -143,9 +145,13 @@ class _Processes:
 # ------------------------------------------------------------------------------------------------ fingerprints
 def corpus_fingerprint(corpus) -> str:
     """Identify a corpus without reading it twice: a file or directory by its files' names, sizes and modification
-    times; a `datasets.Dataset` by its fingerprint; an in-memory list by its content."""
+    times; a `datasets.Dataset` by its fingerprint; an in-memory list by its content. A stream (generator,
+    `IterableDataset`: `npm_hf.corpus.is_stream`) gets a fingerprint of its own that no other corpus matches: it
+    cannot be read again to check it, so a resume refuses it."""
     digest = hashlib.sha256()
-    if isinstance(corpus, (str, os.PathLike)) and not os.path.exists(corpus):
+    if is_stream(corpus):
+        digest.update(f"stream:{uuid.uuid4().hex}".encode())
+    elif isinstance(corpus, (str, os.PathLike)) and not os.path.exists(corpus):
         digest.update(f"hub dataset:{corpus}".encode())  # a name for datasets.load_dataset
     elif isinstance(corpus, (str, os.PathLike)):
         root = Path(corpus).resolve()
@@ -191,6 +197,14 @@ def _write_json(path: Path, data: dict) -> None:
 def build_index_directory(model, tokenizer, corpus, output_dir: Path, args: IndexBuildArguments) -> None:
     """Build (or, with `args.resume`, finish) the index at `output_dir`, in this process's share when several run
     (see the module docstring). Returns once the index is in place, on every process."""
+    if args.resume and is_stream(corpus):
+        raise ValueError(
+            f"resume=True (CLI: --resume) needs a corpus that can be read again, but the corpus is a "
+            f"{type(corpus).__name__}, read once as it streams: a resume could not check that it holds the same "
+            "documents in the same order. Pass it as a .jsonl / .txt file, a saved dataset or a datasets.Dataset "
+            "(e.g. load_dataset(..., streaming=False)) to make the build resumable, or pass overwrite=True "
+            "instead of resume=True to start over."
+        )
     processes = _Processes()
     if processes.main and processes.world_size > 1:
         logger.info(f"Building the index at {output_dir} with {processes.world_size} processes.")
@@ -257,7 +271,11 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
         )
         processes.run(lambda: _finish(partial, index_dir, output_dir, manifest, model), main_only=True)
     except BaseException:
-        if processes.main:
+        if processes.main and is_stream(corpus):  # a streamed corpus cannot be resumed: nothing worth keeping
+            shutil.rmtree(partial, ignore_errors=True)
+            logger.warning("The index build stopped. Its corpus was a stream, which a resume cannot read again, so "
+                           "its partial work was removed; build again (or from a file, which can resume).")
+        elif processes.main:
             logger.warning(f"The index build stopped; its work so far is kept in {partial}. Run the same build "
                            "with resume=True (CLI: --resume) to continue it, or overwrite=True to start over.")
         raise

@@ -19,6 +19,27 @@ logger = logging.get_logger(__name__)
 TRAIN_BYTES_PER_DIM = 10
 
 
+# Resident bytes the tokenizing stage of a build adds per character of its longest document (measured: 19 for a
+# 50 MB one-line Wikipedia document, docs/benchmarks.md): the text, its JSON line and its token records.
+TOKENIZE_BYTES_PER_CHAR = 20
+
+
+def check_document_fits(document: dict, budget: int | None) -> None:
+    """Raise ValueError, before tokenizing it, for a document whose tokenizing would not fit `budget` bytes of
+    resident memory (None: no budget)."""
+    if budget is None:
+        return
+    resident = process_resident_bytes()
+    needed = TOKENIZE_BYTES_PER_CHAR * len(document["text"])
+    if resident is not None and resident + needed > budget:
+        raise ValueError(
+            f"Document {document['id']!r} has {len(document['text'])} characters: tokenizing it needs about "
+            f"{format_bytes(needed)} on top of the {format_bytes(resident)} resident, more than "
+            f"max_memory={format_bytes(budget)}. Split it into several documents (or paragraphs: a line break "
+            "starts one), or raise max_memory (CLI: --max-memory)."
+        )
+
+
 def process_resident_bytes() -> int | None:
     """Resident memory of this process now (Linux /proc; None elsewhere)."""
     try:

@@ -15,17 +15,21 @@ import transformers
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..corpus import CorpusStats, iter_documents, tokenize_documents
+from ..corpus import TOKENIZE_WINDOW_CHARS, CorpusStats, iter_documents, tokenize_documents
 from ..inference.directory_swap import swap_into_place
 from ..inference.index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES,
                                      IndexManifest, sha256_file)
 from ..inference.tokens import TOKEN_DTYPE
+from ..inference.vector_shards import parse_memory_size
 from ..version import __version__
 from .arguments import IndexBuildArguments
 from .encoding import indexed_token_mask
+from .memory import check_document_fits
 
 
 logger = logging.get_logger(__name__)
+
+_WRITE_CHUNK = 1 << 20  # tokens written to the column files at a time
 
 
 def write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) -> CorpusStats:
@@ -37,13 +41,17 @@ def write_corpus(staging: Path, corpus, tokenizer, args: IndexBuildArguments) ->
     raw = {name: staging / f".{file}.raw" for name, file in TOKEN_FILES.items()}
     with open(staging / DOCUMENTS_FILE, "wb") as handle, contextlib.ExitStack() as stack:
         columns = {name: stack.enter_context(open(path, "wb")) for name, path in raw.items()}
-        documents = tqdm(iter_documents(corpus), desc="Tokenizing corpus", unit="doc",
+        budget = None if args.max_memory is None else parse_memory_size(args.max_memory)
+        documents = tqdm(_within_budget(iter_documents(corpus), budget), desc="Tokenizing corpus", unit="doc",
                          disable=not args.show_progress_bar)
         for document, records in tokenize_documents(documents, tokenizer, stats, block_size=args.block_size):
-            columns["token_ids"].write(records["id"].tobytes())
-            columns["token_flags"].write(records["flags"].tobytes())
-            columns["token_docs"].write(np.full(len(records), stats.num_documents - 1, np.int32).tobytes())
-            columns["token_offsets"].write(np.stack([records["start"], records["end"]], axis=1).tobytes())
+            for lo in range(0, len(records), _WRITE_CHUNK):  # in slices: a long document's copies stay small
+                part = records[lo : lo + _WRITE_CHUNK]
+                columns["token_ids"].write(part["id"].tobytes())
+                columns["token_flags"].write(part["flags"].tobytes())
+                columns["token_docs"].write(np.full(len(part), stats.num_documents - 1, np.int32).tobytes())
+                columns["token_offsets"].write(np.stack([part["start"], part["end"]], axis=1).tobytes())
+            del records, part
             line = json.dumps({"id": document["id"], "title": document["title"], "text": document["text"]},
                               ensure_ascii=False).encode("utf-8") + b"\n"
             handle.write(line)
@@ -94,6 +102,15 @@ def _refuse_duplicate_ids(documents: Path, offsets: list[int], id_hashes: np.nda
                                                                  if len(duplicates) > 10 else "")
         raise ValueError(f"The corpus has {len(duplicates)} document ids that occur more than once: {shown}. Give "
                          "every document its own 'id' (or leave 'id' out to number them).")
+
+
+def _within_budget(documents, budget: int | None):
+    """The documents, each checked against the memory budget before it is tokenized (long ones only: the check
+    reads /proc)."""
+    for document in documents:
+        if budget is not None and len(document["text"]) > TOKENIZE_WINDOW_CHARS:
+            check_document_fits(document, budget)
+        yield document
 
 
 # the TOKEN_DTYPE field each token file stores (token_offsets: start and end)
