@@ -90,9 +90,10 @@ def test_evidence_points_at_the_phrase(npm_dir, corpus):
     assert index.surface_text(starts[0], ends[0]) == "New Mexico"
 
 
-def test_evidence_names_the_block_and_the_span_in_the_document(npm_dir, corpus, encoder_dir):
-    """The second "New Mexico" of the desert document: characters 60-70 of the document; with 16-token blocks it
-    lies in block 6 with WordPiece (the document starts at token 80: its tokens 109-110) and block 8 with BPE."""
+def test_evidence_names_the_block_and_the_span_in_the_document(npm_dir, corpus):
+    """The second "New Mexico" of the desert document: characters 60-70 of the document, in the 16-token block that
+    holds its tokens; the passage is that block's stretch of the document (the tiny WordPiece vocabulary is trained
+    anew each session and its ties can fall either way, so the block is found, not hard-coded)."""
     index = NPMIndex.load(npm_dir / "index")
     text = corpus[1]["text"]
     assert text.index("New Mexico", 40) == 60
@@ -100,10 +101,14 @@ def test_evidence_names_the_block_and_the_span_in_the_document(npm_dir, corpus, 
     start = next(p for p in doc_tokens if index.token_offsets[p, 0] == 60)
     end = next(p for p in doc_tokens if index.token_offsets[p, 1] == 70)
     evidence = index.evidence(start, end)
-    expected = ({"block_id": 8, "start": 11, "end": 21, "text": "and Texas. New Mexico is hot and dry in"}
-                if "roberta" in encoder_dir.name else
-                {"block_id": 6, "start": 36, "end": 46, "text": "vers parts of New Mexico and Texas. New Mexico is"})
-    assert evidence == {"doc_id": "desert", "title": "Chihuahuan Desert", "doc_start": 60, "doc_end": 70, **expected}
+    block = int(start) // 16
+    mine = [p for p in range(block * 16, block * 16 + 16)
+            if index.token_docs[p] == 1 and not index.token_flags[p] & SPECIAL]
+    passage_start, passage_end = (min(int(index.token_offsets[p, 0]) for p in mine),
+                                  max(int(index.token_offsets[p, 1]) for p in mine))
+    assert evidence == {"doc_id": "desert", "title": "Chihuahuan Desert", "doc_start": 60, "doc_end": 70,
+                        "block_id": block, "start": 60 - passage_start, "end": 70 - passage_start,
+                        "text": text[passage_start:passage_end]}
     assert text[evidence["doc_start"] : evidence["doc_end"]] == "New Mexico"
     lo, hi = index.block_range(evidence["block_id"])
     assert lo <= start <= end < hi and hi - lo == 16
