@@ -210,7 +210,7 @@ def cluttered_copy(model_copy, tmp_path):
 def _expected_model_files(folder):
     remote_code = {"configuration_npm.py", "modeling_npm.py", "pipeline.py", "retrieval.py", "prefilter.py",
                    "reader.py", "faiss_io.py", "vector_shards.py", "index_files.py", "stopwords.py", "tokens.py",
-                   "decoding.py", "validation.py"}
+                   "decoding.py", "validation.py", "directory_swap.py"}
     manifest = json.loads((folder / "index" / "manifest.json").read_text())
     return ({"config.json", "decoding_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
              "README.md", "npm_card.json"} | remote_code,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from npm_hf import IndexBuildArguments, NPMIndex, NPMIndexError, build_index
+from npm_hf.inference.index_files import CHECKSUM_KEY, manifest_checksum
 from npm_hf.inference.validation import check_index_arrays
 
 
@@ -25,6 +26,13 @@ def index_copy(tmp_path, npm_dir):
 
 def _manifest(index_dir):
     return json.loads((index_dir / "manifest.json").read_text())
+
+
+def _write_manifest(index_dir, manifest: dict) -> None:
+    """A rewritten manifest that vouches for its changes: sealed with a matching checksum (see test_bad_inputs for
+    what an unsealed edit gets), to reach the checks behind it."""
+    manifest = {key: value for key, value in manifest.items() if key != CHECKSUM_KEY}
+    (index_dir / "manifest.json").write_text(json.dumps({**manifest, CHECKSUM_KEY: manifest_checksum(manifest)}))
 
 
 def _write_keeping_size(path, data: bytes):
@@ -54,7 +62,7 @@ def test_a_filled_flat_index_faiss_is_refused(index_copy):
         NPMIndex.load(index_copy, verify="none")  # sizes are checked first
     # the same with a size that matches (a manifest rewritten to vouch for it): refused all the same
     manifest["files"]["index.faiss"]["bytes"] = (index_copy / "index.faiss").stat().st_size
-    (index_copy / "manifest.json").write_text(json.dumps(manifest))
+    _write_manifest(index_copy, manifest)
     with pytest.raises(NPMIndexError, match=r"claims 3 vectors in \d+ bytes"):
         NPMIndex.load(index_copy, verify="none")
 
@@ -103,7 +111,7 @@ def test_manifest_files_must_be_plain_names_inside_the_index(tmp_path, index_cop
     name = str(secret) if name == "ABSOLUTE" else name
     manifest = _manifest(index_copy)
     manifest["files"][name] = {"bytes": 1, "sha256": "0" * 64}  # a wrong size: a disclosure would name the real one
-    (index_copy / "manifest.json").write_text(json.dumps(manifest))
+    _write_manifest(index_copy, manifest)
     for verify in ("none", "fast", "full"):
         with pytest.raises(NPMIndexError, match=r"lists files \[.*\] that are not plain file names inside the "
                                                 r"index") as error:
