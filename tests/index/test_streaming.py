@@ -25,7 +25,8 @@ ARRAYS = ("token_ids", "token_flags", "token_docs", "token_offsets", "positions"
 @pytest.fixture(scope="module")
 def corpus_jsonl(tmp_path_factory, corpus):
     path = tmp_path_factory.mktemp("stream") / "corpus.jsonl"
-    path.write_text("".join(json.dumps(doc) + "\n" for doc in corpus * 2), encoding="utf-8")
+    documents = [{**doc, "id": f"{doc['id']}-{copy}"} for copy in range(2) for doc in corpus]  # ids stay unique
+    path.write_text("".join(json.dumps(doc) + "\n" for doc in documents), encoding="utf-8")
     return path
 
 
