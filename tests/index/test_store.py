@@ -91,27 +91,32 @@ def test_evidence_points_at_the_phrase(npm_dir, corpus):
 
 
 def test_evidence_names_the_block_and_the_span_in_the_document(npm_dir, corpus):
-    """The second "New Mexico" of the desert document: characters 60-70 of the document, in the 16-token block that
-    holds its tokens; the passage is that block's stretch of the document (the tiny WordPiece vocabulary is trained
-    anew each session and its ties can fall either way, so the block is found, not hard-coded)."""
+    """An occurrence of "New Mexico" in the desert document whose tokens lie in one 16-token block (as every answer
+    span's do): its characters in the whole document, its block, and the passage, that block's stretch of the
+    document. (The tiny WordPiece vocabulary is trained anew each session and its ties can fall either way, so the
+    block is found, not hard-coded.)"""
     index = NPMIndex.load(npm_dir / "index")
     text = corpus[1]["text"]
-    assert text.index("New Mexico", 40) == 60
     doc_tokens = np.flatnonzero(np.asarray(index.token_docs) == 1)
-    start = next(p for p in doc_tokens if index.token_offsets[p, 0] == 60)
-    end = next(p for p in doc_tokens if index.token_offsets[p, 1] == 70)
-    evidence = index.evidence(start, end)
-    block = int(start) // 16
-    mine = [p for p in range(block * 16, block * 16 + 16)
-            if index.token_docs[p] == 1 and not index.token_flags[p] & SPECIAL]
-    passage_start, passage_end = (min(int(index.token_offsets[p, 0]) for p in mine),
-                                  max(int(index.token_offsets[p, 1]) for p in mine))
-    assert evidence == {"doc_id": "desert", "title": "Chihuahuan Desert", "doc_start": 60, "doc_end": 70,
-                        "block_id": block, "start": 60 - passage_start, "end": 70 - passage_start,
-                        "text": text[passage_start:passage_end]}
-    assert text[evidence["doc_start"] : evidence["doc_end"]] == "New Mexico"
-    lo, hi = index.block_range(evidence["block_id"])
-    assert lo <= start <= end < hi and hi - lo == 16
+    checked = 0
+    for char_start in (i for i in range(len(text)) if text.startswith("New Mexico", i)):
+        start = next(p for p in doc_tokens if index.token_offsets[p, 0] == char_start)
+        end = next(p for p in doc_tokens if index.token_offsets[p, 1] == char_start + len("New Mexico"))
+        block = int(start) // 16
+        if int(end) // 16 != block:
+            continue  # a paragraph longer than a block continues in the next one: no answer spans the cut
+        evidence = index.evidence(start, end)
+        mine = [p for p in range(block * 16, block * 16 + 16)
+                if index.token_docs[p] == 1 and not index.token_flags[p] & SPECIAL]
+        passage_start = min(int(index.token_offsets[p, 0]) for p in mine)
+        passage_end = max(int(index.token_offsets[p, 1]) for p in mine)
+        assert evidence == {"doc_id": "desert", "title": "Chihuahuan Desert", "doc_start": char_start,
+                            "doc_end": char_start + 10, "block_id": block, "start": char_start - passage_start,
+                            "end": char_start + 10 - passage_start, "text": text[passage_start:passage_end]}
+        assert text[evidence["doc_start"] : evidence["doc_end"]] == "New Mexico"
+        assert evidence["text"][evidence["start"] : evidence["end"]] == "New Mexico"
+        checked += 1
+    assert checked >= 1
 
 
 def test_empty_corpus_is_an_error_and_leaves_nothing(tmp_path, model_and_tokenizer):
