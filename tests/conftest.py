@@ -4,6 +4,7 @@ Both vocabularies are small enough that most corpus words are two or more pieces
 WordPiece, 61 % with BPE), as with every real vocabulary on rare words: the word-piece case NPM's rules are about."""
 
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -78,6 +79,35 @@ def npm_dir(encoder_dir, tmp_path_factory):
     npm_hf.build_index(folder, CORPUS, args=npm_hf.IndexBuildArguments(block_size=16, batch_size=3,
                                                                         show_progress_bar=False))
     return folder
+
+
+@pytest.fixture
+def index_copy(tmp_path, npm_dir):
+    """A copy of npm_dir's index, at tmp_path / "index", to damage or edit."""
+    copy = tmp_path / "index"
+    shutil.copytree(npm_dir / "index", copy)
+    return copy
+
+
+@pytest.fixture
+def kill_encoding_after(monkeypatch):
+    """A function `arm(count)`: from then on, index builds raise KeyboardInterrupt (as a kill would stop them) once
+    `count` work units are encoded; it returns the list of the encoded units' paths (`monkeypatch.undo()` disarms)."""
+    import npm_hf.index.build as index_build
+
+    def arm(count: int) -> list:
+        encoded, real = [], index_build.encode_unit
+
+        def encode_unit(path, *args):
+            if len(encoded) == count:
+                raise KeyboardInterrupt
+            encoded.append(path)
+            return real(path, *args)
+
+        monkeypatch.setattr(index_build, "encode_unit", encode_unit)
+        return encoded
+
+    return arm
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import pytest
 from transformers import pipeline
 from transformers.pipelines.base import PipelineException
 
-import npm_hf.index.build as index_build
 from npm_hf import IndexBuildArguments, NonparametricFillMaskPipeline, NPMIndex, NPMIndexError
 from npm_hf.cli import main
 
@@ -24,13 +23,6 @@ UNKNOWN = "ξζψ"  # no piece of it is in the test corpus (WordPiece: [UNK]; by
 @pytest.fixture(scope="module")
 def fill(npm_dir):
     return pipeline("fill-mask", model=str(npm_dir))
-
-
-@pytest.fixture
-def index_copy(tmp_path, npm_dir):
-    copy = tmp_path / "index"
-    shutil.copytree(npm_dir / "index", copy)
-    return copy
 
 
 def _one_error_line(capsys, command: str) -> str:
@@ -238,20 +230,13 @@ def test_duplicate_document_ids_are_refused_at_build(tmp_path, model_and_tokeniz
     assert os.listdir(tmp_path) == []  # nothing to resume, nothing half-written
 
 
-def test_a_damaged_work_unit_is_never_built_into_the_index(tmp_path, model_and_tokenizer, corpus, monkeypatch):
+def test_a_damaged_work_unit_is_never_built_into_the_index(tmp_path, model_and_tokenizer, corpus, monkeypatch,
+                                                           kill_encoding_after):
     model, tokenizer = model_and_tokenizer
     big = [{**doc, "id": f"{doc['id']}-{i}"} for i in range(4) for doc in corpus]
     args = dict(QUIET, batch_size=2, blocks_per_unit=2)
     reference = NPMIndex.build(model, tokenizer, big, tmp_path / "reference", IndexBuildArguments(**args))
-    encoded, real = [], index_build.encode_unit
-
-    def killed_after_three(path, *rest):
-        if len(encoded) == 3:
-            raise KeyboardInterrupt
-        encoded.append(path)
-        return real(path, *rest)
-
-    monkeypatch.setattr(index_build, "encode_unit", killed_after_three)
+    encoded = kill_encoding_after(3)
     with pytest.raises(KeyboardInterrupt):
         NPMIndex.build(model, tokenizer, big, tmp_path / "index", IndexBuildArguments(**args))
     monkeypatch.undo()

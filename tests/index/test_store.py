@@ -169,13 +169,6 @@ def test_existing_output_needs_overwrite(tmp_path, model_and_tokenizer):
     assert sorted(os.listdir(tmp_path)) == ["index"]
 
 
-@pytest.fixture
-def index_copy(tmp_path, npm_dir):
-    copy = tmp_path / "index"
-    shutil.copytree(npm_dir / "index", copy)
-    return copy
-
-
 def test_truncated_vectors_are_detected(index_copy):
     with open(index_copy / VECTORS_FILE, "r+b") as handle:
         handle.truncate(os.path.getsize(index_copy / VECTORS_FILE) - 64)

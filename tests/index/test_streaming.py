@@ -66,23 +66,14 @@ def test_a_streamed_corpus_builds_the_index_of_the_same_documents_in_memory(tmp_
 
 
 def test_a_stream_refuses_resume_and_leaves_nothing_to_resume(tmp_path, model_and_tokenizer, corpus_jsonl,
-                                                             monkeypatch):
+                                                             kill_encoding_after):
     model, tokenizer = model_and_tokenizer
     for make in streams(corpus_jsonl).values():
         with pytest.raises(ValueError, match=r"resume=True \(CLI: --resume\) needs a corpus that can be read "
                                              r"again.*\.jsonl.*datasets\.Dataset.*overwrite=True"):
             NPMIndex.build(model, tokenizer, make(), tmp_path / "index", IndexBuildArguments(resume=True, **ARGS))
         assert os.listdir(tmp_path) == []
-    original = index_build.encode_unit
-    encoded = []
-
-    def killed_after_two(path, *args):  # a kill while encoding, as in test_build
-        if len(encoded) == 2:
-            raise KeyboardInterrupt
-        encoded.append(path)
-        return original(path, *args)
-
-    monkeypatch.setattr(index_build, "encode_unit", killed_after_two)
+    encoded = kill_encoding_after(2)  # a kill while encoding, as in test_build
     with pytest.raises(KeyboardInterrupt):
         NPMIndex.build(model, tokenizer, streams(corpus_jsonl)["generator of dicts"](), tmp_path / "index",
                        IndexBuildArguments(**ARGS))

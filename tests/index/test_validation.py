@@ -17,13 +17,6 @@ from npm_hf.inference.index_files import CHECKSUM_KEY, manifest_checksum
 from npm_hf.inference.validation import check_index_arrays
 
 
-@pytest.fixture
-def index_copy(tmp_path, npm_dir):
-    copy = tmp_path / "index"
-    shutil.copytree(npm_dir / "index", copy)
-    return copy
-
-
 def _manifest(index_dir):
     return json.loads((index_dir / "manifest.json").read_text())
 
