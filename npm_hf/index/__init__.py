@@ -8,6 +8,8 @@ package adds what only npm_hf does, each subject in its own module, imports goin
     writing       the corpus files of a new index, the manifest with checksums, the swap into place
     faiss_build   FAISS factory choice, training checks, on-disk IVF merges
     memory        the build's memory plan against max_memory
+    passages      the BM25 pre-filters saved with an index (written by builds and edits)
+    quality       top-1 agreement of an approximate index with exact search (for its card)
     build         the resumable, multi-process build
     editing       adding and deleting documents
     store         NPMIndex: NPMIndexReader + build + edits
