@@ -7,9 +7,7 @@
 `NPMPreTrainedModel.save_hooks`, and `npm_hf.register` puts `complete_npm_directory` there.
 """
 
-import os
 import shutil
-import uuid
 import weakref
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from transformers.utils import logging
 from .hub_cards import CARD_EXAMPLE, load_card_facts, mask_token_of, update_model_card
 from .index import IndexMismatchError
 from .inference.decoding import NPMDecodingConfig
+from .inference.directory_swap import DirectoryLock, link_or_copy, staging_path, swap_into_place
 from .remote_code import add_remote_pipeline
 from .version import __version__
 
@@ -88,28 +87,19 @@ def complete_npm_directory(model, save_directory, index=None, model_id: str | No
 
 
 def copy_index(source: Path, target: Path) -> None:
-    """Copy an index directory to `target` atomically (a hidden staging copy renamed into place, replacing an older
-    index only once complete), hard-linking files where possible. Nothing to do when `target` is `source`."""
+    """Copy an index directory to `target` atomically (a hidden staging copy swapped into place under the target's
+    writer lock, replacing an older index only once complete), hard-linking files where possible. Nothing to do
+    when `target` is `source`."""
     if target.exists() and target.resolve() == source.resolve():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-    try:
-        shutil.copytree(source, staging, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(".*"))
-        if target.exists():
-            os.replace(target, retired)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(retired, ignore_errors=True)
-
-
-def _link_or_copy(source, target) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # another file system, or links not allowed
-        shutil.copy2(source, target)
+    with DirectoryLock(target, "save_pretrained"):
+        staging = staging_path(target)
+        try:
+            shutil.copytree(source, staging, copy_function=link_or_copy, ignore=shutil.ignore_patterns(".*"))
+            swap_into_place(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def index_card_facts(index) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 from transformers.utils import logging
 
 from ..corpus import CorpusStats, iter_documents, tokenize_documents
-from ..inference.directory_swap import DirectoryLock, recover, staging_path
+from ..inference.directory_swap import DirectoryLock, link_or_copy, recover, staging_path
 from ..inference.faiss_io import add_vectors, is_flat, is_on_disk, read_faiss_index
 from ..inference.index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, MANIFEST_FILE, POSITIONS_FILE,
                                      TOKEN_FILES, NPMIndexError, read_manifest)
@@ -259,7 +259,7 @@ def _edit(index, write) -> None:
                 manifest = dataclasses.replace(manifest, bm25_passages=[])
             rewritten = changed | bm25_file_names(index.manifest.bm25_passages)  # BM25: indexed again below
             for name in set(index.manifest.files) - rewritten - dropped - {MANIFEST_FILE}:
-                _link_or_copy(path / name, staging / name)
+                link_or_copy(path / name, staging / name)
             save_bm25_passages(staging, manifest.block_size, manifest.bm25_passages)
             unchanged = {name: entry for name, entry in index.manifest.files.items() if name not in rewritten}
             publish(staging, path, manifest, known_files=unchanged)
@@ -279,11 +279,3 @@ def _check_unchanged_since_loaded(index) -> None:
             f"The index at {index.path} changed on disk since it was loaded (another edit or build); this edit "
             "would undo that one. Load the index again (NPMIndex.load) and repeat the edit."
         )
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link an unchanged file into the staging directory (edits never write to it), or copy it."""
-    try:
-        os.link(source, target)
-    except OSError:  # filesystems without hard links
-        shutil.copy2(source, target)

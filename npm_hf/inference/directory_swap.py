@@ -144,6 +144,14 @@ def swap_into_place(staging: Path, directory: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
+def link_or_copy(source, target) -> None:
+    """Hard-link a file that is never written in place (index files), or copy it where links are not possible."""
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)
+
+
 def interrupted_swap(directory) -> bool:
     """Whether `directory` is missing because a writer was killed between the two renames of a swap."""
     directory = Path(directory)
