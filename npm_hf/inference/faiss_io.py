@@ -7,6 +7,7 @@ import faiss
 import numpy as np
 
 from .index_files import IVFDATA_FILE
+from .validation import FLAT_FOURCCS
 
 
 FAISS_ADD_CHUNK = 65536  # vectors added to FAISS at a time (a float32 copy of each chunk)
@@ -37,11 +38,6 @@ def check_finite_rows(rows: np.ndarray, first_row: int = 0) -> None:
         raise ValueError(f"vector row {first_row + int(np.argmin(finite))} holds non-finite values (NaN or inf)")
 
 
-# FAISS file types of flat indexes ("IxFI" inner product, "IxF2" L2, "IxFl" older): stored empty by a build and
-# filled at load, so they are read plainly (an index whose codes are memory-mapped cannot grow).
-_FLAT_FOURCCS = (b"IxFI", b"IxF2", b"IxFl")
-
-
 def read_faiss_index(path: Path, mapped: bool = True):
     """Read index.faiss with its codes and inverted lists memory-mapped from the files, not copied into RAM: a
     10^7-vector IVF index opens in milliseconds and only the lists a search visits are paged in. An IVF index merged
@@ -50,9 +46,9 @@ def read_faiss_index(path: Path, mapped: bool = True):
     on_disk = _read_on_disk_ivf(Path(path))
     if on_disk is not None:
         return on_disk
-    with open(path, "rb") as handle:
+    with open(path, "rb") as handle:  # flat indexes are stored empty and filled at load: read plainly, growable
         fourcc = handle.read(4)
-    flags = 0 if fourcc in _FLAT_FOURCCS or not mapped else faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+    flags = 0 if fourcc in FLAT_FOURCCS or not mapped else faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
     return faiss.read_index(str(path), flags)
 
 
