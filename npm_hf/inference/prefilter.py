@@ -58,6 +58,9 @@ class CorpusText:
         return block * self.block_size, min((block + 1) * self.block_size, self.num_tokens)
 
 
+BM25_K1, BM25_B = 1.5, 0.75  # BM25's term-frequency saturation and length normalisation (what builds save)
+
+
 def bm25_files(passage_tokens: int | None) -> dict[str, str]:
     """The index files of the BM25 pre-filter over blocks (None) or windows of `passage_tokens` tokens, as the
     keyword arguments of `bm25s.BM25.save` / `load` that name them."""
@@ -71,7 +74,7 @@ class BM25PassageRetriever:
     """BM25 over the passages of an [`NPMIndex`]: memory-mapped from the index's own files where the build saved
     it for these passages (`IndexManifest.bm25_passages`), else built in memory from the passage texts."""
 
-    def __init__(self, index, passage_tokens: int | None = None, k1: float = 1.5, b: float = 0.75):
+    def __init__(self, index, passage_tokens: int | None = None, k1: float = BM25_K1, b: float = BM25_B):
         bm25s = _import_bm25s()
         self.index = index
         self.passage_tokens = passage_tokens
@@ -79,7 +82,7 @@ class BM25PassageRetriever:
         self._bm25s = bm25s
         saved = getattr(getattr(index, "manifest", None), "bm25_passages", None) or []
         names = bm25_files(passage_tokens)
-        if passage_tokens in saved and (k1, b) == (1.5, 0.75):
+        if passage_tokens in saved and (k1, b) == (BM25_K1, BM25_B):  # saved indexes use the defaults
             self._retriever = bm25s.BM25.load(index.path, mmap=True, show_progress=False, **names)
         else:
             self._retriever = bm25s.BM25(k1=k1, b=b)
