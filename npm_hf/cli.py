@@ -163,6 +163,11 @@ def _demo(args) -> None:
             start, end = evidence["start"], evidence["end"]
             snippet = context[max(0, start - 50) : start] + "[" + context[start:end] + "]" + context[end : end + 50]
             print(f"  {rank}. {answer['phrase']!r} ({answer['score']:.3f}) from {evidence['title']!r}: …{snippet}…")
+    training = report["training"]
+    print("\nStages (seconds when built):")
+    for stage in report["stages"]:
+        detail = f", {training['steps']} steps" if stage["stage"] == "model" and training.get("trained") else ""
+        print(f"  {stage['stage']:<11} {stage['seconds'] or 0:8.1f} s{detail}{' (reused)' if stage['reused'] else ''}")
 
 
 def _gradio(args) -> None:

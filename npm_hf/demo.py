@@ -9,11 +9,11 @@ later run reuses them and an interrupted run resumes (training from its last che
 
 import importlib.resources
 import json
-import math
 import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,9 +47,11 @@ SIMILARITY_SCALE = 0.2
 # Peak learning rate, decayed along a cosine over the budget: a constant rate over-fits the small corpus before the
 # budget ends, lower peaks leave the loss higher throughout (measured: docs/demo_recipe.md, "Held-out cloze").
 LEARNING_RATE = 2e-4
-# Training budget by whether bf16 autocast runs (it doubles the steps per minute); fp32 gets what fits the 45-minute
-# first run.
-DEFAULT_TRAIN_MINUTES = {False: 40.0, True: 30.0}
+# Training budget in optimizer steps, the same on every machine, so that a given seed gives the same model on a slow
+# laptop and a fast server (a wall-clock budget gave each machine another model). Chosen so that the first run stays
+# within 45 minutes on 2 cores without native bf16 (docs/demo_recipe.md, "The step budget").
+DEFAULT_TRAIN_STEPS = 750
+WARMUP_STEPS = 30  # (a tenth of the budget when that is shorter)
 
 
 def bf16_training() -> bool:
@@ -66,9 +68,10 @@ class DemoArguments:
         default=str(Path.home() / ".cache" / "npm_hf" / "demo"), metadata={"help": "Where the demo NPM is saved."}
     )
     num_documents: int | None = field(default=None, metadata={"help": "Use only the first N articles (default: all)."})
-    train_minutes: float | None = field(
-        default=None, metadata={"help": "CPU training budget in minutes (0: untrained; default: 30 where the CPU "
-                                        "computes bf16 natively, else 40)."}
+    train_steps: int = field(
+        default=DEFAULT_TRAIN_STEPS,
+        metadata={"help": "Training budget in optimizer steps of 16 blocks of 128 tokens, the same model on every "
+                          f"machine (0: the untrained encoder; default {DEFAULT_TRAIN_STEPS})."}
     )
     num_cloze: int = field(default=100, metadata={"help": "Held-out cloze queries cut from the corpus."})
     cloze_seed: int = field(default=0, metadata={"help": "Which sentences are cut out as cloze queries (another seed: "
@@ -85,17 +88,16 @@ class DemoArguments:
                 raise ValueError(f"DemoArguments.{name} must be >= 1, got {getattr(self, name)}.")
         if self.num_documents is not None and self.num_documents < 1:
             raise ValueError(f"DemoArguments.num_documents must be >= 1, got {self.num_documents}.")
-        if self.train_minutes is None:
-            self.train_minutes = DEFAULT_TRAIN_MINUTES[bf16_training()]
-        if not 0 <= self.train_minutes < math.inf:  # nan too
-            raise ValueError(f"DemoArguments.train_minutes must be a finite number >= 0, got {self.train_minutes}.")
+        if isinstance(self.train_steps, bool) or not isinstance(self.train_steps, int) or self.train_steps < 0:
+            raise ValueError(f"DemoArguments.train_steps must be an integer >= 0 (0: untrained), got "
+                             f"{self.train_steps!r}.")
         if self.prefilter not in ("none", "bm25", "dense"):
             raise ValueError(f"DemoArguments.prefilter must be none, bm25 or dense, got {self.prefilter!r}.")
 
     def recipe(self) -> dict:
         """What the saved demo depends on: a change means the stages are redone."""
-        keys = ("corpus", "num_documents", "train_minutes", "num_cloze", "cloze_seed")
-        return {**{key: asdict(self)[key] for key in keys}, "recipe_version": 8}
+        keys = ("corpus", "num_documents", "train_steps", "num_cloze", "cloze_seed")
+        return {**{key: asdict(self)[key] for key in keys}, "recipe_version": 9}
 
 
 def minilm_path() -> str:
@@ -132,10 +134,10 @@ def bundled_wikipedia_sample(limit: int | None = None) -> list[dict]:
 def run_demo(args: DemoArguments) -> dict:
     """Build (or reuse) the demo NPM, measure it and answer held-out cloze queries.
 
-    Returns `{"model_dir", "training", "evaluation", "baselines", "answers"}`: `evaluation` holds exact match at 1
-    and 5 on the held-out cloze set (with and without the pre-filter), `baselines` the same for the lexical baseline
-    and the untrained encoder, `answers` `(query, answers)` pairs (the query with the tokenizer's mask; each
-    answer's `gold` is the held-out answer).
+    Returns `{"model_dir", "training", "evaluation", "baselines", "stages", "answers"}`: `evaluation` holds exact
+    match at 1 and 5 on the held-out cloze set (with and without the pre-filter), `baselines` the same for the lexical
+    baseline and the untrained encoder, `stages` each stage's seconds (and whether this run reused it), `answers`
+    `(query, answers)` pairs (the query with the tokenizer's mask; each answer's `gold` is the held-out answer).
     """
     output = _writable(Path(args.output).expanduser())
     state = _DemoState(output, args.recipe())
@@ -150,9 +152,10 @@ def run_demo(args: DemoArguments) -> dict:
     baselines = state.stage(f"baselines {measured}", lambda: _evaluate_baselines(args, output, queries))
     _record_in_card(output / MODEL_SUBFOLDER, evaluation, baselines)
     report = {"model_dir": str(output / MODEL_SUBFOLDER), "training": training, "evaluation": evaluation,
-              "baselines": baselines, "answers": []}
+              "baselines": baselines, "stages": state.timings(), "answers": []}
     if not args.queries:
         return report
+    started = time.perf_counter()
     model_dir = output / MODEL_SUBFOLDER
     model = NPMModel.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -163,6 +166,7 @@ def run_demo(args: DemoArguments) -> dict:
         for answer in answers:
             answer["gold"] = query["answer"]
         report["answers"].append((text, answers))
+    report["stages"].append({"stage": "queries", "seconds": round(time.perf_counter() - started, 1), "reused": False})
     return report
 
 
@@ -177,10 +181,22 @@ class _DemoState:
                 logger.warning("The demo settings changed since the saved run; rebuilding it.")
                 shutil.rmtree(output / "checkpoints", ignore_errors=True)  # never resume another recipe's training
             self.state = {"recipe": recipe, "done": {}}
+        self.used: list[str] = []  # the stages of this run, in order
+        self.ran: list[str] = []  # those this run built (the others were reused from the saved state)
+
+    def timings(self) -> list[dict]:
+        """Each stage with the seconds it took when it was built, and whether this run built it or reused it."""
+        seconds = self.state.get("seconds", {})
+        return [{"stage": name.split(" ", 1)[0], "seconds": seconds.get(name), "reused": name not in self.ran}
+                for name in self.used]
 
     def stage(self, name: str, build):
+        self.used.append(name)
         if name not in self.state["done"]:
+            started = time.perf_counter()
             self.state["done"][name] = build()
+            self.state.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 1)
+            self.ran.append(name)
             temporary = self.path.with_name(self.path.name + ".tmp")
             temporary.write_text(json.dumps(self.state, indent=1))
             os.replace(temporary, self.path)
@@ -221,18 +237,18 @@ def _documents(args: DemoArguments) -> list[dict]:
 
 
 def _train_model(args: DemoArguments, output: Path) -> dict:
-    """The CPU recipe (issue 7): keys with gradients (as in the paper), stop words off span edges, name-like runs
-    masked first (salient span masking), similarity scale 0.2, lr 2e-4 after a short warm-up decaying along a cosine
-    over the wall-clock budget, 128-token blocks in groups of 16, bf16 autocast on CPUs that compute bf16 natively;
-    checkpoints let an interrupted run resume."""
-    if args.train_minutes == 0:
+    """The CPU recipe (issue 7, on a step budget since issue 20): keys with gradients (as in the paper), stop words
+    off span edges, name-like runs masked first (salient span masking), similarity scale 0.2, lr 2e-4 after a short
+    warm-up decaying along a cosine over the step budget, 128-token blocks in groups of 16, bf16 autocast on CPUs
+    that compute bf16 natively; checkpoints let an interrupted run resume."""
+    if args.train_steps == 0:
         convert_encoder(minilm_path(), output / MODEL_SUBFOLDER, overwrite=True)
         return {"trained": False}
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     too_small = (f"The corpus is too small to train the demo on: at least {MIN_TRAINING_TOKENS} tokens are needed "
                  f"after the cloze cut (two batches of {GROUP_SIZE} blocks of {TRAIN_BLOCK_SIZE}). Pass a larger "
-                 "--corpus, or --train-minutes 0 for the untrained encoder.")
+                 "--corpus, or --train-steps 0 for the untrained encoder.")
     try:
         blocks = prepare_training_blocks(str(output / "corpus.jsonl"), tokenizer, block_size=TRAIN_BLOCK_SIZE,
                                          group_size=GROUP_SIZE)
@@ -241,15 +257,7 @@ def _train_model(args: DemoArguments, output: Path) -> dict:
     if len(set(blocks["group"])) < 2:
         raise ValueError(too_small)
     checkpoints = output / "checkpoints"
-    bf16 = bf16_training()
-    training_args = NPMTrainingArguments(
-        output_dir=str(checkpoints), max_steps=1_000_000, max_train_minutes=args.train_minutes,
-        learning_rate=LEARNING_RATE, warmup_steps=30, lr_scheduler_type="cosine", schedule_by_time=True,
-        key_gradients=True, salient_span_ratio=1.0, save_strategy="steps", save_steps=25, save_total_limit=1,
-        logging_steps=25, report_to=[], disable_tqdm=not args.show_progress_bar,
-        resume_from_checkpoint="last" if checkpoints.is_dir() else None, dataloader_pin_memory=False,
-        bf16=bf16, use_cpu=bf16,
-    )
+    training_args = demo_training_arguments(args, checkpoints)
     data_args = TrainDataArguments(model=minilm_path(), corpus=str(output / "corpus.jsonl"),
                                    output=str(output / MODEL_SUBFOLDER),
                                    block_size=TRAIN_BLOCK_SIZE, group_size=GROUP_SIZE, mask_stopwords=False,
@@ -257,7 +265,23 @@ def _train_model(args: DemoArguments, output: Path) -> dict:
     trainer = train(data_args, training_args)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the final model is saved; checkpoints only served resuming
     steps = trainer.state.global_step
-    return {"trained": True, "bf16": bf16, "steps": steps, "training_tokens": steps * GROUP_SIZE * TRAIN_BLOCK_SIZE}
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"trained": True, "bf16": training_args.bf16, "steps": steps, "training_tokens": steps * GROUP_SIZE * TRAIN_BLOCK_SIZE,
+            "final_loss": losses[-1] if losses else None}
+
+
+def demo_training_arguments(args: DemoArguments, checkpoints: Path) -> NPMTrainingArguments:
+    """The demo's Trainer arguments: `args.train_steps` optimizer steps whatever the machine's speed, the cosine
+    decay over those steps, checkpoints every 25 steps in `checkpoints` (resumed from the last one)."""
+    bf16 = bf16_training()
+    return NPMTrainingArguments(
+        output_dir=str(checkpoints), max_steps=args.train_steps, learning_rate=LEARNING_RATE,
+        warmup_steps=min(WARMUP_STEPS, args.train_steps // 10), lr_scheduler_type="cosine", key_gradients=True,
+        salient_span_ratio=1.0, save_strategy="steps", save_steps=25, save_total_limit=1, logging_steps=25,
+        report_to=[], disable_tqdm=not args.show_progress_bar,
+        resume_from_checkpoint="last" if checkpoints.is_dir() else None, dataloader_pin_memory=False,
+        bf16=bf16, use_cpu=bf16,
+    )
 
 
 # Decoding chosen for the CPU-trained demo model on its held-out cloze set (measured: docs/demo_recipe.md,

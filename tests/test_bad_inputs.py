@@ -280,5 +280,5 @@ def test_non_finite_numbers_are_refused_in_every_argument_field(tmp_path):
         for name in ("learning_rate", "max_grad_norm", "adam_beta1", "max_train_minutes", "mask_ratio"):
             with pytest.raises(ValueError, match=name):
                 NPMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, **{name: value})
-        with pytest.raises(ValueError, match="train_minutes must be a finite number"):
-            DemoArguments(train_minutes=value)
+        with pytest.raises(ValueError, match="train_steps must be an integer"):
+            DemoArguments(train_steps=value)

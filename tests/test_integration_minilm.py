@@ -80,7 +80,7 @@ def test_minilm_index_facts(minilm_npm):
 def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir, monkeypatch):
     corpus = shared_dir / "offline_data" / "enwiki_sample" / "enwiki_sample.jsonl"
     args = npm_hf.demo.DemoArguments(corpus=str(corpus), output=str(tmp_path / "demo"), num_documents=4,
-                                     train_minutes=0.1, num_cloze=4, num_queries=2, show_progress_bar=False)
+                                     train_steps=2, num_cloze=4, num_queries=2, show_progress_bar=False)
     report = npm_hf.demo.run_demo(args)
     model_dir = tmp_path / "demo" / "model"
     assert report["training"]["trained"] and report["training"]["steps"] >= 1
@@ -118,7 +118,12 @@ def test_demo_trains_measures_answers_and_resumes(tmp_path, shared_dir, monkeypa
     assert not (tmp_path / "demo" / "checkpoints").exists()
     built = (model_dir / "index" / "manifest.json").stat().st_mtime_ns
     weights = (model_dir / "model.safetensors").stat().st_mtime_ns
-    assert npm_hf.demo.run_demo(args) == report  # a second run reuses everything
+    assert [stage["stage"] for stage in report["stages"]] == [
+        "cloze", "model", "index", "evaluation", "baselines", "queries"]
+    assert not any(stage["reused"] for stage in report["stages"]) and report["training"]["steps"] == 2
+    again = npm_hf.demo.run_demo(args)
+    assert [stage["reused"] for stage in again["stages"]] == [True] * 5 + [False]  # a second run reuses everything
+    assert again["stages"][:5] == report["stages"][:5] and {**again, "stages": None} == {**report, "stages": None}
     state_file = tmp_path / "demo" / "demo_state.json"
     state = json.loads(state_file.read_text())
     (evaluated,) = [name for name in state["done"] if name.startswith("evaluation")]
