@@ -167,8 +167,9 @@ class NPMModel(NPMPreTrainedModel):
 
         Args:
             encoder_name_or_path: local directory or Hub model id of the encoder.
-            kwargs: [`NPMConfig`] fields (`mode`, `k`, `temperature`, ...); every other keyword goes to
-                `AutoModel.from_pretrained` (`revision`, `cache_dir`, `token`, `dtype`, ...).
+            kwargs: [`NPMConfig`] fields (`mode`, `similarity_scale`, ...); every other keyword goes to
+                `AutoModel.from_pretrained` (`revision`, `cache_dir`, `token`, `dtype`, ...). Decoding settings
+                (`k`, `temperature`, span rules) are not part of the model: pass them to the pipeline.
 
         Example:
         ```python
@@ -179,7 +180,17 @@ class NPMModel(NPMPreTrainedModel):
         npm_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in config_fields}
         # The released facebook/npm-single is NPM-single; every other encoder starts as an NPM (span mode).
         npm_kwargs.setdefault("mode", "single" if "npm-single" in str(encoder_name_or_path).rstrip("/") else "span")
-        encoder, info = _load_encoder_quietly(encoder_name_or_path, **kwargs)
+        try:
+            encoder, info = _load_encoder_quietly(encoder_name_or_path, **kwargs)
+        except TypeError as error:
+            if not kwargs or "unexpected keyword argument" not in str(error):
+                raise
+            raise TypeError(
+                f"NPMModel.from_encoder got {sorted(kwargs)}, which are neither NPMConfig fields "
+                f"({sorted(config_fields)}) nor arguments the encoder accepts ({error}). Decoding settings (k, "
+                "temperature, span rules, pre-filters) belong to the pipeline: pipeline('fill-mask', model=..., "
+                "k=8) or the model's decoding_config.json."
+            ) from None
         if encoder.config.model_type == NPMConfig.model_type:
             raise ValueError(
                 f"{encoder_name_or_path!r} is already an NPM model; load it with NPMModel.from_pretrained."

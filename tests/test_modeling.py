@@ -88,6 +88,12 @@ def test_from_encoder_of_released_npm_format(tmp_path):
     assert torch.equal(model(ids).last_hidden_state, expected)
 
 
+def test_from_encoder_names_decoding_settings_that_are_not_model_fields(encoder_dir):
+    with pytest.raises(TypeError, match=r"\['k'\], which are neither NPMConfig fields.*belong to the pipeline"):
+        NPMModel.from_encoder(str(encoder_dir), k=8)
+    assert NPMModel.from_encoder(str(encoder_dir), similarity_scale=0.5).config.similarity_scale == 0.5
+
+
 def test_from_encoder_rejects_npm_checkpoints(tmp_path):
     NPMModel(NPMConfig(encoder=TINY_BERT)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="already an NPM model"):
