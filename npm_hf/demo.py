@@ -266,7 +266,8 @@ def _train_model(args: DemoArguments, output: Path) -> dict:
     shutil.rmtree(checkpoints, ignore_errors=True)  # the final model is saved; checkpoints only served resuming
     steps = trainer.state.global_step
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"trained": True, "bf16": training_args.bf16, "steps": steps, "training_tokens": steps * GROUP_SIZE * TRAIN_BLOCK_SIZE,
+    return {"trained": True, "bf16": training_args.bf16, "steps": steps,
+            "training_tokens": steps * GROUP_SIZE * TRAIN_BLOCK_SIZE,
             "final_loss": losses[-1] if losses else None}
 
 
