@@ -42,7 +42,9 @@ setup(
         "demo": ["gensim>=4.3"],  # ships the Wikipedia sample the demo indexes by default
         "qdrant": ["qdrant-client>=1.20"],  # npm_hf.vector_store: candidate search in a Qdrant collection
         "gradio": ["gradio>=6"],  # npm-hf gradio / spaces/npm-demo/app.py (npm_hf.web_demo; launch(css=) is Gradio 6)
-        "dev": ["pytest>=8", "gensim>=4.3", "qdrant-client>=1.20", "peft>=0.13", "gradio>=6", "websocket-client>=1.6"],
+        "ray": ["ray>=2.40"],  # npm_hf.serve: index shards served by Ray actors (docs/scale_out.md)
+        "dev": ["pytest>=8", "gensim>=4.3", "qdrant-client>=1.20", "peft>=0.13", "gradio>=6", "websocket-client>=1.6",
+                "ray>=2.40", "matplotlib>=3.8"],  # matplotlib: the benchmark figures in docs/
     },
     entry_points={"console_scripts": ["npm-hf=npm_hf.cli:main"]},
 )

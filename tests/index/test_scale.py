@@ -212,6 +212,9 @@ def test_large_flat_index_is_searched_streamed_like_faiss(tmp_path, model_and_to
         # each row has the exact score of its rank; only near-ties (float rounding) may swap places
         np.testing.assert_allclose(np.take_along_axis(exact, rows, axis=1), faiss_scores, rtol=1e-5, atol=1e-5)
         assert all(len(set(row)) == k for row in rows.tolist())
-        assert (rows == faiss_rows).mean() > 0.99
+        # a row may differ from FAISS's only where the two rows tie (duplicate tokens of the corpus score the same)
+        differ = rows != faiss_rows
+        np.testing.assert_allclose(np.take_along_axis(exact, rows, axis=1)[differ],
+                                   np.take_along_axis(exact, faiss_rows, axis=1)[differ], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="nprobe applies to IVF indexes"):
         streamed.search(queries, 3, nprobe=2)
