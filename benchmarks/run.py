@@ -499,7 +499,8 @@ def figure_p1r(model, tokenizer, index, queries: list[str], rounds: tuple[int, i
     from npm_hf.serve import RayShardedIndex
 
     started = time.perf_counter()
-    ray.init(num_cpus=P1R_SHARDS, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    ray.init(address="local", num_cpus=P1R_SHARDS, include_dashboard=False, log_to_driver=False,
+             logging_level="warning")
     try:
         with RayShardedIndex(index.path, num_shards=P1R_SHARDS) as sharded:
             start_up = time.perf_counter() - started

@@ -66,8 +66,9 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     try:
-        ray.init(address=address, log_to_driver=False, logging_level="warning",
-                 **({"include_dashboard": False} if address is None else {}))
+        # None: a new instance ("local"), never a cluster that happens to run on this machine (that is "auto")
+        ray.init(address=address or "local", log_to_driver=False, logging_level="warning",
+                 **({"include_dashboard": False} if address in (None, "local") else {}))
     except ConnectionError as error:
         raise ShardServingError(
             f"Cannot connect to a Ray cluster at address={address!r} ({error}). Start one (`ray start --head` on "
