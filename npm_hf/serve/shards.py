@@ -10,7 +10,7 @@ indexes, IVF candidates re-scored from the float16 vectors, search knobs) is wha
   into lists of their own, over the same quantizer, candidates re-scored by the reader as locally;
 * anything else (HNSW, PQ without IVF, ...) is refused with an error naming a factory that can be served.
 
-No Ray here: the Ray actors (`npm_hf.serve.ray_index`) wrap this class, and tests can run it in-process.
+No Ray here: the Ray actors (`npm_hf.serve.actors`) wrap this class, and tests can run it in-process.
 """
 
 import dataclasses

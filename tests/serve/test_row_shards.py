@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import npm_hf
-from npm_hf.serve.ray_index import _merge
+from npm_hf.serve import merge_top_k
 from npm_hf.serve.shards import ShardSearcher, ShardServingError, shard_bounds
 
 
@@ -28,7 +28,7 @@ def sharded_search(path, num_shards, queries, k, many=False, **knobs):
     index = npm_hf.NPMIndex.load(path)
     parts = [ShardSearcher(str(path), lo, hi).search(queries, k, many=many, **knobs)
              for lo, hi in shard_bounds(index.num_indexed, num_shards)]
-    return _merge(parts, min(k, index.num_indexed))
+    return merge_top_k(parts, min(k, index.num_indexed))
 
 
 def test_shard_bounds_cover_every_row_once():
