@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from .decoding import NPMDecodingConfig
 from .tokens import LINE_START, SPECIAL, WORD_END, WORD_START
-from .stopwords import (ABBREVIATION, JOINER, LONGEST_ABBREVIATION, STOPWORDS, id_table, joiner_pieces,
+from .stopwords import (ABBREVIATION, ATTACHED_JOINER, JOINER, LONGEST_ABBREVIATION, STOPWORDS, id_table, joiner_pieces,
                         pieces_after_a_word, reference_stopword_ids, symbol_pieces)
 
 
@@ -303,6 +303,9 @@ class NPMPredictor:
             live = live[:0]
         origin = anchors[live]
         block = origin // block_size
+        if targets is not None:  # per anchor, the first target at or after the walk's current token
+            assert step == 1, "targets are met walking forward"
+            upcoming = np.searchsorted(targets, origin)
         found_index, found_other, found_target = [], [], []
         for offset in range(self.decoding.max_span_length):
             if len(live) == 0:
@@ -315,12 +318,15 @@ class NPMPredictor:
             if line_breaks and offset:  # a line start ends the walk: `other` forward, the token after it backward
                 crossed = other_flags if step == 1 else np.asarray(flags[np.minimum(other + 1, n - 1)])
                 alive &= (crossed & LINE_START) == 0
-            ok = np.flatnonzero(alive & ((other_flags & need_other) != 0))
-            if targets is not None:  # searchsorted on a few needles: what np.isin would sort them all for
-                at = np.minimum(np.searchsorted(targets, other[ok]), len(targets) - 1)
-                hit = targets[at] == other[ok]
-                ok, at = ok[hit], at[hit]
-                found_target.append(at)
+            ended = alive & ((other_flags & need_other) != 0)
+            if targets is not None:  # `other` is a target iff it is the upcoming one (targets are sorted, unique)
+                at = np.minimum(upcoming, len(targets) - 1)
+                met = targets[at] == other
+                ok = np.flatnonzero(ended & met)
+                found_target.append(at[ok])
+                upcoming = (upcoming + met)[alive]
+            else:
+                ok = np.flatnonzero(ended)
             found_index.append(live[ok])
             found_other.append(other[ok])
             live, origin, block = live[alive], origin[alive], block[alive]
@@ -375,9 +381,10 @@ class NPMPredictor:
 
     def _joins_words(self, positions: np.ndarray) -> np.ndarray:
         """Whether each position (inside a span, so both neighbours are in it) is a one-token joiner mark between two
-        words that are neither stop words nor punctuation (a comma, "&", "/" or a dash: "May 16, 1929", "Austin,
-        Texas", "Procter & Gamble"), or the period of an abbreviation: right after such a word of at most
-        `LONGEST_ABBREVIATION` characters ("St. Louis", "J. Edgar Hoover", not the end of a sentence)."""
+        words that are neither stop words nor punctuation: "&", "/" or a dash ("Procter & Gamble", "1914 – 1918"), a
+        comma written right after the word before ("May 16, 1929", "Austin, Texas", not a clause's " , "), or the
+        period of an abbreviation, right after such a word of at most `LONGEST_ABBREVIATION` characters ("St. Louis",
+        "J. Edgar Hoover", not the end of a sentence)."""
         flags, offsets = self.index.token_flags, self.index.token_offsets
         kind = self._joiner_table[np.asarray(self.index.token_ids[positions])]
         one_token = (np.asarray(flags[positions]) & (WORD_START | WORD_END)) == (WORD_START | WORD_END)
@@ -393,9 +400,10 @@ class NPMPredictor:
         _, after_stop, after_symbol = self._words_at(after)
         ok = ~(before_stop | before_symbol | after_stop | after_symbol)
         before_end = np.asarray(offsets[before, 1])
-        abbreviation = ((before_end - np.asarray(offsets[before_first, 0]) <= LONGEST_ABBREVIATION)
-                        & (before_end == np.asarray(offsets[marks, 0])))
-        ok &= (kind[joins] == JOINER) | ((kind[joins] == ABBREVIATION) & abbreviation)
+        attached = before_end == np.asarray(offsets[marks, 0])
+        short = before_end - np.asarray(offsets[before_first, 0]) <= LONGEST_ABBREVIATION
+        kind = kind[joins]
+        ok &= (kind == JOINER) | ((kind == ATTACHED_JOINER) & attached) | ((kind == ABBREVIATION) & attached & short)
         joins[joins] = ok
         return joins
 
