@@ -2,7 +2,8 @@
 
     python benchmarks/cloze_table.py --cloze cloze.jsonl --model NPM_DIR [NPM_DIR ...] [--output table.json]
         [--prefilter none bm25 dense] [--scoring sum product] [--aggregation sum max] [--stopwords none edges any]
-        [--exclude-query-phrases false true] [--cross-lines true false] [--passages blocks:3:0 64:10:4]
+        [--punctuation word inner] [--exclude-query-phrases false true] [--cross-lines true false]
+        [--passages blocks:3:0 64:10:4] [--max-examples N]
 
 A `--passages` value is TOKENS:KEPT:WEIGHT, the pre-filter's passages (`blocks`, or windows of that many tokens), how
 many it keeps and the weight of their relevance in the token logits (config.prefilter_passage_tokens,
@@ -12,18 +13,26 @@ Each row also gives EM@1 / EM@5 on the even and on the odd lines of the cloze fi
 reported on the other. Each model retrieves from its own index (built over the corpus the cloze sentences were cut
 from). The lexical baseline takes BM25's top-3 blocks of the first model's index for the query (mask removed) and
 answers with their most frequent capitalised 1-4-word runs that the query does not already contain.
+
+It also counts, per span rule (stop words x punctuation), the gold answers that any decoding could return at all:
+those with an occurrence in the first model's index that is a span the rule keeps ("reachable"), and how many gold
+answers hold punctuation between two of their characters ("inner punctuation").
 """
 
 import argparse
 import itertools
 import json
+import re
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
 import npm_hf
 from npm_hf.evaluation import EvaluationArguments, lexical_cloze_baseline, save_results
 from npm_hf.evaluation.metrics import exact_match
+from npm_hf.inference.retrieval import NPMPredictor
 
 
 def main(argv=None) -> int:
@@ -34,6 +43,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scoring", nargs="+", default=["sum", "product"], help="config.span_scoring values")
     parser.add_argument("--aggregation", nargs="+", default=["sum"], help="config.phrase_aggregation values")
     parser.add_argument("--stopwords", nargs="+", default=["none"], help="config.span_stopwords values")
+    parser.add_argument("--punctuation", nargs="+", default=["word"], help="config.span_punctuation values")
+    parser.add_argument("--max-examples", type=int, default=None, help="Only the first N cloze queries.")
     parser.add_argument("--exclude-query-phrases", nargs="+", default=["false"], choices=["false", "true"],
                         help="config.exclude_query_phrases values")
     parser.add_argument("--cross-lines", nargs="+", default=["true"], choices=["false", "true"],
@@ -42,23 +53,30 @@ def main(argv=None) -> int:
                         help="TOKENS:KEPT:WEIGHT pre-filter settings, TOKENS a number or 'blocks'")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
-    examples = [json.loads(line) for line in open(args.cloze, encoding="utf-8")]
+    examples = [json.loads(line) for line in open(args.cloze, encoding="utf-8")][: args.max_examples]
+    cloze = args.cloze
+    if args.max_examples is not None:  # the evaluation reads a file: the first N queries in a temporary one
+        cloze = str(Path(tempfile.mkdtemp(prefix="cloze-table-")) / "queries.jsonl")
+        save_jsonl(examples, cloze)
+    reachable = reachable_answers(args.model[0], examples, args.stopwords, args.punctuation)
+    for row in reachable:
+        print(json.dumps(row), flush=True)
     rows = []
     for model in args.model:
         npm, tokenizer = npm_hf.load_npm(model)
-        for scoring, aggregation, stopwords, exclude, cross_lines, prefilter, passages in itertools.product(
-                args.scoring, args.aggregation, args.stopwords, args.exclude_query_phrases, args.cross_lines,
-                args.prefilter, args.passages):
+        for scoring, aggregation, stopwords, punctuation, exclude, cross_lines, prefilter, passages in (
+                itertools.product(args.scoring, args.aggregation, args.stopwords, args.punctuation,
+                                  args.exclude_query_phrases, args.cross_lines, args.prefilter, args.passages)):
             tokens, kept, weight = passages
-            decoding = {"span_scoring": scoring, "phrase_aggregation": aggregation,
+            decoding = {"span_scoring": scoring, "phrase_aggregation": aggregation, "span_punctuation": punctuation,
                         "exclude_query_phrases": exclude == "true", "spans_cross_lines": cross_lines == "true",
                         "prefilter_passage_tokens": tokens or "blocks", "prefilter_blocks": kept,
                         "prefilter_weight": weight}
-            result = npm_hf.evaluate(npm, EvaluationArguments(task="cloze", data=args.cloze, prefilter=prefilter,
+            result = npm_hf.evaluate(npm, EvaluationArguments(task="cloze", data=cloze, prefilter=prefilter,
                                                               span_stopwords=stopwords, show_progress_bar=False),
                                      tokenizer=tokenizer, decoding=decoding)
             row = {"model": model, "span_scoring": scoring, "phrase_aggregation": aggregation,
-                   "span_stopwords": stopwords, "exclude_query_phrases": exclude, "spans_cross_lines": cross_lines,
+                   "span_stopwords": stopwords, "span_punctuation": punctuation, "exclude_query_phrases": exclude, "spans_cross_lines": cross_lines,
                    "prefilter": prefilter,
                    "passages": _passages_name(passages),
                    "em1": result["micro_exact_match"], "em5": result["micro_exact_match_at_5"],
@@ -69,18 +87,73 @@ def main(argv=None) -> int:
     lexical = lexical_cloze_baseline(npm_hf.NPMIndex.for_model(npm_hf.load_npm(args.model[0])[0]), examples)
     print(json.dumps({"model": "lexical baseline (BM25 top-3 blocks, capitalised runs by frequency)", **lexical}))
     if args.output:
-        save_results({"rows": rows, "lexical_baseline": lexical}, args.output)
-    print("| model | span scoring | aggregation | span stop words | query phrases excluded | spans cross lines "
-          "| pre-filter | passages | EM@1 / EM@5 | even lines | odd lines |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+        save_results({"rows": rows, "lexical_baseline": lexical, "reachable": reachable}, args.output)
+    print("| span stop words | span punctuation | gold answers | with inner punctuation | reachable | reachable with "
+          "inner punctuation |")
+    print("|---|---|---|---|---|---|")
+    for r in reachable:
+        print(f"| {r['span_stopwords']} | {r['span_punctuation']} | {r['answers']} | {r['inner_punctuation']} | "
+              f"{r['reachable']} | {r['reachable_inner_punctuation']} |")
+    print("| model | span scoring | aggregation | span stop words | span punctuation | query phrases excluded "
+          "| spans cross lines | pre-filter | passages | EM@1 / EM@5 | even lines | odd lines |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     pair = lambda at1, at5: f"{100 * at1:.1f} / {100 * at5:.1f}"  # noqa: E731
     for r in rows:
         print(f"| {r['model']} | {r['span_scoring']} | {r['phrase_aggregation']} | {r['span_stopwords']} | "
-              f"{r['exclude_query_phrases']} | {r['spans_cross_lines']} | {r['prefilter']} | {r['passages']} | "
+              f"{r['span_punctuation']} | {r['exclude_query_phrases']} | {r['spans_cross_lines']} | {r['prefilter']} | {r['passages']} | "
               f"{pair(r['em1'], r['em5'])} | {pair(*r['even'])} | {pair(*r['odd'])} |")
-    print(f"| lexical baseline | | | | | | BM25 | top-3 blocks | "
+    print(f"| lexical baseline | | | | | | | BM25 | top-3 blocks | "
           f"{pair(lexical['exact_match_at_1'], lexical['exact_match_at_5'])} | | |")
     return 0
+
+
+INNER_PUNCTUATION = re.compile(r"\w[^\w\s]+\s*\w")
+
+
+def reachable_answers(model: str, examples: list[dict], stopword_rules, punctuation_rules) -> list[dict]:
+    """Per span rule: how many gold answers occur in the model's index as a span the rule keeps (what any decoding
+    could answer), overall and among the answers with inner punctuation."""
+    npm, tokenizer = npm_hf.load_npm(model)
+    index = npm_hf.NPMIndex.for_model(npm)
+    occurrences = [_occurrences(index, example["answer"]) for example in examples]
+    inner = [bool(INNER_PUNCTUATION.search(example["answer"])) for example in examples]
+    rows = []
+    for stopwords, punctuation in itertools.product(stopword_rules, punctuation_rules):
+        predictor = NPMPredictor(npm.config, tokenizer, index).using(span_stopwords=stopwords,
+                                                                     span_punctuation=punctuation)
+        found = []
+        for starts, ends in occurrences:
+            kept = [len(predictor.enumerate_spans(np.array([s]), np.array([e]))[0]) > 0 for s, e in zip(starts, ends)]
+            found.append(any(kept))
+        rows.append({"span_stopwords": stopwords, "span_punctuation": punctuation, "answers": len(examples),
+                     "inner_punctuation": sum(inner), "reachable": sum(found),
+                     "reachable_inner_punctuation": sum(f and i for f, i in zip(found, inner))})
+    return rows
+
+
+def _occurrences(index, answer: str) -> tuple[list[int], list[int]]:
+    """Token spans (first, last position) of the index whose document text is `answer`, at word boundaries."""
+    pattern = re.compile(rf"(?<!\w){re.escape(answer)}(?!\w)")
+    docs, offsets = np.asarray(index.token_docs), np.asarray(index.token_offsets)
+    starts, ends = [], []
+    for d in range(index.manifest.num_documents):
+        matches = list(pattern.finditer(index.documents[d]["text"]))
+        if not matches:
+            continue
+        tokens = np.flatnonzero(docs == d)
+        for match in matches:
+            first = tokens[offsets[tokens, 0] == match.start()]
+            last = tokens[offsets[tokens, 1] == match.end()]
+            if len(first) and len(last):
+                starts.append(int(first[0]))
+                ends.append(int(last[-1]))
+    return starts, ends
+
+
+def save_jsonl(rows: list[dict], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _halves(predictions: list[list[str]], examples: list[dict]) -> dict:

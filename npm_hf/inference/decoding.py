@@ -53,8 +53,9 @@ class NPMDecodingConfig:
         metadata={"help": "With span_stopwords='any': 'word' lets punctuation inside a span only within a word "
                           "(\"Mid-Atlantic\", \"7,000\"); 'inner' also between two words, where it joins a number, "
                           "date or name (\"May 16, 1929\", \"Austin, Texas\", \"St. Louis\", \"Procter & Gamble\"): "
-                          "a comma, '&', '/' or dash between two words that are neither stop words nor punctuation, "
-                          "or a period after such a word of at most 3 characters. Never at an edge."})
+                          "'&', '/' or a dash between two words that are neither stop words nor punctuation, a comma "
+                          "right after the first of them, or a period right after such a word of at most 3 "
+                          "characters. Never at an edge."})
     expand_span_candidates: bool = field(
         default=False,
         metadata={"help": "Span mode: the official candidate expansion (starts of spans ending at a retrieved end, "

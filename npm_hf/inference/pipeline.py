@@ -229,7 +229,8 @@ class NonparametricFillMaskPipeline(Pipeline):
 
     def _fill(self, input_ids: list[int], start: int, length: int, answer_ids: list[int], single: bool) -> str:
         ids = input_ids[:start] + answer_ids + input_ids[start + length :]
-        ids = [i for i in ids if i != self.tokenizer.pad_token_id]
+        pad = self.tokenizer.pad_token_id  # once: a tokenizer property costs a vocabulary lookup per read
+        ids = [i for i in ids if i != pad]
         return self.tokenizer.decode(ids, skip_special_tokens=single)
 
     def _single_target_ids(self, targets: list[str]) -> list[int]:

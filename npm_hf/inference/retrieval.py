@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from .decoding import NPMDecodingConfig
 from .tokens import LINE_START, SPECIAL, WORD_END, WORD_START
-from .stopwords import (ABBREVIATION, JOINER, LONGEST_ABBREVIATION, STOPWORDS, id_table, joiner_pieces,
+from .stopwords import (ABBREVIATION, ATTACHED_JOINER, JOINER, LONGEST_ABBREVIATION, STOPWORDS, id_table, joiner_pieces,
                         pieces_after_a_word, reference_stopword_ids, symbol_pieces)
 
 
@@ -62,6 +62,7 @@ class _Tables:
 
     def __init__(self):
         self.stopword_hashes = None  # phrase hashes of the stop words
+        self.single_stopwords = None
         self.reference_stopwords = None
         self.piece_texts = None  # pieces_after_a_word
         self.symbols = None
@@ -261,8 +262,8 @@ class NPMPredictor:
         if not expand:
             start_index, end_index = self._spans_between(starts, ends)
             return starts[start_index], ends[end_index]
-        start_index, forward_e = self._walk(starts, step=1)
-        end_index, backward_s = self._walk(ends, step=-1)
+        start_index, forward_e, _ = self._walk(starts, step=1)
+        end_index, backward_s, _ = self._walk(ends, step=-1)
         found_s = np.concatenate([starts[start_index], backward_s])
         found_e = np.concatenate([forward_e, ends[end_index]])
         keys = np.unique(found_s * self.index.num_tokens + found_e)
@@ -275,17 +276,16 @@ class NPMPredictor:
 
     def _spans_between(self, starts: np.ndarray, sorted_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Valid spans from one of `starts` to one of `sorted_ends`, as (index into starts, index into ends)."""
-        start_index, span_ends = self._walk(starts, step=1)
-        retrieved = np.isin(span_ends, sorted_ends)  # filter first: searchsorted is slow on many unsorted needles
-        start_index, end_index = start_index[retrieved], np.searchsorted(sorted_ends, span_ends[retrieved])
-        keep = self._stopword_filter(starts[start_index], sorted_ends[end_index])
+        start_index, span_ends, end_index = self._walk(starts, step=1, targets=sorted_ends)
+        keep = self._stopword_filter(starts[start_index], span_ends)
         return start_index[keep], end_index[keep]
 
-    def _walk(self, anchors: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def _walk(self, anchors: np.ndarray, step: int, targets: np.ndarray | None = None):
         """From each anchor, walk up to max_span_length tokens (forward or backward) inside its block without
         crossing a special token (nor, with `spans_cross_lines=False`, a line break). Returns, per word-bounded span
-        found, the anchor's index and the other end."""
-        flags, n = self.index.token_flags, self.index.num_tokens
+        found (by offset, then anchor), the anchor's index and the other end, and with `targets` (sorted unique
+        positions) only the spans whose other end is one of them, with its index there (else None)."""
+        flags, n, block_size = self.index.token_flags, self.index.num_tokens, self.index.block_size
         line_breaks = not self.decoding.spans_cross_lines
         if line_breaks and not getattr(getattr(self.index, "manifest", None), "line_starts_marked", True):
             if not self._tables.warned_unmarked_lines:
@@ -294,25 +294,48 @@ class NPMPredictor:
                                "line starts; rebuild it (npm-hf build-index --overwrite) to keep answers within one "
                                "line.")
             line_breaks = False
-        anchor_flags = flags[anchors]
+        anchors = np.asarray(anchors, dtype=np.int64)
+        anchor_flags = np.asarray(flags[anchors])
         need_anchor, need_other = (WORD_START, WORD_END) if step == 1 else (WORD_END, WORD_START)
-        alive = (anchor_flags & SPECIAL) == 0
-        anchor_ok = (anchor_flags & need_anchor) != 0
-        anchor_block = anchors // self.index.block_size
-        found_index, found_other = [], []
+        # the anchors still walking (by index, increasing): a span needs a plain anchor of the right kind
+        live = np.flatnonzero(((anchor_flags & SPECIAL) == 0) & ((anchor_flags & need_anchor) != 0))
+        if targets is not None and len(targets) == 0:
+            live = live[:0]
+        origin = anchors[live]
+        block = origin // block_size
+        if targets is not None:  # per anchor, the first target at or after the walk's current token
+            assert step == 1, "targets are met walking forward"
+            upcoming = np.searchsorted(targets, origin)
+        found_index, found_other, found_target = [], [], []
         for offset in range(self.decoding.max_span_length):
-            other = anchors + step * offset
-            alive &= (other >= 0) & (other < n)
-            other = np.where(alive, other, anchors)
-            other_flags = flags[other]
-            alive &= ((other_flags & SPECIAL) == 0) & (other // self.index.block_size == anchor_block)
+            if len(live) == 0:
+                break
+            other = origin + step * offset
+            alive = (other >= 0) & (other < n)
+            other = np.where(alive, other, origin)
+            other_flags = np.asarray(flags[other])
+            alive &= ((other_flags & SPECIAL) == 0) & (other // block_size == block)
             if line_breaks and offset:  # a line start ends the walk: `other` forward, the token after it backward
-                crossed = other_flags if step == 1 else flags[np.minimum(other + 1, n - 1)]
+                crossed = other_flags if step == 1 else np.asarray(flags[np.minimum(other + 1, n - 1)])
                 alive &= (crossed & LINE_START) == 0
-            ok = np.flatnonzero(alive & anchor_ok & ((other_flags & need_other) != 0))
-            found_index.append(ok)
+            ended = alive & ((other_flags & need_other) != 0)
+            if targets is not None:  # `other` is a target iff it is the upcoming one (targets are sorted, unique)
+                at = np.minimum(upcoming, len(targets) - 1)
+                met = targets[at] == other
+                ok = np.flatnonzero(ended & met)
+                found_target.append(at[ok])
+                upcoming = (upcoming + met)[alive]
+            else:
+                ok = np.flatnonzero(ended)
+            found_index.append(live[ok])
             found_other.append(other[ok])
-        return np.concatenate(found_index), np.concatenate(found_other)
+            live, origin, block = live[alive], origin[alive], block[alive]
+        empty = np.zeros(0, dtype=np.int64)
+        index = np.concatenate(found_index) if found_index else empty
+        other = np.concatenate(found_other) if found_other else empty
+        if targets is None:
+            return index, other, None
+        return index, other, np.concatenate(found_target) if found_target else empty
 
     def _stopword_filter(self, span_starts: np.ndarray, span_ends: np.ndarray) -> np.ndarray | slice:
         """Which spans `decoding.span_stopwords` keeps (a boolean mask, or a slice keeping all)."""
@@ -358,9 +381,10 @@ class NPMPredictor:
 
     def _joins_words(self, positions: np.ndarray) -> np.ndarray:
         """Whether each position (inside a span, so both neighbours are in it) is a one-token joiner mark between two
-        words that are neither stop words nor punctuation (a comma, "&", "/" or a dash: "May 16, 1929", "Austin,
-        Texas", "Procter & Gamble"), or the period of an abbreviation: right after such a word of at most
-        `LONGEST_ABBREVIATION` characters ("St. Louis", "J. Edgar Hoover", not the end of a sentence)."""
+        words that are neither stop words nor punctuation: "&", "/" or a dash ("Procter & Gamble", "1914 – 1918"), a
+        comma written right after the word before ("May 16, 1929", "Austin, Texas", not a clause's " , "), or the
+        period of an abbreviation, right after such a word of at most `LONGEST_ABBREVIATION` characters ("St. Louis",
+        "J. Edgar Hoover", not the end of a sentence)."""
         flags, offsets = self.index.token_flags, self.index.token_offsets
         kind = self._joiner_table[np.asarray(self.index.token_ids[positions])]
         one_token = (np.asarray(flags[positions]) & (WORD_START | WORD_END)) == (WORD_START | WORD_END)
@@ -376,9 +400,10 @@ class NPMPredictor:
         _, after_stop, after_symbol = self._words_at(after)
         ok = ~(before_stop | before_symbol | after_stop | after_symbol)
         before_end = np.asarray(offsets[before, 1])
-        abbreviation = ((before_end - np.asarray(offsets[before_first, 0]) <= LONGEST_ABBREVIATION)
-                        & (before_end == np.asarray(offsets[marks, 0])))
-        ok &= (kind[joins] == JOINER) | ((kind[joins] == ABBREVIATION) & abbreviation)
+        attached = before_end == np.asarray(offsets[marks, 0])
+        short = before_end - np.asarray(offsets[before_first, 0]) <= LONGEST_ABBREVIATION
+        kind = kind[joins]
+        ok &= (kind == JOINER) | ((kind == ATTACHED_JOINER) & attached) | ((kind == ABBREVIATION) & attached & short)
         joins[joins] = ok
         return joins
 
@@ -409,6 +434,19 @@ class NPMPredictor:
         punctuation of the list ("the" whether it is one token or "th" + "##e"; not the "the" piece of "the ##ssa
         ##lon ##iki"), and whether the word has no letter or digit (`symbol_pieces`: "|", "%", ",")."""
         positions = np.asarray(positions, dtype=np.int64)
+        flags = self.index.token_flags
+        # most words are one token: their answers are per-vocabulary lookups; only the rest walk their words
+        ids = np.asarray(self.index.token_ids[positions]).astype(np.int64)
+        whole = (np.asarray(flags[positions]) & (WORD_START | WORD_END)) == (WORD_START | WORD_END)
+        first, stop = positions.copy(), self._single_stopwords[ids] & whole
+        symbol = self._symbol_table[ids] & whole
+        pieces = np.flatnonzero(~whole)
+        if len(pieces):
+            first[pieces], stop[pieces], symbol[pieces] = self._words_of_pieces(positions[pieces])
+        return first, stop, symbol
+
+    def _words_of_pieces(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`_words_at` by walking to each position's word's first and last piece (width: at most 8 pieces)."""
         flags, n, width = self.index.token_flags, self.index.num_tokens, _LONGEST_STOPWORD_PIECES
         first, last = positions.copy(), positions.copy()
         for _ in range(width - 1):  # walk to the word's first and last piece (stop words are a few pieces at most)
@@ -419,9 +457,17 @@ class NPMPredictor:
         inside = offsets < (last - first + 1)[:, None]
         grid = np.where(inside, first[:, None] + offsets, first[:, None])
         ids = np.where(inside, self.index.token_ids[np.minimum(grid, n - 1)], -1).astype(np.int64)
-        stop = bounded & np.isin(self._phrase_hashes(ids, inside), self._stopword_hashes)
+        stop = bounded & _sorted_member(self._phrase_hashes(ids, inside), self._stopword_hashes)
         symbol = bounded & np.where(inside, self._symbol_table[np.maximum(ids, 0)], True).all(axis=1)
         return first, stop, symbol
+
+    @property
+    def _single_stopwords(self) -> np.ndarray:
+        """Per vocabulary id: whether the token, as a whole word, reads as a stop word (its phrase hash is one)."""
+        if self._tables.single_stopwords is None:
+            first_hash = self._piece_hashes[0]
+            self._tables.single_stopwords = _sorted_member(first_hash, self._stopword_hashes)
+        return self._tables.single_stopwords
 
     @property
     def _stopword_hashes(self) -> np.ndarray:
@@ -596,6 +642,12 @@ def _top_indices(values: np.ndarray, count: int) -> np.ndarray:
     else:
         candidates = np.arange(len(values))
     return candidates[np.argsort(-values[candidates], kind="stable")][:count]
+
+
+def _sorted_member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """np.isin(values, sorted_set) for a sorted, non-empty `sorted_set`, without sorting `values`."""
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[at] == values
 
 
 def _text_hash(text: str) -> int:

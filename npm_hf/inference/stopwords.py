@@ -31,11 +31,13 @@ STOPWORDS = frozenset(
 )
 
 
-# Marks that may join two words of one number, date or name ("May 16, 1929", "Austin, Texas", "Procter & Gamble",
-# "1914 – 1918") and the period of an abbreviation ("St. Louis", "J. Edgar Hoover"): `joiner_pieces`' values.
-JOINERS = frozenset(", & / - \u2013 \u2014".split())
+# Marks that may join two words of one number, date or name: written with or without spaces ("Procter & Gamble",
+# "1914 – 1918"), right after the word before ("May 16, 1929", "Austin, Texas"; not the " , " of a clause), and the
+# period of an abbreviation ("St. Louis", "J. Edgar Hoover"): `joiner_pieces`' values.
+JOINERS = frozenset("& / - \u2013 \u2014".split())
+ATTACHED_JOINERS = frozenset({","})
 ABBREVIATION_MARK = "."
-JOINER, ABBREVIATION = 1, 2
+JOINER, ATTACHED_JOINER, ABBREVIATION = 1, 2, 3
 LONGEST_ABBREVIATION = 3  # characters of the word before an abbreviation's period ("St", "Mt", "Jr", "J")
 
 
@@ -95,13 +97,15 @@ def symbol_pieces(tokenizer, pieces: list[str] | None = None) -> np.ndarray:
 
 
 def joiner_pieces(tokenizer, pieces: list[str] | None = None) -> np.ndarray:
-    """A table over the vocabulary: JOINER for the pieces that are one of JOINERS, ABBREVIATION for the period, 0
-    for the rest (with or without the space a piece may carry). `pieces`: as for `symbol_pieces`."""
+    """A table over the vocabulary: JOINER for the pieces that are one of JOINERS, ATTACHED_JOINER for those of
+    ATTACHED_JOINERS, ABBREVIATION for the period, 0 for the rest (with or without the space a piece may carry).
+    `pieces`: as for `symbol_pieces`."""
     pieces = pieces_after_a_word(tokenizer) if pieces is None else pieces
     table = np.zeros(_vocabulary_size(tokenizer), dtype=np.uint8)
     for i, piece in enumerate(pieces):
         text = piece.strip()
-        table[i] = JOINER if text in JOINERS else ABBREVIATION if text == ABBREVIATION_MARK else 0
+        table[i] = (JOINER if text in JOINERS else ATTACHED_JOINER if text in ATTACHED_JOINERS
+                    else ABBREVIATION if text == ABBREVIATION_MARK else 0)
     return table
 
 
