@@ -20,6 +20,8 @@ def test_every_setting_is_checked_in_one_place():
         NPMDecodingConfig(length_penalty_alpha=float("inf"))
     with pytest.raises(ValueError, match="span_stopwords='some' is not supported; use one of"):
         NPMDecodingConfig(span_stopwords="some")
+    with pytest.raises(ValueError, match=r"span_punctuation='inside' is not supported; use one of \['word', 'inner'\]"):
+        NPMDecodingConfig(span_punctuation="inside")
     with pytest.raises(ValueError, match="exclude_query_phrases must be True or False"):
         NPMDecodingConfig(exclude_query_phrases="yes")
     with pytest.raises(ValueError, match=r"Unknown decoding option\(s\) \['topk'\]"):

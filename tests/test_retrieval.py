@@ -375,3 +375,101 @@ def test_reference_rule_rejects_a_word_whose_first_piece_is_a_stop_word(encoder_
     reference = make_pipeline(folder, span_stopwords="reference")(query, top_k=100_000)
     assert reference and word not in as_scores(reference)
     assert all(not set(answer["token"]) & stop for answer in reference)
+
+
+# ------------------------------------------------------------------------- punctuation inside spans (issue 20)
+PUNCTUATION_DOCUMENTS = ["Lincoln was born in Hodgenville, Kentucky, far from Texas.",
+                         "The Rio Grande | Texas borders New Mexico. Lincoln met St. Demetrios.",
+                         "Kentucky.Ohio is in Thessaloniki, Texas | . The church , Mexico is hot."]
+
+
+@pytest.fixture(scope="module")
+def punctuation_npm_dir(encoder_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("punctuation") / "model"
+    npm_hf.convert_encoder(str(encoder_dir), folder, k=4096)
+    npm_hf.build_index(folder, PUNCTUATION_DOCUMENTS,
+                       args=npm_hf.IndexBuildArguments(block_size=64, show_progress_bar=False))
+    return folder
+
+
+def punctuation_oracle(index, tokenizer, max_len: int, punctuation: str) -> set:
+    """The spans span_stopwords="any" keeps, word by word: neither edge word a stop word or a word without a letter
+    or digit; no inner stop word; inner punctuation only inside a word (no space on either side) or, with
+    punctuation="inner", a one-token comma, "&", "/" or dash between two words that are neither, or a period right
+    after such a word of at most 3 characters. With punctuation="word", only the stop-word list's punctuation is
+    checked inside (as before the option existed)."""
+    flags, ids = np.asarray(index.token_flags), np.asarray(index.token_ids)
+    offsets, n = np.asarray(index.token_offsets), index.num_tokens
+    word_of = {}
+    for first, last in zip(np.flatnonzero(flags & WORD_START), np.flatnonzero(flags & WORD_END)):
+        word_of.update({p: (int(first), int(last)) for p in range(first, last + 1)})
+    text = lambda word: fill_text(tokenizer, ids[word[0] : word[1] + 1])  # noqa: E731
+    stop = lambda word: text(word).lower() in STOPWORDS  # noqa: E731
+    unknown = tokenizer.unk_token  # its text is not known: a symbol
+    symbol = lambda word: bool(text(word)) and not any(c.isalnum() for c in text(word).replace(unknown, "")) # noqa: E731
+    content = lambda p: p in word_of and not stop(word_of[p]) and not symbol(word_of[p])  # noqa: E731
+
+    def inner_ok(p):
+        if p not in word_of:  # a whitespace-only piece (a bare BPE space): part of no word
+            return True
+        word = word_of[p]
+        if symbol(word) if punctuation == "inner" else stop(word) and symbol(word):
+            if offsets[p - 1, 1] == offsets[p, 0] and offsets[p, 1] == offsets[p + 1, 0]:
+                return True  # inside a word
+            before = max(q for q in word_of if q < p)  # the neighbouring words, past whitespace-only pieces
+            after = min(q for q in word_of if q > p)
+            if punctuation == "word" or word != (p, p) or not (content(before) and content(after)):
+                return False
+            before = word_of[before]
+            abbreviation = (offsets[before[1], 1] - offsets[before[0], 0] <= 3
+                            and offsets[before[1], 1] == offsets[p, 0])
+            return text(word) in {",", "&", "/", "-", "\u2013", "\u2014"} or (text(word) == "." and abbreviation)
+        return not stop(word)
+
+    spans = set()
+    for s in np.flatnonzero(flags & WORD_START):
+        for e in range(s, min(s + max_len, n)):
+            if flags[e] & SPECIAL or e // index.block_size != s // index.block_size:
+                break
+            if flags[e] & WORD_END and content(s) and content(e) and all(inner_ok(p) for p in range(s + 1, e)):
+                spans.add((int(s), int(e)))
+    return spans
+
+
+def fill_text(tokenizer, ids) -> str:
+    return tokenizer.decode([int(i) for i in ids]).strip()
+
+
+@pytest.mark.parametrize("punctuation", ["word", "inner"])
+def test_punctuation_inside_spans_matches_the_rule(punctuation_npm_dir, make_pipeline, punctuation):
+    fill = make_pipeline(punctuation_npm_dir, span_stopwords="any", span_punctuation=punctuation, max_span_length=20)
+    index = fill.index
+    starts, ends = fill.predictor.enumerate_spans(index.positions, index.positions)
+    want = punctuation_oracle(index, fill.tokenizer, fill.decoding.max_span_length, punctuation)
+    assert set(zip(starts.tolist(), ends.tolist())) == want
+    phrases = {index.surface_text(s, e) for s, e in want}
+    joined = {"Hodgenville, Kentucky", "St. Demetrios", "Thessaloniki, Texas", "Kentucky, far", "church , Mexico",
+              "Rio Grande"}
+    if punctuation == "inner":
+        assert joined - phrases == set()
+    else:
+        assert phrases & joined == {"Rio Grande"}
+    assert "Kentucky.Ohio" in phrases and "Mexico. Lincoln" not in phrases  # inside a word; a sentence's end
+    # a bar (WordPiece: [UNK], whose text is not known) joins nothing; the stop-word list alone never knew it
+    assert ("Grande | Texas" in phrases) == (punctuation == "word")
+    assert not any(phrase.endswith((",", ".", "|")) or phrase.startswith((",", ".", "|")) for phrase in phrases)
+
+
+@pytest.mark.parametrize("rule, punctuation", [("any", "word"), ("any", "inner"), ("edges", "word")])
+def test_no_answer_is_empty_or_punctuation_only(punctuation_npm_dir, make_pipeline, rule, punctuation):
+    """After SQuAD's normalisation (the answers' exact match): a bare "|" (a symbol outside the stop-word list; the
+    tiny WordPiece vocabulary reads it as [UNK]) used to be an answer."""
+    from npm_hf.evaluation.metrics import normalize_answer
+
+    fill = make_pipeline(punctuation_npm_dir, span_stopwords=rule, span_punctuation=punctuation)
+    answers = fill(f"{fill.tokenizer.mask_token} borders Texas.", top_k=100_000)
+    assert len(answers) > 20
+    assert all(normalize_answer(answer["phrase"]) and normalize_answer(answer["token_str"]) for answer in answers)
+    every = {answer["phrase"] for answer in make_pipeline(punctuation_npm_dir)(
+        f"{fill.tokenizer.mask_token} borders Texas.", top_k=100_000)}
+    assert {"|", "."} <= every  # span_stopwords="none" keeps every span, as the paper

@@ -23,6 +23,7 @@ from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalE
 DECODING_CONFIG_FILE = "decoding_config.json"
 CHOICES = {
     "span_stopwords": ("none", "any", "edges", "reference"),
+    "span_punctuation": ("word", "inner"),
     "span_scoring": ("sum", "product"),
     "phrase_aggregation": ("sum", "max"),
     "prefilter": ("none", "bm25", "dense"),
@@ -45,7 +46,15 @@ class NPMDecodingConfig:
         metadata={"help": "'none' keeps every span; 'reference' drops spans holding any stop-word or punctuation "
                           "id, wherever it sits in a word (the official open-set rule); 'any' drops spans holding a "
                           "whole-word stop word or punctuation outside a word; 'edges' drops spans that start or end "
-                          "with one."})
+                          "with one. 'any' and 'edges' never let a span start or end with a word that has no letter "
+                          "or digit (punctuation, symbols), so no answer is empty or punctuation only."})
+    span_punctuation: str = field(
+        default="word",
+        metadata={"help": "With span_stopwords='any': 'word' lets punctuation inside a span only within a word "
+                          "(\"Mid-Atlantic\", \"7,000\"); 'inner' also between two words, where it joins a number, "
+                          "date or name (\"May 16, 1929\", \"Austin, Texas\", \"St. Louis\", \"Procter & Gamble\"): "
+                          "a comma, '&', '/' or dash between two words that are neither stop words nor punctuation, "
+                          "or a period after such a word of at most 3 characters. Never at an edge."})
     expand_span_candidates: bool = field(
         default=False,
         metadata={"help": "Span mode: the official candidate expansion (starts of spans ending at a retrieved end, "

@@ -21,7 +21,8 @@ from transformers.utils import logging
 
 from .decoding import NPMDecodingConfig
 from .tokens import LINE_START, SPECIAL, WORD_END, WORD_START
-from .stopwords import STOPWORDS, id_table, pieces_after_a_word, reference_stopword_ids
+from .stopwords import (ABBREVIATION, JOINER, LONGEST_ABBREVIATION, STOPWORDS, id_table, joiner_pieces,
+                        pieces_after_a_word, reference_stopword_ids, symbol_pieces)
 
 
 logger = logging.get_logger(__name__)
@@ -62,6 +63,9 @@ class _Tables:
     def __init__(self):
         self.stopword_hashes = None  # phrase hashes of the stop words
         self.reference_stopwords = None
+        self.piece_texts = None  # pieces_after_a_word
+        self.symbols = None
+        self.joiners = None
         self.word_initial = None
         self.pieces = None
         self.warned_unmarked_lines = False
@@ -323,15 +327,60 @@ class NPMPredictor:
                 positions = np.where(inside, span_starts + offset, span_starts)
                 keep &= ~(inside & table[np.asarray(self.index.token_ids[positions])])
             return keep
-        keep = ~(self._stopword_positions(span_starts) | self._stopword_positions(span_ends))
-        if rule == "any":  # inner tokens too, except punctuation inside a word ("Mid-Atlantic", "Daitō-ryū")
+        # neither edge a stop word nor a word without a letter or digit: no answer is empty or punctuation only
+        _, start_stop, start_symbol = self._words_at(span_starts)
+        _, end_stop, end_symbol = self._words_at(span_ends)
+        keep = ~(start_stop | start_symbol | end_stop | end_symbol)
+        if rule == "any":  # inner words too (span_punctuation: which punctuation may sit inside)
             for offset in range(1, self.decoding.max_span_length - 1):
-                inner = span_starts + offset < span_ends
-                positions = np.where(inner, span_starts + offset, span_starts)
-                stop = inner & self._stopword_positions(positions)
-                stop[stop] = ~self._inside_word(positions[stop])
-                keep &= ~stop
+                inner = np.flatnonzero(keep & (span_starts + offset < span_ends))
+                if len(inner) == 0:  # no kept span is longer: none will be at the next offsets either
+                    break
+                keep[inner[self._rejected_inside(span_starts[inner] + offset)]] = False
         return keep
+
+    def _rejected_inside(self, positions: np.ndarray) -> np.ndarray:
+        """Whether each inner position of a span rules it out under span_stopwords="any": a stop word does, and
+        punctuation unless it lies inside a word ("Mid-Atlantic", "7,000") or, with span_punctuation="inner", joins
+        two words of a number, date or name (`_joins_words`)."""
+        first, stop, symbol = self._words_at(positions)
+        if self.decoding.span_punctuation == "word":  # the stop-word list's punctuation, as before "inner" existed
+            rejected = stop
+            rejected[rejected] = ~self._inside_word(positions[rejected])
+            return rejected
+        rejected = stop | symbol
+        marks = np.flatnonzero(symbol)
+        if len(marks):
+            allowed = self._inside_word(positions[marks])
+            allowed[~allowed] = self._joins_words(positions[marks[~allowed]])
+            rejected[marks[allowed]] = False
+        return rejected
+
+    def _joins_words(self, positions: np.ndarray) -> np.ndarray:
+        """Whether each position (inside a span, so both neighbours are in it) is a one-token joiner mark between two
+        words that are neither stop words nor punctuation (a comma, "&", "/" or a dash: "May 16, 1929", "Austin,
+        Texas", "Procter & Gamble"), or the period of an abbreviation: right after such a word of at most
+        `LONGEST_ABBREVIATION` characters ("St. Louis", "J. Edgar Hoover", not the end of a sentence)."""
+        flags, offsets = self.index.token_flags, self.index.token_offsets
+        kind = self._joiner_table[np.asarray(self.index.token_ids[positions])]
+        one_token = (np.asarray(flags[positions]) & (WORD_START | WORD_END)) == (WORD_START | WORD_END)
+        joins = (kind != 0) & one_token
+        if not joins.any():
+            return joins
+        marks = positions[joins]
+        before, after = marks - 1, marks + 1  # the neighbouring words' nearest pieces, past whitespace-only ones
+        for _ in range(_LONGEST_WHITESPACE_RUN):
+            before -= (np.asarray(flags[before]) & (WORD_END | SPECIAL)) == 0
+            after += (np.asarray(flags[after]) & (WORD_START | SPECIAL)) == 0
+        before_first, before_stop, before_symbol = self._words_at(before)
+        _, after_stop, after_symbol = self._words_at(after)
+        ok = ~(before_stop | before_symbol | after_stop | after_symbol)
+        before_end = np.asarray(offsets[before, 1])
+        abbreviation = ((before_end - np.asarray(offsets[before_first, 0]) <= LONGEST_ABBREVIATION)
+                        & (before_end == np.asarray(offsets[marks, 0])))
+        ok &= (kind[joins] == JOINER) | ((kind[joins] == ABBREVIATION) & abbreviation)
+        joins[joins] = ok
+        return joins
 
     def _inside_word(self, positions: np.ndarray) -> np.ndarray:
         """Whether each position touches both neighbours in the text, with no space between (the tokenizer split
@@ -355,9 +404,10 @@ class NPMPredictor:
             self._tables.reference_stopwords = id_table(self.tokenizer, reference_stopword_ids(self.tokenizer))
         return self._tables.reference_stopwords
 
-    def _stopword_positions(self, positions: np.ndarray) -> np.ndarray:
-        """Whether each corpus position lies in a word whose text is a stop word or punctuation ("the" whether it is
-        one token or "th" + "##e"; not the "the" piece of "the ##ssa ##lon ##iki")."""
+    def _words_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each corpus position, the first piece of its word, whether the word's text is a stop word or
+        punctuation of the list ("the" whether it is one token or "th" + "##e"; not the "the" piece of "the ##ssa
+        ##lon ##iki"), and whether the word has no letter or digit (`symbol_pieces`: "|", "%", ",")."""
         positions = np.asarray(positions, dtype=np.int64)
         flags, n, width = self.index.token_flags, self.index.num_tokens, _LONGEST_STOPWORD_PIECES
         first, last = positions.copy(), positions.copy()
@@ -369,7 +419,9 @@ class NPMPredictor:
         inside = offsets < (last - first + 1)[:, None]
         grid = np.where(inside, first[:, None] + offsets, first[:, None])
         ids = np.where(inside, self.index.token_ids[np.minimum(grid, n - 1)], -1).astype(np.int64)
-        return bounded & np.isin(self._phrase_hashes(ids, inside), self._stopword_hashes)
+        stop = bounded & np.isin(self._phrase_hashes(ids, inside), self._stopword_hashes)
+        symbol = bounded & np.where(inside, self._symbol_table[np.maximum(ids, 0)], True).all(axis=1)
+        return first, stop, symbol
 
     @property
     def _stopword_hashes(self) -> np.ndarray:
@@ -470,11 +522,31 @@ class NPMPredictor:
         """Per vocabulary id: whether the piece begins a word after another one (it decodes with a space before it,
         or it is punctuation)."""
         if self._tables.word_initial is None:
-            pieces = pieces_after_a_word(self.tokenizer)
+            pieces = self._piece_texts
             punctuation = [bool(piece.strip()) and not any(c.isalnum() for c in piece) for piece in pieces]
             initial = np.array([piece[:1].isspace() for piece in pieces]) | np.array(punctuation, dtype=bool)
             self._tables.word_initial = initial
         return self._tables.word_initial
+
+    @property
+    def _piece_texts(self) -> list[str]:
+        if self._tables.piece_texts is None:
+            self._tables.piece_texts = pieces_after_a_word(self.tokenizer)
+        return self._tables.piece_texts
+
+    @property
+    def _symbol_table(self) -> np.ndarray:
+        """Per vocabulary id: whether the piece has no letter or digit (`symbol_pieces`)."""
+        if self._tables.symbols is None:
+            self._tables.symbols = symbol_pieces(self.tokenizer, self._piece_texts)
+        return self._tables.symbols
+
+    @property
+    def _joiner_table(self) -> np.ndarray:
+        """Per vocabulary id: JOINER, ABBREVIATION or 0 (`joiner_pieces`)."""
+        if self._tables.joiners is None:
+            self._tables.joiners = joiner_pieces(self.tokenizer, self._piece_texts)
+        return self._tables.joiners
 
     @property
     def _piece_hashes(self):
@@ -512,6 +584,7 @@ class NPMPredictor:
 
 
 _LONGEST_STOPWORD_PIECES = 8  # a word of more pieces is never taken for a stop word
+_LONGEST_WHITESPACE_RUN = 3  # whitespace-only pieces (bare BPE spaces) skipped between a joiner and its words
 
 
 def _top_indices(values: np.ndarray, count: int) -> np.ndarray:

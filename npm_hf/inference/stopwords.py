@@ -9,6 +9,10 @@ Two sets, because the official code and npm_hf's own span rules ask different qu
   piece. It decides which tokens a `remove_stopwords` index leaves out and which spans
   `span_stopwords="reference"` rejects (any span holding one of these ids, wherever it sits in a word). The
   official list of 211 RoBERTa ids is not in its repository; this rebuilds the same kind of list for any tokenizer.
+
+And two tables for npm_hf's punctuation rules: `symbol_pieces` (pieces with no letter or digit: a span may not start
+or end with a word made of them) and `joiner_pieces` (the marks `span_punctuation="inner"` lets inside a span, between
+two words, where they join a number, date or name).
 """
 
 import unicodedata
@@ -25,6 +29,14 @@ STOPWORDS = frozenset(
     while who whom why will with would you your yours yourself yourselves 's 't . , ; : ! ? ' " ( ) [ ] - -- ...
     """.split()
 )
+
+
+# Marks that may join two words of one number, date or name ("May 16, 1929", "Austin, Texas", "Procter & Gamble",
+# "1914 – 1918") and the period of an abbreviation ("St. Louis", "J. Edgar Hoover"): `joiner_pieces`' values.
+JOINERS = frozenset(", & / - \u2013 \u2014".split())
+ABBREVIATION_MARK = "."
+JOINER, ABBREVIATION = 1, 2
+LONGEST_ABBREVIATION = 3  # characters of the word before an abbreviation's period ("St", "Mt", "Jr", "J")
 
 
 def stopword_ids(tokenizer) -> frozenset:
@@ -65,9 +77,40 @@ def reference_stopword_ids(tokenizer) -> frozenset:
     return frozenset(chosen)
 
 
+def symbol_pieces(tokenizer, pieces: list[str] | None = None) -> np.ndarray:
+    """A boolean table over the vocabulary: pieces whose text holds no letter or digit (punctuation, symbols, "|",
+    "%"). Pieces that decode to part of a character (byte-level BPE's fragments of one UTF-8 character) and pieces
+    that are only whitespace are not symbols, the unknown token is: a word is a symbol when all of its pieces are.
+    `pieces`:
+    `pieces_after_a_word(tokenizer)`, when the caller has it."""
+    pieces = pieces_after_a_word(tokenizer) if pieces is None else pieces
+    table = np.zeros(_vocabulary_size(tokenizer), dtype=bool)
+    for i, piece in enumerate(pieces):
+        text = piece.strip()
+        table[i] = bool(text) and "\ufffd" not in text and not any(c.isalnum() for c in text)
+    table[list(tokenizer.all_special_ids)] = False
+    if tokenizer.unk_token_id is not None:  # its text is not known: "|" read by a vocabulary without it, say
+        table[tokenizer.unk_token_id] = True
+    return table
+
+
+def joiner_pieces(tokenizer, pieces: list[str] | None = None) -> np.ndarray:
+    """A table over the vocabulary: JOINER for the pieces that are one of JOINERS, ABBREVIATION for the period, 0
+    for the rest (with or without the space a piece may carry). `pieces`: as for `symbol_pieces`."""
+    pieces = pieces_after_a_word(tokenizer) if pieces is None else pieces
+    table = np.zeros(_vocabulary_size(tokenizer), dtype=np.uint8)
+    for i, piece in enumerate(pieces):
+        text = piece.strip()
+        table[i] = JOINER if text in JOINERS else ABBREVIATION if text == ABBREVIATION_MARK else 0
+    return table
+
+
+def _vocabulary_size(tokenizer) -> int:
+    return max(max(tokenizer.get_vocab().values()) + 1, len(tokenizer))
+
+
 def id_table(tokenizer, ids) -> np.ndarray:
     """A boolean table over `tokenizer`'s vocabulary, True at `ids` (for vectorised lookups of token arrays)."""
-    size = max(max(tokenizer.get_vocab().values()) + 1, len(tokenizer))
-    table = np.zeros(size, dtype=bool)
+    table = np.zeros(_vocabulary_size(tokenizer), dtype=bool)
     table[list(ids)] = True
     return table
