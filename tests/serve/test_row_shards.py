@@ -8,7 +8,7 @@ import pytest
 
 import npm_hf
 from npm_hf.serve import merge_top_k
-from npm_hf.serve.shards import ShardSearcher, ShardServingError, shard_bounds
+from npm_hf.serve.shards import ShardSearcher, ShardServingError, index_identity, shard_bounds
 
 
 def canonical(scores, rows):
@@ -102,3 +102,11 @@ def test_serve_index_command_with_an_unreachable_address_names_the_fix(npm_dir, 
     error = capsys.readouterr().err
     assert "npm-hf serve-index: error:" in error
     assert "No Ray cluster answers at 127.0.0.1:9" in error or "pip install 'npm-hf[ray]'" in error
+
+
+def test_an_index_and_its_copy_have_one_identity_an_edit_makes_another(npm_dir, index_copy):
+    original = index_identity(npm_hf.NPMIndex.load(npm_dir / "index"))
+    assert index_identity(npm_hf.NPMIndex.load(index_copy)) == original  # the same index at another path
+    assert ShardSearcher(str(index_copy), 0, 3).identity == original
+    npm_hf.NPMIndex.load(index_copy).delete_documents(["texas"])
+    assert index_identity(npm_hf.NPMIndex.load(index_copy)) != original
