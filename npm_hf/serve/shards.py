@@ -15,6 +15,7 @@ No Ray here: the Ray actors (`npm_hf.serve.actors`) wrap this class, and tests c
 
 import dataclasses
 import json
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -22,7 +23,7 @@ from transformers.utils import logging
 
 from ..index import NPMIndex, NPMIndexError, ShardedArray
 from ..inference.faiss_io import FLAT_FILL_MAX_VECTORS, add_vectors, extract_ivf, read_faiss_index
-from ..inference.index_files import FAISS_FILE, manifest_checksum
+from ..inference.index_files import FAISS_FILE, MANIFEST_FILE, sha256_file
 
 
 logger = logging.get_logger(__name__)
@@ -36,9 +37,10 @@ class ShardServingError(NPMIndexError):
 
 
 def index_identity(reader) -> str:
-    """What names one version of one index: the checksum of its manifest (counts, fingerprints, every file's
-    checksum). Two shards with the same identity serve the same rows."""
-    return manifest_checksum(dataclasses.asdict(reader.manifest))
+    """What names one version of one index: the sha256 of its manifest file as written (counts, fingerprints, every
+    file's checksum), so that two npm_hf versions that read a manifest into different fields still agree. Two shards
+    with the same identity serve the same rows."""
+    return "sha256:" + sha256_file(Path(reader.path) / MANIFEST_FILE)
 
 
 def shard_bounds(num_rows: int, num_shards: int) -> list[tuple[int, int]]:

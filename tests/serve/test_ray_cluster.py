@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
+from transformers import pipeline
 
 
 ray = pytest.importorskip("ray")
@@ -94,9 +94,10 @@ def queries(mask: str) -> list[str]:
 
 
 def fill_mask(npm_dir, index, **decoding):
-    model = npm_hf.NPMModel.from_pretrained(npm_dir)
-    return NonparametricFillMaskPipeline(model=model, tokenizer=AutoTokenizer.from_pretrained(npm_dir), index=index,
-                                         decoding=decoding)
+    """The pipeline as users make it (README): transformers' pipeline("fill-mask", ..., index=...)."""
+    fill = pipeline("fill-mask", model=str(npm_dir), index=index, **decoding)
+    assert isinstance(fill, NonparametricFillMaskPipeline) and fill.index is index
+    return fill
 
 
 def query_vectors(index, count=6, seed=0):

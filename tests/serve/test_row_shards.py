@@ -8,7 +8,7 @@ import pytest
 
 import npm_hf
 from npm_hf.serve import merge_top_k
-from npm_hf.serve.shards import ShardSearcher, ShardServingError, shard_bounds
+from npm_hf.serve.shards import ShardSearcher, ShardServingError, index_identity, shard_bounds
 
 
 def canonical(scores, rows):
@@ -92,3 +92,21 @@ def test_npm_hf_imports_without_ray_and_serving_names_the_install(npm_dir):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "pip install 'npm-hf[ray]'" in out.stdout
+
+
+def test_serve_index_command_with_an_unreachable_address_names_the_fix(npm_dir, capsys):
+    """No cluster is started: the address is probed before Ray's own (long) connection retries."""
+    from npm_hf.cli import main
+
+    assert main(["serve-index", "--index", str(npm_dir / "index"), "--shards", "2", "--address", "127.0.0.1:9"]) == 2
+    error = capsys.readouterr().err
+    assert "npm-hf serve-index: error:" in error
+    assert "No Ray cluster answers at 127.0.0.1:9" in error or "pip install 'npm-hf[ray]'" in error
+
+
+def test_an_index_and_its_copy_have_one_identity_an_edit_makes_another(npm_dir, index_copy):
+    original = index_identity(npm_hf.NPMIndex.load(npm_dir / "index"))
+    assert index_identity(npm_hf.NPMIndex.load(index_copy)) == original  # the same index at another path
+    assert ShardSearcher(str(index_copy), 0, 3).identity == original
+    npm_hf.NPMIndex.load(index_copy).delete_documents(["texas"])
+    assert index_identity(npm_hf.NPMIndex.load(index_copy)) != original
