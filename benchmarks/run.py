@@ -29,6 +29,10 @@ Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"
     RSS1k resident memory (RSS) of the process after 1,000 fill-mask pipeline calls / after 100 calls (one query at
         a time, 50 cloze queries in turn, over the P1 index; gc.collect() before each reading): a leak per call
         shows as growth. Not in --quick unless named (about 8 minutes).                          goal <= 1.05
+    PE  seconds of NPMIndex.add_documents of 1 document to the P1 index (an append segment: tokenize, encode,
+        write, reload; a copy of the index by hard links) / the bare encoder forward of that document's blocks
+        alone, alternating, a new document each round; median of the rounds' ratios (the first add, which also
+        reads every document id and fingerprints the model once, in the detail).                  goal <= 2
     P1q fill-mask pipeline seconds per query with the candidate search in a Qdrant collection (qdrant-client's
         local mode, `npm_hf.vector_store.QdrantSearchIndex`) / with the default FAISS Flat index, same queries and
         index, alternating rounds. Opt-in (--figures P1q); skipped with a note without qdrant-client.      report
@@ -94,7 +98,7 @@ SETTINGS = {
              "p3_queries": 100, "p3_nlist": 1024, "p3_train": 100_000, "m_tokens": (100_000, 120_000),
              "p4_sizes": (100_000, 10_000_000), "p4_queries": 200},
 }
-FIGURES = ("P2", "P1", "B", "P7", "P3", "P6", "P6L", "PM", "RSS1K", "P1R", "P5", "M", "M2")
+FIGURES = ("P2", "P1", "B", "PE", "P7", "P3", "P6", "P6L", "PM", "RSS1K", "P1R", "P5", "M", "M2")
 OPT_IN_FIGURES = ("P1Q", "P4")  # not in the default run (names are upper-cased when parsed)
 # Left out of --quick unless named: RSS1k's 1,000 pipeline calls take ~8 minutes (2 calls/s over the quick P1 index,
 # k=4096, 2-core AMD EPYC with 1.5 cores of other load), far above the quick run's budget.
@@ -985,6 +989,50 @@ def figure_p4(settings: dict) -> None:
          f"{stats[large]['assignment_agreement']:.3f})")
 
 
+# ------------------------------------------------------------------------------------------------------- PE
+def figure_pe(model, tokenizer, index, spare: list[dict], workdir: Path, rounds: tuple[int, int, float],
+              token_range: tuple[int, int] = (200, 600)) -> None:
+    """Adding one document to the index (append segment) / encoding that document's blocks alone."""
+    from npm_hf import NPMIndex
+    from npm_hf.corpus import CorpusStats, tokenize_documents
+
+    copy = workdir / "pe-index"
+    shutil.copytree(index.path, copy, copy_function=os.link)  # edits never write in place: the P1 index is safe
+    edited = NPMIndex.load(copy, verify="none")
+    pad_id = model.config.encoder.pad_token_id or 0
+    counts = token_counts(spare, tokenizer)
+    chosen = [d for d, c in zip(spare, counts) if token_range[0] <= c <= token_range[1] and d["text"].strip()]
+    warmup = torch.full((1, BLOCK_SIZE), tokenizer.unk_token_id or 100, dtype=torch.long)
+    bare_forward_seconds(model, [(warmup, torch.ones_like(warmup))])
+    add_times, bare_times, loads, sizes = [], [], [], []
+    for r in round_numbers((rounds[0] + 1, rounds[1] + 1, rounds[2])):
+        document = dict(chosen[r % len(chosen)], id=f"pe-{r}")
+        ((_, records),) = list(tokenize_documents([document], tokenizer, CorpusStats(), block_size=BLOCK_SIZE))
+        batches = pack_batches(records["id"].astype(np.int64), records["flags"], pad_id)
+        load = OtherLoad()
+        for what in (("add", "bare") if r % 2 == 0 else ("bare", "add")):
+            gc.collect()
+            if what == "add":
+                started = time.perf_counter()
+                edited.add_documents(model, tokenizer, [document], batch_size=BATCH_SIZE)
+                add_times.append(time.perf_counter() - started)
+            else:
+                bare_times.append(bare_forward_seconds(model, batches))
+        loads.append(load.cores())
+        sizes.append(len(records))
+        log.info(f"PE round {r}: add {add_times[-1]:.3f}s, bare forward {bare_times[-1]:.3f}s ({len(records)} tokens)")
+    ratios = [add / bare for add, bare in zip(add_times, bare_times)]
+    emit("PE", statistics.median(ratios[1:]), "<= 2",
+         f"1 document of {min(sizes[1:])}-{max(sizes[1:])} tokens added to an index of {index.manifest.num_tokens} "
+         f"tokens ({index.manifest.faiss_factory}), median of {len(ratios) - 1} alternating rounds' ratios "
+         f"{[round(x, 2) for x in ratios[1:]]} (add s {[round(t, 3) for t in add_times[1:]]}, bare forward s "
+         f"{[round(t, 3) for t in bare_times[1:]]}); the first add {add_times[0]:.3f}s / {bare_times[0]:.3f}s = "
+         f"{ratios[0]:.2f} (reads every document id and fingerprints the model once); other processes' load in "
+         f"cores {loads}")
+    del edited
+    shutil.rmtree(copy, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------------------------------- P7
 def figure_p7(index, model_dir: Path, query: str, repeats: int = 3) -> None:
     """Start-up of a BM25 pre-filtered pipeline (the BM25 index saved with the index, memory-mapped) / without a
@@ -1045,7 +1093,7 @@ def main(argv=None) -> None:
             figure_p2(model, tokenizer, take_documents(documents, counts, settings["p2_tokens"]), workdir,
                       settings["p2_rounds"])
 
-        if figures & {"P1", "B", "P3", "P6", "P1Q", "P7", "P6L", "PM", "RSS1K", "P1R"}:
+        if figures & {"P1", "B", "P3", "P6", "P1Q", "P7", "P6L", "PM", "RSS1K", "P1R", "PE"}:
             p1_documents = take_documents(documents, counts, settings["p1_tokens"])
             seconds, index = build_seconds(model, tokenizer, p1_documents, workdir / "p1-index")
             log.info(f"P1 index: {index.manifest.num_tokens} tokens built in {seconds:.1f}s")
@@ -1060,6 +1108,10 @@ def main(argv=None) -> None:
                                                                   settings["p1_queries"]), settings["p1_rounds"])
             if "B" in figures:
                 figure_bytes(index)
+            if "PE" in figures:
+                taken = {d["id"] for d in p1_documents}
+                figure_pe(model, tokenizer, index, [d for d in documents if d["id"] not in taken], workdir,
+                          settings["p1_rounds"])
             if "P7" in figures:
                 figure_p7(index, workdir / "npm-minilm", cloze_queries(p1_documents, tokenizer.mask_token, 1)[0])
             if "RSS1K" in figures:

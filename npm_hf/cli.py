@@ -7,6 +7,7 @@
                        [--resume | --overwrite]
     npm-hf index add --index DIR --model DIR --corpus FILE
     npm-hf index delete --index DIR --ids ID1,ID2
+    npm-hf index compact --index DIR
     npm-hf fill-mask --model DIR [--top-k 5] [--prefilter bm25|dense] [--prefilter-passage-tokens N] [--nprobe N]
                      [--ef-search N] [--json] "text with a [MASK]"
     npm-hf train --model ENCODER --corpus FILE --output DIR [any TrainingArguments flag, e.g. --max_steps 200]
@@ -101,9 +102,17 @@ def _index_add(args) -> None:
 def _index_delete(args) -> None:
     ids = [doc_id.strip() for doc_id in args.ids.split(",") if doc_id.strip()]
     index = NPMIndex.load(args.index)
-    before = index.num_indexed
+    before = index.num_searchable
     index.delete_documents(ids)
-    print(f"Deleted {len(set(ids))} document ids ({before - index.num_indexed} token vectors) from {index.path}")
+    print(f"Deleted {len(set(ids))} document ids ({before - index.num_searchable} token vectors) from {index.path}")
+
+
+def _index_compact(args) -> None:
+    index = NPMIndex.load(args.index)
+    edits = len(index.manifest.edits.get("segments", [])), index.num_indexed - index.num_searchable
+    index.compact()
+    print(f"Compacted {index.path}: {edits[0]} append segments merged, {edits[1]} token vectors of deleted "
+          f"documents dropped; {index.num_indexed} token vectors of {index.manifest.num_documents} documents")
 
 
 def _fill_mask(args) -> None:
@@ -231,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_arguments(build, IndexBuildArguments)
     build.set_defaults(handler=_build_index)
 
-    edit = commands.add_parser("index", help="Edit a built index: add or delete documents.")
+    edit = commands.add_parser("index", help="Edit a built index: add or delete documents, compact the edits.")
     edits = edit.add_subparsers(dest="index_command", required=True)
     add = edits.add_parser("add", help="Encode new documents into new blocks of an index (the rest is kept).")
     add.add_argument("--index", required=True, help="Index directory (e.g. MODEL/index).")
@@ -246,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--index", required=True, help="Index directory (e.g. MODEL/index).")
     delete.add_argument("--ids", required=True, help="Comma-separated document ids, e.g. doc1,doc7.")
     delete.set_defaults(handler=_index_delete)
+    compact = edits.add_parser("compact", help="Rewrite an edited index as one: append segments merged, the "
+                                               "vectors and text of deleted documents gone.")
+    compact.add_argument("--index", required=True, help="Index directory (e.g. MODEL/index).")
+    compact.set_defaults(handler=_index_compact)
 
     fill = commands.add_parser("fill-mask", help="Fill the mask of a text from the reference corpus.")
     fill.add_argument("--model", required=True, help="NPM directory or Hub id.")

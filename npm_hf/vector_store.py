@@ -15,6 +15,7 @@ unfinished upload, is refused. See docs/scale_out.md for serving 10^9-10^10 toke
 """
 
 import hashlib
+import json
 
 import numpy as np
 from transformers.utils import logging
@@ -43,12 +44,15 @@ def _qdrant():
 
 
 def index_fingerprint(index) -> str:
-    """Identify the searchable content of an index: its encoder, tokenizer and the checksum of its vectors (an edit
-    with add_documents / delete_documents changes it)."""
+    """Identify the searchable content of an index: its encoder, tokenizer, the checksum of its vectors and its
+    edits (append segments, tombstones: an edit with add_documents / delete_documents changes it)."""
     manifest = index.manifest
     vectors = manifest.files.get("vectors.npy", {}).get("sha256", "")
+    tombstones = manifest.edits.get("tombstones")
+    edits = json.dumps([manifest.edits.get("segments", []), manifest.files.get(tombstones) if tombstones else None],
+                       sort_keys=True)
     parts = (manifest.encoder_fingerprint, manifest.tokenizer_fingerprint, vectors, str(manifest.num_indexed_tokens),
-             str(manifest.hidden_size))
+             str(manifest.hidden_size), edits)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -134,6 +138,11 @@ def upload_index(index, client, collection_name: str | None = None, batch_size: 
                                              datatype=collection_kwargs.pop("datatype", None))
         client.create_collection(name, vectors_config=vectors_config,
                                  metadata={_METADATA_KEY: _index_metadata(index, complete=False)}, **collection_kwargs)
+    if index.deleted_rows is not None:
+        raise NPMIndexError(
+            f"The index at {index.path} has deleted documents whose vectors are still in its files (until "
+            f"compaction); upload it once compacted: `npm-hf index compact --index {index.path}` or index.compact()."
+        )
     total = index.num_indexed
     with tqdm(total=total, desc=f"Uploading to Qdrant {name}", unit="vec", disable=not show_progress_bar) as progress:
         for lo in range(0, total, batch_size):

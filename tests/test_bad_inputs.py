@@ -89,22 +89,28 @@ def test_top_k_beyond_the_candidates_is_logged(fill, mask, caplog):
     assert f"top_k=100000, but only {len(answers)} answers" in caplog.text
 
 
-def test_an_index_whose_documents_were_all_deleted_answers_nothing(index_copy, model_and_tokenizer, mask, caplog):
+def test_an_index_whose_documents_were_all_deleted_says_so(index_copy, model_and_tokenizer, mask, caplog):
     model, tokenizer = model_and_tokenizer
     index = NPMIndex.load(index_copy)
     index.delete_documents([index.documents[i]["id"] for i in range(len(index.documents))])
-    assert index.num_indexed == 0
+    assert index.num_searchable == 0 and index.num_indexed > 0  # tombstoned rows, until compaction
     from transformers.utils import logging as hf_logging
 
-    hf_logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING):
-            fill = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index)
-    finally:
-        hf_logging.disable_propagation()
-    assert "holds no indexed token (were all its documents deleted?)" in caplog.text
-    assert fill(f"Texas borders {mask}.") == []
-    assert fill(f"Texas borders {mask}.", prefilter="bm25") == []
+    for _ in range(2):  # tombstones, then compacted: no row at all
+        hf_logging.enable_propagation()
+        try:
+            with caplog.at_level(logging.WARNING):
+                fill = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index)
+        finally:
+            hf_logging.disable_propagation()
+        assert "holds no indexed token (were all its documents deleted?)" in caplog.text
+        for prefilter in ("none", "bm25", "dense"):  # a clear error, never an empty answer list
+            with pytest.raises(NPMIndexError, match="every one of its 5 documents was deleted.*Add documents"):
+                fill(f"Texas borders {mask}.", prefilter=prefilter)
+        with pytest.raises(NPMIndexError, match="every one of its 5 documents was deleted"):
+            index.search(np.ones((1, index.manifest.hidden_size), dtype=np.float32), 4)
+        index.compact()
+        assert index.num_indexed == index.num_searchable == 0 and index.manifest.edits == {}
 
 
 # -------------------------------------------------------------------------------------- non-finite numbers

@@ -333,15 +333,27 @@ def test_edits_keep_the_saved_bm25_in_step(two_builds, model_and_tokenizer, mask
     for index in (saved, plain):
         index.add_documents(*model_and_tokenizer, new)
         index.delete_documents(["texas"])
-    after = NPMIndex.load(saved.path, verify="full")  # the rewritten BM25 files are checksummed
-    assert all(after.manifest.files[name]["sha256"] != digest for name, digest in before.items())
-    reference = _bm25_pipeline(model_and_tokenizer, plain)
-    for query in (f"Borvin lives in {mask}.", f"Texas borders {mask}.", f"{mask} is cold."):
+    after = NPMIndex.load(saved.path, verify="full")  # the segment's BM25 files are checksummed
+    assert {name: after.manifest.files[name]["sha256"] for name in before} == before  # the base's are kept
+    assert {name for name in after.manifest.files if name.startswith("append-00001.bm25-")} == {
+        f"append-00001.bm25-{key}.{part}" for key in ("blocks", "8tok")
+        for part in ("data.npy", "indices.npy", "indptr.npy", "vocab.json", "params.json")}
+    queries = (f"Borvin lives in {mask}.", f"Texas borders {mask}.", f"{mask} is cold.")
+    for query in queries:
         for passages in (None, 8):
             got = fill(query, prefilter_passage_tokens=passages, top_k=5)  # the same pipeline sees the edits
+            assert got and "texas" not in {a["evidence"]["doc_id"] for a in got if a["evidence"]}
+    # the one passage that shares words with the query is the new one (others: score 0, in any order)
+    kept = fill(f"Borvin lives in {mask}.", prefilter_blocks=1, top_k=100)
+    assert kept and {a["evidence"]["doc_id"] for a in kept if a["evidence"]} == {"zorb"}
+    for index in (saved, plain):  # compacted: one BM25 index again, saved as a build saves it
+        index.compact()
+    assert not [name for name in saved.manifest.files if name.startswith("append-")]
+    reference = _bm25_pipeline(model_and_tokenizer, plain)
+    for query in queries:
+        for passages in (None, 8):
+            got = fill(query, prefilter_passage_tokens=passages, top_k=5)
             assert got == reference(query, prefilter_passage_tokens=passages, top_k=5)
-            assert "texas" not in {a["evidence"]["doc_id"] for a in got if a["evidence"]}
-    assert any(a["evidence"] and a["evidence"]["doc_id"] == "zorb" for a in fill(f"Borvin lives in {mask}."))
 
 
 def test_bad_bm25_passage_lists_are_refused():

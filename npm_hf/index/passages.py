@@ -1,18 +1,22 @@
 """The BM25 pre-filters saved with an index (`IndexBuildArguments.bm25_passages`): written by a build once the
-corpus is tokenized, and again by every edit, so that they always describe the index they sit in."""
+corpus is tokenized, by every compaction, and for the passages of each append segment by the edit that adds it, so
+that they always describe the index they sit in."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from ..inference.compact_tokens import load_token_arrays
 from ..inference.index_files import DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, DocumentStore
-from ..inference.prefilter import BM25PassageRetriever, CorpusText, bm25_files
+from ..inference.prefilter import (BM25PassageRetriever, CorpusText, bm25_files, bm25_stats_file, bm25_with_stats,
+                                   load_bm25, passage_ranges, passage_texts)
 
 
-def bm25_file_names(passages: list) -> set[str]:
+def bm25_file_names(passages: list, prefix: str = "") -> set[str]:
     """Every file name the BM25 pre-filters of `passages` may write."""
-    return {name for passage in passages for name in bm25_files(passage).values()}
+    return {name for passage in passages
+            for name in [*bm25_files(passage, prefix).values(), bm25_stats_file(passage, prefix)]}
 
 
 def save_bm25_passages(directory: Path, block_size: int, passages: list) -> None:
@@ -26,3 +30,37 @@ def save_bm25_passages(directory: Path, block_size: int, passages: list) -> None
     text = CorpusText(arrays["token_flags"], arrays["token_docs"], arrays["token_offsets"], documents, block_size)
     for passage in passages:
         BM25PassageRetriever(text, passage).save(directory)
+
+
+class _ShiftedDocuments:
+    """The new documents of a segment by their index in the whole index."""
+
+    def __init__(self, documents: list[dict], first: int):
+        self._documents, self._first = documents, first
+
+    def __getitem__(self, i: int) -> dict:
+        return self._documents[int(i) - self._first]
+
+
+def save_segment_bm25(index, staging: Path, name: str, first_token: int, tokens: dict, documents: list[dict],
+                      first_document: int) -> list[str]:
+    """BM25 indexes of the passages of a new append segment (`tokens`, from corpus position `first_token`), one per
+    BM25 pre-filter saved with `index`, scored with the base's statistics plus the segment's
+    (`prefilter.bm25_with_stats`); returns the names of the files written into `staging`."""
+    passages = index.manifest.bm25_passages
+    if not passages:
+        return []
+    block = index.block_size
+    skip = -(-first_token // block) * block - first_token  # the padding up to the block boundary
+    text = CorpusText(tokens["flags"][skip:], tokens["doc"][skip:], tokens["offsets"][skip:],
+                      _ShiftedDocuments(documents, first_document), block)
+    written = []
+    for passage in passages:
+        base = load_bm25(index.path, passage)
+        stats_file = index.path / bm25_stats_file(passage)
+        total = json.loads(stats_file.read_text())["total_length"] if stats_file.is_file() else None
+        retriever, _ = bm25_with_stats(passage_texts(text, passage_ranges(text, passage)), base, total)
+        names = bm25_files(passage, f"{name}.")
+        retriever.save(str(staging), show_progress=False, **names)
+        written += [file for file in names.values() if (staging / file).exists()]
+    return sorted(written)

@@ -5,7 +5,7 @@ from pathlib import Path
 from ..inference.reader import NPMIndexReader
 from .arguments import IndexBuildArguments
 from .build import build_index_directory
-from .editing import add_documents, delete_documents
+from .editing import add_documents, compact, delete_documents
 
 
 class NPMIndex(NPMIndexReader):
@@ -31,17 +31,28 @@ class NPMIndex(NPMIndexReader):
     def add_documents(self, model, tokenizer, documents, batch_size: int = 16,
                       show_progress_bar: bool = False) -> "NPMIndex":
         """Encode `documents` (any corpus form `build` takes) with `model` into new blocks after the existing ones
-        and add them to this index, on disk and in this object, without re-encoding the rest. The model and
-        tokenizer must be the ones the index was built with; ids must be new. Atomic: see `npm_hf.index.editing`."""
+        and add them to this index, on disk and in this object, as an append segment: nothing else is encoded or
+        rewritten. The model and tokenizer must be the ones the index was built with; ids must be new. Atomic: see
+        `npm_hf.index.editing`."""
         add_documents(self, model, tokenizer, documents, batch_size=batch_size, show_progress_bar=show_progress_bar)
         return self._reload()
 
     def delete_documents(self, doc_ids) -> "NPMIndex":
-        """Remove the documents with these ids: their tokens leave the search and their text leaves
-        documents.jsonl, on disk and in this object. An unknown id raises NPMIndexError and changes nothing."""
+        """Remove the documents with these ids, on disk and in this object: a tombstone file lists them, their
+        tokens leave every search, span and evidence. Their vectors and text stay on disk until `compact`. An
+        unknown id raises NPMIndexError and changes nothing."""
         delete_documents(self, doc_ids)
         return self._reload()
 
-    def _reload(self) -> "NPMIndex":
-        self.__dict__.update(type(self).load(self.path, verify="none").__dict__)  # just written and hashed
+    def compact(self) -> "NPMIndex":
+        """Rewrite this index without its edits: its append segments merged into one set of files, the vectors and
+        text of deleted documents gone, BM25 indexed again (what a build of the live documents holds, but for their
+        block positions). Costs about as much as writing the index again."""
+        compact(self)
+        return self._reload(keep_flat_index=False)
+
+    def _reload(self, keep_flat_index: bool = True) -> "NPMIndex":
+        # just written and hashed; an unchanged base keeps its filled flat FAISS index (never changed in place)
+        loaded = type(self).load(self.path, verify="none", previous=self if keep_flat_index else None)
+        self.__dict__.update(loaded.__dict__)
         return self

@@ -103,6 +103,10 @@ def core_index(index):
 
 
 def extract_ivf(index):
+    """The IVF index inside `index` (None: not an IVF index); of an edited index's IndexShards, the base's."""
+    joined = faiss.downcast_index(index)
+    if isinstance(joined, faiss.IndexShards):
+        index = joined.at(0)
     try:
         return faiss.downcast_index(faiss.extract_index_ivf(index))
     except RuntimeError:  # not an IVF index

@@ -45,10 +45,13 @@ logger = logging.get_logger(__name__)
 # Format 2 stores the vectors in several shards; an index with one vectors.npy is still written as format 1, so
 # older npm_hf versions keep reading it (and refuse a sharded one with "upgrade npm_hf" instead of a wrong error).
 # Format 3 stores the per-token metadata compactly (`compact_tokens`) and may hold no float16 vectors at all
-# (`vector_dtype="none"`: refine codes instead, `vector_codes`); builds write it, this reader reads 1, 2 and 3.
-FORMAT_VERSION = 3
+# (`vector_dtype="none"`: refine codes instead, `vector_codes`); builds write it.
+# Format 4 adds append segments and tombstones (`segments`): written by an edit only, so an index without edits
+# keeps the version its layout needs. This reader reads formats 1 to 4.
+FORMAT_VERSION = 4
 SHARDED_FORMAT_VERSION = 2
 SINGLE_FILE_FORMAT_VERSION = 1
+EDITS_FORMAT_VERSION = 4
 MANIFEST_FILE = "manifest.json"
 TOKEN_FILES = {"token_ids": "token_ids.npy", "token_flags": "token_flags.npy", "token_docs": "token_docs.npy",
                "token_offsets": "token_offsets.npy"}
@@ -105,6 +108,8 @@ class IndexManifest:
     paragraph_blocks: bool = False
     # BM25 pre-filters saved with the index (files `prefilter.bm25_files`): None = over blocks, N = N-token windows
     bm25_passages: list = field(default_factory=list)
+    # Edits kept beside the files they change (format 4, `segments`): {"segments": [...], "tombstones": file, ...}
+    edits: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The manifest as written: every field, sealed with `checksum` (a hand-edited manifest no longer loads)."""
@@ -126,7 +131,8 @@ CHECKSUM_KEY = "checksum"
 _FIELD_TYPES = {"format_version": int, "hidden_size": int, "block_size": int, "num_documents": int,
                 "num_skipped_empty_documents": int, "num_tokens": int, "num_indexed_tokens": int, "num_blocks": int,
                 "num_deleted_documents": int, "encoder_fingerprint": str, "tokenizer_fingerprint": str,
-                "faiss_factory": str, "files": dict, "vector_shards": list, "versions": dict, "bm25_passages": list}
+                "faiss_factory": str, "files": dict, "vector_shards": list, "versions": dict, "bm25_passages": list,
+                "edits": dict}
 
 
 def manifest_checksum(data: dict) -> str:

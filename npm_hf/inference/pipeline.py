@@ -58,9 +58,9 @@ class NonparametricFillMaskPipeline(Pipeline):
         if index is None:
             index = NPMIndexReader.for_model(self.model, **(index_kwargs or {}))
         index.check_compatible(self.model, self.tokenizer)
-        if index.num_indexed == 0:
+        if index.num_searchable == 0:
             logger.warning(f"The index at {index.path} holds no indexed token (were all its documents deleted?): "
-                           "every answer list will be empty. Add documents (`npm-hf index add`) or rebuild it.")
+                           "every call will raise an error. Add documents (`npm-hf index add`) or rebuild it.")
         # a knob that does not fit the index fails here, not per query
         index.check_search_parameters(self.decoding.nprobe, self.decoding.ef_search)
         self.index = index

@@ -8,8 +8,15 @@ off the stored token vectors, so it costs no extra encoding.
 Passages are the index's blocks, or (`passage_tokens`) windows of that many tokens overlapping by half inside each
 block: spans never cross a block, and small windows point at the sentences that match the query rather than at a
 block full of distractors.
+
+An edited index (`segments`) keeps a saved BM25 index per append segment beside the base's: each segment's passages
+are scored with the statistics (passage count, mean length, document frequencies) of the base plus its own, so that
+scores compare across parts; the top passages of all parts are merged by score. Passages of deleted documents are
+never returned.
 """
 
+import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +24,7 @@ import numpy as np
 import torch
 
 from .retrieval import Candidates
+from .segments import segments
 from .tokens import SPECIAL
 
 
@@ -61,13 +69,19 @@ class CorpusText:
 BM25_K1, BM25_B = 1.5, 0.75  # BM25's term-frequency saturation and length normalisation (what builds save)
 
 
-def bm25_files(passage_tokens: int | None) -> dict[str, str]:
+def bm25_files(passage_tokens: int | None, prefix: str = "") -> dict[str, str]:
     """The index files of the BM25 pre-filter over blocks (None) or windows of `passage_tokens` tokens, as the
-    keyword arguments of `bm25s.BM25.save` / `load` that name them."""
+    keyword arguments of `bm25s.BM25.save` / `load` that name them (`prefix`: an append segment's, "append-00001.")."""
     key = "blocks" if passage_tokens is None else f"{passage_tokens}tok"
     parts = {"data_name": "data.npy", "indices_name": "indices.npy", "indptr_name": "indptr.npy",
              "vocab_name": "vocab.json", "params_name": "params.json", "nnoc_name": "nonoccurrence.npy"}
-    return {argument: f"bm25-{key}.{part}" for argument, part in parts.items()}
+    return {argument: f"{prefix}bm25-{key}.{part}" for argument, part in parts.items()}
+
+
+def bm25_stats_file(passage_tokens: int | None, prefix: str = "") -> str:
+    """The file of a saved BM25 index's statistics that bm25s does not keep: {"num_passages", "total_length"} (the
+    passage lengths in BM25 tokens), what the BM25 of an append segment is scored with."""
+    return f"{prefix}bm25-{'blocks' if passage_tokens is None else f'{passage_tokens}tok'}.stats.json"
 
 
 class BM25PassageRetriever:
@@ -80,29 +94,130 @@ class BM25PassageRetriever:
         self.passage_tokens = passage_tokens
         self.ranges = passage_ranges(index, passage_tokens)
         self._bm25s = bm25s
-        saved = getattr(getattr(index, "manifest", None), "bm25_passages", None) or []
-        names = bm25_files(passage_tokens)
-        if passage_tokens in saved and (k1, b) == (BM25_K1, BM25_B):  # saved indexes use the defaults
-            self._retriever = bm25s.BM25.load(index.path, mmap=True, show_progress=False, **names)
+        self._total_length = None
+        manifest = getattr(index, "manifest", None)
+        saved = getattr(manifest, "bm25_passages", None) or []
+        parts = segments(manifest) if manifest is not None else []
+        if (passage_tokens in saved and (k1, b) == (BM25_K1, BM25_B)  # saved indexes use the defaults
+                and all(_saved_in(segment, passage_tokens) for segment in parts)):
+            # (first passage, retriever) of the base, then of each segment (which starts at a block boundary)
+            self._parts = [(0, load_bm25(index.path, passage_tokens))]
+            for segment in parts:
+                start = -(-int(segment["first_token"]) // index.block_size) * index.block_size
+                self._parts.append((int(np.searchsorted(self.ranges[:, 0], start)),
+                                    load_bm25(index.path, passage_tokens, f"{segment['name']}.")))
         else:
-            self._retriever = bm25s.BM25(k1=k1, b=b)
+            retriever = bm25s.BM25(k1=k1, b=b)
             tokens = bm25s.tokenize(passage_texts(index, self.ranges), stopwords="en", show_progress=False)
-            self._retriever.index(tokens, show_progress=False)
+            retriever.index(tokens, show_progress=False)
+            self._total_length = sum(len(ids) for ids in tokens.ids)
+            self._parts = [(0, retriever)]
+        self._dead = dead_passages(index, self.ranges)
 
-    def save(self, directory) -> list[str]:
-        """Write this BM25 index into an index directory (the files `bm25_files` names); returns their names."""
-        names = bm25_files(self.passage_tokens)
+    @property
+    def _retriever(self):
+        return self._parts[0][1]
+
+    def save(self, directory, prefix: str = "") -> list[str]:
+        """Write this BM25 index into an index directory (the files `bm25_files` names, and its statistics); returns
+        their names."""
+        if len(self._parts) > 1 or self._total_length is None:
+            raise ValueError("Only a BM25 index built in memory over all passages can be saved.")
+        names = bm25_files(self.passage_tokens, prefix)
         self._retriever.save(str(directory), show_progress=False, **names)
-        return sorted(name for name in names.values() if (Path(directory) / name).exists())
+        stats = {"num_passages": len(self.ranges), "total_length": int(self._total_length)}
+        (Path(directory) / bm25_stats_file(self.passage_tokens, prefix)).write_text(json.dumps(stats))
+        return sorted(name for name in [*names.values(), bm25_stats_file(self.passage_tokens, prefix)]
+                      if (Path(directory) / name).exists())
 
     def top_passages(self, queries: list[str], n: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
         """The `n` best passage ids per query, best first, with their scores (passages sharing no word with the
-        query are included, with score 0, when fewer than `n` match)."""
+        query are included, with score 0, when fewer than `n` match; passages of deleted documents never)."""
         _check_count(n)
         tokens = self._bm25s.tokenize(list(queries), stopwords="en", show_progress=False)
-        ids, scores = self._retriever.retrieve(tokens, k=min(n, len(self.ranges)), show_progress=False)
-        return [(np.asarray(row, dtype=np.int64), np.asarray(score, dtype=np.float64))
-                for row, score in zip(ids, scores)]
+        bounds = [first for first, _ in self._parts[1:]] + [len(self.ranges)]
+        found_ids, found_scores = [], []
+        for (first, retriever), end in zip(self._parts, bounds):
+            dead = 0 if self._dead is None else int(self._dead[first:end].sum())
+            size = end - first
+            if size == 0:
+                continue
+            ids, scores = retriever.retrieve(tokens, k=min(n + dead, size), show_progress=False)
+            found_ids.append(np.asarray(ids, dtype=np.int64) + first)
+            found_scores.append(np.asarray(scores, dtype=np.float64))
+        ids, scores = np.concatenate(found_ids, axis=1), np.concatenate(found_scores, axis=1)
+        results = []
+        for row, score in zip(ids, scores):
+            if self._dead is not None:
+                alive = ~self._dead[row]
+                row, score = row[alive], score[alive]
+            order = np.lexsort((row, -score))[:n]  # best first; ties by passage
+            results.append((row[order], score[order]))
+        return results
+
+
+def load_bm25(directory, passage_tokens: int | None, prefix: str = ""):
+    """A BM25 index saved in an index directory (`bm25_files`), memory-mapped."""
+    return _import_bm25s().BM25.load(str(directory), mmap=True, show_progress=False,
+                                     **bm25_files(passage_tokens, prefix))
+
+
+def _saved_in(segment: dict, passage_tokens: int | None) -> bool:
+    return bm25_files(passage_tokens, f"{segment['name']}.")["data_name"] in segment.get("bm25_files", [])
+
+
+def dead_passages(index, ranges: np.ndarray) -> np.ndarray | None:
+    """Which passages hold no live token (all of their documents deleted), or None where nothing was deleted."""
+    if getattr(index, "deleted_rows", None) is None:
+        return None
+    text = np.concatenate([[0], np.cumsum((np.asarray(index.token_flags) & SPECIAL) == 0)])
+    return text[ranges[:, 1]] - text[ranges[:, 0]] == 0
+
+
+def bm25_with_stats(texts: list[str], base, base_total_length: int | None, k1: float = BM25_K1, b: float = BM25_B):
+    """A bm25s BM25 index of `texts` whose scores are those of the BM25 index of `base`'s passages plus `texts`
+    (its passage count, mean passage length and document frequencies: bm25s's "lucene" scoring,
+    idf = ln(1 + (N - df + 0.5) / (df + 0.5)), tf / (tf + k1 (1 - b + b len / avg len))), so that the top passages
+    of both compare by score. `base`: a bm25s.BM25 (None: no base, the plain BM25 of `texts`);
+    `base_total_length`: the summed length of its passages (None: unknown, the mean length of `texts` is used)."""
+    bm25s = _import_bm25s()
+    import scipy.sparse
+
+    tokens = bm25s.tokenize(texts, stopwords="en", show_progress=False)
+    lengths = np.asarray([len(ids) for ids in tokens.ids], dtype=np.float64)
+    base_count = 0 if base is None else int(base.scores["num_docs"])
+    count = base_count + len(texts)
+    if base is None:
+        total = lengths.sum()
+    elif base_total_length is None:
+        total = lengths.mean(initial=0.0) * count if len(lengths) else 0.0
+    else:
+        total = base_total_length + lengths.sum()
+    mean_length = total / count if count else 1.0
+    rows, cols, tfs = [], [], []
+    for doc, ids in enumerate(tokens.ids):
+        for word, tf in Counter(ids).items():
+            rows.append(doc)
+            cols.append(word)
+            tfs.append(tf)
+    rows, cols, tfs = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64), np.asarray(tfs, float)
+    df = np.bincount(cols, minlength=len(tokens.vocab)).astype(np.float64)
+    if base is not None:
+        base_indptr = np.asarray(base.scores["indptr"])
+        for word, i in tokens.vocab.items():
+            j = base.vocab_dict.get(word)
+            if j is not None:
+                df[i] += base_indptr[j + 1] - base_indptr[j]
+    idf = np.log(1 + (count - df + 0.5) / (df + 0.5))
+    scores = idf[cols] * tfs / (tfs + k1 * (1 - b + b * lengths[rows] / mean_length))
+    matrix = scipy.sparse.csc_matrix((scores.astype(np.float32), (rows, cols)), shape=(len(texts), len(tokens.vocab)),
+                                     dtype=np.float32)
+    retriever = bm25s.BM25(k1=k1, b=b)
+    retriever.scores = {"data": matrix.data, "indices": matrix.indices, "indptr": matrix.indptr,
+                        "num_docs": len(texts)}
+    retriever.vocab_dict = dict(tokens.vocab)
+    retriever.nonoccurrence_array = None
+    return retriever, int(lengths.sum())
 
 
 class DensePassageRetriever:
@@ -118,10 +233,14 @@ class DensePassageRetriever:
         edges = np.unique(self.ranges)
         sums = torch.zeros(len(edges), index.manifest.hidden_size)
         counts = torch.zeros(len(edges))
+        deleted = getattr(index, "deleted_rows", None)
         for lo in range(0, index.num_indexed, self._CHUNK):
-            positions = np.asarray(index.positions[lo : lo + self._CHUNK])
+            rows = np.arange(lo, min(lo + self._CHUNK, index.num_indexed))
+            if deleted is not None:
+                rows = rows[~deleted[rows]]
+            positions = np.asarray(index.positions[rows])
             pieces = torch.from_numpy(np.searchsorted(edges, positions, side="right") - 1)
-            sums.index_add_(0, pieces, torch.from_numpy(index.vectors_for_rows(np.arange(lo, lo + len(positions)))))
+            sums.index_add_(0, pieces, torch.from_numpy(index.vectors_for_rows(rows)))
             counts.index_add_(0, pieces, torch.ones(len(positions)))
         first, end = np.searchsorted(edges, self.ranges[:, 0]), np.searchsorted(edges, self.ranges[:, 1])
         passage_sums, passage_counts = torch.zeros(len(self.ranges), sums.shape[1]), torch.zeros(len(self.ranges))
@@ -132,12 +251,19 @@ class DensePassageRetriever:
             passage_counts += torch.where(inside, counts[piece], 0.0)
         means = passage_sums / passage_counts.clamp(min=1)[:, None]
         self.embeddings = torch.nn.functional.normalize(means, dim=1)
+        dead = dead_passages(index, self.ranges)
+        self._dead = None if dead is None else torch.from_numpy(dead)
 
     def top_passages(self, query_embeddings: np.ndarray, n: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
         _check_count(n)
         queries = torch.nn.functional.normalize(torch.as_tensor(np.atleast_2d(query_embeddings), dtype=torch.float32),
                                                 dim=1)
-        top = torch.topk(queries @ self.embeddings.T, k=min(n, len(self.embeddings)), dim=1)
+        similarity = queries @ self.embeddings.T
+        live = len(self.embeddings)
+        if self._dead is not None:  # passages of deleted documents are never returned
+            similarity[:, self._dead] = -torch.inf
+            live -= int(self._dead.sum())
+        top = torch.topk(similarity, k=max(min(n, live), 1), dim=1)
         return [(ids.numpy().astype(np.int64), scores.double().numpy()) for ids, scores in zip(top.indices, top.values)]
 
 
@@ -206,8 +332,7 @@ class Prefilters:
         method = decoding.prefilter
         if method == "none":
             return None
-        if self.index.num_indexed == 0:  # nothing to pre-filter (every document deleted): no candidate
-            return Candidates.among(np.zeros(0, dtype=np.int64))
+        self.index.check_searchable()  # every document deleted: a clear error, not an empty answer
         key = (method, decoding.prefilter_passage_tokens)
         cached = self._retrievers.get(key)
         if cached is None or cached[1] is not self.index.manifest:  # first use, or the index was edited since

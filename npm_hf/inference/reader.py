@@ -20,6 +20,8 @@ from .index_files import (COMPACT_MARKER_FILE, DOCUMENT_OFFSETS_FILE, DOCUMENTS_
                           MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES, DocumentStore, IndexManifest, IndexMismatchError,
                           NPMIndexError, encoder_fingerprint, encoder_sample_matches, read_manifest, sha256_file,
                           tokenizer_fingerprint)
+from .segments import (SEGMENTS_BEFORE_COMPACTION, base_manifest, base_of, check_edits, drop_deleted, fetch_count,
+                       join_faiss, open_edits, segments)
 from .tokens import SPECIAL
 from .validation import check_faiss_file, check_file_names, check_index_arrays
 from .vector_shards import check_layout, open_vector_shards, vector_layout
@@ -42,7 +44,7 @@ class NPMIndexReader:
     [`NPMIndex`] (`npm_hf.index`) is this class plus building and editing."""
 
     def __init__(self, path: Path, manifest: IndexManifest, token_arrays: dict, positions, vectors, faiss_index,
-                 documents):
+                 documents, deleted_rows: np.ndarray | None = None):
         self.path = Path(path)
         self.manifest = manifest
         self.token_ids = token_arrays["token_ids"]
@@ -54,11 +56,15 @@ class NPMIndexReader:
         self.vectors = vectors
         self.faiss_index = faiss_index
         self.documents = documents
-        self.exact_search = isinstance(faiss.downcast_index(faiss_index), faiss.IndexFlat)
+        # rows of deleted documents (an edited index, `segments`): in the vectors and FAISS, never in a result
+        self.deleted_rows = deleted_rows
+        self.num_searchable = manifest.num_indexed_tokens - (0 if deleted_rows is None else int(deleted_rows.sum()))
+        base_index = base_of(faiss_index)  # an edited index searches its segments beside the base (same kind)
+        self.exact_search = isinstance(faiss.downcast_index(base_index), faiss.IndexFlat)
         # an exact index too large to fill into FAISS at load: searched over the memory-mapped vectors
         self.streamed_exact_search = self.exact_search and faiss_index.ntotal == 0 and manifest.num_indexed_tokens > 0
-        self._search_names = search_parameter_names(faiss_index)
-        self._search_defaults = current_search_parameters(faiss_index)
+        self._search_names = search_parameter_names(base_index)
+        self._search_defaults = current_search_parameters(base_index)
         self._search_applied = dict(self._search_defaults)
         # nprobe / ef_search are settings of the one FAISS index that threads share: set and search under a lock
         # (another thread's value changed mid-search gave wrong answers and FAISS errors). Flat indexes have none.
@@ -81,9 +87,10 @@ class NPMIndexReader:
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path, verify: str = "fast") -> "NPMIndexReader":
+    def load(cls, path, verify: str = "fast", previous: "NPMIndexReader | None" = None) -> "NPMIndexReader":
         """Open an index directory. `verify`: "fast" checks every file's size and the checksums of files up to
-        64 MiB, "full" hashes every file, "none" only checks sizes."""
+        64 MiB, "full" hashes every file, "none" only checks sizes. `previous`: this index as loaded before an edit
+        that left its base as it was; its filled flat FAISS index is used again instead of being filled anew."""
         path = Path(path)
         if verify not in ("none", "fast", "full"):
             raise ValueError(f"verify={verify!r}; use 'none', 'fast' or 'full'.")
@@ -104,6 +111,8 @@ class NPMIndexReader:
                 f"({FORMAT_VERSION}); upgrade npm_hf."
             )
         check_file_names(path, manifest.files)
+        check_edits(path, manifest)
+        edited, manifest = manifest, base_manifest(manifest)  # the base's own files hold the base's counts
         _verify_files(path, manifest, verify)
         try:
             if COMPACT_MARKER_FILE in manifest.files:  # format 3: decoded into memory
@@ -123,7 +132,10 @@ class NPMIndexReader:
         # Flat indexes are stored empty (see build): filled from the vectors here up to FLAT_FILL_MAX_VECTORS,
         # searched by streaming over the memory-mapped vectors above (`search`).
         streamed = is_flat(faiss_index) and faiss_index.ntotal == 0 and len(vectors) > FLAT_FILL_MAX_VECTORS
-        if is_flat(faiss_index) and faiss_index.ntotal == 0 and faiss_index.d == vectors.shape[1] and not streamed:
+        reused = _filled_flat_index(previous, path, manifest)
+        if reused is not None and not streamed:
+            faiss_index = reused
+        elif is_flat(faiss_index) and faiss_index.ntotal == 0 and faiss_index.d == vectors.shape[1] and not streamed:
             try:
                 add_vectors(faiss_index, vectors)
             except ValueError as error:
@@ -140,16 +152,26 @@ class NPMIndexReader:
         for name, (got, want) in expected.items():
             if tuple(got) != tuple(want):
                 raise NPMIndexError(f"{path}: {name} has shape {tuple(got)}, the manifest says {tuple(want)}; rebuild.")
-        _check_counts(path, manifest)
+        _check_counts(path, edited)
         check_index_arrays(path, manifest, token_arrays, positions, offsets, (path / DOCUMENTS_FILE).stat().st_size)
+        documents = DocumentStore(path / DOCUMENTS_FILE, offsets)
+        parts = open_edits(path, edited, token_arrays, positions, vectors, documents)
+        base_faiss = faiss_index
+        faiss_index = join_faiss(path, edited, faiss_index, parts.segment_vectors, streamed)
+        if len(segments(edited)) > SEGMENTS_BEFORE_COMPACTION:
+            logger.warning(f"The index at {path} has {len(segments(edited))} append segments, each searched on its "
+                           f"own: compact it (`npm-hf index compact --index {path}`) to search one index again.")
         if not manifest.paragraph_blocks:
             logger.warning(
                 f"The index at {path} was built by an npm_hf before 0.2: its blocks are cut from one running token "
                 "stream and it indexes mid-word pieces too, unlike the official NPM datastore, so its answers differ "
                 "from the reference's. It is answered as before; rebuild it for the faithful index: `npm-hf "
                 "build-index --model MODEL --corpus CORPUS --output DIR --overwrite`.")
-        return cls(path, manifest, token_arrays, positions, vectors, faiss_index,
-                   DocumentStore(path / DOCUMENTS_FILE, offsets))
+        reader = cls(path, edited, parts.token_arrays, parts.positions, parts.vectors, faiss_index, parts.documents,
+                     deleted_rows=parts.deleted_rows)
+        reader.base_faiss_index = base_faiss  # what `previous` hands to the next load
+        reader.base_files = _base_files(manifest)
+        return reader
 
     @classmethod
     def from_pretrained(cls, name_or_path, subfolder: str = "index", verify: str = "fast",
@@ -220,8 +242,7 @@ class NPMIndexReader:
         fill (approximate indexes) are -1 with score -inf.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.num_indexed == 0:  # every document deleted: no candidate (FAISS refuses k=0)
-            return np.zeros((len(queries), 0), dtype=np.float32), np.zeros((len(queries), 0), dtype=np.int64)
+        self.check_searchable()
         if not np.isfinite(queries).all():
             raise ValueError(
                 "The encoder produced non-finite query vectors (NaN or inf), so no answer can be scored. Usual causes: "
@@ -229,20 +250,33 @@ class NPMIndexReader:
             )
         if self.exact_search:  # a flat index holds the stored vectors themselves: its scores are already exact
             self.check_search_parameters(nprobe, ef_search)
+            k = min(int(k), self.num_searchable)
+            fetch = fetch_count(k, self.deleted_rows, self.num_indexed)  # deleted rows are dropped below
             try:
                 if self.streamed_exact_search:
-                    found = streamed_exact_search(self.vectors, queries, min(int(k), self.num_indexed))
+                    found = streamed_exact_search(self.vectors, queries, fetch)
                 else:
-                    found = self.faiss_index.search(queries, min(int(k), self.num_indexed))
+                    found = self.faiss_index.search(queries, fetch)
             except ValueError as error:  # a non-finite stored vector
                 raise self._corrupted_vectors(str(error)) from None
+            found = drop_deleted(*found, self.deleted_rows, k)
         else:
             found = self.rescore(queries, self.candidate_rows(queries, k, nprobe=nprobe, ef_search=ef_search))
         scores, rows = found
+        scores, rows = scores[:, : min(int(k), self.num_searchable)], rows[:, : min(int(k), self.num_searchable)]
         bad = ~np.isfinite(scores) & (rows >= 0)  # never let a NaN score reach an answer
         if bad.any():
             raise self._corrupted_vectors(f"vector row {int(rows[bad][0])} scores {scores[bad][0]}")
         return scores, rows
+
+    def check_searchable(self) -> None:
+        """Raise NPMIndexError when no vector row is left to search: every document of the index was deleted."""
+        if self.num_searchable == 0:
+            raise NPMIndexError(
+                f"The index at {self.path} holds no indexed token: every one of its {self.manifest.num_documents} "
+                "documents was deleted, so no answer can be found. Add documents (`npm-hf index add`) or build the "
+                "index again."
+            )
 
     def _corrupted_vectors(self, detail: str) -> NPMIndexError:
         return NPMIndexError(
@@ -263,12 +297,15 @@ class NPMIndexReader:
 
     def candidate_rows(self, queries: np.ndarray, k: int, nprobe: int | None = None,
                        ef_search: int | None = None) -> np.ndarray:
-        """FAISS's top-k vector rows per query (approximate for compressed indexes; -1 where none was found)."""
+        """FAISS's top-k vector rows per query (approximate for compressed indexes; -1 where none was found), deleted
+        rows left out."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self.check_searchable()
+        k = min(int(k), self.num_searchable)
         with self._search_lock:
             self._configure_search(nprobe, ef_search)
-            _, rows = self.faiss_index.search(queries, min(int(k), self.num_indexed))
-        return rows
+            scores, rows = self.faiss_index.search(queries, fetch_count(k, self.deleted_rows, self.num_indexed))
+        return drop_deleted(scores, rows, self.deleted_rows, k)[1]
 
     def check_search_parameters(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Raise ValueError unless `nprobe` / `ef_search` (None: not set) apply to this index and are in range."""
@@ -280,7 +317,7 @@ class NPMIndexReader:
                     f"nprobe applies to IVF indexes, and the index at {self.path} is {factory!r}, which has no "
                     "inverted lists. Drop nprobe (CLI: --nprobe), or build an IVF index (e.g. 'IVF1024,SQ8')."
                 )
-            nlist = extract_ivf(self.faiss_index).nlist
+            nlist = extract_ivf(base_of(self.faiss_index)).nlist
             if nprobe > nlist:
                 raise ValueError(
                     f"nprobe={nprobe} is more than the {nlist} IVF lists (nlist) of the index at {self.path} "
@@ -333,7 +370,10 @@ class NPMIndexReader:
         """Vector rows of corpus positions, and whether each position is indexed at all."""
         rows = np.searchsorted(self.positions, positions)
         rows = np.minimum(rows, self.num_indexed - 1)
-        return rows, self.positions[rows] == positions
+        indexed = self.positions[rows] == positions
+        if self.deleted_rows is not None:
+            indexed &= ~self.deleted_rows[rows]
+        return rows, indexed
 
     def block_of(self, positions: np.ndarray) -> np.ndarray:
         return positions // self.block_size
@@ -409,6 +449,21 @@ def _warn_if_outside(model_dir: Path, index_dir: Path) -> None:
         logger.warning(f"The index of {model_dir} links outside the model directory ({outside[0]} -> "
                        f"{outside[0].resolve()}): its checksums vouch for files that do not ship with the model. "
                        "Copy the index into the model directory if that is not intended.")
+
+
+def _base_files(manifest: IndexManifest) -> dict:
+    """The manifest entries of the files a filled flat FAISS index is made of: equal entries, the same index."""
+    names = [FAISS_FILE, *(s["file"] for s in vector_layout(manifest))]
+    return {"rows": manifest.num_indexed_tokens, **{name: manifest.files.get(name) for name in names}}
+
+
+def _filled_flat_index(previous, path: Path, manifest: IndexManifest):
+    """`previous`'s filled flat FAISS index when it was loaded from the same directory and base files, else None."""
+    if previous is None or getattr(previous, "base_faiss_index", None) is None:
+        return None
+    index = previous.base_faiss_index
+    same = (Path(previous.path) == path and getattr(previous, "base_files", None) == _base_files(manifest))
+    return index if same and is_flat(index) and index.ntotal == manifest.num_indexed_tokens > 0 else None
 
 
 def _check_counts(path: Path, manifest: IndexManifest) -> None:

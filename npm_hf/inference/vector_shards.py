@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from transformers.utils import logging
 
-from .index_files import (SHARDED_FORMAT_VERSION, SINGLE_FILE_FORMAT_VERSION, VECTOR_SHARD_FILE, VECTORS_FILE, IndexManifest,
-                          NPMIndexError)
+from .index_files import (SHARDED_FORMAT_VERSION, SINGLE_FILE_FORMAT_VERSION, VECTOR_SHARD_FILE, VECTORS_FILE,
+                          IndexManifest, NPMIndexError)
 
 
 logger = logging.get_logger(__name__)

@@ -164,7 +164,9 @@ def test_an_index_without_shard_records_still_loads(pair, model_and_tokenizer, m
     old = NPMIndex.load(single.path, verify="full")
     np.testing.assert_array_equal(old.vectors[:], single.vectors[:])
     old.delete_documents(["texas"])
-    assert _shard_files(old.path) == [VECTORS_FILE] and old.manifest.format_version == 3
+    assert _shard_files(old.path) == [VECTORS_FILE] and old.manifest.format_version == 4  # a tombstone
+    old.compact()  # rewrites the vectors by the rule
+    assert _shard_files(old.path) == [VECTORS_FILE] and old.manifest.format_version == 3  # compact token files
     assert old.manifest.max_shard_bytes == 10**10  # the default rule
 
 
@@ -173,11 +175,15 @@ def test_edits_of_a_sharded_index_keep_the_shard_rule(pair, model_and_tokenizer,
     single, sharded = pair
     before = _shard_files(sharded.path)
     for index in pair:
+        shards = _shard_files(index.path)
         index.delete_documents(["texas", "desert"])
+        assert _shard_files(index.path) == shards  # a tombstone: no vector file is rewritten
+        index.compact()
     after_delete = _shard_files(sharded.path)
     assert len(after_delete) < len(before)  # fewer rows, fewer shards, and none of the old names is left over
     for index in pair:
         index.add_documents(*model_and_tokenizer, [NEW])
+        index.compact()  # the appended segment's vectors join the shards
     names = _shard_files(sharded.path)
     assert len(names) > len(after_delete) and names[0].endswith(f"-of-{len(names):05d}.npy")
     assert _shard_files(single.path) == [VECTORS_FILE]
