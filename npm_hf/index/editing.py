@@ -33,7 +33,9 @@ from ..inference.index_files import (COMPACT_MARKER_FILE, DOCUMENT_OFFSETS_FILE,
 from ..inference.tokens import SPECIAL
 from ..inference.vector_shards import (DEFAULT_MAX_SHARD_SIZE, create_vector_shards, layout_format_version,
                                        parse_shard_size, shard_layout, vector_layout)
+from ..inference.vector_codes import NO_VECTORS
 from .arguments import IndexBuildArguments
+from .coded_build import append_codes, copy_codes
 from .encoding import encode_into, index_rule, indexed_token_mask, pad_token_id
 from .faiss_build import load_lists_into_memory, write_on_disk
 from .passages import bm25_file_names, save_bm25_passages
@@ -60,12 +62,24 @@ def add_documents(index, model, tokenizer, documents, batch_size: int = 16, show
 
     def write(staging: Path):
         save_token_arrays(staging, tokens, positions, m.block_size, _compact(index))
-        vectors, layout = _copy_vectors(index, staging, np.arange(index.num_indexed), extra_rows=len(new_positions))
-        encode_into(vectors, index.num_indexed, model, records["id"], records["flags"], keep, args)
-        vectors.flush()
-        if not is_flat(index.faiss_index):  # a flat index is stored empty and filled on load
-            _write_faiss(index, staging, vectors, start=index.num_indexed, reset=False)
-        del vectors
+        if m.vector_dtype == NO_VECTORS:  # codes of the new vectors (`coded_build`); FAISS gets them exactly
+            fresh = staging / ".new-vectors.npy"
+            new = np.lib.format.open_memmap(fresh, mode="w+", dtype=np.float16, shape=(len(new_positions), m.hidden_size))
+            encode_into(new, 0, model, records["id"], records["flags"], keep, args)
+            codes, _, layout = copy_codes(index, staging, np.arange(index.num_indexed), len(new_positions),
+                                          _max_shard_bytes(m))
+            append_codes(codes, index.vectors.codec, index.num_indexed, new)
+            codes.flush()
+            _write_faiss(index, staging, new, start=0, reset=False)
+            del codes, new
+            fresh.unlink()
+        else:
+            vectors, layout = _copy_vectors(index, staging, np.arange(index.num_indexed), extra_rows=len(new_positions))
+            encode_into(vectors, index.num_indexed, model, records["id"], records["flags"], keep, args)
+            vectors.flush()
+            if not is_flat(index.faiss_index):  # a flat index is stored empty and filled on load
+                _write_faiss(index, staging, vectors, start=index.num_indexed, reset=False)
+            del vectors
         _append_documents(index, staging, new_documents)
         return dataclasses.replace(
             m, **_layout_fields(m, layout), num_documents=m.num_documents + stats.num_documents,
@@ -148,8 +162,12 @@ def delete_documents(index, doc_ids) -> None:
         if _compact(index):  # format 3 writes every token file again (the plain format keeps token_docs.npy)
             tokens["doc"] = index.token_docs
         save_token_arrays(staging, tokens, np.asarray(index.positions)[keep_rows], m.block_size, _compact(index))
-        vectors, layout = _copy_vectors(index, staging, keep_rows)
-        vectors.flush()
+        if m.vector_dtype == NO_VECTORS:  # FAISS is refilled from the kept rows' decoded codes
+            codes, vectors, layout = copy_codes(index, staging, keep_rows, 0, _max_shard_bytes(m))
+            codes.flush()
+        else:
+            vectors, layout = _copy_vectors(index, staging, keep_rows)
+            vectors.flush()
         if not is_flat(index.faiss_index):
             _write_faiss(index, staging, vectors, start=0, reset=True)
         del vectors

@@ -105,6 +105,9 @@ class IndexManifest:
     paragraph_blocks: bool = False
     # BM25 pre-filters saved with the index (files `prefilter.bm25_files`): None = over blocks, N = N-token windows
     bm25_passages: list = field(default_factory=list)
+    # vector_dtype "none" (format 3): the vectors are codes of a FAISS coder (`vector_codes`): {"codec", "code_size",
+    # "k_factor", and the quality measured at build time: "top1_agreement", "agreement_measured_on"}
+    vector_codes: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The manifest as written: every field, sealed with `checksum` (a hand-edited manifest no longer loads)."""
@@ -126,7 +129,8 @@ CHECKSUM_KEY = "checksum"
 _FIELD_TYPES = {"format_version": int, "hidden_size": int, "block_size": int, "num_documents": int,
                 "num_skipped_empty_documents": int, "num_tokens": int, "num_indexed_tokens": int, "num_blocks": int,
                 "num_deleted_documents": int, "encoder_fingerprint": str, "tokenizer_fingerprint": str,
-                "faiss_factory": str, "files": dict, "vector_shards": list, "versions": dict, "bm25_passages": list}
+                "faiss_factory": str, "files": dict, "vector_shards": list, "versions": dict, "bm25_passages": list,
+                "vector_dtype": str, "vector_codes": dict}
 
 
 def manifest_checksum(data: dict) -> str:
