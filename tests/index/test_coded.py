@@ -3,11 +3,14 @@
 The oracle: a refine stage of float16 codes (`Refine(SQfp16)`) decodes to exactly the float16 vectors an index with
 vectors keeps, so such an index must answer exactly like the float16 index of the same first stage."""
 
+import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
 
+import npm_hf
 from npm_hf import IndexBuildArguments, NonparametricFillMaskPipeline, NPMIndex
 from npm_hf.inference.vector_codes import CODEC_FILE, CODES_FILE, CodedVectors, split_refine
 
@@ -137,3 +140,16 @@ def test_bad_factories_for_no_vectors(caplog):
 def test_auto_without_vectors_picks_a_refined_factory(tmp_path, model_and_tokenizer, corpus):
     coded = _build(model_and_tokenizer, corpus, tmp_path / "auto", faiss_factory="auto", vectors="none")
     assert split_refine(coded.manifest.faiss_factory)[1] == "SQ8"
+
+
+def test_card_reports_the_agreement_measured_against_the_vectors(tmp_path, npm_dir, corpus):
+    shutil.copytree(npm_dir, tmp_path / "npm", ignore=shutil.ignore_patterns("index"))
+    npm_hf.build_index(tmp_path / "npm", corpus, args=IndexBuildArguments(
+        block_size=16, faiss_factory=f"{BASE},Refine(SQfp16)", vectors="none", show_progress_bar=False))
+    m = NPMIndex.load(tmp_path / "npm" / "index").manifest
+    per_token = round(sum(entry["bytes"] for entry in m.files.values()) / m.num_indexed_tokens, 1)
+    text = (tmp_path / "npm" / "README.md").read_text()
+    assert (f"| {BASE},Refine(SQfp16) (inner product) | approximate, top-1 agreement with exact search 1.0 (64 stored "
+            "vectors as queries, k=4096, nprobe=1, against the float16 vectors) | " f"{per_token} |") in text
+    facts = json.loads((tmp_path / "npm" / "npm_card.json").read_text())["index"]
+    assert facts["top1_agreement"] == m.vector_codes["top1_agreement"] == 1.0
