@@ -20,6 +20,10 @@ Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"
         own scores only, bytes per indexed token on disk and in RAM, median search latency per query of 2 token
         vectors of a real sentence encoded on its own. One line per index (value: the agreement at k=4096), then
         "P3": the in-RAM bytes per token of the smallest index with >= 95 % agreement.           goal <= 64
+    P3d indexes without float16 vectors (vectors="none": candidates re-scored from refine codes), made from the P1
+        index's vectors (benchmarks/compact_index.py, which also plots them): top-1 agreement with exact search,
+        identical fill-mask answers, bytes on disk per indexed token (every file), latency; "P3d": the bytes/token
+        of the smallest one with >= 95 % on both. Opt-in (--figures P3d; minutes per index).  goal <= 64
     P6  fill-mask queries per second of `fill(texts, batch_size=32)` / one text at a time, same 32 texts, alternating
         rounds; the detail splits both into forward, search and answers (spans, phrases, evidence).  goal >= 5
     P6l fill-mask queries per second of `fill(texts, batch_size=32)` / the bare floor of the same work: one padded
@@ -99,7 +103,7 @@ SETTINGS = {
              "p4_sizes": (100_000, 10_000_000), "p4_queries": 200},
 }
 FIGURES = ("P2", "P1", "B", "PE", "P7", "P3", "P6", "P6L", "PM", "RSS1K", "P1R", "P5", "M", "M2")
-OPT_IN_FIGURES = ("P1Q", "P4")  # not in the default run (names are upper-cased when parsed)
+OPT_IN_FIGURES = ("P1Q", "P4", "P3D")  # not in the default run (names are upper-cased when parsed)
 # Left out of --quick unless named: RSS1k's 1,000 pipeline calls take ~8 minutes (2 calls/s over the quick P1 index,
 # k=4096, 2-core AMD EPYC with 1.5 cores of other load), far above the quick run's budget.
 NOT_QUICK = ("RSS1K", "P1R")  # P1r: Ray's start-up (see the docstring)
@@ -823,6 +827,13 @@ def figure_p3(model, tokenizer, exact, sentences: list[str], workdir: Path, sett
         emit("P3", float("nan"), "<= 64", "no approximate index reached 95 % top-1 agreement")
 
 
+def figure_p3d(model, tokenizer, index, documents: list[dict], workdir: Path, settings: dict) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import compact_index
+
+    compact_index.measure(model, tokenizer, index, documents, settings, None, settings["p3_queries"], workdir)
+
+
 # ------------------------------------------------------------------------------------------------------- P5
 def step_seconds(trainer) -> list[float]:
     """Train and return the wall time of every optimisation step but the first (warm-up)."""
@@ -1093,7 +1104,7 @@ def main(argv=None) -> None:
             figure_p2(model, tokenizer, take_documents(documents, counts, settings["p2_tokens"]), workdir,
                       settings["p2_rounds"])
 
-        if figures & {"P1", "B", "P3", "P6", "P1Q", "P7", "P6L", "PM", "RSS1K", "P1R", "PE"}:
+        if figures & {"P1", "B", "P3", "P6", "P1Q", "P7", "P6L", "PM", "RSS1K", "P1R", "PE", "P3D"}:
             p1_documents = take_documents(documents, counts, settings["p1_tokens"])
             seconds, index = build_seconds(model, tokenizer, p1_documents, workdir / "p1-index")
             log.info(f"P1 index: {index.manifest.num_tokens} tokens built in {seconds:.1f}s")
@@ -1130,6 +1141,8 @@ def main(argv=None) -> None:
                 sentences = cloze_queries(p1_documents, None, settings["p3_queries"])
                 figure_p3(model, tokenizer, index, sentences, workdir, settings)
                 log.info(f"P3 took {time.perf_counter() - started_p3:.0f}s")
+            if "P3D" in figures:
+                figure_p3d(model, tokenizer, index, p1_documents, workdir, settings)
             del index
             gc.collect()
         if "P5" in figures:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from transformers.utils import logging
 
 from ..hub_cards import HUB_MAX_FILE_BYTES
+from ..inference.vector_codes import NO_VECTORS, VECTOR_CHOICES, split_refine
 from ..inference.vector_shards import DEFAULT_MAX_SHARD_SIZE, parse_memory_size, parse_shard_size
 
 
@@ -69,6 +70,13 @@ class IndexBuildArguments:
                           "over the windows of the model's prefilter_passage_tokens if it sets them), 'none', or a "
                           "comma-separated list of 'blocks' and window sizes, e.g. 'blocks,64'."},
     )
+    vectors: str = field(
+        default="float16",
+        metadata={"help": "'float16' (every indexed token's vector on disk, candidates re-scored exactly) or 'none': "
+                          "no vectors, candidates re-scored from the codes of the factory's refine stage, e.g. "
+                          "'IVF1024,PQ16np,Refine(SQ8)' (docs/index_format.md#indexes-without-vectors); with "
+                          "faiss_factory='auto' a refined IVF-PQ is chosen."},
+    )
     index_all_tokens: bool = field(
         default=False,
         metadata={"help": "Index mid-word pieces too (npm_hf before 0.2). By default only word starts and word ends "
@@ -91,11 +99,36 @@ class IndexBuildArguments:
         parse_bm25_passages(self.bm25_passages)  # a malformed list fails here
         if not self.faiss_factory.strip():
             raise ValueError("IndexBuildArguments.faiss_factory must be a FAISS factory string such as 'Flat'.")
+        if self.vectors not in VECTOR_CHOICES:
+            raise ValueError(f"IndexBuildArguments.vectors={self.vectors!r}; use 'float16' or 'none' (CLI: --vectors).")
+        if self.vectors == NO_VECTORS and self.faiss_factory != AUTO_FACTORY:
+            check_refined_factory(self.faiss_factory)
         if self.max_memory is not None:
             parse_memory_size(self.max_memory)  # a malformed size fails here, before any work
         if parse_shard_size(self.max_shard_size) > HUB_MAX_FILE_BYTES:
             logger.warning(f"max_shard_size={self.max_shard_size!r} allows vector files above the Hub's 50 GB "
                            "per-file limit; such an index cannot be pushed to the Hub.")
+
+
+# what the warnings and errors of vectors="none" suggest (the agreement of each kind: docs/compact_index.md)
+SUGGESTED_REFINED_FACTORY = "IVF1024,PQ16np,Refine(SQ8)"
+
+
+def check_refined_factory(factory: str) -> None:
+    """For vectors="none": refuse a flat first stage (it would need the vectors), warn without a refine stage."""
+    base, codec = split_refine(factory)
+    if base.replace(" ", "") in ("Flat", "IDMap,Flat"):
+        raise ValueError(
+            f"faiss_factory={factory!r} with vectors='none': a Flat first stage is exact search over the float "
+            f"vectors, which this index does not keep. Use a compressed first stage with a refine stage, e.g. "
+            f"'{SUGGESTED_REFINED_FACTORY}', or keep vectors='float16'."
+        )
+    if codec is None:
+        logger.warning(
+            f"faiss_factory={factory!r} has no refine stage: with vectors='none' its candidates are re-scored from "
+            f"its own coarse codes, and its answers will often differ from exact search (top-1 agreement well "
+            f"below 95 %, docs/index_format.md). Add one, e.g. '{SUGGESTED_REFINED_FACTORY}' (CLI: --faiss-factory)."
+        )
 
 
 def parse_bm25_passages(value: str, model_passage_tokens: int | None = None) -> list:

@@ -52,7 +52,9 @@ from ..inference.index_files import (FAISS_FILE, FORMAT_VERSION, IVFDATA_FILE, M
                                      tokenizer_fingerprint, write_encoder_sample)
 from ..inference.vector_shards import (create_vector_shards, open_vector_shards,
                                        parse_shard_size, shard_layout)
-from .arguments import AUTO_FACTORY, IndexBuildArguments, parse_bm25_passages
+from ..inference.vector_codes import NO_VECTORS
+from .arguments import AUTO_FACTORY, IndexBuildArguments, check_refined_factory, parse_bm25_passages
+from .coded_build import coded_agreement, default_nprobe, stage_factories, suggest_refined_factory, write_codes
 from .encoding import encode_into, index_rule, unit_blocks
 from .faiss_build import (check_training_size, merge_on_disk, new_faiss_index, suggest_faiss_factory,
                           write_index_atomically)
@@ -69,9 +71,10 @@ _VECTORS_DONE = "vectors.done"
 _FAISS_DONE = "faiss.done"
 _PASSAGES_DONE = "passages.done"
 _COMPACT_DONE = "compact.done"
+_CODES_FILE = "codes.json"  # vectors="none": the codes are written (their layout and the manifest's vector_codes)
 # Arguments that shape the result (or the units already encoded): a resume must use the same ones.
 _PLAN_ARGUMENTS = ("block_size", "batch_size", "blocks_per_unit", "faiss_factory", "max_memory", "train_sample_size",
-                   "max_shard_size", "seed", "remove_stopwords", "index_all_tokens", "bm25_passages")
+                   "max_shard_size", "seed", "remove_stopwords", "index_all_tokens", "bm25_passages", "vectors")
 
 
 def portable_name(name_or_path, output_dir: Path) -> str:
@@ -239,14 +242,24 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
         args = dataclasses.replace(args, train_sample_size=tokenized["train_sample_size"])  # as fitted to the budget
         fingerprints = json.loads((state_dir / _STATE_FILE).read_text())  # computed once, by _prepare
         layout = shard_layout(tokenized["num_indexed_tokens"], hidden_size, parse_shard_size(args.max_shard_size))
+        coded = args.vectors == NO_VECTORS  # the float16 vectors stay in the state directory (`coded_build`)
+        vectors_dir = state_dir / "vectors" if coded else index_dir
+        factory, codec_factory = (stage_factories(tokenized["faiss_factory"]) if coded
+                                  else (tokenized["faiss_factory"], None))
         if not (state_dir / _PASSAGES_DONE).exists():
             processes.run(lambda: _index_passages(index_dir, state_dir, tokenized.get("bm25_passages", []), args),
                           main_only=True)
         if not (state_dir / _VECTORS_DONE).exists():
             processes.run(lambda: _encode_units(processes, index_dir, state_dir, model, args))
-            processes.run(lambda: _assemble_vectors(index_dir, state_dir, layout, hidden_size), main_only=True)
+            processes.run(lambda: _assemble_vectors(vectors_dir, state_dir, layout, hidden_size), main_only=True)
         if not (state_dir / _FAISS_DONE).exists():
-            _build_faiss(processes, index_dir, state_dir, layout, hidden_size, tokenized["faiss_factory"], args)
+            _build_faiss(processes, index_dir, state_dir, layout, hidden_size, factory, args, vectors_dir, coded)
+        codes = None
+        if coded:
+            if not (state_dir / _CODES_FILE).exists():
+                processes.run(lambda: _write_codes(index_dir, state_dir, vectors_dir, layout, hidden_size,
+                                                   codec_factory, args), main_only=True)
+            codes = json.loads((state_dir / _CODES_FILE).read_text())
         if not (state_dir / _COMPACT_DONE).exists():  # last: every stage before reads the plain token files
             processes.run(lambda: _compact_tokens(index_dir, state_dir, args), main_only=True)
         manifest = IndexManifest(
@@ -264,7 +277,9 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
             num_blocks=-(-tokenized["num_tokens"] // args.block_size),
             build_seconds=round(time.perf_counter() - started, 3),
             versions=library_versions(),
-            vector_shards=layout,
+            vector_shards=codes["layout"] if coded else layout,
+            vector_dtype=NO_VECTORS if coded else "float16",
+            vector_codes=codes["facts"] if coded else {},
             max_shard_bytes=parse_shard_size(args.max_shard_size),
             line_starts_marked=True,
             boundary_tokens_only=not args.index_all_tokens,
@@ -282,6 +297,18 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
             logger.warning(f"The index build stopped; its work so far is kept in {partial}. Run the same build "
                            "with resume=True (CLI: --resume) to continue it, or overwrite=True to start over.")
         raise
+
+
+def _write_codes(index_dir: Path, state_dir: Path, vectors_dir: Path, layout: list[dict], hidden_size: int,
+                 codec_factory: str, args: IndexBuildArguments) -> None:
+    """vectors="none": the refine codes of every vector, and the agreement they keep (measured against them)."""
+    vectors = open_vector_shards(vectors_dir, layout, hidden_size)
+    codes = write_codes(index_dir, vectors, codec_factory, hidden_size, args.train_sample_size, args.seed,
+                        args.max_shard_size)
+    codes["facts"].update(coded_agreement(index_dir, vectors, codes["layout"], codes["facts"], seed=args.seed))
+    logger.info(f"Refine codes {codec_factory!r}: {codes['facts']['code_size']} bytes per token, top-1 agreement "
+                f"with exact search {codes['facts']['top1_agreement']} ({codes['facts']['agreement_measured_on']}).")
+    _write_json(state_dir / _CODES_FILE, codes)
 
 
 def _compact_tokens(index_dir: Path, state_dir: Path, args: IndexBuildArguments) -> None:
@@ -328,13 +355,19 @@ def _tokenize(index_dir: Path, state_dir: Path, model, corpus, tokenizer, args: 
     num_vectors = len(np.load(index_dir / POSITIONS_FILE, mmap_mode="r"))
     memory = BuildMemoryPlan.measure(model, args, num_vectors, stats.num_documents)
     factory = args.faiss_factory
-    if factory == AUTO_FACTORY:
+    if factory == AUTO_FACTORY and args.vectors == NO_VECTORS:
+        factory = suggest_refined_factory(num_vectors, hidden_size)
+        check_refined_factory(factory)
+        logger.info(f"faiss_factory='auto' with vectors='none' chose {factory!r} for {num_vectors} vectors.")
+    elif factory == AUTO_FACTORY:
         factory = suggest_faiss_factory(num_vectors, hidden_size, memory and memory.faiss_budget())
         logger.info(f"faiss_factory='auto' chose {factory!r} for {num_vectors} vectors.")
-    faiss_index = new_faiss_index(hidden_size, factory)
-    if memory is not None:  # refuses a factory that cannot fit; caps the training sample
-        args = memory.fit(faiss_index, factory, args)
-    check_training_size(faiss_index, factory, num_vectors, args.train_sample_size)
+    stages = stage_factories(factory) if args.vectors == NO_VECTORS else (factory,)
+    for stage in stages:  # vectors="none": the first stage and the coder are trained on the same sample
+        faiss_index = new_faiss_index(hidden_size, stage)
+        if memory is not None:  # refuses a factory that cannot fit; caps the training sample
+            args = memory.fit(faiss_index, stage, args)
+        check_training_size(faiss_index, stage, num_vectors, args.train_sample_size)
     shard_layout(num_vectors, hidden_size, parse_shard_size(args.max_shard_size))  # fails on a too small shard
     _write_json(state_dir / _TOKENIZED_FILE, {
         "num_documents": stats.num_documents, "num_skipped_empty_documents": stats.num_skipped_empty,
@@ -425,7 +458,9 @@ def _check_unit(path: Path) -> None:
 
 
 def _assemble_vectors(index_dir: Path, state_dir: Path, layout: list[dict], hidden_size: int) -> None:
-    """Copy the unit files, in order, into the index's vector shards; then drop them."""
+    """Copy the unit files, in order, into the vector shards in `index_dir` (the index's, or for vectors="none" the
+    state directory's); then drop them."""
+    index_dir.mkdir(exist_ok=True)
     vectors = create_vector_shards(index_dir, layout, hidden_size)
     row = 0
     for path in sorted((state_dir / "units").glob("unit-*.npy")):
@@ -461,9 +496,12 @@ def _train(faiss_index, vectors, args: IndexBuildArguments) -> None:
 
 
 def _build_faiss(processes: _Processes, index_dir: Path, state_dir: Path, layout: list[dict], hidden_size: int,
-                 factory: str, args: IndexBuildArguments) -> None:
-    vectors = open_vector_shards(index_dir, layout, hidden_size)
+                 factory: str, args: IndexBuildArguments, vectors_dir: Path, coded: bool = False) -> None:
+    vectors = open_vector_shards(vectors_dir, layout, hidden_size)
     faiss_index = new_faiss_index(hidden_size, factory)
+    nprobe = default_nprobe(faiss_index) if coded else None
+    if nprobe:  # stored with the index: FAISS's default of 1 list misses most top-1s
+        extract_ivf(faiss_index).nprobe = nprobe
     if merges_on_disk(faiss_index):
         _build_ivf_on_disk(processes, index_dir, state_dir, vectors, faiss_index, args)
     else:

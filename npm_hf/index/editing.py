@@ -39,7 +39,9 @@ from ..inference.segments import (SEGMENT_NAME, TOMBSTONE_FILE, edit_file_names,
 from ..inference.tokens import SPECIAL
 from ..inference.vector_shards import (DEFAULT_MAX_SHARD_SIZE, create_vector_shards, layout_format_version,
                                        parse_shard_size, shard_layout, vector_layout)
+from ..inference.vector_codes import NO_VECTORS
 from .arguments import IndexBuildArguments
+from .coded_build import append_codes, copy_codes
 from .encoding import encode_into, index_rule, indexed_token_mask, pad_token_id
 from .faiss_build import load_lists_into_memory, write_index_atomically, write_on_disk
 from .passages import bm25_file_names, save_bm25_passages, save_segment_bm25
@@ -69,23 +71,34 @@ def add_documents(index, model, tokenizer, documents, batch_size: int = 16, show
     name = SEGMENT_NAME.format(number)
     segment = {"name": name, "first_token": m.num_tokens, "num_tokens": len(tokens["id"]),
                "first_row": m.num_indexed_tokens, "num_rows": len(positions), "first_document": m.num_documents,
-               "num_documents": len(new_documents), "faiss": not is_flat(_base_faiss(index))}
+               "num_documents": len(new_documents), "faiss": not is_flat(_base_faiss(index)),
+               "codes": m.vector_dtype == NO_VECTORS}
 
     def write(staging: Path):
         for part, array in (("token_ids", tokens["id"]), ("token_flags", tokens["flags"]),
                             ("token_docs", tokens["doc"]), ("token_offsets", tokens["offsets"]),
                             ("positions", positions)):
             np.save(staging / segment_file(name, part), np.ascontiguousarray(array))
-        vectors = np.lib.format.open_memmap(staging / segment_file(name, "vectors"), mode="w+", dtype=np.float16,
-                                            shape=(len(positions), m.hidden_size))
+        # an index without float16 vectors keeps the segment's rows as codes of its coder, as it keeps the base's
+        target = staging / (".new-vectors.npy" if segment["codes"] else segment_file(name, "vectors"))
+        vectors = np.lib.format.open_memmap(target, mode="w+", dtype=np.float16, shape=(len(positions), m.hidden_size))
         skip = start - m.num_tokens  # the padding up to the block boundary: encoding starts at a block
         encode_into(vectors, 0, model, tokens["id"][skip:], tokens["flags"][skip:], keep[skip:], args)
         vectors.flush()
-        if segment["faiss"]:
+        if segment["faiss"]:  # FAISS gets the exact vectors, as at build time
             segment_index = _empty_copy(index)
             add_vectors(segment_index, vectors)
             write_index_atomically(segment_index, staging / segment_file(name, "faiss"))
+        if segment["codes"]:
+            codec = index.vectors.codec
+            codes = np.lib.format.open_memmap(staging / segment_file(name, "codes"), mode="w+", dtype=np.uint8,
+                                              shape=(len(positions), codec.sa_code_size()))
+            append_codes(codes, codec, 0, vectors)
+            codes.flush()
+            del codes
         del vectors
+        if segment["codes"]:
+            target.unlink()
         _write_documents(staging / segment_file(name, "documents"), staging / segment_file(name, "document_offsets"),
                          new_documents)
         segment["bm25_files"] = save_segment_bm25(index, staging, name, m.num_tokens, tokens, new_documents,
@@ -228,8 +241,12 @@ def compact(index) -> None:
         tokens = {"id": index.token_ids, "flags": index.token_flags, "doc": index.token_docs,
                   "offsets": index.token_offsets}
         save_token_arrays(staging, tokens, np.asarray(index.positions)[keep_rows], m.block_size, _compact(index))
-        vectors, layout = _copy_vectors(index, staging, keep_rows)
-        vectors.flush()
+        if m.vector_dtype == NO_VECTORS:  # FAISS is refilled from the kept rows' decoded codes
+            codes, vectors, layout = copy_codes(index, staging, keep_rows, 0, _max_shard_bytes(m))
+            codes.flush()
+        else:
+            vectors, layout = _copy_vectors(index, staging, keep_rows)
+            vectors.flush()
         if not is_flat(_base_faiss(index)):
             _write_faiss(index, staging, vectors)
         del vectors

@@ -3,6 +3,7 @@
 import numpy as np
 
 from ..inference.faiss_io import streamed_exact_search
+from ..inference.vector_codes import NO_VECTORS
 
 
 # exact search over more vectors than this, for the agreement's reference, takes too long to do at every build
@@ -15,6 +16,9 @@ def top1_agreement(index, num_queries: int = 64, k: int = 4096, nprobe: int | No
     stored vectors drawn at random and used as queries (a tie with the exact best score counts as agreement).
     Returns the card facts `top1_agreement` and `agreement_measured_on`, or None for an exact index (nothing to
     measure) or one of more than AGREEMENT_MAX_VECTORS vectors."""
+    codes = index.manifest.vector_codes
+    if index.manifest.vector_dtype == NO_VECTORS and "top1_agreement" in codes:  # measured at build, against the
+        return {name: codes[name] for name in ("top1_agreement", "agreement_measured_on")}  # float16 vectors
     if index.exact_search or not 0 < index.num_indexed <= AGREEMENT_MAX_VECTORS:
         return None
     if num_queries < 1 or k < 1:

@@ -110,6 +110,9 @@ class IndexManifest:
     bm25_passages: list = field(default_factory=list)
     # Edits kept beside the files they change (format 4, `segments`): {"segments": [...], "tombstones": file, ...}
     edits: dict = field(default_factory=dict)
+    # vector_dtype "none" (format 3): the vectors are codes of a FAISS coder (`vector_codes`): {"codec", "code_size",
+    # "k_factor", and the quality measured at build time: "top1_agreement", "agreement_measured_on"}
+    vector_codes: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The manifest as written: every field, sealed with `checksum` (a hand-edited manifest no longer loads)."""
@@ -132,7 +135,7 @@ _FIELD_TYPES = {"format_version": int, "hidden_size": int, "block_size": int, "n
                 "num_skipped_empty_documents": int, "num_tokens": int, "num_indexed_tokens": int, "num_blocks": int,
                 "num_deleted_documents": int, "encoder_fingerprint": str, "tokenizer_fingerprint": str,
                 "faiss_factory": str, "files": dict, "vector_shards": list, "versions": dict, "bm25_passages": list,
-                "edits": dict}
+                "edits": dict, "vector_dtype": str, "vector_codes": dict}
 
 
 def manifest_checksum(data: dict) -> str:

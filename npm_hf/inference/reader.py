@@ -24,6 +24,7 @@ from .segments import (SEGMENTS_BEFORE_COMPACTION, base_manifest, base_of, check
                        join_faiss, open_edits, segments)
 from .tokens import SPECIAL
 from .validation import check_faiss_file, check_file_names, check_index_arrays
+from .vector_codes import CODEC_FILE, NO_VECTORS, CodedVectors, read_codec
 from .vector_shards import check_layout, open_vector_shards, vector_layout
 
 
@@ -121,7 +122,7 @@ class NPMIndexReader:
                 token_arrays = {name: np.asarray(np.load(path / file, mmap_mode="r", allow_pickle=False))
                                 for name, file in TOKEN_FILES.items()}
                 positions = np.asarray(np.load(path / POSITIONS_FILE, mmap_mode="r", allow_pickle=False))
-            vectors = open_vector_shards(path, vector_layout(manifest), manifest.hidden_size)
+            vectors = _open_vectors(path, manifest)
             offsets = np.load(path / DOCUMENT_OFFSETS_FILE, allow_pickle=False)
             check_faiss_file(path / FAISS_FILE, manifest.hidden_size)
             faiss_index = read_faiss_index(path / FAISS_FILE)
@@ -260,6 +261,10 @@ class NPMIndexReader:
             except ValueError as error:  # a non-finite stored vector
                 raise self._corrupted_vectors(str(error)) from None
             found = drop_deleted(*found, self.deleted_rows, k)
+        elif self.manifest.vector_dtype == NO_VECTORS:  # k_factor·k candidates (never deleted rows), re-scored
+            k_factor = int(self.manifest.vector_codes.get("k_factor", 1))  # from the codes; cut to k below
+            candidates = self.candidate_rows(queries, int(k) * k_factor, nprobe=nprobe, ef_search=ef_search)
+            found = self.rescore(queries, candidates)
         else:
             found = self.rescore(queries, self.candidate_rows(queries, k, nprobe=nprobe, ef_search=ef_search))
         scores, rows = found
@@ -433,6 +438,19 @@ class NPMIndexReader:
                 setattr(faiss.cvar, name, value)
 
 
+def _open_vectors(path: Path, manifest: IndexManifest):
+    """The float16 vector shards of an index, or (vector_dtype "none") its codes read as decoded vectors."""
+    layout = vector_layout(manifest)
+    if manifest.vector_dtype != NO_VECTORS:
+        return open_vector_shards(path, layout, manifest.hidden_size)
+    codec = read_codec(path / CODEC_FILE)
+    code_size = manifest.vector_codes.get("code_size")
+    if codec.d != manifest.hidden_size or codec.sa_code_size() != code_size:
+        raise NPMIndexError(f"{path / CODEC_FILE} encodes {codec.d} dimensions in {codec.sa_code_size()} bytes, the "
+                            f"manifest says {manifest.hidden_size} in {code_size}; rebuild the index.")
+    return CodedVectors(open_vector_shards(path, layout, code_size, dtype=np.uint8), codec)
+
+
 def _warn_if_outside(model_dir: Path, index_dir: Path) -> None:
     """Warn when the index folder of a model directory, or a file in it, is a link that leaves the directory: its
     manifest then vouches for files that were not shipped with the model. (In a Hub cache snapshot, files link to
@@ -503,7 +521,7 @@ def _verify_files(path: Path, manifest: IndexManifest, verify: str) -> None:
             if sha256_file(file) != expected["sha256"]:
                 raise NPMIndexError(f"{file} is corrupted (checksum mismatch); rebuild the index.")
     required = {*token_file_names(COMPACT_MARKER_FILE in manifest.files), *(s["file"] for s in layout), FAISS_FILE,
-                DOCUMENTS_FILE}
+                DOCUMENTS_FILE, *([CODEC_FILE] if manifest.vector_dtype == NO_VECTORS else [])}
     missing = required - set(manifest.files)
     if missing:
         raise NPMIndexError(f"The manifest of {path} lists no {sorted(missing)}; rebuild the index.")

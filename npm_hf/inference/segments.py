@@ -30,15 +30,18 @@ from .faiss_io import add_vectors, is_flat
 from .index_files import DocumentStore, NPMIndexError
 from .tokens import SPECIAL
 from .validation import check_faiss_file
+from .vector_codes import NO_VECTORS, CodedVectors
 from .vector_shards import ShardedArray
 
 
 SEGMENT_NAME = "append-{:05d}"
 TOMBSTONE_FILE = "tombstones-{:05d}.npy"
-# The files of a segment: `segment_file(name, part)`; "faiss" only for indexes that are not flat.
+# The files of a segment: `segment_file(name, part)`; "faiss" only for indexes that are not flat; "codes" instead of
+# "vectors" in an index without float16 vectors (`vector_codes`: the segment's rows coded by the base's coder).
 SEGMENT_PARTS = {"token_ids": "token_ids.npy", "token_flags": "token_flags.npy", "token_docs": "token_docs.npy",
                  "token_offsets": "token_offsets.npy", "positions": "positions.npy", "vectors": "vectors.npy",
-                 "documents": "documents.jsonl", "document_offsets": "document_offsets.npy", "faiss": "faiss"}
+                 "codes": "vector_codes.npy", "documents": "documents.jsonl",
+                 "document_offsets": "document_offsets.npy", "faiss": "faiss"}
 _TOKEN_PARTS = ("token_ids", "token_flags", "token_docs", "token_offsets")
 _SEGMENT_FIELDS = ("first_token", "num_tokens", "first_row", "num_rows", "first_document", "num_documents")
 _NAME_PATTERN = re.compile(r"append-\d{5}")
@@ -62,7 +65,8 @@ def tombstone_file(manifest) -> str | None:
 
 def segment_files(manifest, segment: dict) -> list[str]:
     """Every file name of `segment` that the manifest must list."""
-    parts = [part for part in SEGMENT_PARTS if part != "faiss" or segment.get("faiss")]
+    skipped = {"vectors" if segment.get("codes") else "codes", *(() if segment.get("faiss") else ("faiss",))}
+    parts = [part for part in SEGMENT_PARTS if part not in skipped]
     return [segment_file(segment["name"], part) for part in parts] + list(segment.get("bm25_files", []))
 
 
@@ -101,6 +105,9 @@ def check_edits(path: Path, manifest) -> None:
             problems.append(f"segment {segment!r} is not a record of {list(_SEGMENT_FIELDS)} with a name append-NNNNN")
             break
         starts = (segment["first_token"], segment["first_row"], segment["first_document"])
+        if segment.get("codes", False) is not (manifest.vector_dtype == NO_VECTORS):
+            problems.append(f"segment {segment['name']} holds {'codes' if segment.get('codes') else 'float16 vectors'}"
+                            f", the index vector_dtype={manifest.vector_dtype!r}")
         if ends is not None and starts != ends:
             problems.append(f"segment {segment['name']} does not continue the one before it")
         extra = segment.get("bm25_files", [])
@@ -147,7 +154,7 @@ def open_edits(path: Path, manifest, token_arrays: dict, positions, vectors: Sha
     arrays = {name: [array] for name, array in token_arrays.items()}
     all_positions = [positions]
     for segment in parts:
-        loaded = _open_segment(path, manifest, segment)
+        loaded = _open_segment(path, manifest, segment, getattr(vectors, "codec", None))
         for name in _TOKEN_PARTS:
             arrays[name].append(loaded[name])
         all_positions.append(loaded["positions"])
@@ -156,7 +163,11 @@ def open_edits(path: Path, manifest, token_arrays: dict, positions, vectors: Sha
     if parts:
         token_arrays = {name: np.concatenate(chunks) for name, chunks in arrays.items()}
         positions = np.concatenate(all_positions)
-        vectors = ShardedArray([*vectors.shards, *segment_vectors])
+        if isinstance(vectors, CodedVectors):
+            vectors = CodedVectors(ShardedArray([*vectors.codes.shards, *(v.codes for v in segment_vectors)]),
+                                   vectors.codec)
+        else:
+            vectors = ShardedArray([*vectors.shards, *segment_vectors])
     deleted = _read_tombstones(path, manifest)
     deleted_rows = None
     if len(deleted):
@@ -173,12 +184,16 @@ def open_edits(path: Path, manifest, token_arrays: dict, positions, vectors: Sha
     return EditedParts(token_arrays, positions, vectors, documents, deleted, deleted_rows, segment_vectors)
 
 
-def _open_segment(path: Path, manifest, segment: dict) -> dict:
-    """A segment's arrays (memory-mapped) and documents, checked against its record."""
+def _open_segment(path: Path, manifest, segment: dict, codec=None) -> dict:
+    """A segment's arrays (memory-mapped) and documents, checked against its record; an index without float16
+    vectors reads its codes (decoded by the base's `codec`) as its vectors."""
     name = segment["name"]
+    coded = bool(segment.get("codes"))
     try:
         loaded = {part: np.asarray(np.load(path / segment_file(name, part), mmap_mode="r", allow_pickle=False))
-                  for part in (*_TOKEN_PARTS, "positions", "vectors")}
+                  for part in (*_TOKEN_PARTS, "positions", "codes" if coded else "vectors")}
+        if coded:
+            loaded["vectors"] = loaded.pop("codes")
         offsets = np.load(path / segment_file(name, "document_offsets"), allow_pickle=False)
     except (ValueError, OSError) as error:
         raise NPMIndexError(f"The files of segment {name} in {path} are corrupted ({error}); rebuild the index.") from None
@@ -187,14 +202,15 @@ def _open_segment(path: Path, manifest, segment: dict) -> dict:
     documents_bytes = (path / segment_file(name, "documents")).stat().st_size
     shapes = {**{part: (loaded[part].shape[:1], (n,)) for part in _TOKEN_PARTS},
               "positions": (loaded["positions"].shape, (segment["num_rows"],)),
-              "vectors": (loaded["vectors"].shape, (segment["num_rows"], manifest.hidden_size)),
+              "vectors": (loaded["vectors"].shape,
+                          (segment["num_rows"], codec.sa_code_size() if coded else manifest.hidden_size)),
               "document_offsets": (offsets.shape, (segment["num_documents"] + 1,))}
     problems = [f"{part} has shape {tuple(got)}, not {tuple(want)}" for part, (got, want) in shapes.items()
                 if tuple(got) != tuple(want)]
     if not problems:
         rows, docs = loaded["positions"], loaded["token_docs"]
-        if loaded["vectors"].dtype != np.float16:
-            problems.append(f"vectors hold {loaded['vectors'].dtype}, not float16")
+        if loaded["vectors"].dtype != (np.uint8 if coded else np.float16):
+            problems.append(f"vectors hold {loaded['vectors'].dtype}, not {'uint8 codes' if coded else 'float16'}")
         if len(rows) and (rows[0] < first or rows[-1] >= first + n or (np.diff(rows) <= 0).any()):
             problems.append(f"positions are not increasing within {first}..{first + n - 1}")
         if len(docs) and (((docs < doc_lo) & (docs != -1)) | (docs >= doc_hi)).any():
@@ -208,6 +224,8 @@ def _open_segment(path: Path, manifest, segment: dict) -> dict:
         raise NPMIndexError(f"Segment {name} of the index at {path} is corrupted: {'; '.join(problems)}. "
                             "Rebuild the index.")
     loaded["documents"] = DocumentStore(path / segment_file(name, "documents"), offsets)
+    if coded:
+        loaded["vectors"] = CodedVectors(loaded["vectors"], codec)
     return loaded
 
 

@@ -168,31 +168,34 @@ def parse_shard_size(value) -> int:
     return size
 
 
-def _npy_header_bytes(num_rows: int, hidden_size: int) -> int:
+def _npy_header_bytes(num_rows: int, hidden_size: int, dtype=np.float16) -> int:
     buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                                                   "fortran_order": False, "shape": (num_rows, hidden_size)})
     return buffer.tell()
 
 
-def shard_layout(num_rows: int, hidden_size: int, max_shard_bytes: int) -> list[dict]:
+def shard_layout(num_rows: int, hidden_size: int, max_shard_bytes: int, dtype=np.float16,
+                 names: tuple[str, str] = (VECTORS_FILE, VECTOR_SHARD_FILE)) -> list[dict]:
     """How `num_rows` float16 vectors are cut into .npy files of at most `max_shard_bytes` (header included): as
     many rows per file as fit, all in vectors.npy when one file holds them, else in vectors-{i:05d}-of-{n:05d}.npy.
-    Returns [{"file", "start", "stop"}] (rows start:stop of each file)."""
-    header = _npy_header_bytes(num_rows, hidden_size)  # no shard has more rows, so no longer a header
-    per_shard = (max_shard_bytes - header) // (2 * hidden_size)
+    Returns [{"file", "start", "stop"}] (rows start:stop of each file). `dtype` and `names` (one file, shard
+    pattern) cut other rows the same way (the uint8 codes of an index without vectors, `vector_codes`)."""
+    header = _npy_header_bytes(num_rows, hidden_size, dtype)  # no shard has more rows, so no longer a header
+    row_bytes = np.dtype(dtype).itemsize * hidden_size
+    per_shard = (max_shard_bytes - header) // row_bytes
     if per_shard < 1:
         raise ValueError(
-            f"max_shard_size={max_shard_bytes} bytes cannot hold one vector ({2 * hidden_size} bytes after a "
+            f"max_shard_size={max_shard_bytes} bytes cannot hold one vector ({row_bytes} bytes after a "
             f"{header}-byte .npy header); raise max_shard_size."
         )
     count = max(1, -(-num_rows // per_shard))
     if count == 1:
-        return [{"file": VECTORS_FILE, "start": 0, "stop": num_rows}]
+        return [{"file": names[0], "start": 0, "stop": num_rows}]
     if count > _HUB_FILES_PER_FOLDER:
         logger.warning(f"{count} vector shards: the Hub recommends fewer than {_HUB_FILES_PER_FOLDER} files per "
                        "folder; consider a larger max_shard_size.")
-    return [{"file": VECTOR_SHARD_FILE.format(i, count), "start": i * per_shard,
+    return [{"file": names[1].format(i, count), "start": i * per_shard,
              "stop": min((i + 1) * per_shard, num_rows)} for i in range(count)]
 
 
@@ -205,23 +208,24 @@ def layout_format_version(layout: list[dict]) -> int:
     return SINGLE_FILE_FORMAT_VERSION if [s["file"] for s in layout] == [VECTORS_FILE] else SHARDED_FORMAT_VERSION
 
 
-def create_vector_shards(directory: Path, layout: list[dict], hidden_size: int) -> ShardedArray:
+def create_vector_shards(directory: Path, layout: list[dict], hidden_size: int, dtype=np.float16) -> ShardedArray:
     """New, writable, memory-mapped vector shards (filled by `array[lo:hi] = rows`, then `flush()`)."""
-    return ShardedArray([np.lib.format.open_memmap(directory / s["file"], mode="w+", dtype=np.float16,
+    return ShardedArray([np.lib.format.open_memmap(directory / s["file"], mode="w+", dtype=dtype,
                                                    shape=(s["stop"] - s["start"], hidden_size)) for s in layout])
 
 
-def open_vector_shards(directory: Path, layout: list[dict], hidden_size: int) -> ShardedArray:
-    """The vector shards of an index directory, memory-mapped read-only (never unpickled)."""
+def open_vector_shards(directory: Path, layout: list[dict], hidden_size: int, dtype=np.float16) -> ShardedArray:
+    """The vector shards of an index directory, memory-mapped read-only (never unpickled); `dtype` uint8 and
+    `hidden_size` = code size for the codes of an index without vectors."""
     shards = []
     for s in layout:
         mapped = np.load(directory / s["file"], mmap_mode="r", allow_pickle=False)
         _advise_random_access(mapped)
         # np.asarray: a plain ndarray view of the map (no copy); np.memmap's indexing is much slower.
         shard = np.asarray(mapped)
-        if shard.dtype != np.float16 or shard.shape != (s["stop"] - s["start"], hidden_size):
+        if shard.dtype != dtype or shard.shape != (s["stop"] - s["start"], hidden_size):
             raise NPMIndexError(
-                f"{directory / s['file']} holds {shard.dtype} {shard.shape}, the manifest says float16 "
+                f"{directory / s['file']} holds {shard.dtype} {shard.shape}, the manifest says {np.dtype(dtype)} "
                 f"{(s['stop'] - s['start'], hidden_size)}; rebuild the index."
             )
         shards.append(shard)
