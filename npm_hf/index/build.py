@@ -44,10 +44,10 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..corpus import is_stream
+from ..inference.compact_tokens import COMPACT_TOKENS_FORMAT_VERSION
 from ..inference.decoding import NPMDecodingConfig
 from ..inference.directory_swap import PARTIAL_SUFFIX, DirectoryLock, recover
 from ..inference.faiss_io import FAISS_ADD_CHUNK, add_vectors, core_index, extract_ivf, is_flat
-from ..inference.compact_tokens import COMPACT_TOKENS_FORMAT_VERSION
 from ..inference.index_files import (FAISS_FILE, IVFDATA_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES,
                                      IndexManifest, NPMIndexError, encoder_fingerprint, sha256_file,
                                      tokenizer_fingerprint, write_encoder_sample)
@@ -264,7 +264,7 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
         if not (state_dir / _COMPACT_DONE).exists():  # last: every stage before reads the plain token files
             processes.run(lambda: _compact_tokens(index_dir, state_dir, args), main_only=True)
         manifest = IndexManifest(
-            format_version=COMPACT_TOKENS_FORMAT_VERSION,  # format 4 (edits) is written by an edit only
+            format_version=COMPACT_TOKENS_FORMAT_VERSION,  # edits raise it to 4 (`segments`)
             encoder_fingerprint=fingerprints["encoder"],
             tokenizer_fingerprint=fingerprints["tokenizer"],
             encoder_name_or_path=portable_name(getattr(model, "name_or_path", ""), output_dir),

@@ -20,8 +20,8 @@ from .index_files import (COMPACT_MARKER_FILE, DOCUMENT_OFFSETS_FILE, DOCUMENTS_
                           MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES, DocumentStore, IndexManifest, IndexMismatchError,
                           NPMIndexError, encoder_fingerprint, encoder_sample_matches, read_manifest, sha256_file,
                           tokenizer_fingerprint)
-from .segments import (SEGMENTS_BEFORE_COMPACTION, base_manifest, base_of, check_edits, drop_deleted, fetch_count,
-                       join_faiss, open_edits, segments)
+from .segments import (SEGMENTS_BEFORE_COMPACTION, base_manifest, base_of, check_edits, drop_deleted,
+                       edit_file_names, fetch_count, join_faiss, open_edits, segments)
 from .tokens import SPECIAL
 from .validation import check_faiss_file, check_file_names, check_index_arrays
 from .vector_codes import CODEC_FILE, NO_VECTORS, CodedVectors, read_codec
@@ -115,8 +115,12 @@ class NPMIndexReader:
         check_edits(path, manifest)
         edited, manifest = manifest, base_manifest(manifest)  # the base's own files hold the base's counts
         _verify_files(path, manifest, verify)
+        _check_counts(path, edited)  # before any file is decoded by what the counts say
+        same_base = _same_base(previous, path, manifest)  # an edit left the base as it was: its arrays serve again
         try:
-            if COMPACT_MARKER_FILE in manifest.files:  # format 3: decoded into memory
+            if same_base:
+                token_arrays, positions = previous.base_token_arrays, previous.base_positions
+            elif COMPACT_MARKER_FILE in manifest.files:  # format 3: decoded into memory
                 token_arrays, positions = read_compact_tokens(path, manifest.block_size)
             else:  # np.asarray: plain ndarray views of the maps (no copy); np.memmap's indexing is much slower.
                 token_arrays = {name: np.asarray(np.load(path / file, mmap_mode="r", allow_pickle=False))
@@ -133,9 +137,9 @@ class NPMIndexReader:
         # Flat indexes are stored empty (see build): filled from the vectors here up to FLAT_FILL_MAX_VECTORS,
         # searched by streaming over the memory-mapped vectors above (`search`).
         streamed = is_flat(faiss_index) and faiss_index.ntotal == 0 and len(vectors) > FLAT_FILL_MAX_VECTORS
-        reused = _filled_flat_index(previous, path, manifest)
-        if reused is not None and not streamed:
-            faiss_index = reused
+        reused = previous.base_faiss_index if same_base else None
+        if reused is not None and is_flat(reused) and reused.ntotal == manifest.num_indexed_tokens > 0 and not streamed:
+            faiss_index = reused  # filled already, and never changed in place
         elif is_flat(faiss_index) and faiss_index.ntotal == 0 and faiss_index.d == vectors.shape[1] and not streamed:
             try:
                 add_vectors(faiss_index, vectors)
@@ -153,8 +157,9 @@ class NPMIndexReader:
         for name, (got, want) in expected.items():
             if tuple(got) != tuple(want):
                 raise NPMIndexError(f"{path}: {name} has shape {tuple(got)}, the manifest says {tuple(want)}; rebuild.")
-        _check_counts(path, edited)
-        check_index_arrays(path, manifest, token_arrays, positions, offsets, (path / DOCUMENTS_FILE).stat().st_size)
+        if not same_base:
+            check_index_arrays(path, manifest, token_arrays, positions, offsets,
+                               (path / DOCUMENTS_FILE).stat().st_size)
         documents = DocumentStore(path / DOCUMENTS_FILE, offsets)
         parts = open_edits(path, edited, token_arrays, positions, vectors, documents)
         base_faiss = faiss_index
@@ -170,7 +175,8 @@ class NPMIndexReader:
                 "build-index --model MODEL --corpus CORPUS --output DIR --overwrite`.")
         reader = cls(path, edited, parts.token_arrays, parts.positions, parts.vectors, faiss_index, parts.documents,
                      deleted_rows=parts.deleted_rows)
-        reader.base_faiss_index = base_faiss  # what `previous` hands to the next load
+        # what `previous` hands to the next load (never changed in place: edited views are new arrays)
+        reader.base_faiss_index, reader.base_token_arrays, reader.base_positions = base_faiss, token_arrays, positions
         reader.base_files = _base_files(manifest)
         return reader
 
@@ -470,18 +476,17 @@ def _warn_if_outside(model_dir: Path, index_dir: Path) -> None:
 
 
 def _base_files(manifest: IndexManifest) -> dict:
-    """The manifest entries of the files a filled flat FAISS index is made of: equal entries, the same index."""
-    names = [FAISS_FILE, *(s["file"] for s in vector_layout(manifest))]
-    return {"rows": manifest.num_indexed_tokens, **{name: manifest.files.get(name) for name in names}}
+    """The counts of the base (the index without its edits) and the manifest entries of its files: equal entries,
+    the same base."""
+    edits = edit_file_names(manifest)
+    return {"counts": (manifest.num_tokens, manifest.num_indexed_tokens, manifest.num_documents),
+            **{name: entry for name, entry in manifest.files.items() if name not in edits}}
 
 
-def _filled_flat_index(previous, path: Path, manifest: IndexManifest):
-    """`previous`'s filled flat FAISS index when it was loaded from the same directory and base files, else None."""
-    if previous is None or getattr(previous, "base_faiss_index", None) is None:
-        return None
-    index = previous.base_faiss_index
-    same = (Path(previous.path) == path and getattr(previous, "base_files", None) == _base_files(manifest))
-    return index if same and is_flat(index) and index.ntotal == manifest.num_indexed_tokens > 0 else None
+def _same_base(previous, path: Path, manifest: IndexManifest) -> bool:
+    """Whether `previous` was loaded from the same directory with the same base files (counts and checksums)."""
+    return (previous is not None and getattr(previous, "base_files", None) is not None
+            and Path(previous.path) == path and previous.base_files == _base_files(manifest))
 
 
 def _check_counts(path: Path, manifest: IndexManifest) -> None:

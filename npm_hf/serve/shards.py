@@ -24,6 +24,7 @@ from transformers.utils import logging
 from ..index import NPMIndex, NPMIndexError, ShardedArray
 from ..inference.faiss_io import FLAT_FILL_MAX_VECTORS, add_vectors, extract_ivf, read_faiss_index
 from ..inference.index_files import FAISS_FILE, MANIFEST_FILE, sha256_file
+from ..inference.segments import segments
 
 
 logger = logging.get_logger(__name__)
@@ -86,14 +87,20 @@ class ShardSearcher:
             if hi - lo <= FLAT_FILL_MAX_VECTORS:
                 add_vectors(flat, vectors)  # else left empty: the reader streams over the memory-mapped rows
             manifest = dataclasses.replace(index.manifest, num_indexed_tokens=hi - lo)
+            deleted = None if index.deleted_rows is None else index.deleted_rows[lo:hi]  # tombstoned: never found
             return type(index)(index.path, manifest, self._token_arrays(), index.positions[lo:hi], vectors, flat,
-                               index.documents), lo
+                               index.documents, deleted_rows=deleted), lo
         ivf = extract_ivf(index.faiss_index)
         if ivf is None:
             raise ShardServingError(
                 f"The index at {index.path} is {index.manifest.faiss_factory!r}, which cannot be cut into row shards "
                 "(only flat and IVF indexes can: their entries carry their row). Rebuild it with an IVF factory, e.g. "
                 "`npm-hf build-index --faiss-factory IVF1024,SQ8`, or serve it from one process (no Ray).")
+        if segments(index.manifest):
+            raise ShardServingError(
+                f"The index at {index.path} has append segments (documents added since its build), whose rows are "
+                "in FAISS indexes of their own, which cannot be cut into row shards yet: compact it first (`npm-hf "
+                "index compact`).")
         if index.faiss_index.ntotal != index.num_indexed:
             raise ShardServingError(
                 f"The FAISS index of {index.path} holds {index.faiss_index.ntotal} rows but the index has "
@@ -108,7 +115,7 @@ class ShardSearcher:
         ivf.copy_subset_to(sub, faiss.InvertedLists.SUBSET_TYPE_ID_RANGE, lo, hi)
         restricted.ntotal = sub.ntotal  # an OPQ/PCA wrapper counts the rows of the IVF it wraps
         return type(index)(index.path, index.manifest, self._token_arrays(), index.positions, index.vectors,
-                           restricted, index.documents), 0
+                           restricted, index.documents, deleted_rows=index.deleted_rows), 0
 
     def _token_arrays(self) -> dict:
         return {name: getattr(self.index, name) for name in ("token_ids", "token_flags", "token_docs", "token_offsets")}
@@ -123,7 +130,7 @@ class ShardSearcher:
                many: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (float32 scores, int64 rows of the whole index) of `queries` among this shard's rows, best first;
         `nprobe` / `ef_search` 0: FAISS's default; `many`: the reader's `search_many`."""
-        if self.hi == self.lo:
+        if self.hi == self.lo or self.reader.num_searchable == 0:  # no rows, or only deleted ones
             empty = (len(queries), 0)
             return np.zeros(empty, dtype=np.float32), np.zeros(empty, dtype=np.int64)
         search = self.reader.search_many if many else self.reader.search

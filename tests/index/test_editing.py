@@ -261,7 +261,7 @@ def test_compaction_gives_what_the_edited_index_answers(index, model_and_tokeniz
     positions, vectors = np.asarray(index.positions)[live], np.asarray(index.vectors[live])
     index.compact()
     assert index.manifest.edits == {} and index.deleted_rows is None and index.num_indexed == len(live)
-    assert index.manifest.format_version in (1, 2) and not [p for p in os.listdir(index.path) if "append" in p]
+    assert index.manifest.format_version in (1, 2, 3) and not [p for p in os.listdir(index.path) if "append" in p]
     np.testing.assert_array_equal(index.positions, positions)
     np.testing.assert_array_equal(np.asarray(index.vectors), vectors)
     assert index.faiss_index.ntotal == index.num_indexed

@@ -110,3 +110,28 @@ def test_an_index_and_its_copy_have_one_identity_an_edit_makes_another(npm_dir, 
     assert ShardSearcher(str(index_copy), 0, 3).identity == original
     npm_hf.NPMIndex.load(index_copy).delete_documents(["texas"])
     assert index_identity(npm_hf.NPMIndex.load(index_copy)) != original
+
+
+def test_shards_of_an_edited_index_never_return_deleted_rows(index_copy, model_and_tokenizer):
+    index = npm_hf.NPMIndex.load(index_copy)
+    queries = query_vectors(index)
+    index.add_documents(*model_and_tokenizer, [{"id": "zorb", "text": "Borvin lives in Saltoria."}])
+    index.delete_documents(["texas"])
+    k = index.num_indexed
+    got = sharded_search(index_copy, 2, queries, k)
+    want = canonical(*index.search(queries, k))
+    assert (got[1] >= 0).sum() == (want[1] >= 0).sum() == len(queries) * index.num_searchable
+    for found, expected in zip(got[1], want[1]):  # the same rows (the merge pads with -1 up to k)
+        np.testing.assert_array_equal(np.sort(found[found >= 0]), np.sort(expected))
+    assert not index.deleted_rows[got[1][got[1] >= 0]].any()
+
+
+def test_ivf_shards_refuse_append_segments(tmp_path, model_and_tokenizer, corpus):
+    model, tokenizer = model_and_tokenizer
+    index = npm_hf.NPMIndex.build(model, tokenizer, corpus, tmp_path / "ivf", npm_hf.IndexBuildArguments(
+        block_size=16, faiss_factory="IVF2,Flat", show_progress_bar=False))
+    index.add_documents(model, tokenizer, [{"id": "zorb", "text": "Borvin lives in Saltoria."}])
+    with pytest.raises(ShardServingError, match="append segments.*npm-hf index compact"):
+        ShardSearcher(str(index.path), 0, index.num_indexed)
+    index.compact()
+    ShardSearcher(str(index.path), 0, index.num_indexed)  # one index again: served
