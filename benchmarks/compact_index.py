@@ -138,7 +138,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xlabel("bytes on disk per indexed token (every file of the index)")
     ax.set_ylabel("fraction of queries")
     ax.set_title(f"Indexes without float16 vectors, MiniLM d=384, {results[0]['num_indexed']:,} indexed tokens")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
