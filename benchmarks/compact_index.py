@@ -47,7 +47,7 @@ def default_factories(nlist: int, hidden: int) -> list[str]:
             "PQ32x4fs,Refine(PQ48np)", f"IVF{nlist},PQ16np"]
 
 
-def compact_variant(exact, factory: str, path: Path, train: int):
+def compact_variant(exact, factory: str, path: Path, train: int, nprobe: int | None = None):
     """A vectors='none' index directory at `path` over the files and vectors of `exact` (see the docstring)."""
     import faiss
 
@@ -71,8 +71,8 @@ def compact_variant(exact, factory: str, path: Path, train: int):
     hidden, vectors = exact.manifest.hidden_size, exact.vectors
     base_factory, codec_factory = stage_factories(factory)
     base = faiss.index_factory(hidden, base_factory, faiss.METRIC_INNER_PRODUCT)
-    nprobe = default_nprobe(base)
-    if nprobe:
+    nprobe = nprobe or default_nprobe(base)
+    if nprobe and default_nprobe(base):
         faiss.extract_index_ivf(base).nprobe = nprobe
     sample = np.sort(np.random.default_rng(0).choice(len(vectors), min(train, len(vectors)), replace=False))
     if not base.is_trained:
@@ -138,14 +138,14 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xlabel("bytes on disk per indexed token (every file of the index)")
     ax.set_ylabel("fraction of queries")
     ax.set_title(f"Indexes without float16 vectors, MiniLM d=384, {results[0]['num_indexed']:,} indexed tokens")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
 
 
 def measure(model, tokenizer, exact, chosen: list[dict], settings: dict, factories: list[str] | None,
-            num_queries: int, workdir: Path, plot_path: Path | None = None) -> list[dict]:
+            num_queries: int, workdir: Path, plot_path: Path | None = None, nprobe: int | None = None) -> list[dict]:
     """The P3d lines (see the module docstring) for the exact index `exact` over the documents `chosen`."""
     sentences = run.cloze_queries(chosen, None, num_queries)
     cloze = run.cloze_queries(chosen, tokenizer.mask_token, num_queries)
@@ -160,10 +160,10 @@ def measure(model, tokenizer, exact, chosen: list[dict], settings: dict, factori
     factories = factories or default_factories(nlist, exact.manifest.hidden_size)
     for factory in factories:
         started = time.perf_counter()
-        variant = compact_variant(exact, factory, workdir / f"v{len(results)}", settings["p3_train"])
+        variant = compact_variant(exact, factory, workdir / f"v{len(results)}", settings["p3_train"], nprobe)
         built = time.perf_counter() - started
         got = answers(model, tokenizer, variant, cloze)
-        result = {"label": factory, "factory": factory,
+        result = {"label": factory + (f" nprobe {nprobe}" if nprobe and "IVF" in factory else ""), "factory": factory,
                   "agreement": top1_agrees(variant, exact.vectors, query_vectors, reference),
                   "answer_agreement": float(np.mean([a == b for a, b in zip(got, exact_answers)])),
                   "bytes_per_token": index_bytes(variant) / variant.num_indexed,
@@ -195,8 +195,17 @@ def main(argv=None) -> None:
     parser.add_argument("--queries", type=int, default=100, help="Sentences (x 2 vectors) and cloze queries.")
     parser.add_argument("--index", type=Path, default=None, help="A built P1 index to reuse (else built here).")
     parser.add_argument("--model", type=Path, default=None, help="Its NPM model directory (with --index).")
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default: a quarter).")
+    parser.add_argument("--plot-from", type=Path, nargs="*", default=None,
+                        help="Only plot (to --plot) the index lines of earlier runs' outputs (one or more files).")
     parser.add_argument("--plot", type=Path, default=None, help="Write the quality/size plot (PNG) here.")
     args = parser.parse_args(argv)
+    if args.plot_from:
+        lines = [json.loads(line) for path in args.plot_from for line in path.read_text().splitlines()
+                 if line.startswith("{") and '"bytes_per_token"' in line]
+        unique = {line["label"]: line for line in lines}  # a label measured twice: the last run
+        plot(sorted(unique.values(), key=lambda line: line["factory"] != "Flat"), args.plot)
+        return
     settings = run.SETTINGS["quick" if args.quick else "full"]
     run.quiet_libraries()
     from npm_hf import NPMIndex, load_npm
@@ -216,7 +225,7 @@ def main(argv=None) -> None:
             counts = run.token_counts(documents, tokenizer)
             chosen = run.take_documents(documents, counts, settings["p1_tokens"])
         measure(model, tokenizer, exact, chosen, settings, args.factories.split(";") if args.factories else None,
-                args.queries, workdir, args.plot)
+                args.queries, workdir, args.plot, args.nprobe)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ DEFAULT_K_FACTOR = 1  # candidates of the first stage per result (IndexRefine's 
 
 def suggest_refined_factory(num_vectors: int, hidden_size: int) -> str:
     """faiss_factory='auto' with vectors='none': IVF (≈4·sqrt(n) lists) over 16-byte PQ codes to find candidates,
-    refined by 1-byte scalar quantization (d bytes per token), the smallest kind that keeps >= 95 % top-1 agreement
-    with exact search in our measurements (docs/compact_index.md); tiny corpora: PQ codes without IVF."""
+    refined by 1-byte scalar quantization (d bytes per token): of the kinds measured in docs/compact_index.md the
+    one closest to exact search (smaller codes lose top-1 agreement); tiny corpora: PQ codes without IVF."""
     nlist = ivf_lists(num_vectors)
     m = next((m for m in (16, 8, 4, 2, 1) if hidden_size % m == 0), 1)
     pq = f"PQ{m}np" if num_vectors >= 256 * 39 else f"PQ{m}x4np" if num_vectors >= 16 * 39 else None
