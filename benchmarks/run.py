@@ -32,6 +32,11 @@ Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"
     P1q fill-mask pipeline seconds per query with the candidate search in a Qdrant collection (qdrant-client's
         local mode, `npm_hf.vector_store.QdrantSearchIndex`) / with the default FAISS Flat index, same queries and
         index, alternating rounds. Opt-in (--figures P1q); skipped with a note without qdrant-client.      report
+    P1r fill-mask pipeline seconds per query with the search in Ray actors (`npm_hf.serve.RayShardedIndex`, 2 row
+        shards of the P1 index on a local Ray instance) / with the local index, same queries, alternating rounds;
+        the detail says whether every answer was identical. Not in --quick unless named: starting Ray and its
+        actors (each imports torch and npm_hf) adds ~30 s to CI on 2 cores, and the cluster tests (-m ray)
+        already check the answers. Skipped with a note without ray.                             goal <= 1.5
 
     M   peak resident memory (VmHWM) of an NPMIndex.build run in a process of its own with --max-memory, over
         a slice of the corpus with an IVF index trained on a capped sample / that budget.         goal <= 1
@@ -89,11 +94,12 @@ SETTINGS = {
              "p3_queries": 100, "p3_nlist": 1024, "p3_train": 100_000, "m_tokens": (100_000, 120_000),
              "p4_sizes": (100_000, 10_000_000), "p4_queries": 200},
 }
-FIGURES = ("P2", "P1", "B", "P7", "P3", "P6", "P6L", "PM", "RSS1K", "P5", "M", "M2")
+FIGURES = ("P2", "P1", "B", "P7", "P3", "P6", "P6L", "PM", "RSS1K", "P1R", "P5", "M", "M2")
 OPT_IN_FIGURES = ("P1Q", "P4")  # not in the default run (names are upper-cased when parsed)
 # Left out of --quick unless named: RSS1k's 1,000 pipeline calls take ~8 minutes (2 calls/s over the quick P1 index,
 # k=4096, 2-core AMD EPYC with 1.5 cores of other load), far above the quick run's budget.
-NOT_QUICK = ("RSS1K",)
+NOT_QUICK = ("RSS1K", "P1R")  # P1r: Ray's start-up (see the docstring)
+P1R_SHARDS = 2
 # M: the build's budget and index. 1.2 GB is ~0.6 GB of process (interpreter, torch, the model) + ~0.25 GB of
 # encoding activations + room for FAISS; with "full"'s 100k vectors the 1M-vector training sample gets capped.
 M_BUDGET = "1.2GB"
@@ -479,6 +485,54 @@ def figure_p1q(model, tokenizer, index, queries: list[str], rounds: tuple[int, i
          f" ms; medians {median['qdrant'] * 1e3:.1f} / {median['faiss'] * 1e3:.1f} ms (ratio "
          f"{median['qdrant'] / median['faiss']:.2f}); upload {upload:.1f}s (qdrant-client "
          f"{importlib.metadata.version('qdrant-client')})")
+
+
+def figure_p1r(model, tokenizer, index, queries: list[str], rounds: tuple[int, int, float]) -> None:
+    """The same pipeline and queries with the search in P1R_SHARDS Ray shard actors and in the local index."""
+    from npm_hf import NonparametricFillMaskPipeline
+
+    try:
+        import ray
+    except ImportError:
+        log.info("P1r skipped: ray is not installed (pip install 'npm-hf[ray]').")
+        return
+    from npm_hf.serve import RayShardedIndex
+
+    started = time.perf_counter()
+    ray.init(address="local", num_cpus=P1R_SHARDS, include_dashboard=False, log_to_driver=False,
+             logging_level="warning")
+    try:
+        with RayShardedIndex(index.path, num_shards=P1R_SHARDS) as sharded:
+            start_up = time.perf_counter() - started
+            fills = {"local": NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index),
+                     "ray": NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=sharded)}
+            identical = sum(fills["ray"](query) == fills["local"](query) for query in queries)  # also a warm-up
+            times = {name: np.zeros((rounds[1], len(queries))) for name in fills}
+            done, loads = 0, {name: [] for name in fills}
+            for r in round_numbers(rounds):
+                for name in (("ray", "local") if r % 2 == 0 else ("local", "ray")):
+                    gc.collect()
+                    time.sleep(0.2)
+                    load = OtherLoad()
+                    for q, query in enumerate(queries):
+                        times[name][r, q] = pipeline_seconds(fills[name], query)
+                    loads[name].append(load.cores())
+                done = r + 1
+                log.info(f"P1r round {r}: ray {times['ray'][r].mean() * 1e3:.1f} ms/query, "
+                         f"local {times['local'][r].mean() * 1e3:.1f} ms/query")
+    finally:
+        ray.shutdown()
+    best = {name: t[:done].min(axis=0).mean() for name, t in times.items()}
+    median = {name: np.median(t[:done], axis=0).mean() for name, t in times.items()}
+    m = index.manifest
+    emit("P1r", best["ray"] / best["local"], "<= 1.5",
+         f"index {m.num_tokens} tokens ({m.num_indexed_tokens} indexed, {m.faiss_factory}), {P1R_SHARDS} shards "
+         f"on a local Ray {ray.__version__} instance, k={min(int(fills['local'].decoding.k), index.num_indexed)}, "
+         f"{len(queries)} queries, {done} alternating rounds; answers identical to the local index for {identical}"
+         f"/{len(queries)} queries; per-query best-of: ray {best['ray'] * 1e3:.1f} ms, local "
+         f"{best['local'] * 1e3:.1f} ms; medians {median['ray'] * 1e3:.1f} / {median['local'] * 1e3:.1f} ms (ratio "
+         f"{median['ray'] / median['local']:.2f}); Ray start-up with the shards {start_up:.1f}s; other processes' "
+         f"load in cores (the shard actors count as other processes): ray {loads['ray']}, local {loads['local']}")
 
 
 # -------------------------------------------------------------------------------------------------------- B
@@ -991,7 +1045,7 @@ def main(argv=None) -> None:
             figure_p2(model, tokenizer, take_documents(documents, counts, settings["p2_tokens"]), workdir,
                       settings["p2_rounds"])
 
-        if figures & {"P1", "B", "P3", "P6", "P1Q", "P7", "P6L", "PM", "RSS1K"}:
+        if figures & {"P1", "B", "P3", "P6", "P1Q", "P7", "P6L", "PM", "RSS1K", "P1R"}:
             p1_documents = take_documents(documents, counts, settings["p1_tokens"])
             seconds, index = build_seconds(model, tokenizer, p1_documents, workdir / "p1-index")
             log.info(f"P1 index: {index.manifest.num_tokens} tokens built in {seconds:.1f}s")
@@ -1000,6 +1054,9 @@ def main(argv=None) -> None:
                 figure_p1(model, tokenizer, index, queries, settings["p1_rounds"])
             if "P1Q" in figures:
                 figure_p1q(model, tokenizer, index, cloze_queries(p1_documents, tokenizer.mask_token,
+                                                                  settings["p1_queries"]), settings["p1_rounds"])
+            if "P1R" in figures:
+                figure_p1r(model, tokenizer, index, cloze_queries(p1_documents, tokenizer.mask_token,
                                                                   settings["p1_queries"]), settings["p1_rounds"])
             if "B" in figures:
                 figure_bytes(index)

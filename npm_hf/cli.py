@@ -13,6 +13,7 @@
     npm-hf push --model DIR --repo-id ORG/NAME [--private] [--revision R] [--create-pr] [--index-repo-id ORG/IDX]
                 [--dry-run]
     npm-hf demo [--corpus PATH] [--output DIR]
+    npm-hf serve-index --index DIR --shards N [--replicas R] [--address auto | HOST:PORT] [--stop]
     npm-hf gradio --model DIR [--index DIR] [--host 127.0.0.1] [--port 7860] [--top-k 5]
     npm-hf evaluate --model DIR --task sst2 [--data PATH] [--corpus PATH | --index DIR | --evidence-corpus]
                     [--max-examples 3000] [--seed 0] [--output results.json] [--update-card] [--paper-protocol]
@@ -35,6 +36,7 @@ from .api import (TrainDataArguments, build_index, convert_encoder, convert_ligh
 from .demo import DemoArguments, run_demo
 from .evaluation import EvaluationArguments, evaluate, record_results_in_card, results_to_markdown, save_results
 from .index import IndexBuildArguments, IndexLockedError, NPMIndex
+from .serve import serve_index, stop_index
 from .trainer import NPMTrainingArguments, end_distributed_run
 from .web_demo import WebDemoArguments, launch_demo
 
@@ -170,6 +172,18 @@ def _demo(args) -> None:
         print(f"  {stage['stage']:<11} {stage['seconds'] or 0:8.1f} s{detail}{' (reused)' if stage['reused'] else ''}")
 
 
+def _serve_index(args) -> None:
+    if args.stop:
+        count = stop_index(args.index, name=args.name, address=args.address)
+        print(f"Stopped {count} shard actors of {args.name or args.index}.")
+        return
+    name = serve_index(args.index, args.shards, replicas=args.replicas, address=args.address, name=args.name,
+                       actor_index_dir=args.index_on_nodes, num_cpus=args.num_cpus)
+    print(f"Serving {args.index} in {args.shards} shards x {args.replicas} replicas as {name!r} (Ray namespace "
+          f"npm_hf), until `npm-hf serve-index --index {args.index} --stop`. Attach with "
+          f"npm_hf.serve.RayShardedIndex({str(args.index)!r}, num_shards={args.shards}, address=...).")
+
+
 def _gradio(args) -> None:
     launch_demo(_dataclass_from(WebDemoArguments, args))
 
@@ -279,6 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
                                             "cloze queries and answer a few.")
     _add_dataclass_arguments(demo, DemoArguments)
     demo.set_defaults(handler=_demo)
+
+    serve = commands.add_parser("serve-index", help="Serve an index in row shards from Ray actors on a running "
+                                "Ray cluster, for RayShardedIndex clients (docs/scale_out.md); --stop ends them.")
+    serve.add_argument("--index", required=True, help="the index directory (the same path on every node, or see "
+                       "--index-on-nodes)")
+    serve.add_argument("--shards", type=int, default=2, help="row shards, one actor each (default: 2)")
+    serve.add_argument("--replicas", type=int, default=1, help="actors per shard, on different nodes (default: 1)")
+    serve.add_argument("--address", default="auto", help="the Ray cluster: auto (the one this machine belongs to, "
+                       "default) or HOST:PORT of its head")
+    serve.add_argument("--name", default=None, help="name to serve under (default: from the index path)")
+    serve.add_argument("--index-on-nodes", default=None, help="the index directory as the nodes see it, if elsewhere")
+    serve.add_argument("--num-cpus", type=float, default=1, help="CPUs reserved per shard actor (default: 1)")
+    serve.add_argument("--stop", action="store_true", help="stop the shards served for --index (or --name)")
+    serve.set_defaults(handler=_serve_index)
 
     web = commands.add_parser("gradio", help="Serve a web demo (Gradio): answers with their highlighted evidence.")
     _add_dataclass_arguments(web, WebDemoArguments)

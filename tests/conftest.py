@@ -4,6 +4,7 @@ Both vocabularies are small enough that most corpus words are two or more pieces
 WordPiece, 61 % with BPE), as with every real vocabulary on rare words: the word-piece case NPM's rules are about."""
 
 import json
+import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -87,6 +88,30 @@ def index_copy(tmp_path, npm_dir):
     copy = tmp_path / "index"
     shutil.copytree(npm_dir / "index", copy)
     return copy
+
+
+@pytest.fixture
+def plain_index_copy(index_copy):
+    """`index_copy` rewritten in the plain token files of formats 1 and 2 (token_docs.npy, token_offsets.npy,
+    positions.npy; int32 ids), as indexes built before format 3 hold them, manifest sealed again."""
+    from npm_hf.inference.compact_tokens import COMPACT_TOKEN_FILES, read_compact_tokens
+    from npm_hf.inference.index_files import CHECKSUM_KEY, manifest_checksum, sha256_file
+
+    data = json.loads((index_copy / "manifest.json").read_text())
+    arrays, positions = read_compact_tokens(index_copy, data["block_size"])
+    for file in COMPACT_TOKEN_FILES.values():
+        os.remove(index_copy / file)
+    for name, array in arrays.items():
+        np.save(index_copy / f"{name}.npy", array)
+    np.save(index_copy / "positions.npy", positions)
+    files = {name: entry for name, entry in data["files"].items() if name not in COMPACT_TOKEN_FILES.values()}
+    for name in [*(f"{name}.npy" for name in arrays), "positions.npy"]:
+        files[name] = {"bytes": (index_copy / name).stat().st_size, "sha256": sha256_file(index_copy / name)}
+    data.update(files=files, format_version=1 if not data["vector_shards"][1:] else 2)
+    data.pop(CHECKSUM_KEY)
+    data[CHECKSUM_KEY] = manifest_checksum(data)
+    (index_copy / "manifest.json").write_text(json.dumps(data))
+    return index_copy
 
 
 @pytest.fixture

@@ -47,10 +47,10 @@ from ..corpus import is_stream
 from ..inference.decoding import NPMDecodingConfig
 from ..inference.directory_swap import PARTIAL_SUFFIX, DirectoryLock, recover
 from ..inference.faiss_io import FAISS_ADD_CHUNK, add_vectors, core_index, extract_ivf, is_flat
-from ..inference.index_files import (FAISS_FILE, IVFDATA_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES,
+from ..inference.index_files import (FAISS_FILE, FORMAT_VERSION, IVFDATA_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES,
                                      IndexManifest, NPMIndexError, encoder_fingerprint, sha256_file,
                                      tokenizer_fingerprint, write_encoder_sample)
-from ..inference.vector_shards import (create_vector_shards, layout_format_version, open_vector_shards,
+from ..inference.vector_shards import (create_vector_shards, open_vector_shards,
                                        parse_shard_size, shard_layout)
 from .arguments import AUTO_FACTORY, IndexBuildArguments, parse_bm25_passages
 from .encoding import encode_into, index_rule, unit_blocks
@@ -58,7 +58,7 @@ from .faiss_build import (check_training_size, merge_on_disk, new_faiss_index, s
                           write_index_atomically)
 from .memory import BuildMemoryPlan
 from .passages import save_bm25_passages
-from .writing import library_versions, publish, write_corpus, write_positions
+from .writing import compact_token_files, library_versions, publish, write_corpus, write_positions
 
 
 logger = logging.get_logger(__name__)
@@ -68,6 +68,7 @@ _TOKENIZED_FILE = "tokenized.json"
 _VECTORS_DONE = "vectors.done"
 _FAISS_DONE = "faiss.done"
 _PASSAGES_DONE = "passages.done"
+_COMPACT_DONE = "compact.done"
 # Arguments that shape the result (or the units already encoded): a resume must use the same ones.
 _PLAN_ARGUMENTS = ("block_size", "batch_size", "blocks_per_unit", "faiss_factory", "max_memory", "train_sample_size",
                    "max_shard_size", "seed", "remove_stopwords", "index_all_tokens", "bm25_passages")
@@ -246,8 +247,10 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
             processes.run(lambda: _assemble_vectors(index_dir, state_dir, layout, hidden_size), main_only=True)
         if not (state_dir / _FAISS_DONE).exists():
             _build_faiss(processes, index_dir, state_dir, layout, hidden_size, tokenized["faiss_factory"], args)
+        if not (state_dir / _COMPACT_DONE).exists():  # last: every stage before reads the plain token files
+            processes.run(lambda: _compact_tokens(index_dir, state_dir, args), main_only=True)
         manifest = IndexManifest(
-            format_version=layout_format_version(layout),
+            format_version=FORMAT_VERSION,
             encoder_fingerprint=fingerprints["encoder"],
             tokenizer_fingerprint=fingerprints["tokenizer"],
             encoder_name_or_path=portable_name(getattr(model, "name_or_path", ""), output_dir),
@@ -279,6 +282,11 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
             logger.warning(f"The index build stopped; its work so far is kept in {partial}. Run the same build "
                            "with resume=True (CLI: --resume) to continue it, or overwrite=True to start over.")
         raise
+
+
+def _compact_tokens(index_dir: Path, state_dir: Path, args: IndexBuildArguments) -> None:
+    compact_token_files(index_dir, args.block_size)
+    (state_dir / _COMPACT_DONE).touch()
 
 
 def _prepare(partial: Path, output_dir: Path, model, tokenizer, corpus, args: IndexBuildArguments) -> None:

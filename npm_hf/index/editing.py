@@ -28,8 +28,8 @@ from transformers.utils import logging
 from ..corpus import CorpusStats, iter_documents, tokenize_documents
 from ..inference.directory_swap import DirectoryLock, link_or_copy, recover, staging_path
 from ..inference.faiss_io import add_vectors, is_flat, is_on_disk, read_faiss_index
-from ..inference.index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE, MANIFEST_FILE, POSITIONS_FILE,
-                                     TOKEN_FILES, NPMIndexError, read_manifest)
+from ..inference.index_files import (COMPACT_MARKER_FILE, DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, FAISS_FILE,
+                                     FORMAT_VERSION, MANIFEST_FILE, NPMIndexError, read_manifest)
 from ..inference.tokens import SPECIAL
 from ..inference.vector_shards import (DEFAULT_MAX_SHARD_SIZE, create_vector_shards, layout_format_version,
                                        parse_shard_size, shard_layout, vector_layout)
@@ -37,7 +37,7 @@ from .arguments import IndexBuildArguments
 from .encoding import encode_into, index_rule, indexed_token_mask, pad_token_id
 from .faiss_build import load_lists_into_memory, write_on_disk
 from .passages import bm25_file_names, save_bm25_passages
-from .writing import library_versions, publish
+from .writing import library_versions, publish, save_token_arrays
 
 
 logger = logging.get_logger(__name__)
@@ -59,8 +59,7 @@ def add_documents(index, model, tokenizer, documents, batch_size: int = 16, show
     args = IndexBuildArguments(block_size=m.block_size, batch_size=batch_size, show_progress_bar=show_progress_bar)
 
     def write(staging: Path):
-        _save_tokens(staging, tokens)
-        np.save(staging / POSITIONS_FILE, positions)
+        save_token_arrays(staging, tokens, positions, m.block_size, _compact(index))
         vectors, layout = _copy_vectors(index, staging, np.arange(index.num_indexed), extra_rows=len(new_positions))
         encode_into(vectors, index.num_indexed, model, records["id"], records["flags"], keep, args)
         vectors.flush()
@@ -143,11 +142,12 @@ def delete_documents(index, doc_ids) -> None:
 
     def write(staging: Path):
         # token_docs stay: the doc indices of the text-less records keep documents.jsonl aligned
-        _save_tokens(staging, {"id": np.where(dead, 0, index.token_ids).astype(index.token_ids.dtype),
-                               "flags": np.where(dead, SPECIAL, index.token_flags).astype(index.token_flags.dtype),
-                               "offsets": np.where(dead[:, None], 0, index.token_offsets)
-                               .astype(index.token_offsets.dtype)})
-        np.save(staging / POSITIONS_FILE, np.asarray(index.positions)[keep_rows])
+        tokens = {"id": np.where(dead, 0, index.token_ids).astype(index.token_ids.dtype),
+                  "flags": np.where(dead, SPECIAL, index.token_flags).astype(index.token_flags.dtype),
+                  "offsets": np.where(dead[:, None], 0, index.token_offsets).astype(index.token_offsets.dtype)}
+        if _compact(index):  # format 3 writes every token file again (the plain format keeps token_docs.npy)
+            tokens["doc"] = index.token_docs
+        save_token_arrays(staging, tokens, np.asarray(index.positions)[keep_rows], m.block_size, _compact(index))
         vectors, layout = _copy_vectors(index, staging, keep_rows)
         vectors.flush()
         if not is_flat(index.faiss_index):
@@ -196,10 +196,9 @@ def _document_line(document: dict) -> bytes:
     return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
-def _save_tokens(staging: Path, tokens: dict) -> None:
-    names = {"id": "token_ids", "flags": "token_flags", "doc": "token_docs", "offsets": "token_offsets"}
-    for name, array in tokens.items():
-        np.save(staging / TOKEN_FILES[names[name]], np.ascontiguousarray(array))
+def _compact(index) -> bool:
+    """Whether the index stores format 3's compact token files (`npm_hf.inference.compact_tokens`)."""
+    return COMPACT_MARKER_FILE in index.manifest.files
 
 
 def _copy_vectors(index, staging: Path, rows: np.ndarray, extra_rows: int = 0):
@@ -219,7 +218,8 @@ def _max_shard_bytes(manifest) -> int:
 
 
 def _layout_fields(manifest, layout: list[dict]) -> dict:
-    return {"vector_shards": layout, "format_version": layout_format_version(layout),
+    version = FORMAT_VERSION if COMPACT_MARKER_FILE in manifest.files else layout_format_version(layout)
+    return {"vector_shards": layout, "format_version": version,
             "max_shard_bytes": _max_shard_bytes(manifest)}
 
 

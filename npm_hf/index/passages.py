@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..inference.index_files import DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, TOKEN_FILES, DocumentStore
+from ..inference.compact_tokens import load_token_arrays
+from ..inference.index_files import DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, DocumentStore
 from ..inference.prefilter import BM25PassageRetriever, CorpusText, bm25_files
 
 
@@ -20,7 +21,7 @@ def save_bm25_passages(directory: Path, block_size: int, passages: list) -> None
     if not passages:
         return
     directory = Path(directory)
-    arrays = {name: np.load(directory / file, mmap_mode="r", allow_pickle=False) for name, file in TOKEN_FILES.items()}
+    arrays, _ = load_token_arrays(directory, block_size)
     documents = DocumentStore(directory / DOCUMENTS_FILE, np.load(directory / DOCUMENT_OFFSETS_FILE))
     text = CorpusText(arrays["token_flags"], arrays["token_docs"], arrays["token_offsets"], documents, block_size)
     for passage in passages:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..corpus import TOKENIZE_WINDOW_CHARS, CorpusStats, iter_documents, tokenize_documents
+from ..inference.compact_tokens import COMPACT_TOKEN_FILES, write_compact_tokens
 from ..inference.directory_swap import swap_into_place
 from ..inference.index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES,
                                      IndexManifest, sha256_file)
@@ -142,6 +143,32 @@ def write_positions(staging: Path, ids: np.ndarray, flags: np.ndarray, rule: dic
             count += len(rows)
     _raw_to_npy(raw, staging / POSITIONS_FILE, np.dtype(np.int64), (count,))
 
+
+def compact_token_files(directory: Path, block_size: int) -> None:
+    """Turn the format 1/2 token files and positions.npy of `directory` into format 3's (`compact_tokens`); the
+    old files are removed once the new ones are complete (a conversion cut short is done again from them)."""
+    directory = Path(directory)
+    classic = {name: np.load(directory / file, mmap_mode="r", allow_pickle=False) for name, file in TOKEN_FILES.items()}
+    positions = np.load(directory / POSITIONS_FILE, mmap_mode="r", allow_pickle=False)
+    write_compact_tokens(directory, classic["token_ids"], classic["token_flags"], classic["token_docs"],
+                         classic["token_offsets"], positions, block_size)
+    del classic, positions
+    for file in {*TOKEN_FILES.values(), POSITIONS_FILE} - set(COMPACT_TOKEN_FILES.values()):
+        (directory / file).unlink()
+
+
+def save_token_arrays(directory: Path, tokens: dict, positions: np.ndarray, block_size: int,
+                      compact: bool) -> None:
+    """Write an edited index's token arrays (`{"id", "flags", "doc", "offsets"}`) and positions, in format 3's
+    files (`compact`) or formats 1 and 2's."""
+    if compact:
+        write_compact_tokens(directory, tokens["id"], tokens["flags"], tokens["doc"], tokens["offsets"], positions,
+                             block_size)
+        return
+    names = {"id": "token_ids", "flags": "token_flags", "doc": "token_docs", "offsets": "token_offsets"}
+    for name, array in tokens.items():
+        np.save(directory / TOKEN_FILES[names[name]], np.ascontiguousarray(array))
+    np.save(directory / POSITIONS_FILE, np.asarray(positions, dtype=np.int64))
 
 
 def publish(staging: Path, output_dir: Path, manifest: IndexManifest, known_files: dict | None = None) -> None:

@@ -44,7 +44,10 @@ logger = logging.get_logger(__name__)
 
 # Format 2 stores the vectors in several shards; an index with one vectors.npy is still written as format 1, so
 # older npm_hf versions keep reading it (and refuse a sharded one with "upgrade npm_hf" instead of a wrong error).
-FORMAT_VERSION = 2
+# Format 3 stores the per-token metadata compactly (`compact_tokens`) and may hold no float16 vectors at all
+# (`vector_dtype="none"`: refine codes instead, `vector_codes`); builds write it, this reader reads 1, 2 and 3.
+FORMAT_VERSION = 3
+SHARDED_FORMAT_VERSION = 2
 SINGLE_FILE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKEN_FILES = {"token_ids": "token_ids.npy", "token_flags": "token_flags.npy", "token_docs": "token_docs.npy",
@@ -57,6 +60,8 @@ IVFDATA_FILE = "index.ivfdata"  # the inverted lists of an IVF index merged on d
 DOCUMENTS_FILE = "documents.jsonl"
 DOCUMENT_OFFSETS_FILE = "document_offsets.npy"
 ENCODER_SAMPLE_FILE = "encoder_sample.npz"  # the weight values the fingerprint samples (absent in older builds)
+# Format 3: the per-token files of `compact_tokens` replace TOKEN_FILES' token_docs / token_offsets and positions.npy
+COMPACT_MARKER_FILE = "token_doc_runs.npy"
 
 
 class NPMIndexError(ValueError):

@@ -11,10 +11,12 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers.utils import logging
 
+from .compact_tokens import read_compact_tokens, token_file_names
 from .directory_swap import DirectoryLock, interrupted_swap, recover
 from .faiss_io import (FLAT_FILL_MAX_VECTORS, add_vectors, check_positive_int, current_search_parameters, extract_ivf,
                        is_flat, read_faiss_index, search_parameter_names, streamed_exact_search)
-from .index_files import (DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, ENCODER_SAMPLE_FILE, FAISS_FILE, FORMAT_VERSION,
+from .index_files import (COMPACT_MARKER_FILE, DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, ENCODER_SAMPLE_FILE, FAISS_FILE,
+                          FORMAT_VERSION,
                           MANIFEST_FILE, POSITIONS_FILE, TOKEN_FILES, DocumentStore, IndexManifest, IndexMismatchError,
                           NPMIndexError, encoder_fingerprint, encoder_sample_matches, read_manifest, sha256_file,
                           tokenizer_fingerprint)
@@ -104,10 +106,12 @@ class NPMIndexReader:
         check_file_names(path, manifest.files)
         _verify_files(path, manifest, verify)
         try:
-            # np.asarray: plain ndarray views of the maps (no copy); np.memmap's indexing is much slower.
-            token_arrays = {name: np.asarray(np.load(path / file, mmap_mode="r", allow_pickle=False))
-                            for name, file in TOKEN_FILES.items()}
-            positions = np.asarray(np.load(path / POSITIONS_FILE, mmap_mode="r", allow_pickle=False))
+            if COMPACT_MARKER_FILE in manifest.files:  # format 3: decoded into memory
+                token_arrays, positions = read_compact_tokens(path, manifest.block_size)
+            else:  # np.asarray: plain ndarray views of the maps (no copy); np.memmap's indexing is much slower.
+                token_arrays = {name: np.asarray(np.load(path / file, mmap_mode="r", allow_pickle=False))
+                                for name, file in TOKEN_FILES.items()}
+                positions = np.asarray(np.load(path / POSITIONS_FILE, mmap_mode="r", allow_pickle=False))
             vectors = open_vector_shards(path, vector_layout(manifest), manifest.hidden_size)
             offsets = np.load(path / DOCUMENT_OFFSETS_FILE, allow_pickle=False)
             check_faiss_file(path / FAISS_FILE, manifest.hidden_size)
@@ -443,7 +447,8 @@ def _verify_files(path: Path, manifest: IndexManifest, verify: str) -> None:
         if verify == "full" or (verify == "fast" and size <= _FAST_VERIFY_MAX_BYTES):
             if sha256_file(file) != expected["sha256"]:
                 raise NPMIndexError(f"{file} is corrupted (checksum mismatch); rebuild the index.")
-    required = {*TOKEN_FILES.values(), *(s["file"] for s in layout), FAISS_FILE, POSITIONS_FILE, DOCUMENTS_FILE}
+    required = {*token_file_names(COMPACT_MARKER_FILE in manifest.files), *(s["file"] for s in layout), FAISS_FILE,
+                DOCUMENTS_FILE}
     missing = required - set(manifest.files)
     if missing:
         raise NPMIndexError(f"The manifest of {path} lists no {sorted(missing)}; rebuild the index.")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from transformers.utils import logging
 
-from .index_files import (FORMAT_VERSION, SINGLE_FILE_FORMAT_VERSION, VECTOR_SHARD_FILE, VECTORS_FILE, IndexManifest,
+from .index_files import (SHARDED_FORMAT_VERSION, SINGLE_FILE_FORMAT_VERSION, VECTOR_SHARD_FILE, VECTORS_FILE, IndexManifest,
                           NPMIndexError)
 
 
@@ -202,7 +202,7 @@ def vector_layout(manifest: IndexManifest) -> list[dict]:
 
 
 def layout_format_version(layout: list[dict]) -> int:
-    return SINGLE_FILE_FORMAT_VERSION if [s["file"] for s in layout] == [VECTORS_FILE] else FORMAT_VERSION
+    return SINGLE_FILE_FORMAT_VERSION if [s["file"] for s in layout] == [VECTORS_FILE] else SHARDED_FORMAT_VERSION
 
 
 def create_vector_shards(directory: Path, layout: list[dict], hidden_size: int) -> ShardedArray:

@@ -174,11 +174,12 @@ def test_an_interrupted_edit_leaves_the_old_index(index, model_and_tokenizer, mo
 def test_edits_never_write_through_hard_links(index, model_and_tokenizer):
     kept = index.path.parent / "before"
     shutil.copytree(index.path, kept)
-    os.link(index.path / "token_docs.npy", index.path.parent / "outside-link")
-    index.delete_documents(["texas"])  # token_docs.npy is unchanged by a delete: linked into the new directory
-    assert (index.path.parent / "outside-link").read_bytes() == (kept / "token_docs.npy").read_bytes()
-    index.add_documents(*model_and_tokenizer, [NEW])  # rewrites token_docs.npy as a new file
-    assert (index.path.parent / "outside-link").read_bytes() == (kept / "token_docs.npy").read_bytes()
+    os.link(index.path / "encoder_sample.npz", index.path.parent / "outside-link")
+    os.link(index.path / "token_doc_runs.npy", index.path.parent / "outside-link-2")
+    index.delete_documents(["texas"])  # encoder_sample.npz is unchanged by a delete: linked into the new directory
+    assert (index.path.parent / "outside-link").read_bytes() == (kept / "encoder_sample.npz").read_bytes()
+    index.add_documents(*model_and_tokenizer, [NEW])  # rewrites token_doc_runs.npy as a new file
+    assert (index.path.parent / "outside-link-2").read_bytes() == (kept / "token_doc_runs.npy").read_bytes()
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -81,7 +81,7 @@ def test_build_writes_shards_below_the_limit(pair):
     assert count >= 3 and names == [f"vectors-{i:05d}-of-{count:05d}.npy" for i in range(count)]
     assert _shard_files(single.path) == [VECTORS_FILE]
     manifest = json.loads((sharded.path / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["max_shard_bytes"] == SHARD_BYTES
+    assert manifest["format_version"] == 3 and manifest["max_shard_bytes"] == SHARD_BYTES  # compact token files
     assert [s["file"] for s in manifest["vector_shards"]] == names
     assert [s["start"] for s in manifest["vector_shards"]] == [0] + [s["stop"] for s in manifest["vector_shards"]][:-1]
     assert manifest["vector_shards"][-1]["stop"] == sharded.num_indexed
@@ -94,7 +94,8 @@ def test_build_writes_shards_below_the_limit(pair):
         assert pieces[-1].shape == (shard["stop"] - shard["start"], sharded.manifest.hidden_size)
     np.testing.assert_array_equal(np.concatenate(pieces), np.load(single.path / VECTORS_FILE, allow_pickle=False))
     assert isinstance(sharded.vectors, ShardedArray) and len(sharded.vectors.shards) == count
-    assert json.loads((single.path / "manifest.json").read_text())["format_version"] == 1  # old readers still read it
+    # builds write format 3 (compact token files) sharded or not; formats 1 and 2 are read (tests/index/test_compact.py)
+    assert json.loads((single.path / "manifest.json").read_text())["format_version"] == 3
 
 
 def test_sharded_index_answers_exactly_like_one_file(pair, model_and_tokenizer, mask):
@@ -163,7 +164,7 @@ def test_an_index_without_shard_records_still_loads(pair, model_and_tokenizer, m
     old = NPMIndex.load(single.path, verify="full")
     np.testing.assert_array_equal(old.vectors[:], single.vectors[:])
     old.delete_documents(["texas"])
-    assert _shard_files(old.path) == [VECTORS_FILE] and old.manifest.format_version == 1
+    assert _shard_files(old.path) == [VECTORS_FILE] and old.manifest.format_version == 3
     assert old.manifest.max_shard_bytes == 10**10  # the default rule
 
 

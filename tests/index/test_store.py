@@ -176,7 +176,7 @@ def test_truncated_vectors_are_detected(index_copy):
         NPMIndex.load(index_copy)
 
 
-@pytest.mark.parametrize("name", ["token_ids.npy", "token_offsets.npy", "index.faiss", "documents.jsonl"])
+@pytest.mark.parametrize("name", ["token_ids.npy", "token_starts.npy", "index.faiss", "documents.jsonl"])
 def test_corrupted_files_are_detected(index_copy, name):
     data = bytearray((index_copy / name).read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -199,8 +199,8 @@ def test_missing_file_and_corrupted_manifest(index_copy):
     with pytest.raises(NPMIndexError, match="manifest.json is corrupted"):
         NPMIndex.load(index_copy)
     (index_copy / "manifest.json").write_text(json.dumps(manifest))
-    os.remove(index_copy / "positions.npy")
-    with pytest.raises(NPMIndexError, match="positions.npy is missing"):
+    os.remove(index_copy / "indexed_tokens.npy")
+    with pytest.raises(NPMIndexError, match="indexed_tokens.npy is missing"):
         NPMIndex.load(index_copy)
 
 

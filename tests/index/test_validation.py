@@ -133,18 +133,19 @@ def _craft(index_dir, name, change):
     ("document_offsets.npy", lambda a: np.where(np.arange(len(a)) == 2, a[1], a),
      r"document_offsets is not increasing at row 2"),
 ])
-def test_crafted_arrays_are_refused_at_load(index_copy, name, change, message):
-    assert _manifest(index_copy)["num_documents"] == 5
-    _craft(index_copy, name, change)
+def test_crafted_arrays_are_refused_at_load(plain_index_copy, name, change, message):
+    """Format 1/2 indexes (plain token files) are range-checked at load (format 3's: tests/index/test_compact.py)."""
+    assert _manifest(plain_index_copy)["num_documents"] == 5
+    _craft(plain_index_copy, name, change)
     with pytest.raises(NPMIndexError, match=message):
-        NPMIndex.load(index_copy, verify="none")
+        NPMIndex.load(plain_index_copy, verify="none")
 
 
-def test_float_positions_are_refused(index_copy):
-    positions = np.load(index_copy / "positions.npy")
-    np.save(index_copy / "positions.npy", positions.astype(np.float64 if positions.itemsize == 8 else np.float32))
+def test_float_positions_are_refused(plain_index_copy):
+    positions = np.load(plain_index_copy / "positions.npy")
+    np.save(plain_index_copy / "positions.npy", positions.astype(np.float64 if positions.itemsize == 8 else np.float32))
     with pytest.raises(NPMIndexError, match=r"positions holds float\d+ values, not integers"):
-        NPMIndex.load(index_copy, verify="none")
+        NPMIndex.load(plain_index_copy, verify="none")
 
 
 def test_range_checks_are_cheap_on_a_million_tokens(npm_dir):
