@@ -76,7 +76,8 @@ def main(argv=None) -> int:
                                                               span_stopwords=stopwords, show_progress_bar=False),
                                      tokenizer=tokenizer, decoding=decoding)
             row = {"model": model, "span_scoring": scoring, "phrase_aggregation": aggregation,
-                   "span_stopwords": stopwords, "span_punctuation": punctuation, "exclude_query_phrases": exclude, "spans_cross_lines": cross_lines,
+                   "span_stopwords": stopwords, "span_punctuation": punctuation, "exclude_query_phrases": exclude,
+                   "spans_cross_lines": cross_lines,
                    "prefilter": prefilter,
                    "passages": _passages_name(passages),
                    "em1": result["micro_exact_match"], "em5": result["micro_exact_match_at_5"],
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
     pair = lambda at1, at5: f"{100 * at1:.1f} / {100 * at5:.1f}"  # noqa: E731
     for r in rows:
         print(f"| {r['model']} | {r['span_scoring']} | {r['phrase_aggregation']} | {r['span_stopwords']} | "
-              f"{r['span_punctuation']} | {r['exclude_query_phrases']} | {r['spans_cross_lines']} | {r['prefilter']} | {r['passages']} | "
+              f"{r['span_punctuation']} | {r['exclude_query_phrases']} | {r['spans_cross_lines']} | {r['prefilter']} | "
+              f"{r['passages']} | "
               f"{pair(r['em1'], r['em5'])} | {pair(*r['even'])} | {pair(*r['odd'])} |")
     print(f"| lexical baseline | | | | | | | BM25 | top-3 blocks | "
           f"{pair(lexical['exact_match_at_1'], lexical['exact_match_at_5'])} | | |")

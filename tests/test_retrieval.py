@@ -406,7 +406,7 @@ def punctuation_oracle(index, tokenizer, max_len: int, punctuation: str) -> set:
     text = lambda word: fill_text(tokenizer, ids[word[0] : word[1] + 1])  # noqa: E731
     stop = lambda word: text(word).lower() in STOPWORDS  # noqa: E731
     unknown = tokenizer.unk_token  # its text is not known: a symbol
-    symbol = lambda word: bool(text(word)) and not any(c.isalnum() for c in text(word).replace(unknown, "")) # noqa: E731
+    symbol = lambda word: not any(c.isalnum() for c in text(word).replace(unknown, "")) and bool(text(word))  # noqa
     content = lambda p: p in word_of and not stop(word_of[p]) and not symbol(word_of[p])  # noqa: E731
 
     def inner_ok(p):
