@@ -106,6 +106,7 @@ class NPMIndexReader:
             )
         check_file_names(path, manifest.files)
         _verify_files(path, manifest, verify)
+        _check_counts(path, manifest)  # before the arrays: format 3 decodes its token files by block_size
         try:
             if COMPACT_MARKER_FILE in manifest.files:  # format 3: decoded into memory
                 token_arrays, positions = read_compact_tokens(path, manifest.block_size)
@@ -141,7 +142,6 @@ class NPMIndexReader:
         for name, (got, want) in expected.items():
             if tuple(got) != tuple(want):
                 raise NPMIndexError(f"{path}: {name} has shape {tuple(got)}, the manifest says {tuple(want)}; rebuild.")
-        _check_counts(path, manifest)
         check_index_arrays(path, manifest, token_arrays, positions, offsets, (path / DOCUMENTS_FILE).stat().st_size)
         if not manifest.paragraph_blocks:
             logger.warning(
