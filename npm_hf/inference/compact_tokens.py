@@ -135,7 +135,8 @@ def read_compact_tokens(directory: Path, block_size: int) -> tuple[dict, np.ndar
                              f"{num_tokens} integers")
     bases = np.asarray(load["block_offsets"], dtype=np.int64)
     if bases.shape != (-(-num_tokens // block_size),):
-        raise ValueError(f"block_offsets.npy has {bases.shape} entries for {num_tokens} tokens of blocks of {block_size}")
+        raise ValueError(f"block_offsets.npy has {bases.shape} entries for {num_tokens} tokens of blocks of "
+                         f"{block_size}")
     runs = np.asarray(load["doc_runs"], dtype=np.int64)
     if runs.ndim != 2 or runs.shape[1] != 2 or (num_tokens and (len(runs) == 0 or runs[0, 0] != 0)) \
             or (np.diff(runs[:, 0]) <= 0).any() or (len(runs) and runs[-1, 0] >= max(num_tokens, 1)):

@@ -196,7 +196,8 @@ def _open_segment(path: Path, manifest, segment: dict, codec=None) -> dict:
             loaded["vectors"] = loaded.pop("codes")
         offsets = np.load(path / segment_file(name, "document_offsets"), allow_pickle=False)
     except (ValueError, OSError) as error:
-        raise NPMIndexError(f"The files of segment {name} in {path} are corrupted ({error}); rebuild the index.") from None
+        raise NPMIndexError(f"The files of segment {name} in {path} are corrupted ({error}); "
+                            "rebuild the index.") from None
     first, n = segment["first_token"], segment["num_tokens"]
     doc_lo, doc_hi = segment["first_document"], segment["first_document"] + segment["num_documents"]
     documents_bytes = (path / segment_file(name, "documents")).stat().st_size

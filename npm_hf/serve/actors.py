@@ -25,7 +25,7 @@ from .shards import DESCRIPTION_KEYS, ShardSearcher, ShardServingError, index_id
 
 try:
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    from ray.exceptions import GetTimeoutError, RayActorError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 except ImportError:  # npm_hf works without Ray; only serving needs it
     ray = None

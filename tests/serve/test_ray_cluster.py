@@ -4,7 +4,6 @@ of its own over 127.0.0.1 (`ray.cluster_utils.Cluster`). Marked `ray` (CI runs t
 Every wait on the cluster is bounded: the client's own timeouts (`search_timeout_s`, `start_timeout_s`) and the
 cluster's start-up, which alone is retried (a loaded machine can be slow to bring up raylets)."""
 
-import os
 import threading
 import time
 
