@@ -17,6 +17,14 @@ from npm_hf import NPMIndex
 from npm_hf.hub_cards import HUB_MAX_FILE_BYTES, push_to_hub, upload_plan
 
 
+# Every file of a saved NPM's remote code, listed by hand so that a module added to npm_hf.inference (which then
+# travels with every saved model) is a deliberate change of this list.
+REMOTE_CODE = {"configuration_npm.py", "modeling_npm.py", "pipeline.py", "retrieval.py", "spans.py", "prefilter.py",
+               "reader.py", "faiss_io.py", "vector_shards.py", "index_files.py", "stopwords.py", "tokens.py",
+               "decoding.py", "directory_swap.py", "validation.py", "segments.py", "compact_tokens.py",
+               "vector_codes.py"}
+
+
 SHA = "0123456789abcdef0123456789abcdef01234567"
 INDEX_SHA = "fedcba9876543210fedcba9876543210fedcba98"
 
@@ -62,10 +70,7 @@ def test_push_uploads_weights_code_card_and_index_in_one_commit(model_copy):
     (call,) = api.upload_folder.call_args_list
     assert (call.kwargs["repo_id"], call.kwargs["revision"], call.kwargs["create_pr"]) == ("org/npm-tiny", "dev", True)
     index_files = {f"index/{name}" for name in os.listdir(model_copy / "index")}
-    remote_code = {"configuration_npm.py", "modeling_npm.py", "pipeline.py", "retrieval.py", "spans.py", "prefilter.py",
-                   "reader.py", "faiss_io.py", "vector_shards.py", "index_files.py", "stopwords.py", "tokens.py",
-                   "decoding.py", "directory_swap.py", "validation.py", "segments.py", "compact_tokens.py",
-                   "vector_codes.py"}
+    remote_code = REMOTE_CODE
     expected = {"config.json", "decoding_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "README.md", "npm_card.json"} | remote_code | index_files
     assert uploaded_files(call) == expected
@@ -209,10 +214,7 @@ def cluttered_copy(model_copy, tmp_path):
 
 
 def _expected_model_files(folder):
-    remote_code = {"configuration_npm.py", "modeling_npm.py", "pipeline.py", "retrieval.py", "spans.py", "prefilter.py",
-                   "reader.py", "faiss_io.py", "vector_shards.py", "index_files.py", "stopwords.py", "tokens.py",
-                   "decoding.py", "validation.py", "directory_swap.py", "segments.py", "compact_tokens.py",
-                   "vector_codes.py"}
+    remote_code = REMOTE_CODE
     manifest = json.loads((folder / "index" / "manifest.json").read_text())
     return ({"config.json", "decoding_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
              "README.md", "npm_card.json"} | remote_code,
