@@ -96,9 +96,10 @@ def test_dense_blocks_are_normalised_mean_vectors(npm_dir):
     lo, hi = index.block_range(block)
     rows = [r for r, p in enumerate(index.positions) if lo <= p < hi]
     mean = np.asarray(index.vectors[rows], dtype=np.float64).mean(axis=0)
-    assert retriever.embeddings[block].numpy() == pytest.approx(mean / np.linalg.norm(mean), abs=1e-5)
+    # stored by the build, one byte per dimension (tests/index/test_dense_passages.py): close, not exact
+    assert retriever.embeddings[block].numpy() == pytest.approx(mean / np.linalg.norm(mean), abs=2e-3)
     ((top, scores),) = retriever.top_passages(mean * 3.0, n=1)  # cosine: the scale of the query does not matter
-    assert top.tolist() == [block] and scores[0] == pytest.approx(1.0, abs=1e-5)
+    assert top.tolist() == [block] and scores[0] == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.parametrize("method", ["bm25", "dense"])

@@ -70,6 +70,12 @@ class IndexBuildArguments:
                           "over the windows of the model's prefilter_passage_tokens if it sets them), 'none', or a "
                           "comma-separated list of 'blocks' and window sizes, e.g. 'blocks,64'."},
     )
+    dense_passages: str = field(
+        default="auto",
+        metadata={"help": "Passage vectors of the dense pre-filter to store with the index (one byte per dimension "
+                          "and passage), so that prefilter='dense' reads them instead of every token vector: the "
+                          "same choices as bm25_passages."},
+    )
     vectors: str = field(
         default="float16",
         metadata={"help": "'float16' (every indexed token's vector on disk, candidates re-scored exactly) or 'none': "
@@ -96,7 +102,8 @@ class IndexBuildArguments:
                 "IndexBuildArguments: resume=True continues an interrupted build and overwrite=True deletes it; pass "
                 "one of them (CLI: --resume or --overwrite), not both."
             )
-        parse_bm25_passages(self.bm25_passages)  # a malformed list fails here
+        for name in ("bm25_passages", "dense_passages"):  # a malformed list fails here
+            parse_passage_settings(getattr(self, name), name=name)
         if not self.faiss_factory.strip():
             raise ValueError("IndexBuildArguments.faiss_factory must be a FAISS factory string such as 'Flat'.")
         if self.vectors not in VECTOR_CHOICES:
@@ -131,8 +138,9 @@ def check_refined_factory(factory: str) -> None:
         )
 
 
-def parse_bm25_passages(value: str, model_passage_tokens: int | None = None) -> list:
-    """`bm25_passages` as a list of passage settings (None: blocks; N: N-token windows), without repeats."""
+def parse_passage_settings(value: str, model_passage_tokens: int | None = None, name: str = "bm25_passages") -> list:
+    """`bm25_passages` or `dense_passages` (`name`) as a list of passage settings (None: blocks; N: N-token
+    windows), without repeats."""
     text = str(value).strip().lower()
     if text == "none":
         return []
@@ -145,7 +153,7 @@ def parse_bm25_passages(value: str, model_passage_tokens: int | None = None) -> 
         elif item.isdigit() and int(item) >= 2:
             passage = int(item)
         else:
-            raise ValueError(f"IndexBuildArguments.bm25_passages={value!r}: each item must be 'blocks' or a window "
+            raise ValueError(f"IndexBuildArguments.{name}={value!r}: each item must be 'blocks' or a window "
                              "size >= 2 (e.g. 'blocks,64'); or use 'auto' or 'none'.")
         if passage not in passages:
             passages.append(passage)

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..corpus import is_stream
-from ..inference.compact_tokens import COMPACT_TOKENS_FORMAT_VERSION
+from ..inference.compact_tokens import COMPACT_TOKENS_FORMAT_VERSION, load_token_arrays
 from ..inference.decoding import NPMDecodingConfig
 from ..inference.directory_swap import PARTIAL_SUFFIX, DirectoryLock, recover
 from ..inference.faiss_io import FAISS_ADD_CHUNK, add_vectors, core_index, extract_ivf, is_flat
@@ -54,13 +54,13 @@ from ..inference.index_files import (FAISS_FILE, IVFDATA_FILE, MANIFEST_FILE, PO
 from ..inference.vector_shards import (create_vector_shards, open_vector_shards,
                                        parse_shard_size, shard_layout)
 from ..inference.vector_codes import NO_VECTORS
-from .arguments import AUTO_FACTORY, IndexBuildArguments, check_refined_factory, parse_bm25_passages
+from .arguments import AUTO_FACTORY, IndexBuildArguments, check_refined_factory, parse_passage_settings
 from .coded_build import coded_agreement, default_nprobe, stage_factories, suggest_refined_factory, write_codes
 from .encoding import encode_into, index_rule, unit_blocks
 from .faiss_build import (check_training_size, merge_on_disk, new_faiss_index, suggest_faiss_factory,
                           write_index_atomically)
 from .memory import BuildMemoryPlan
-from .passages import save_bm25_passages
+from .passages import save_bm25_passages, save_dense_passages
 from .writing import compact_token_files, library_versions, publish, write_corpus, write_positions
 
 
@@ -71,11 +71,13 @@ _TOKENIZED_FILE = "tokenized.json"
 _VECTORS_DONE = "vectors.done"
 _FAISS_DONE = "faiss.done"
 _PASSAGES_DONE = "passages.done"
+_DENSE_FILE = "dense.json"  # the dense passage vectors are written: the settings stored
 _COMPACT_DONE = "compact.done"
 _CODES_FILE = "codes.json"  # vectors="none": the codes are written (their layout and the manifest's vector_codes)
 # Arguments that shape the result (or the units already encoded): a resume must use the same ones.
 _PLAN_ARGUMENTS = ("block_size", "batch_size", "blocks_per_unit", "faiss_factory", "max_memory", "train_sample_size",
-                   "max_shard_size", "seed", "remove_stopwords", "index_all_tokens", "bm25_passages", "vectors")
+                   "max_shard_size", "seed", "remove_stopwords", "index_all_tokens", "bm25_passages", "vectors",
+                   "dense_passages")
 
 
 def portable_name(name_or_path, output_dir: Path) -> str:
@@ -253,6 +255,10 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
         if not (state_dir / _VECTORS_DONE).exists():
             processes.run(lambda: _encode_units(processes, index_dir, state_dir, model, args))
             processes.run(lambda: _assemble_vectors(vectors_dir, state_dir, layout, hidden_size), main_only=True)
+        if not (state_dir / _DENSE_FILE).exists():
+            processes.run(lambda: _store_dense_passages(index_dir, state_dir, vectors_dir, layout, hidden_size,
+                                                        tokenized.get("dense_passages", []), args), main_only=True)
+        dense_passages = json.loads((state_dir / _DENSE_FILE).read_text())["stored"]
         if not (state_dir / _FAISS_DONE).exists():
             _build_faiss(processes, index_dir, state_dir, layout, hidden_size, factory, args, vectors_dir, coded)
         codes = None
@@ -287,6 +293,7 @@ def _build(processes: _Processes, model, tokenizer, corpus, output_dir: Path, ar
             stopwords_removed=args.remove_stopwords,
             paragraph_blocks=True,
             bm25_passages=tokenized.get("bm25_passages", []),
+            dense_passages=dense_passages,
         )
         processes.run(lambda: _finish(partial, index_dir, output_dir, manifest, model), main_only=True)
     except BaseException:
@@ -370,12 +377,25 @@ def _tokenize(index_dir: Path, state_dir: Path, model, corpus, tokenizer, args: 
             args = memory.fit(faiss_index, stage, args)
         check_training_size(faiss_index, stage, num_vectors, args.train_sample_size)
     shard_layout(num_vectors, hidden_size, parse_shard_size(args.max_shard_size))  # fails on a too small shard
+    model_passages = NPMDecodingConfig.for_model(model).prefilter_passage_tokens
     _write_json(state_dir / _TOKENIZED_FILE, {
         "num_documents": stats.num_documents, "num_skipped_empty_documents": stats.num_skipped_empty,
         "num_tokens": stats.num_tokens, "num_indexed_tokens": num_vectors, "faiss_factory": factory,
         "train_sample_size": args.train_sample_size,
-        "bm25_passages": parse_bm25_passages(args.bm25_passages,
-                                             NPMDecodingConfig.for_model(model).prefilter_passage_tokens)})
+        "bm25_passages": parse_passage_settings(args.bm25_passages, model_passages),
+        "dense_passages": parse_passage_settings(args.dense_passages, model_passages, name="dense_passages")})
+
+
+def _store_dense_passages(index_dir: Path, state_dir: Path, vectors_dir: Path, layout: list[dict], hidden_size: int,
+                          passages: list, args: IndexBuildArguments) -> None:
+    """The passage vectors of the dense pre-filter saved with the index (`IndexBuildArguments.dense_passages`), from
+    the exact vectors (also for vectors="none", whose float16 vectors are still in the state directory)."""
+    if passages:
+        logger.info(f"Storing the passage vectors of the dense pre-filter ({len(passages)} setting(s)).")
+    _, positions = load_token_arrays(index_dir, args.block_size)
+    vectors = open_vector_shards(vectors_dir, layout, hidden_size)
+    stored = save_dense_passages(index_dir, args.block_size, positions, vectors, hidden_size, passages)
+    _write_json(state_dir / _DENSE_FILE, {"stored": stored})
 
 
 def _index_passages(index_dir: Path, state_dir: Path, passages: list, args: IndexBuildArguments) -> None:

@@ -44,7 +44,7 @@ from .arguments import IndexBuildArguments
 from .coded_build import append_codes, copy_codes
 from .encoding import encode_into, index_rule, indexed_token_mask, pad_token_id
 from .faiss_build import load_lists_into_memory, write_index_atomically, write_on_disk
-from .passages import bm25_file_names, save_bm25_passages, save_segment_bm25
+from .passages import bm25_file_names, dense_file_names, save_bm25_passages, save_dense_passages, save_segment_bm25
 from .writing import library_versions, publish, save_token_arrays
 
 
@@ -235,7 +235,7 @@ def compact(index) -> None:
     m = index.manifest
     deleted_rows = index.deleted_rows
     keep_rows = np.arange(index.num_indexed) if deleted_rows is None else np.flatnonzero(~deleted_rows)
-    dropped = edit_file_names(m) | {s["file"] for s in vector_layout(m)}
+    dropped = edit_file_names(m) | {s["file"] for s in vector_layout(m)} | dense_file_names(m.dense_passages)
 
     def write(staging: Path):
         tokens = {"id": index.token_ids, "flags": index.token_flags, "doc": index.token_docs,
@@ -249,11 +249,13 @@ def compact(index) -> None:
             vectors.flush()
         if not is_flat(_base_faiss(index)):
             _write_faiss(index, staging, vectors)
+        dense = save_dense_passages(staging, m.block_size, np.asarray(index.positions)[keep_rows], vectors,
+                                    m.hidden_size, m.dense_passages)
         del vectors
         _write_documents(staging / DOCUMENTS_FILE, staging / DOCUMENT_OFFSETS_FILE,
                          (index.documents[i] for i in range(len(index.documents))))
         return dataclasses.replace(m, **_layout_fields(m, layout), edits={}, num_indexed_tokens=len(keep_rows),
-                                   versions=library_versions()), dropped
+                                   dense_passages=dense, versions=library_versions()), dropped
 
     manifest = _edit(index, write, rebuild_bm25=True)
     logger.info(f"Compacted {index.path}: {len(segments(m))} segments merged, {index.num_indexed - len(keep_rows)} "

@@ -1,16 +1,25 @@
-"""The BM25 pre-filters saved with an index (`IndexBuildArguments.bm25_passages`): written by a build once the
+"""The pre-filters saved with an index. BM25 (`IndexBuildArguments.bm25_passages`): written by a build once the
 corpus is tokenized, by every compaction, and for the passages of each append segment by the edit that adds it, so
-that they always describe the index they sit in."""
+that they always describe the index they sit in. Dense passage vectors (`IndexBuildArguments.dense_passages`,
+`npm_hf.inference.passage_vectors`): written by a build once the vectors are encoded and by every compaction; what
+they do not cover (segments, passages with deleted rows) is averaged at first use."""
 
 import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..inference.compact_tokens import load_token_arrays
 from ..inference.index_files import DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, DocumentStore
+from ..inference.passage_vectors import dense_passage_file, new_passage_coder, passage_means
 from ..inference.prefilter import (BM25PassageRetriever, CorpusText, bm25_files, bm25_stats_file, bm25_with_stats,
                                    load_bm25, passage_ranges, passage_texts)
+from .faiss_build import write_index_atomically
+
+
+DENSE_TRAIN_PASSAGES = 65_536  # passages the scalar quantiser's ranges are fitted on (an even sample)
+DENSE_CHUNK_PASSAGES = 65_536  # passages averaged at a time
 
 
 def bm25_file_names(passages: list, prefix: str = "") -> set[str]:
@@ -64,3 +73,39 @@ def save_segment_bm25(index, staging: Path, name: str, first_token: int, tokens:
         retriever.save(str(staging), show_progress=False, **names)
         written += [file for file in names.values() if (staging / file).exists()]
     return sorted(written)
+
+
+def save_dense_passages(directory: Path, block_size: int, positions, vectors, hidden_size: int,
+                        passages: list) -> list[str]:
+    """Store the normalised mean vector of every passage of the index files in `directory`, once per setting of
+    `passages`, from `vectors` (the exact vectors of the rows at `positions`); returns the settings stored (an
+    index without a passage stores none)."""
+    if not passages:
+        return []
+    directory = Path(directory)
+    arrays, _ = load_token_arrays(directory, block_size)
+    text = CorpusText(arrays["token_flags"], arrays["token_docs"], arrays["token_offsets"], None, block_size)
+    positions = np.asarray(positions)
+    stored = []
+    for passage in passages:
+        ranges = passage_ranges(text, passage)
+        if len(positions) == 0 or len(ranges) == 0:
+            continue
+        coder = new_passage_coder(hidden_size)
+        sample = ranges[:: max(len(ranges) // DENSE_TRAIN_PASSAGES, 1)][:DENSE_TRAIN_PASSAGES]
+        coder.train(_normalised_means(positions, vectors, sample, hidden_size))
+        for lo in range(0, len(ranges), DENSE_CHUNK_PASSAGES):
+            coder.add(_normalised_means(positions, vectors, ranges[lo : lo + DENSE_CHUNK_PASSAGES], hidden_size))
+        write_index_atomically(coder, directory / dense_passage_file(passage))
+        stored.append(passage)
+    return stored
+
+
+def _normalised_means(positions, vectors, ranges: np.ndarray, hidden_size: int) -> np.ndarray:
+    means = passage_means(positions, vectors, ranges, hidden_size)
+    return np.ascontiguousarray(torch.nn.functional.normalize(means, dim=1).numpy())
+
+
+def dense_file_names(passages: list) -> set[str]:
+    """Every file name the dense passage vectors of `passages` write."""
+    return {dense_passage_file(passage) for passage in passages}

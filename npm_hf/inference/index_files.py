@@ -108,6 +108,8 @@ class IndexManifest:
     paragraph_blocks: bool = False
     # BM25 pre-filters saved with the index (files `prefilter.bm25_files`): None = over blocks, N = N-token windows
     bm25_passages: list = field(default_factory=list)
+    # Dense pre-filter passage vectors stored with the index (files `passage_vectors.dense_passage_file`), same keys
+    dense_passages: list = field(default_factory=list)
     # Edits kept beside the files they change (format 4, `segments`): {"segments": [...], "tombstones": file, ...}
     edits: dict = field(default_factory=dict)
     # vector_dtype "none" (format 3): the vectors are codes of a FAISS coder (`vector_codes`): {"codec", "code_size",
@@ -135,7 +137,7 @@ _FIELD_TYPES = {"format_version": int, "hidden_size": int, "block_size": int, "n
                 "num_skipped_empty_documents": int, "num_tokens": int, "num_indexed_tokens": int, "num_blocks": int,
                 "num_deleted_documents": int, "encoder_fingerprint": str, "tokenizer_fingerprint": str,
                 "faiss_factory": str, "files": dict, "vector_shards": list, "versions": dict, "bm25_passages": list,
-                "edits": dict, "vector_dtype": str, "vector_codes": dict}
+                "dense_passages": list, "edits": dict, "vector_dtype": str, "vector_codes": dict}
 
 
 def manifest_checksum(data: dict) -> str:

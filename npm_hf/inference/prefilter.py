@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .passage_vectors import dense_passage_file, passage_means, read_passage_vectors
 from .retrieval import Candidates
 from .segments import segments
 from .tokens import SPECIAL
@@ -221,38 +222,44 @@ def bm25_with_stats(texts: list[str], base, base_total_length: int | None, k1: f
 
 
 class DensePassageRetriever:
-    """Cosine similarity between a query embedding and each passage's mean stored token vector (held in memory:
-    passages × hidden size × 4 bytes)."""
-
-    _CHUNK = 65_536
+    """Cosine similarity between a query embedding and each passage's mean token vector (held in memory: passages ×
+    hidden size × 4 bytes): read from the vectors the build stored for these passages (`passage_vectors`), else, and
+    for what they do not cover (append segments, passages with deleted rows), averaged from the token vectors."""
 
     def __init__(self, index, passage_tokens: int | None = None):
         self.index = index
         self.ranges = passage_ranges(index, passage_tokens)
-        # Sum the vectors per piece between consecutive passage edges; a passage is a run of a few pieces.
-        edges = np.unique(self.ranges)
-        sums = torch.zeros(len(edges), index.manifest.hidden_size)
-        counts = torch.zeros(len(edges))
+        hidden_size = index.manifest.hidden_size
+        positions = np.asarray(index.positions)
         deleted = getattr(index, "deleted_rows", None)
-        for lo in range(0, index.num_indexed, self._CHUNK):
-            rows = np.arange(lo, min(lo + self._CHUNK, index.num_indexed))
-            if deleted is not None:
-                rows = rows[~deleted[rows]]
-            positions = np.asarray(index.positions[rows])
-            pieces = torch.from_numpy(np.searchsorted(edges, positions, side="right") - 1)
-            sums.index_add_(0, pieces, torch.from_numpy(index.vectors_for_rows(rows)))
-            counts.index_add_(0, pieces, torch.ones(len(positions)))
-        first, end = np.searchsorted(edges, self.ranges[:, 0]), np.searchsorted(edges, self.ranges[:, 1])
-        passage_sums, passage_counts = torch.zeros(len(self.ranges), sums.shape[1]), torch.zeros(len(self.ranges))
-        for step in range(int((end - first).max(initial=0))):
-            inside = torch.from_numpy(first + step < end)
-            piece = torch.from_numpy(np.minimum(first + step, len(edges) - 1))
-            passage_sums += torch.where(inside[:, None], sums[piece], 0.0)
-            passage_counts += torch.where(inside, counts[piece], 0.0)
-        means = passage_sums / passage_counts.clamp(min=1)[:, None]
-        self.embeddings = torch.nn.functional.normalize(means, dim=1)
+        stored = self._stored(index, passage_tokens, hidden_size)
+        embeddings = torch.zeros(len(self.ranges), hidden_size)
+        embeddings[: len(stored)] = stored
+        redo = np.arange(len(stored), len(self.ranges))  # passages of append segments
+        if deleted is not None and len(stored):
+            touched = np.concatenate([[0], np.cumsum(deleted)])  # deleted rows before each row
+            rows = np.searchsorted(positions, self.ranges[: len(stored)])
+            redo = np.concatenate([np.flatnonzero(touched[rows[:, 1]] > touched[rows[:, 0]]), redo])
+        if len(redo):
+            means = passage_means(positions, index.vectors, self.ranges[redo], hidden_size, deleted)
+            embeddings[torch.from_numpy(redo)] = torch.nn.functional.normalize(means, dim=1)
+        rows = np.searchsorted(positions, self.ranges)
+        embeddings[torch.from_numpy(rows[:, 1] == rows[:, 0])] = 0.0  # no indexed token: matches nothing
+        self.embeddings = embeddings
         dead = dead_passages(index, self.ranges)
         self._dead = None if dead is None else torch.from_numpy(dead)
+
+    def _stored(self, index, passage_tokens: int | None, hidden_size: int) -> torch.Tensor:
+        """The stored vectors of the base's passages, or none where the build stored none for this setting."""
+        manifest = index.manifest
+        if passage_tokens not in (getattr(manifest, "dense_passages", None) or []):
+            return torch.zeros(0, hidden_size)
+        parts = segments(manifest)
+        num_base = len(self.ranges)
+        if parts:  # a segment starts at a block boundary
+            start = -(-int(parts[0]["first_token"]) // index.block_size) * index.block_size
+            num_base = int(np.searchsorted(self.ranges[:, 0], start))
+        return read_passage_vectors(index.path / dense_passage_file(passage_tokens), num_base, hidden_size)
 
     def top_passages(self, query_embeddings: np.ndarray, n: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
         _check_count(n)
