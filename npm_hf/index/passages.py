@@ -76,7 +76,7 @@ def save_segment_bm25(index, staging: Path, name: str, first_token: int, tokens:
 
 
 def save_dense_passages(directory: Path, block_size: int, positions, vectors, hidden_size: int,
-                        passages: list) -> list[str]:
+                        passages: list) -> list:
     """Store the normalised mean vector of every passage of the index files in `directory`, once per setting of
     `passages`, from `vectors` (the exact vectors of the rows at `positions`); returns the settings stored (an
     index without a passage stores none)."""

@@ -1,8 +1,8 @@
 """Passage vectors of the dense pre-filter: the mean of the token vectors of each passage, normalised.
 
 A build stores them (`IndexManifest.dense_passages`) in a FAISS scalar-quantiser file per passage setting,
-`dense-blocks.faiss` or `dense-<N>tok.faiss`: one byte per dimension (384 B a passage for MiniLM, i.e. 1.5 B per
-token over 256-token blocks and 12 B over 64-token windows, which overlap by half), instead of reading every token
+`dense-blocks.faiss` or `dense-<N>tok.faiss`: one byte per dimension (384 B a passage for MiniLM: about 2 B per
+indexed token over blocks and 14 B over 64-token windows, which overlap by half), instead of reading every token
 vector of the index when a dense pre-filter is first used (a full pass over the float16 vectors, or decoding every
 code of an index built with `vectors="none"`). The means are computed from the exact vectors at build time.
 

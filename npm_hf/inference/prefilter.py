@@ -2,8 +2,9 @@
 
 BM25 over blocks is the paper's restricted open-set mode (method §3.3: top-3 blocks, query = the input with the
 mask replaced by "_____"); it runs on `bm25s`. The dense pre-filter compares the mean-pooled, normalised encoder
-states of the query with those of each passage (the sentence embedding MiniLM-style encoders are trained for), read
-off the stored token vectors, so it costs no extra encoding.
+states of the query with those of each passage (the sentence embedding MiniLM-style encoders are trained for): the
+means of the passages' token vectors, stored by the build (`passage_vectors`) or averaged at first use, so it costs
+no extra encoding.
 
 Passages are the index's blocks, or (`passage_tokens`) windows of that many tokens overlapping by half inside each
 block: spans never cross a block, and small windows point at the sentences that match the query rather than at a
