@@ -270,7 +270,9 @@ def test_the_demo_in_a_real_browser(served_demo, npm_dir, mask, tmp_path):
         browser.send("Page.enable")
         browser.send("Page.navigate", url=served_demo)
         field = "#npm-text textarea, #npm-text input"
-        browser.wait_for(f"!!document.querySelector({json.dumps(field)})", 60, "the text box")
+        # the page renders in parts: the text box can be there before the button beside it
+        browser.wait_for(f"!!document.querySelector({json.dumps(field)}) && !!document.querySelector('#npm-submit')",
+                         60, "the text box and its button")
         browser.type_into(field, query)
         assert browser.evaluate(f"document.querySelector({json.dumps(field)}).value") == query
         browser.evaluate("document.querySelector('#npm-submit').click()")
