@@ -234,17 +234,17 @@ class DensePassageRetriever:
         positions = np.asarray(index.positions)
         deleted = getattr(index, "deleted_rows", None)
         stored = self._stored(index, passage_tokens, hidden_size)
+        rows = np.searchsorted(positions, self.ranges)  # [first, end) row of each passage
         embeddings = torch.zeros(len(self.ranges), hidden_size)
         embeddings[: len(stored)] = stored
         redo = np.arange(len(stored), len(self.ranges))  # passages of append segments
         if deleted is not None and len(stored):
             touched = np.concatenate([[0], np.cumsum(deleted)])  # deleted rows before each row
-            rows = np.searchsorted(positions, self.ranges[: len(stored)])
-            redo = np.concatenate([np.flatnonzero(touched[rows[:, 1]] > touched[rows[:, 0]]), redo])
+            base = rows[: len(stored)]
+            redo = np.concatenate([np.flatnonzero(touched[base[:, 1]] > touched[base[:, 0]]), redo])
         if len(redo):
             means = passage_means(positions, index.vectors, self.ranges[redo], hidden_size, deleted)
             embeddings[torch.from_numpy(redo)] = torch.nn.functional.normalize(means, dim=1)
-        rows = np.searchsorted(positions, self.ranges)
         embeddings[torch.from_numpy(rows[:, 1] == rows[:, 0])] = 0.0  # no indexed token: matches nothing
         self.embeddings = embeddings
         dead = dead_passages(index, self.ranges)
