@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..corpus import is_stream
-from ..inference.compact_tokens import COMPACT_TOKENS_FORMAT_VERSION, load_token_arrays
+from ..inference.compact_tokens import COMPACT_TOKENS_FORMAT_VERSION
 from ..inference.decoding import NPMDecodingConfig
 from ..inference.directory_swap import PARTIAL_SUFFIX, DirectoryLock, recover
 from ..inference.faiss_io import FAISS_ADD_CHUNK, add_vectors, core_index, extract_ivf, is_flat
@@ -392,9 +392,8 @@ def _store_dense_passages(index_dir: Path, state_dir: Path, vectors_dir: Path, l
     the exact vectors (also for vectors="none", whose float16 vectors are still in the state directory)."""
     if passages:
         logger.info(f"Storing the passage vectors of the dense pre-filter ({len(passages)} setting(s)).")
-    _, positions = load_token_arrays(index_dir, args.block_size)
     vectors = open_vector_shards(vectors_dir, layout, hidden_size)
-    stored = save_dense_passages(index_dir, args.block_size, positions, vectors, hidden_size, passages)
+    stored = save_dense_passages(index_dir, args.block_size, vectors, hidden_size, passages)
     _write_json(state_dir / _DENSE_FILE, {"stored": stored})
 
 

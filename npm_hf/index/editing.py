@@ -249,8 +249,7 @@ def compact(index) -> None:
             vectors.flush()
         if not is_flat(_base_faiss(index)):
             _write_faiss(index, staging, vectors)
-        dense = save_dense_passages(staging, m.block_size, np.asarray(index.positions)[keep_rows], vectors,
-                                    m.hidden_size, m.dense_passages)
+        dense = save_dense_passages(staging, m.block_size, vectors, m.hidden_size, m.dense_passages)
         del vectors
         _write_documents(staging / DOCUMENTS_FILE, staging / DOCUMENT_OFFSETS_FILE,
                          (index.documents[i] for i in range(len(index.documents))))

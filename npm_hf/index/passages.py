@@ -75,15 +75,14 @@ def save_segment_bm25(index, staging: Path, name: str, first_token: int, tokens:
     return sorted(written)
 
 
-def save_dense_passages(directory: Path, block_size: int, positions, vectors, hidden_size: int,
-                        passages: list) -> list:
+def save_dense_passages(directory: Path, block_size: int, vectors, hidden_size: int, passages: list) -> list:
     """Store the normalised mean vector of every passage of the index files in `directory`, once per setting of
-    `passages`, from `vectors` (the exact vectors of the rows at `positions`); returns the settings stored (an
-    index without a passage stores none)."""
+    `passages`, from `vectors` (the vectors of the rows its positions name, in order); returns the settings stored
+    (an index without a passage stores none)."""
     if not passages:
         return []
     directory = Path(directory)
-    arrays, _ = load_token_arrays(directory, block_size)
+    arrays, positions = load_token_arrays(directory, block_size)
     text = CorpusText(arrays["token_flags"], arrays["token_docs"], arrays["token_offsets"], None, block_size)
     positions = np.asarray(positions)
     stored = []
