@@ -22,7 +22,7 @@ from npm_hf.hub_cards import HUB_MAX_FILE_BYTES, push_to_hub, upload_plan
 REMOTE_CODE = {"configuration_npm.py", "modeling_npm.py", "pipeline.py", "retrieval.py", "spans.py", "prefilter.py",
                "reader.py", "faiss_io.py", "vector_shards.py", "index_files.py", "stopwords.py", "tokens.py",
                "decoding.py", "directory_swap.py", "validation.py", "segments.py", "compact_tokens.py",
-               "vector_codes.py", "passage_vectors.py"}
+               "vector_codes.py", "passage_vectors.py", "bm25_vocabulary.py"}
 
 
 SHA = "0123456789abcdef0123456789abcdef01234567"

@@ -308,7 +308,8 @@ def test_bm25_saved_with_the_index_loads_without_reading_the_passages(two_builds
     saved, plain = two_builds
     assert saved.manifest.bm25_passages == [None, 8] and plain.manifest.bm25_passages == []
     files = set(saved.manifest.files)
-    assert {"bm25-blocks.data.npy", "bm25-blocks.vocab.json", "bm25-8tok.indptr.npy"} <= files  # checksummed
+    assert {"bm25-blocks.data.npy", "bm25-blocks.words.npy", "bm25-8tok.word_ids.npy"} <= files  # checksummed
+    assert not [name for name in files if name.endswith("vocab.json")]  # the vocabulary is kept once, on disk
     queries = [f"Hagios Demetrios is located in {mask}.", f"The Ohio River borders {mask}.", f"{mask} grew up."]
     expected = {passages: [_bm25_pipeline(model_and_tokenizer, plain)(q, prefilter_passage_tokens=passages, top_k=5)
                            for q in queries] for passages in (None, 8, 4)}
@@ -338,7 +339,7 @@ def test_edits_keep_the_saved_bm25_in_step(two_builds, model_and_tokenizer, mask
     assert {name: after.manifest.files[name]["sha256"] for name in before} == before  # the base's are kept
     assert {name for name in after.manifest.files if name.startswith("append-00001.bm25-")} == {
         f"append-00001.bm25-{key}.{part}" for key in ("blocks", "8tok")
-        for part in ("data.npy", "indices.npy", "indptr.npy", "vocab.json", "params.json")}
+        for part in ("data.npy", "indices.npy", "indptr.npy", "words.npy", "word_ids.npy", "params.json")}
     queries = (f"Borvin lives in {mask}.", f"Texas borders {mask}.", f"{mask} is cold.")
     for query in queries:
         for passages in (None, 8):

@@ -13,8 +13,8 @@ import torch
 from ..inference.compact_tokens import load_token_arrays
 from ..inference.index_files import DOCUMENT_OFFSETS_FILE, DOCUMENTS_FILE, DocumentStore
 from ..inference.passage_vectors import dense_passage_file, new_passage_coder, passage_means
-from ..inference.prefilter import (BM25PassageRetriever, CorpusText, bm25_files, bm25_stats_file, bm25_with_stats,
-                                   load_bm25, passage_ranges, passage_texts)
+from ..inference.prefilter import (BM25PassageRetriever, CorpusText, bm25_files, bm25_stats_file,
+                                   bm25_vocabulary_files, bm25_with_stats, load_bm25, passage_ranges, passage_texts)
 from .faiss_build import write_index_atomically
 
 
@@ -23,9 +23,10 @@ DENSE_CHUNK_PASSAGES = 65_536  # passages averaged at a time
 
 
 def bm25_file_names(passages: list, prefix: str = "") -> set[str]:
-    """Every file name the BM25 pre-filters of `passages` may write."""
+    """Every file name the BM25 pre-filters of `passages` may write (and those of older versions)."""
     return {name for passage in passages
-            for name in [*bm25_files(passage, prefix).values(), bm25_stats_file(passage, prefix)]}
+            for name in [*bm25_files(passage, prefix).values(), *bm25_vocabulary_files(passage, prefix),
+                         bm25_stats_file(passage, prefix)]}
 
 
 def save_bm25_passages(directory: Path, block_size: int, passages: list) -> None:
@@ -69,9 +70,7 @@ def save_segment_bm25(index, staging: Path, name: str, first_token: int, tokens:
         stats_file = index.path / bm25_stats_file(passage)
         total = json.loads(stats_file.read_text())["total_length"] if stats_file.is_file() else None
         retriever, _ = bm25_with_stats(passage_texts(text, passage_ranges(text, passage)), base, total)
-        names = bm25_files(passage, f"{name}.")
-        retriever.save(str(staging), show_progress=False, **names)
-        written += [file for file in names.values() if (staging / file).exists()]
+        written += retriever.save(staging, passage, f"{name}.")
     return sorted(written)
 
 

@@ -13,7 +13,8 @@ block full of distractors.
 An edited index (`segments`) keeps a saved BM25 index per append segment beside the base's: each segment's passages
 are scored with the statistics (passage count, mean length, document frequencies) of the base plus its own, so that
 scores compare across parts; the top passages of all parts are merged by score. Passages of deleted documents are
-never returned.
+never returned. A saved BM25 index's vocabulary is looked up on disk (`bm25_vocabulary`), never loaded: bm25s's
+dict of it would cost several times the block texts in memory.
 """
 
 import json
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bm25_vocabulary import DiskVocabulary, vocabulary_files, write_vocabulary
 from .passage_vectors import dense_passage_file, passage_means, read_passage_vectors
 from .retrieval import Candidates
 from .segments import segments
@@ -71,19 +73,57 @@ class CorpusText:
 BM25_K1, BM25_B = 1.5, 0.75  # BM25's term-frequency saturation and length normalisation (what builds save)
 
 
+def bm25_stem(passage_tokens: int | None, prefix: str = "") -> str:
+    """What the file names of the BM25 pre-filter over blocks (None) or windows of `passage_tokens` tokens begin
+    with (`prefix`: an append segment's, "append-00001.")."""
+    return f"{prefix}bm25-{'blocks' if passage_tokens is None else f'{passage_tokens}tok'}"
+
+
 def bm25_files(passage_tokens: int | None, prefix: str = "") -> dict[str, str]:
-    """The index files of the BM25 pre-filter over blocks (None) or windows of `passage_tokens` tokens, as the
-    keyword arguments of `bm25s.BM25.save` / `load` that name them (`prefix`: an append segment's, "append-00001.")."""
-    key = "blocks" if passage_tokens is None else f"{passage_tokens}tok"
+    """The bm25s files of a BM25 pre-filter (`bm25_stem`), as the keyword arguments of `bm25s.BM25.save` / `load`
+    that name them. Indexes saved by this version have no `vocab_name` file: their vocabulary is in
+    `bm25_vocabulary_files`."""
     parts = {"data_name": "data.npy", "indices_name": "indices.npy", "indptr_name": "indptr.npy",
              "vocab_name": "vocab.json", "params_name": "params.json", "nnoc_name": "nonoccurrence.npy"}
-    return {argument: f"{prefix}bm25-{key}.{part}" for argument, part in parts.items()}
+    return {argument: f"{bm25_stem(passage_tokens, prefix)}.{part}" for argument, part in parts.items()}
+
+
+def bm25_vocabulary_files(passage_tokens: int | None, prefix: str = "") -> tuple[str, str]:
+    """The files of a saved BM25 pre-filter's vocabulary, looked up on disk (`bm25_vocabulary`)."""
+    return vocabulary_files(bm25_stem(passage_tokens, prefix))
 
 
 def bm25_stats_file(passage_tokens: int | None, prefix: str = "") -> str:
     """The file of a saved BM25 index's statistics that bm25s does not keep: {"num_passages", "total_length"} (the
     passage lengths in BM25 tokens), what the BM25 of an append segment is scored with."""
-    return f"{prefix}bm25-{'blocks' if passage_tokens is None else f'{passage_tokens}tok'}.stats.json"
+    return f"{bm25_stem(passage_tokens, prefix)}.stats.json"
+
+
+@dataclass
+class SavedBM25:
+    """A BM25 index as a query uses it: bm25s's score matrix (`retriever`) and the word → column mapping
+    (`vocabulary`: a dict, or a `DiskVocabulary` for a saved index)."""
+
+    retriever: object
+    vocabulary: object
+
+    def scores(self, words: list[str]) -> np.ndarray:
+        """The BM25 score of every passage for a query of `words` (what bm25s's `retrieve` computes: words not in
+        the vocabulary are left out; no word at all scores every passage 0)."""
+        ids = [column for column in (self.vocabulary.get(word) for word in words) if column is not None]
+        if not words:
+            return np.zeros(int(self.retriever.scores["num_docs"]), dtype=np.float32)
+        return self.retriever.get_scores_from_ids(ids)
+
+    def save(self, directory, passage_tokens: int | None, prefix: str = "") -> list[str]:
+        """Write it into `directory` as the files `bm25_files` and `bm25_vocabulary_files` name, the vocabulary
+        only once (as the lookup files); returns the names written."""
+        names = bm25_files(passage_tokens, prefix)
+        self.retriever.save(str(directory), show_progress=False, **names)
+        (Path(directory) / names["vocab_name"]).unlink()
+        written = write_vocabulary(dict(self.vocabulary), directory, bm25_stem(passage_tokens, prefix))
+        return sorted(written + [name for key, name in names.items()
+                                 if key != "vocab_name" and (Path(directory) / name).exists()])
 
 
 class BM25PassageRetriever:
@@ -113,55 +153,56 @@ class BM25PassageRetriever:
             tokens = bm25s.tokenize(passage_texts(index, self.ranges), stopwords="en", show_progress=False)
             retriever.index(tokens, show_progress=False)
             self._total_length = sum(len(ids) for ids in tokens.ids)
-            self._parts = [(0, retriever)]
+            self._parts = [(0, SavedBM25(retriever, retriever.vocab_dict))]
         self._dead = dead_passages(index, self.ranges)
 
-    @property
-    def _retriever(self):
-        return self._parts[0][1]
-
     def save(self, directory, prefix: str = "") -> list[str]:
-        """Write this BM25 index into an index directory (the files `bm25_files` names, and its statistics); returns
-        their names."""
+        """Write this BM25 index into an index directory (`SavedBM25.save`, and its statistics); returns the names
+        of the files written."""
         if len(self._parts) > 1 or self._total_length is None:
             raise ValueError("Only a BM25 index built in memory over all passages can be saved.")
-        names = bm25_files(self.passage_tokens, prefix)
-        self._retriever.save(str(directory), show_progress=False, **names)
+        names = self._parts[0][1].save(directory, self.passage_tokens, prefix)
         stats = {"num_passages": len(self.ranges), "total_length": int(self._total_length)}
         (Path(directory) / bm25_stats_file(self.passage_tokens, prefix)).write_text(json.dumps(stats))
-        return sorted(name for name in [*names.values(), bm25_stats_file(self.passage_tokens, prefix)]
-                      if (Path(directory) / name).exists())
+        return sorted([*names, bm25_stats_file(self.passage_tokens, prefix)])
 
     def top_passages(self, queries: list[str], n: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
         """The `n` best passage ids per query, best first, with their scores (passages sharing no word with the
         query are included, with score 0, when fewer than `n` match; passages of deleted documents never)."""
         _check_count(n)
         tokens = self._bm25s.tokenize(list(queries), stopwords="en", show_progress=False)
-        bounds = [first for first, _ in self._parts[1:]] + [len(self.ranges)]
-        found_ids, found_scores = [], []
-        for (first, retriever), end in zip(self._parts, bounds):
-            dead = 0 if self._dead is None else int(self._dead[first:end].sum())
-            size = end - first
-            if size == 0:
-                continue
-            ids, scores = retriever.retrieve(tokens, k=min(n + dead, size), show_progress=False)
-            found_ids.append(np.asarray(ids, dtype=np.int64) + first)
-            found_scores.append(np.asarray(scores, dtype=np.float64))
-        ids, scores = np.concatenate(found_ids, axis=1), np.concatenate(found_scores, axis=1)
+        words = {column: word for word, column in tokens.vocab.items()}
         results = []
-        for row, score in zip(ids, scores):
+        for query in tokens.ids:
+            query = [words[column] for column in query]
+            # every part's scores use the statistics of the whole index, so they compare
+            scores = np.concatenate([np.asarray(part.scores(query), dtype=np.float64) for _, part in self._parts])
             if self._dead is not None:
-                alive = ~self._dead[row]
-                row, score = row[alive], score[alive]
-            order = np.lexsort((row, -score))[:n]  # best first; ties by passage
-            results.append((row[order], score[order]))
+                scores[self._dead] = -np.inf
+            ids = _top(scores, n)
+            ids = ids[np.isfinite(scores[ids])]
+            results.append((ids, scores[ids]))
         return results
 
 
-def load_bm25(directory, passage_tokens: int | None, prefix: str = ""):
-    """A BM25 index saved in an index directory (`bm25_files`), memory-mapped."""
-    return _import_bm25s().BM25.load(str(directory), mmap=True, show_progress=False,
-                                     **bm25_files(passage_tokens, prefix))
+def _top(scores: np.ndarray, n: int) -> np.ndarray:
+    """The `n` best of `scores` (all where fewer), best first, ties by position."""
+    if n < len(scores):
+        kth = np.partition(scores, len(scores) - n)[len(scores) - n]
+        candidates = np.flatnonzero(scores >= kth)
+    else:
+        candidates = np.arange(len(scores))
+    return candidates[np.lexsort((candidates, -scores[candidates]))[:n]]
+
+
+def load_bm25(directory, passage_tokens: int | None, prefix: str = "") -> SavedBM25:
+    """A BM25 index saved in an index directory (`bm25_files`), memory-mapped, its vocabulary looked up on disk
+    (indexes saved before the lookup files existed: loaded from bm25s's `vocab.json`)."""
+    stem = bm25_stem(passage_tokens, prefix)
+    on_disk = all((Path(directory) / name).is_file() for name in vocabulary_files(stem))
+    retriever = _import_bm25s().BM25.load(str(directory), mmap=True, show_progress=False, load_vocab=not on_disk,
+                                          **bm25_files(passage_tokens, prefix))
+    return SavedBM25(retriever, DiskVocabulary(directory, stem) if on_disk else retriever.vocab_dict)
 
 
 def _saved_in(segment: dict, passage_tokens: int | None) -> bool:
@@ -180,14 +221,14 @@ def bm25_with_stats(texts: list[str], base, base_total_length: int | None, k1: f
     """A bm25s BM25 index of `texts` whose scores are those of the BM25 index of `base`'s passages plus `texts`
     (its passage count, mean passage length and document frequencies: bm25s's "lucene" scoring,
     idf = ln(1 + (N - df + 0.5) / (df + 0.5)), tf / (tf + k1 (1 - b + b len / avg len))), so that the top passages
-    of both compare by score. `base`: a bm25s.BM25 (None: no base, the plain BM25 of `texts`);
+    of both compare by score. `base`: a `SavedBM25` (None: no base, the plain BM25 of `texts`);
     `base_total_length`: the summed length of its passages (None: unknown, the mean length of `texts` is used)."""
     bm25s = _import_bm25s()
     import scipy.sparse
 
     tokens = bm25s.tokenize(texts, stopwords="en", show_progress=False)
     lengths = np.asarray([len(ids) for ids in tokens.ids], dtype=np.float64)
-    base_count = 0 if base is None else int(base.scores["num_docs"])
+    base_count = 0 if base is None else int(base.retriever.scores["num_docs"])
     count = base_count + len(texts)
     if base is None:
         total = lengths.sum()
@@ -205,9 +246,9 @@ def bm25_with_stats(texts: list[str], base, base_total_length: int | None, k1: f
     rows, cols, tfs = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64), np.asarray(tfs, float)
     df = np.bincount(cols, minlength=len(tokens.vocab)).astype(np.float64)
     if base is not None:
-        base_indptr = np.asarray(base.scores["indptr"])
+        base_indptr = np.asarray(base.retriever.scores["indptr"])
         for word, i in tokens.vocab.items():
-            j = base.vocab_dict.get(word)
+            j = base.vocabulary.get(word)
             if j is not None:
                 df[i] += base_indptr[j + 1] - base_indptr[j]
     idf = np.log(1 + (count - df + 0.5) / (df + 0.5))
@@ -219,7 +260,7 @@ def bm25_with_stats(texts: list[str], base, base_total_length: int | None, k1: f
                         "num_docs": len(texts)}
     retriever.vocab_dict = dict(tokens.vocab)
     retriever.nonoccurrence_array = None
-    return retriever, int(lengths.sum())
+    return SavedBM25(retriever, retriever.vocab_dict), int(lengths.sum())
 
 
 class DensePassageRetriever:

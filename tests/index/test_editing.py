@@ -313,7 +313,7 @@ def test_a_segment_bm25_scores_with_the_base_statistics():
     would (bm25s itself, the oracle), and without a base as bm25s does."""
     import bm25s
 
-    from npm_hf.inference.prefilter import bm25_with_stats
+    from npm_hf.inference.prefilter import SavedBM25, bm25_with_stats
 
     base_texts = ["Texas borders Mexico and New Mexico.", "The Rio Grande flows to the Gulf of Mexico.",
                   "Thessaloniki is a city in Greece.", "Saltoria is cold in winter."]
@@ -326,12 +326,12 @@ def test_a_segment_bm25_scores_with_the_base_statistics():
     whole.index(tokenize(base_texts + new_texts), show_progress=False)
     alone = bm25s.BM25()
     alone.index(tokenize(new_texts), show_progress=False)
-    segment, _ = bm25_with_stats(new_texts, base, total)
+    segment, _ = bm25_with_stats(new_texts, SavedBM25(base, base.vocab_dict), total)
     unbased, _ = bm25_with_stats(new_texts, None, None)
     for query in (["saltoria"], ["texas", "cold"], ["borvin", "mexico"]):
-        np.testing.assert_allclose(segment.get_scores(query), whole.get_scores(query)[len(base_texts):], rtol=1e-5)
-        np.testing.assert_allclose(unbased.get_scores(query), alone.get_scores(query), rtol=1e-5)
-        assert segment.get_scores(query).max() > 0
+        np.testing.assert_allclose(segment.scores(query), whole.get_scores(query)[len(base_texts):], rtol=1e-5)
+        np.testing.assert_allclose(unbased.scores(query), alone.get_scores(query), rtol=1e-5)
+        assert segment.scores(query).max() > 0
 
 
 def test_cli_compact(tmp_path, npm_dir, capsys):
