@@ -3,20 +3,24 @@ of its own (index load, pipeline, first answer), with one pre-filter setting.
 
     python benchmarks/prefilter_startup.py MODEL_DIR INDEX_DIR SETTING QUERY
 
-SETTING: none, bm25 or bm25-in-memory (the start-up), or bm25-cost / bm25-in-memory-cost (the pre-filter alone).
+SETTING: none, bm25 or bm25-in-memory (the start-up), or bm25-cost / bm25-in-memory-cost (the pre-filter alone), or
+bm25-heap / bm25-in-memory-heap (the Python heap the pre-filter keeps).
 
 The model is loaded before the clock starts (its cost is the same for every setting). Prints one JSON object: the
 seconds from opening the index to the first answer; or, for "-cost", after a first unfiltered answer, the seconds
-and resident memory (RSS, memory-mapped pages read included) of the pre-filter's first use (opening or indexing it,
-and one query).
+and resident memory (RSS: anonymous, pages of the memory-mapped index files read, and pages of other files such as libraries first touched) of the pre-filter's first use (opening
+or indexing it, and one query); for "-heap", the Python heap (tracemalloc) still allocated after that first use, and
+its peak during it (the RSS alone understates it: the anonymous pages reuse heap the unfiltered answer freed).
 "bm25-in-memory" ignores the BM25 index saved with the index and indexes every passage text at start-up (how
 npm_hf did before it saved one).
 """
 
 import dataclasses
+import gc
 import json
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 
@@ -31,6 +35,27 @@ def rss_bytes() -> int:
     return 0
 
 
+def rss_parts(index_dir: str) -> dict:
+    """Resident bytes of the process: anonymous, and file-backed pages of the files in `index_dir` (memory-mapped
+    index files) and of other files (libraries and code first touched), from /proc/self/smaps."""
+    parts = {"anonymous": 0, "index_files": 0, "other_files": 0}
+    inside = str(Path(index_dir).resolve()) + "/"
+    mapping = ""
+    with open("/proc/self/smaps") as handle:
+        for line in handle:
+            fields = line.split()
+            if not fields[0].endswith(":"):  # a mapping's header: address perms offset dev inode [path]
+                mapping = fields[5] if len(fields) > 5 else ""
+            elif fields[0] == "Anonymous:":
+                parts["anonymous"] += int(fields[1]) * 1024
+            elif fields[0] == "Rss:" and mapping.startswith("/"):
+                parts["index_files" if mapping.startswith(inside) else "other_files"] += int(fields[1]) * 1024
+                if mapping.startswith(inside):
+                    name = "file:" + mapping[len(inside):]
+                    parts[name] = parts.get(name, 0) + int(fields[1]) * 1024
+    return parts
+
+
 def main() -> None:
     import bm25s  # noqa: F401 - imported in every setting: the difference in memory is the pre-filter's data
     from transformers import AutoTokenizer
@@ -40,25 +65,40 @@ def main() -> None:
 
     logging.set_verbosity_error()
     model_dir, index_dir, prefilter, query = sys.argv[1:5]
-    if prefilter not in ("none", "bm25", "bm25-in-memory", "bm25-cost", "bm25-in-memory-cost"):
+    setting = prefilter.removesuffix("-cost").removesuffix("-heap")
+    if prefilter not in ("none", "bm25", "bm25-in-memory") and setting not in ("bm25", "bm25-in-memory"):
         raise SystemExit(f"unknown setting {prefilter!r}")
     model, tokenizer = NPMModel.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    setting = prefilter.removesuffix("-cost")
     started = time.perf_counter()
     index = NPMIndex.load(index_dir)
     if setting == "bm25-in-memory":
         index.manifest = dataclasses.replace(index.manifest, bm25_passages=[])
     fill = NonparametricFillMaskPipeline(model=model, tokenizer=tokenizer, index=index)
-    if not prefilter.endswith("-cost"):
+    if setting == prefilter:
         answers = fill(query, prefilter="none" if setting == "none" else "bm25")
         print(json.dumps({"seconds": time.perf_counter() - started, "rss": rss_bytes(), "answers": len(answers)}))
         return
     # the pre-filter alone: its first use (opening or indexing it, one query) after an unfiltered answer
     fill(query, prefilter="none")
-    before, started = rss_bytes(), time.perf_counter()
+    gc.collect()
+    heap = prefilter.endswith("-heap")
+    if heap:
+        tracemalloc.start()
+    before, started = rss_parts(index_dir), time.perf_counter()
     candidates = fill.prefilters.candidates(fill.decoding.update(prefilter="bm25"), query, None, tokenizer.mask_token)
     seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "rss": rss_bytes() - before, "candidates": len(candidates.positions)}))
+    result = {"seconds": seconds, "candidates": len(candidates.positions)}
+    if heap:
+        gc.collect()
+        result["heap"], result["heap_peak"] = tracemalloc.get_traced_memory()
+    else:
+        after = rss_parts(index_dir)
+        result.update({f"rss_{name}": after[name] - before.get(name, 0) for name in after
+                       if not name.startswith("file:")})
+        result["rss"] = sum(result[f"rss_{name}"] for name in ("anonymous", "index_files", "other_files"))
+        result["index_pages_by_file"] = {name[5:]: after[name] - before.get(name, 0) for name in after
+                                         if name.startswith("file:") and after[name] > before.get(name, 0)}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
