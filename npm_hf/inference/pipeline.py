@@ -163,6 +163,18 @@ class NonparametricFillMaskPipeline(Pipeline):
         return input_ids[lo : lo + limit], [(start - lo, length) for start, length in runs]
 
     # ----------------------------------------------------------------------------------------------- forward
+    def get_inference_context(self):
+        """`torch.inference_mode` rather than the stock `torch.no_grad`: the encoder forward of a query skips autograd's
+        version counters (~2 % of it on CPU); nothing here needs gradients, and `_forward` returns numpy arrays."""
+        return torch.inference_mode
+
+    def forward(self, model_inputs, **forward_params):
+        """`Pipeline.forward` without its two recursive copies (to the device and back to the CPU) of the whole input
+        and output, which visit every token id of their lists: `_forward` moves the encoder's tensors to the device
+        itself and returns numpy arrays and plain values (~0.5 ms of a query on CPU)."""
+        with self.device_placement(), self.get_inference_context()():
+            return self._forward(model_inputs, **forward_params)
+
     def _forward(self, inputs):
         model_inputs = self._ensure_tensor_on_device(inputs["model_inputs"], self.device)  # also when called directly
         return self.read_hidden_states(inputs, self.model(**model_inputs).last_hidden_state[0])

@@ -247,11 +247,12 @@ class NPMPredictor(SpanRules):
         hash is in `exclude` are dropped before normalising (not when scoring `targets`).
         """
         lengths = span_ends - span_starts + 1
-        offsets = np.arange(self.decoding.max_span_length)
-        inside = offsets < lengths[:, None]
-        grid = np.where(inside, span_starts[:, None] + offsets, span_starts[:, None])
-        ids = np.where(inside, self.index.token_ids[grid], -1).astype(np.int64)
-        keys = self.phrase_hashes(ids, inside)
+        # one row per offset (contiguous: phrase_hashes reads the ids offset by offset), transposed to one per span
+        offsets = np.arange(self.decoding.max_span_length)[:, None]
+        inside = offsets < lengths
+        grid = np.minimum(span_starts + offsets, span_ends)
+        ids = np.where(inside, self.index.token_ids[grid], np.int64(-1)).T
+        keys = self.phrase_hashes(ids)
         if exclude is not None and targets is None:
             kept = ~np.isin(keys, exclude)
             span_starts, span_ends, span_scores = span_starts[kept], span_ends[kept], span_scores[kept]
