@@ -334,3 +334,17 @@ def training_blocks_cache(tmp_path_factory):
     patch.setattr(npm_hf.training_blocks, "default_cache_dir", lambda: folder)
     yield folder
     patch.undo()
+
+
+@pytest.fixture
+def two_builds(tmp_path, model_and_tokenizer, corpus):
+    """The same index with its BM25 pre-filters saved (blocks and 8-token windows) and without any."""
+    from npm_hf import IndexBuildArguments, NPMIndex
+
+    model, tokenizer = model_and_tokenizer
+    build = {"block_size": 16, "show_progress_bar": False}
+    saved = NPMIndex.build(model, tokenizer, corpus, tmp_path / "saved",
+                           IndexBuildArguments(bm25_passages="blocks,8", **build))
+    plain = NPMIndex.build(model, tokenizer, corpus, tmp_path / "plain",
+                           IndexBuildArguments(bm25_passages="none", **build))
+    return saved, plain

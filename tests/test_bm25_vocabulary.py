@@ -49,19 +49,6 @@ def test_malformed_vocabulary_files_are_refused(tmp_path):
         DiskVocabulary(tmp_path, "v")
 
 
-@pytest.fixture
-def saved_and_plain(tmp_path, model_and_tokenizer, corpus):
-    from npm_hf import IndexBuildArguments
-
-    model, tokenizer = model_and_tokenizer
-    build = {"block_size": 16, "show_progress_bar": False}
-    saved = NPMIndex.build(model, tokenizer, corpus, tmp_path / "saved",
-                           IndexBuildArguments(bm25_passages="blocks,8", **build))
-    plain = NPMIndex.build(model, tokenizer, corpus, tmp_path / "plain",
-                           IndexBuildArguments(bm25_passages="none", **build))
-    return saved, plain
-
-
 def _queries(index, count=60, seed=0):
     """Queries of corpus words, some repeated, some unknown, and one of stopwords only."""
     rng = random.Random(seed)
@@ -70,10 +57,10 @@ def _queries(index, count=60, seed=0):
     return queries + ["Saltoriaxyz unknownword", "the of and", words[0] + " " + words[0] + " _____"]
 
 
-def test_a_saved_bm25_answers_as_bm25s_without_loading_its_vocabulary(saved_and_plain):
+def test_a_saved_bm25_answers_as_bm25s_without_loading_its_vocabulary(two_builds):
     import bm25s
 
-    saved, plain = saved_and_plain
+    saved, plain = two_builds
     index = NPMIndex.load(saved.path, verify="full")
     for passages in (None, 8):
         loaded = load_bm25(index.path, passages)
@@ -103,9 +90,9 @@ def test_a_saved_bm25_answers_as_bm25s_without_loading_its_vocabulary(saved_and_
         assert untied > 10 and max(s[0] for _, s in got) > 0
 
 
-def test_an_index_saved_with_bm25s_vocab_json_still_loads(saved_and_plain, model_and_tokenizer, rewrite_manifest):
+def test_an_index_saved_with_bm25s_vocab_json_still_loads(two_builds, model_and_tokenizer, rewrite_manifest):
     """Indexes saved before the lookup files hold bm25s's vocab.json: their vocabulary is loaded from it."""
-    saved, plain = saved_and_plain
+    saved, plain = two_builds
     for passages in (None, 8):
         stem_files = bm25_vocabulary_files(passages)
         vocabulary = load_bm25(saved.path, passages).vocabulary

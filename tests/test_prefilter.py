@@ -280,20 +280,6 @@ def test_bad_passage_settings(npm_dir, mask, make_pipeline):
 
 
 # ---------------------------------------------------------------------------------- BM25 saved with the index
-@pytest.fixture
-def two_builds(tmp_path, model_and_tokenizer, corpus):
-    """The same index with its BM25 pre-filters saved (blocks and 8-token windows) and without any."""
-    from npm_hf import IndexBuildArguments
-
-    model, tokenizer = model_and_tokenizer
-    build = {"block_size": 16, "show_progress_bar": False}
-    saved = NPMIndex.build(model, tokenizer, corpus, tmp_path / "saved",
-                           IndexBuildArguments(bm25_passages="blocks,8", **build))
-    plain = NPMIndex.build(model, tokenizer, corpus, tmp_path / "plain",
-                           IndexBuildArguments(bm25_passages="none", **build))
-    return saved, plain
-
-
 def _bm25_pipeline(model_and_tokenizer, index):
     from npm_hf import NonparametricFillMaskPipeline
 
