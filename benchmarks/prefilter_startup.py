@@ -8,8 +8,8 @@ bm25-heap / bm25-in-memory-heap (the Python heap the pre-filter keeps).
 
 The model is loaded before the clock starts (its cost is the same for every setting). Prints one JSON object: the
 seconds from opening the index to the first answer; or, for "-cost", after a first unfiltered answer, the seconds
-and resident memory (RSS: anonymous, pages of the memory-mapped index files read, and pages of other files such as libraries first touched) of the pre-filter's first use (opening
-or indexing it, and one query); for "-heap", the Python heap (tracemalloc) still allocated after that first use, and
+and resident memory (RSS: anonymous, pages of the memory-mapped index files read, and pages of other files such as
+libraries first touched) of the pre-filter's first use (opening or indexing it, and one query); for "-heap", the Python heap (tracemalloc) still allocated after that first use, and
 its peak during it (the RSS alone understates it: the anonymous pages reuse heap the unfiltered answer freed).
 "bm25-in-memory" ignores the BM25 index saved with the index and indexes every passage text at start-up (how
 npm_hf did before it saved one).
@@ -49,10 +49,13 @@ def rss_parts(index_dir: str) -> dict:
             elif fields[0] == "Anonymous:":
                 parts["anonymous"] += int(fields[1]) * 1024
             elif fields[0] == "Rss:" and mapping.startswith("/"):
-                parts["index_files" if mapping.startswith(inside) else "other_files"] += int(fields[1]) * 1024
+                size = int(fields[1]) * 1024
                 if mapping.startswith(inside):
+                    parts["index_files"] += size
                     name = "file:" + mapping[len(inside):]
-                    parts[name] = parts.get(name, 0) + int(fields[1]) * 1024
+                    parts[name] = parts.get(name, 0) + size
+                else:
+                    parts["other_files"] += size
     return parts
 
 

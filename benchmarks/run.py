@@ -12,7 +12,7 @@ Prints one JSON object per line on stdout, `{"figure", "value", "goal", "detail"
     P7  start-up (index load, pipeline, first answer) of a fill-mask pipeline with prefilter="bm25" (its BM25
         index saved with the index, memory-mapped) / with prefilter="none", fresh processes, best of 3; the
         detail gives the pre-filter's memory (Python heap it keeps + pages of the memory-mapped index files it
-        read) / the block texts' size (goal <= 0.1).                                                             goal <= 1.1
+        read) / the block texts' size (goal <= 0.1).                                            goal <= 1.1
     P5  NPMTrainer tokens/s / stock Trainer + DataCollatorForLanguageModeling + AutoModelForMaskedLM of the same
         encoder, batch and length (median step times, first step skipped).                     goal >= 0.5
     P5c NPMSpanCollator seconds per batch / NPMTrainer seconds per step.                        goal <= 0.05
@@ -1070,8 +1070,8 @@ def figure_p7(index, model_dir: Path, query: str, repeats: int = 3) -> None:
     by_file = ", ".join(f"{name} +{size / 1e3:.0f} kB" for name, size in sorted(by_file.items(), key=lambda x: -x[1]))
 
     def costs(name: str) -> str:
-        return (f"{best[name + '-cost']:.3f}s, heap kept +{_mb(heap[name]['heap'])} (peak {_mb(heap[name]['heap_peak'])})"
-                f" + index pages read +{_mb(least[name]['rss_index_files'])} = {_mb(memory[name])}, "
+        return (f"{best[name + '-cost']:.3f}s, heap kept +{_mb(heap[name]['heap'])} "
+                f"(peak {_mb(heap[name]['heap_peak'])}) + index pages read +{_mb(least[name]['rss_index_files'])} = {_mb(memory[name])}, "
                 f"{memory[name] / texts:.3f} of the block texts (RSS +{_mb(least[name]['rss'])}: anonymous "
                 f"+{_mb(least[name]['rss_anonymous'])}, other files first touched such as libraries "
                 f"+{_mb(least[name]['rss_other_files'])})")

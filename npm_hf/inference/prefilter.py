@@ -110,9 +110,9 @@ class SavedBM25:
     def scores(self, words: list[str]) -> np.ndarray:
         """The BM25 score of every passage for a query of `words` (what bm25s's `retrieve` computes: words not in
         the vocabulary are left out; no word at all scores every passage 0)."""
-        ids = [column for column in (self.vocabulary.get(word) for word in words) if column is not None]
         if not words:
             return np.zeros(int(self.retriever.scores["num_docs"]), dtype=np.float32)
+        ids = [column for column in (self.vocabulary.get(word) for word in words) if column is not None]
         return self.retriever.get_scores_from_ids(ids)
 
     def save(self, directory, passage_tokens: int | None, prefix: str = "") -> list[str]:
