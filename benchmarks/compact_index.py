@@ -194,7 +194,9 @@ def main(argv=None) -> None:
     parser.add_argument("--factories", default=None, help="';'-separated factories (default: a curve of them).")
     parser.add_argument("--queries", type=int, default=100, help="Sentences (x 2 vectors) and cloze queries.")
     parser.add_argument("--index", type=Path, default=None, help="A built P1 index to reuse (else built here).")
-    parser.add_argument("--model", type=Path, default=None, help="Its NPM model directory (with --index).")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="The NPM model directory of --index; without --index, the P1 index is built here with "
+                             "this model (e.g. a trained NPM) instead of the untrained MiniLM.")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default: a quarter).")
     parser.add_argument("--plot-from", type=Path, nargs="*", default=None,
                         help="Only plot (to --plot) the index lines of earlier runs' outputs (one or more files).")
@@ -214,7 +216,11 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="npm_hf-p3d-") as tmp:
         workdir = Path(tmp)
         if args.index is None:
-            model, tokenizer = run.make_model(workdir)
+            if args.model is None:
+                model, tokenizer = run.make_model(workdir)
+            else:
+                model, tokenizer = load_npm(args.model)
+                model.eval()
             counts = run.token_counts(documents, tokenizer)
             chosen = run.take_documents(documents, counts, settings["p1_tokens"])
             _, exact = run.build_seconds(model, tokenizer, chosen, workdir / "p1-index")

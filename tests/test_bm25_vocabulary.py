@@ -3,6 +3,7 @@ vocabulary in memory, answers identical to bm25s's own retrieval, and indexes sa
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ import pytest
 from npm_hf import NPMIndex
 from npm_hf.inference.bm25_vocabulary import DiskVocabulary, vocabulary_files, write_vocabulary
 from npm_hf.inference.index_files import sha256_file
-from npm_hf.inference.prefilter import (BM25PassageRetriever, SavedBM25, bm25_files, bm25_vocabulary_files,
-                                        load_bm25, passage_ranges, passage_texts)
+from npm_hf.inference.prefilter import (BM25PassageRetriever, SavedBM25, bm25_files, bm25_stem,
+                                        bm25_vocabulary_files, load_bm25, passage_ranges, passage_texts)
 
 
 def test_lookups_match_a_dict(tmp_path):
@@ -30,6 +31,10 @@ def test_lookups_match_a_dict(tmp_path):
     missing = [w + "a" for w in list(vocab)[:500]] + [w[:-1] + "y" for w in list(vocab)[:500] if w] + ["zzzzzzzz"]
     for word in (w for w in missing if w not in vocab):
         assert lookup.get(word) is None and lookup.get(word, -7) == -7 and word not in lookup
+    assert list(lookup.items()) == sorted(vocab.items(), key=lambda item: item[0].encode("utf-8"))
+    write_vocabulary({"b": 0, "c": 1}, tmp_path, "small")  # a word before the first one, in a single bucket
+    small = DiskVocabulary(tmp_path, "small")
+    assert small.get("a") is None and small.get("") is None and small.get("c") == 1 and small.get("d") is None
     empty = write_vocabulary({}, tmp_path, "empty")
     assert len(DiskVocabulary(tmp_path, "empty")) == 0 and DiskVocabulary(tmp_path, "empty").get("a") is None
     assert len(empty) == 2
@@ -46,6 +51,13 @@ def test_malformed_vocabulary_files_are_refused(tmp_path):
         DiskVocabulary(tmp_path, "v")
     np.save(tmp_path / table, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="malformed.*Python objects"):  # never unpickled
+        DiskVocabulary(tmp_path, "v")
+    write_vocabulary({"texas": 0, "mexico": 1}, tmp_path, "v")
+    (tmp_path / table).write_bytes((tmp_path / table).read_bytes()[:-8])  # truncated
+    with pytest.raises(ValueError, match="malformed.*shorter than its header says"):
+        DiskVocabulary(tmp_path, "v")
+    (tmp_path / table).write_bytes(b"not an array at all")
+    with pytest.raises(ValueError, match="malformed.*not a .npy array"):
         DiskVocabulary(tmp_path, "v")
 
 
@@ -90,14 +102,51 @@ def test_a_saved_bm25_answers_as_bm25s_without_loading_its_vocabulary(two_builds
         assert untied > 10 and max(s[0] for _, s in got) > 0
 
 
+def test_a_saved_bm25_reads_its_files_without_mapping_them(two_builds):
+    """Scores read per query word equal bm25s's over its memory-mapped matrix bit for bit, and a query leaves no page
+    of the vocabulary or the score matrix resident in the process (no map of the vocabulary at all)."""
+    saved, plain = two_builds
+    index = NPMIndex.load(saved.path)
+    for passages in (None, 8):
+        loaded = load_bm25(index.path, passages)
+        assert loaded.postings is not None
+        queries = _queries(plain, 40, seed=2)
+        for query in queries:
+            words = [w for w in query.lower().split() if w in loaded.vocabulary]
+            columns = [loaded.vocabulary.get(w) for w in words]
+            expected = loaded.retriever.get_scores_from_ids(columns)
+            got = loaded.scores(words)
+            assert got.dtype == expected.dtype
+            np.testing.assert_array_equal(got, expected)
+        with pytest.raises(ValueError, match="outside the score matrix"):
+            loaded.postings.scores([loaded.postings.num_columns], 3, np.float32)
+    if not Path("/proc/self/smaps").is_file():
+        return
+    fresh = [load_bm25(index.path, passages) for passages in (None, 8)]
+    for loaded in fresh:
+        for query in _queries(plain, 20, seed=3):
+            loaded.scores(query.lower().split())
+    resident = {}
+    name = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:
+            name = fields[5] if len(fields) > 5 else None
+        elif fields and fields[0] == "Rss:" and name and name.startswith(str(index.path)):
+            resident[Path(name).name] = resident.get(Path(name).name, 0) + int(fields[1])
+    stems = [bm25_stem(passages) for passages in (None, 8)]
+    assert not [n for n in resident for stem in stems if n in vocabulary_files(stem)]  # never mapped
+    assert all(kb == 0 for n, kb in resident.items() if n.startswith(tuple(stems))), resident
+
+
 def test_an_index_saved_with_bm25s_vocab_json_still_loads(two_builds, model_and_tokenizer, rewrite_manifest):
     """Indexes saved before the lookup files hold bm25s's vocab.json: their vocabulary is loaded from it."""
     saved, plain = two_builds
     for passages in (None, 8):
         stem_files = bm25_vocabulary_files(passages)
         vocabulary = load_bm25(saved.path, passages).vocabulary
-        old = {bytes(vocabulary._bytes[vocabulary._table[i, 0]:vocabulary._table[i + 1, 0]]).decode():
-               int(vocabulary._table[i, 1]) for i in range(len(vocabulary))}
+        old = dict(vocabulary.items())
+        assert len(old) == len(vocabulary)
         vocab_json = saved.path / bm25_files(passages)["vocab_name"]
         vocab_json.write_text(json.dumps(old))
         del vocabulary

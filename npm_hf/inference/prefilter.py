@@ -13,8 +13,9 @@ block full of distractors.
 An edited index (`segments`) keeps a saved BM25 index per append segment beside the base's: each segment's passages
 are scored with the statistics (passage count, mean length, document frequencies) of the base plus its own, so that
 scores compare across parts; the top passages of all parts are merged by score. Passages of deleted documents are
-never returned. A saved BM25 index's vocabulary is looked up on disk (`bm25_vocabulary`), never loaded: bm25s's
-dict of it would cost several times the block texts in memory.
+never returned. A saved BM25 index's vocabulary and score columns are read from disk per query word
+(`bm25_vocabulary`), never loaded: bm25s's dict of the vocabulary would cost several times the block texts in
+memory, and mapping the files would bring the pages around every word read into the process.
 """
 
 import json
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bm25_vocabulary import DiskVocabulary, vocabulary_files, write_vocabulary
+from .bm25_vocabulary import DiskPostings, DiskVocabulary, vocabulary_files, write_vocabulary
 from .passage_vectors import dense_passage_file, passage_means, read_passage_vectors
 from .retrieval import Candidates
 from .segments import segments
@@ -101,11 +102,13 @@ def bm25_stats_file(passage_tokens: int | None, prefix: str = "") -> str:
 
 @dataclass
 class SavedBM25:
-    """A BM25 index as a query uses it: bm25s's score matrix (`retriever`) and the word → column mapping
-    (`vocabulary`: a dict, or a `DiskVocabulary` for a saved index)."""
+    """A BM25 index as a query uses it: bm25s's score matrix (`retriever`), the word → column mapping
+    (`vocabulary`: a dict, or a `DiskVocabulary` for a saved index) and, for a saved index, its matrix's columns
+    read per query word (`postings`, a `DiskPostings`; None: bm25s scores from the matrix it holds)."""
 
     retriever: object
     vocabulary: object
+    postings: object = None
 
     def scores(self, words: list[str]) -> np.ndarray:
         """The BM25 score of every passage for a query of `words` (what bm25s's `retrieve` computes: words not in
@@ -113,7 +116,12 @@ class SavedBM25:
         if not words:
             return np.zeros(int(self.retriever.scores["num_docs"]), dtype=np.float32)
         ids = [column for column in (self.vocabulary.get(word) for word in words) if column is not None]
-        return self.retriever.get_scores_from_ids(ids)
+        if self.postings is None:
+            return self.retriever.get_scores_from_ids(ids)
+        scores = self.postings.scores(ids, int(self.retriever.scores["num_docs"]), np.dtype(self.retriever.dtype))
+        if self.retriever.nonoccurrence_array is not None:  # bm25s's variants that score absent words (not lucene)
+            scores += self.retriever.nonoccurrence_array[np.asarray(ids, dtype=np.int64)].sum()
+        return scores
 
     def save(self, directory, passage_tokens: int | None, prefix: str = "") -> list[str]:
         """Write it into `directory` as the files `bm25_files` and `bm25_vocabulary_files` name, the vocabulary
@@ -121,7 +129,7 @@ class SavedBM25:
         names = bm25_files(passage_tokens, prefix)
         self.retriever.save(str(directory), show_progress=False, **names)
         (Path(directory) / names["vocab_name"]).unlink()
-        written = write_vocabulary(dict(self.vocabulary), directory, bm25_stem(passage_tokens, prefix))
+        written = write_vocabulary(dict(self.vocabulary.items()), directory, bm25_stem(passage_tokens, prefix))
         return sorted(written + [name for key, name in names.items()
                                  if key != "vocab_name" and (Path(directory) / name).exists()])
 
@@ -196,13 +204,18 @@ def _top(scores: np.ndarray, n: int) -> np.ndarray:
 
 
 def load_bm25(directory, passage_tokens: int | None, prefix: str = "") -> SavedBM25:
-    """A BM25 index saved in an index directory (`bm25_files`), memory-mapped, its vocabulary looked up on disk
-    (indexes saved before the lookup files existed: loaded from bm25s's `vocab.json`)."""
+    """A BM25 index saved in an index directory (`bm25_files`): its vocabulary and the columns of its score matrix
+    read from disk per query word (indexes saved before the vocabulary files existed: vocabulary loaded from
+    bm25s's `vocab.json`, scores from bm25s's memory-mapped matrix)."""
     stem = bm25_stem(passage_tokens, prefix)
     on_disk = all((Path(directory) / name).is_file() for name in vocabulary_files(stem))
     retriever = _import_bm25s().BM25.load(str(directory), mmap=True, show_progress=False, load_vocab=not on_disk,
                                           **bm25_files(passage_tokens, prefix))
-    return SavedBM25(retriever, DiskVocabulary(directory, stem) if on_disk else retriever.vocab_dict)
+    if not on_disk:
+        return SavedBM25(retriever, retriever.vocab_dict)
+    names = bm25_files(passage_tokens, prefix)
+    postings = DiskPostings(directory, names["data_name"], names["indices_name"], names["indptr_name"])
+    return SavedBM25(retriever, DiskVocabulary(directory, stem), postings)
 
 
 def _saved_in(segment: dict, passage_tokens: int | None) -> bool:
