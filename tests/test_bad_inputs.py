@@ -121,11 +121,26 @@ def _poison(index_dir, row: int) -> None:
     vectors.flush()
 
 
-def test_a_nan_in_the_vectors_of_a_flat_index_is_caught_at_load(index_copy):
+def test_a_nan_in_the_vectors_of_a_flat_index_is_caught_before_any_answer(index_copy):
+    """A flat index is filled from its vectors on first use (a pre-filtered pipeline never pays for it): the fill
+    refuses a non-finite row, every time it is tried, and never leaves a half-filled index behind."""
     _poison(index_copy, 3)
     # verify="none" checks sizes only, as "fast" does for files above 64 MiB
-    with pytest.raises(NPMIndexError, match="vector row 3 holds non-finite values.*verify='full'"):
-        NPMIndex.load(index_copy, verify="none")
+    index = NPMIndex.load(index_copy, verify="none")
+    for _ in range(2):
+        with pytest.raises(NPMIndexError, match="vector row 3 holds non-finite values.*verify='full'"):
+            index.search(np.ones((1, index.manifest.hidden_size), dtype=np.float32), 4)
+    assert index._faiss_index.ntotal == 0
+
+
+def test_a_flat_index_is_filled_on_first_use_only(index_copy):
+    index = NPMIndex.load(index_copy)
+    assert index._faiss_index.ntotal == 0 and not index.streamed_exact_search  # nothing filled at load
+    query = np.asarray(index.vectors[:2], dtype=np.float32)
+    scores, rows = index.search(query, 3)
+    assert index._faiss_index.ntotal == index.num_indexed
+    exact = np.asarray(index.vectors, dtype=np.float32) @ query.T
+    np.testing.assert_allclose(scores, np.sort(exact, axis=0)[::-1][:3].T, rtol=1e-5)
 
 
 @pytest.mark.parametrize("factory", ["HNSW8", "IVF2,Flat"])

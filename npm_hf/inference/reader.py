@@ -45,7 +45,7 @@ class NPMIndexReader:
     [`NPMIndex`] (`npm_hf.index`) is this class plus building and editing."""
 
     def __init__(self, path: Path, manifest: IndexManifest, token_arrays: dict, positions, vectors, faiss_index,
-                 documents, deleted_rows: np.ndarray | None = None):
+                 documents, deleted_rows: np.ndarray | None = None, fill_on_first_use: bool = False):
         self.path = Path(path)
         self.manifest = manifest
         self.token_ids = token_arrays["token_ids"]
@@ -55,7 +55,9 @@ class NPMIndexReader:
         self.block_size = manifest.block_size
         self.positions = positions
         self.vectors = vectors
-        self.faiss_index = faiss_index
+        # fill_on_first_use: `faiss_index` is an empty flat index filled from `vectors` when first used, so that a
+        # pipeline that never searches the whole index (a pre-filter) never pays for its float32 copy
+        self._faiss_index, self._fill_pending, self._fill_lock = faiss_index, fill_on_first_use, threading.Lock()
         self.documents = documents
         # rows of deleted documents (an edited index, `segments`): in the vectors and FAISS, never in a result
         self.deleted_rows = deleted_rows
@@ -63,13 +65,32 @@ class NPMIndexReader:
         base_index = base_of(faiss_index)  # an edited index searches its segments beside the base (same kind)
         self.exact_search = isinstance(faiss.downcast_index(base_index), faiss.IndexFlat)
         # an exact index too large to fill into FAISS at load: searched over the memory-mapped vectors
-        self.streamed_exact_search = self.exact_search and faiss_index.ntotal == 0 and manifest.num_indexed_tokens > 0
+        self.streamed_exact_search = (self.exact_search and faiss_index.ntotal == 0 and not fill_on_first_use
+                                      and manifest.num_indexed_tokens > 0)
         self._search_names = search_parameter_names(base_index)
         self._search_defaults = current_search_parameters(base_index)
         self._search_applied = dict(self._search_defaults)
         # nprobe / ef_search are settings of the one FAISS index that threads share: set and search under a lock
         # (another thread's value changed mid-search gave wrong answers and FAISS errors). Flat indexes have none.
         self._search_lock = threading.Lock() if self._search_names else contextlib.nullcontext()
+
+    @property
+    def faiss_index(self):
+        """The FAISS index over the vector rows (a flat one filled from the vectors on first use)."""
+        if self._fill_pending:
+            with self._fill_lock:
+                if self._fill_pending:
+                    try:
+                        add_vectors(self._faiss_index, self.vectors)
+                    except ValueError as error:  # a non-finite stored vector
+                        self._faiss_index.reset()
+                        raise self._corrupted_vectors(str(error)) from None
+                    self._fill_pending = False
+        return self._faiss_index
+
+    @faiss_index.setter
+    def faiss_index(self, faiss_index) -> None:
+        self._faiss_index, self._fill_pending = faiss_index, False
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -140,13 +161,17 @@ class NPMIndexReader:
         reused = previous.base_faiss_index if same_base else None
         if reused is not None and is_flat(reused) and reused.ntotal == manifest.num_indexed_tokens > 0 and not streamed:
             faiss_index = reused  # filled already, and never changed in place
-        elif is_flat(faiss_index) and faiss_index.ntotal == 0 and faiss_index.d == vectors.shape[1] and not streamed:
+        # an empty flat index is filled from the vectors when first searched (with segments: now, to be joined)
+        fill_later = (is_flat(faiss_index) and faiss_index.ntotal == 0 and faiss_index.d == vectors.shape[1]
+                      and not streamed and faiss_index is not reused)
+        if fill_later and segments(edited):
+            fill_later = False
             try:
                 add_vectors(faiss_index, vectors)
             except ValueError as error:
                 raise NPMIndexError(f"The vectors of the index at {path} are corrupted: {error}. Rebuild the index "
                                     "(NPMIndex.load(path, verify='full') checks every file's checksum).") from None
-        faiss_rows = len(vectors) if streamed else faiss_index.ntotal
+        faiss_rows = len(vectors) if streamed or fill_later else faiss_index.ntotal
         expected = {
             **{name: (array.shape[:1], (manifest.num_tokens,)) for name, array in token_arrays.items()},
             "positions": (positions.shape, (manifest.num_indexed_tokens,)),
@@ -174,7 +199,7 @@ class NPMIndexReader:
                 "from the reference's. It is answered as before; rebuild it for the faithful index: `npm-hf "
                 "build-index --model MODEL --corpus CORPUS --output DIR --overwrite`.")
         reader = cls(path, edited, parts.token_arrays, parts.positions, parts.vectors, faiss_index, parts.documents,
-                     deleted_rows=parts.deleted_rows)
+                     deleted_rows=parts.deleted_rows, fill_on_first_use=fill_later)
         # what `previous` hands to the next load (never changed in place: edited views are new arrays)
         reader.base_faiss_index, reader.base_token_arrays, reader.base_positions = base_faiss, token_arrays, positions
         reader.base_files = _base_files(manifest)
