@@ -157,17 +157,17 @@ class DiskPostings:
     each column's entries added to a zero vector of `dtype` in the order the columns are given, entry by entry."""
 
     def __init__(self, directory, data_name: str, indices_name: str, indptr_name: str):
+        malformed = (f"The BM25 score matrix in {directory} is malformed ({{}}); rebuild the pre-filter (`npm-hf "
+                     "index compact`) or the index.")
         try:
             self._data = NpyReader(Path(directory) / data_name)
             self._indices = NpyReader(Path(directory) / indices_name)
             self._indptr = NpyReader(Path(directory) / indptr_name)
         except ValueError as error:
-            raise ValueError(f"The BM25 score matrix in {directory} is malformed ({error}); rebuild the pre-filter "
-                             "(`npm-hf index compact`) or the index.") from None
+            raise ValueError(malformed.format(error)) from None
         if any(len(reader.shape) != 1 or reader.dtype.kind not in "iuf"
                for reader in (self._data, self._indices, self._indptr)) or len(self._data) != len(self._indices):
-            raise ValueError(f"The BM25 score matrix in {directory} is malformed (its three arrays disagree); rebuild "
-                             "the pre-filter (`npm-hf index compact`) or the index.")
+            raise ValueError(malformed.format("its three arrays disagree"))
 
     @property
     def num_columns(self) -> int:

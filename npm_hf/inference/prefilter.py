@@ -207,13 +207,12 @@ def load_bm25(directory, passage_tokens: int | None, prefix: str = "") -> SavedB
     """A BM25 index saved in an index directory (`bm25_files`): its vocabulary and the columns of its score matrix
     read from disk per query word (indexes saved before the vocabulary files existed: vocabulary loaded from
     bm25s's `vocab.json`, scores from bm25s's memory-mapped matrix)."""
-    stem = bm25_stem(passage_tokens, prefix)
+    stem, names = bm25_stem(passage_tokens, prefix), bm25_files(passage_tokens, prefix)
     on_disk = all((Path(directory) / name).is_file() for name in vocabulary_files(stem))
     retriever = _import_bm25s().BM25.load(str(directory), mmap=True, show_progress=False, load_vocab=not on_disk,
-                                          **bm25_files(passage_tokens, prefix))
+                                          **names)
     if not on_disk:
         return SavedBM25(retriever, retriever.vocab_dict)
-    names = bm25_files(passage_tokens, prefix)
     postings = DiskPostings(directory, names["data_name"], names["indices_name"], names["indptr_name"])
     return SavedBM25(retriever, DiskVocabulary(directory, stem), postings)
 
